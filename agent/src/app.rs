@@ -1,0 +1,118 @@
+//! Wiring: build every part from a [`Config`], run until a stop signal, then drain.
+//!
+//! The order matters: the audit log opens first (nothing may be served that cannot be
+//! recorded), then vaults and policy, then the socket; `agent.start` is written before the
+//! first connection is accepted and `agent.stop` after the last answer has gone.
+
+use std::sync::{Arc, RwLock};
+
+use kvbroker_proto::{AgentInfo, AuditRecord, Event, Outcome};
+
+use crate::Error;
+use crate::audit::Auditor;
+use crate::config::Config;
+use crate::policy::Policy;
+use crate::server::{self, Ctx};
+use crate::shutdown;
+use crate::vault::Vaults;
+
+/// Extra facts for `agent.start` (e.g. the Azure ML run id in launch mode).
+#[derive(Debug, Default, Clone)]
+pub struct RunInfo {
+    pub run_id: Option<String>,
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
+    let (auditor, resumed) = Auditor::open(&config.audit)?;
+    if let Some(note) = &resumed.note {
+        tracing::warn!(note = note.as_str(), "audit log tail handled");
+    }
+    let auditor = Arc::new(auditor);
+    let vaults = Vaults::from_config(&config)?;
+    let policy = Policy::load(&config.policy.file)?;
+    let bound =
+        server::bind(&config.agent.socket, config.agent.socket_mode, config.agent.socket_group.as_deref())?;
+
+    let agent = AgentInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        config: Some(config.path.display().to_string()),
+        run_id: info.run_id,
+    };
+    let mut start = AuditRecord::new(Event::AgentStart);
+    start.outcome = Some(Outcome::Ok);
+    start.agent = Some(agent.clone());
+    start.reason = resumed.note;
+    auditor.append(start)?;
+    tracing::info!(
+        socket = %config.agent.socket.display(),
+        audit = %config.audit.path.display(),
+        rules = policy.len(),
+        vaults = config.vaults.len(),
+        "kvbroker agent ready"
+    );
+    notify_systemd("READY=1");
+
+    let ctx = Arc::new(Ctx { vaults, policy: RwLock::new(Arc::new(policy)), auditor: Arc::clone(&auditor) });
+    let reload = tokio::spawn(reload_on_hangup(Arc::clone(&ctx), config.policy.file.clone()));
+    let why = server::serve(&bound, ctx, shutdown::terminate(), config.agent.shutdown_grace).await;
+    reload.abort();
+    notify_systemd("STOPPING=1");
+
+    let mut stop = AuditRecord::new(Event::AgentStop);
+    stop.outcome = Some(Outcome::Ok);
+    stop.reason = Some(why.into());
+    stop.agent = Some(agent);
+    if let Err(e) = auditor.append(stop) {
+        tracing::error!(error = %e, "cannot write agent.stop");
+    }
+    drop(bound);
+    tracing::info!(signal = why, "kvbroker agent stopped");
+    Ok(())
+}
+
+async fn reload_on_hangup(ctx: Arc<Ctx>, path: std::path::PathBuf) {
+    let Some(mut hup) = shutdown::hangups() else { return };
+    while hup.recv().await.is_some() {
+        reload_policy(&ctx, &path);
+    }
+}
+
+/// Loads the policy again; on failure the old one stays in force. Audited either way.
+pub(crate) fn reload_policy(ctx: &Ctx, path: &std::path::Path) {
+    let mut rec = AuditRecord::new(Event::PolicyReload);
+    match Policy::load(path) {
+        Ok(p) => {
+            rec.outcome = Some(Outcome::Ok);
+            rec.reason = Some(format!("{} rule(s) in force", p.len()));
+            ctx.set_policy(p);
+            tracing::info!("policy reloaded");
+        }
+        Err(e) => {
+            rec.outcome = Some(Outcome::Failed);
+            rec.reason = Some(format!("{e}; the previous policy stays in force"));
+            tracing::error!(error = %e, "policy reload failed; the previous policy stays in force");
+        }
+    }
+    if let Err(e) = ctx.auditor.append(rec) {
+        tracing::error!(error = %e, "cannot write policy.reload");
+    }
+}
+
+/// Tells systemd (`Type=notify`) about our state, if it is listening.
+fn notify_systemd(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let bytes = path.as_encoded_bytes();
+    let sent = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
+            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}

@@ -1,0 +1,106 @@
+//! `kvbroker audit verify`: checks the hash chain across one or more files, in order.
+//!
+//! Reports the first bad place as `FILE:LINE: KIND: detail`, where KIND is what the damage
+//! looks like: `modified` (a line's hash does not fit its body), `removed` (records missing
+//! before this one), `reordered` (a record appears after one it should precede), `inserted`
+//! (a record that does not continue the chain), `truncated` (a partial last line).
+
+use std::path::{Path, PathBuf};
+
+use kvbroker_proto::AuditRecord;
+
+use super::chain;
+
+/// A verified log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub records: u64,
+    pub files: usize,
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub head: String,
+}
+
+/// The first problem found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}:{line}: {kind}: {detail}", path.display())]
+pub struct VerifyError {
+    pub path: PathBuf,
+    pub line: usize,
+    pub kind: &'static str,
+    pub detail: String,
+}
+
+/// Verifies `paths` as one chain, in the order given.
+pub fn verify(paths: &[PathBuf]) -> Result<Verified, VerifyError> {
+    let mut v = Verified { records: 0, files: 0, first_seq: 0, last_seq: 0, head: String::new() };
+    let mut prev: Option<(u64, String)> = None;
+    for path in paths {
+        let err = |line: usize, kind: &'static str, detail: String| VerifyError {
+            path: path.clone(),
+            line,
+            kind,
+            detail,
+        };
+        let bytes = std::fs::read(path).map_err(|e| err(0, "unreadable", e.to_string()))?;
+        v.files += 1;
+        let mut lines = bytes.split_inclusive(|&b| b == b'\n').enumerate().peekable();
+        while let Some((i, raw)) = lines.next() {
+            let n = i + 1;
+            let Some(line) = raw.strip_suffix(b"\n") else {
+                return Err(err(n, "truncated", "the last line is incomplete".into()));
+            };
+            let Some((body, claimed)) = chain::unseal(line) else {
+                return Err(err(n, "modified", "the line does not end in a hash field".into()));
+            };
+            if chain::hash_of(&body) != claimed {
+                return Err(err(n, "modified", "the record's hash does not match its content".into()));
+            }
+            let rec: AuditRecord = serde_json::from_slice(line)
+                .map_err(|e| err(n, "modified", format!("not an audit record: {e}")))?;
+            match &prev {
+                None => v.first_seq = rec.seq,
+                Some((pseq, phash)) => check_link(*pseq, phash, &rec).map_err(|(k, d)| err(n, k, d))?,
+            }
+            v.records += 1;
+            v.last_seq = rec.seq;
+            v.head = claimed.to_owned();
+            prev = Some((rec.seq, claimed.to_owned()));
+        }
+    }
+    Ok(v)
+}
+
+fn check_link(pseq: u64, phash: &str, rec: &AuditRecord) -> Result<(), (&'static str, String)> {
+    let expected = pseq + 1;
+    if rec.prev == phash && rec.seq == expected {
+        return Ok(());
+    }
+    if rec.prev == chain::GENESIS {
+        return Err(("inserted", format!("a new chain starts at seq {} inside the log", rec.seq)));
+    }
+    Err(match rec.seq {
+        s if s > expected => ("removed", format!("expected seq {expected}, found {s}: {} record(s) missing", s - expected)),
+        s if s < expected => ("reordered", format!("expected seq {expected}, found {s}")),
+        s => ("inserted", format!("seq {s} does not continue the chain (prev differs)")),
+    })
+}
+
+/// Lists `base` and its rotated siblings (`base.1`, `base.2`, …) oldest first.
+pub fn with_rotated(base: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut n = 1;
+    loop {
+        let mut name = base.as_os_str().to_owned();
+        name.push(format!(".{n}"));
+        let p = PathBuf::from(name);
+        if !p.exists() {
+            break;
+        }
+        out.push(p);
+        n += 1;
+    }
+    out.reverse();
+    out.push(base.to_owned());
+    out
+}

@@ -1,0 +1,370 @@
+//! Agent configuration: raw TOML (unknown keys refused) → validated [`Config`].
+//!
+//! Every error names the file, the line and the key, and says what is expected. Values from
+//! the config file are not secret (secrets never live in it), so messages may quote them.
+
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use kvbroker_proto::VaultAlias;
+use serde::Deserialize;
+
+/// A configuration problem, with where it is and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// A syntax error, unknown key or bad value at a known place.
+    #[error("{path}:{line}: {message}")]
+    At { path: PathBuf, line: usize, message: String },
+    /// A problem with the file as a whole, or across keys.
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the config came from (for messages and `agent.start`).
+    pub path: PathBuf,
+    pub agent: AgentConfig,
+    pub identity: IdentityConfig,
+    pub vaults: Vec<VaultConfig>,
+    pub cache: CacheConfig,
+    pub audit: AuditConfig,
+    pub policy: PolicyConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub socket: PathBuf,
+    pub socket_mode: u32,
+    pub socket_group: Option<String>,
+    pub admin_socket: PathBuf,
+    /// How long in-flight requests may take to finish after SIGTERM.
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentitySource {
+    Auto,
+    Imds,
+    AppService,
+    AzureMl,
+    WorkloadIdentity,
+    AzureArc,
+    AzureCli,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub source: IdentitySource,
+    pub client_id: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct VaultConfig {
+    pub alias: VaultAlias,
+    pub default: bool,
+    pub backend: BackendConfig,
+}
+
+#[derive(Debug, Clone)]
+pub enum BackendConfig {
+    /// `kind = "local"`: a TOML file of `name = "value"`, for development and tests.
+    Local {
+        file: PathBuf,
+        /// Added to every read, to try timeouts and shutdown drain without Key Vault.
+        latency: Duration,
+    },
+    /// `url = "https://….vault.azure.net"`.
+    KeyVault { url: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheConfig {
+    pub refresh_interval: Duration,
+    pub max_stale: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Each record is written (`write(2)`) before its answer is sent.
+    Write,
+    /// Each record is also fsynced before its answer is sent.
+    Fsync,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    pub path: PathBuf,
+    pub durability: Durability,
+    pub rotate_bytes: NonZeroU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub file: PathBuf,
+}
+
+// === raw TOML ===
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    agent: RawAgent,
+    #[serde(default)]
+    identity: RawIdentity,
+    #[serde(default)]
+    vault: Vec<RawVault>,
+    #[serde(default)]
+    cache: RawCache,
+    audit: Option<RawAudit>,
+    policy: Option<RawPolicy>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    socket: Option<PathBuf>,
+    socket_mode: Option<FileMode>,
+    socket_group: Option<String>,
+    admin_socket: Option<PathBuf>,
+    shutdown_grace: Option<HumanDuration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    source: Option<IdentitySource>,
+    client_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVault {
+    alias: VaultAlias,
+    #[serde(default)]
+    default: bool,
+    url: Option<String>,
+    kind: Option<VaultKind>,
+    file: Option<PathBuf>,
+    latency: Option<HumanDuration>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+enum VaultKind {
+    Local,
+    KeyVault,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    refresh_interval: Option<HumanDuration>,
+    max_stale: Option<HumanDuration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: PathBuf,
+    durability: Option<Durability>,
+    rotate_bytes: Option<NonZeroU64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    file: PathBuf,
+}
+
+/// A duration written like `30s`, `5m`, `1h` or `250ms`.
+#[derive(Debug, Clone, Copy)]
+struct HumanDuration(Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_duration(&s).map(HumanDuration).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses `30s`, `5m`, `1h`, `250ms`, `1h30m`. A bare number is refused: the unit is
+/// what makes `refresh_interval = "300"` unambiguous.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {s:?}: write a number and a unit, like 30s, 5m, 1h or 250ms");
+    if s.trim().is_empty() || s.trim().bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    humantime::parse_duration(s.trim()).map_err(|_| bad())
+}
+
+/// A Unix permission mode written in octal, like `"0660"`.
+#[derive(Debug, Clone, Copy)]
+struct FileMode(u32);
+
+impl<'de> Deserialize<'de> for FileMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let digits = s.strip_prefix("0o").unwrap_or(&s);
+        match u32::from_str_radix(digits, 8) {
+            Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(FileMode(m)),
+            _ => Err(serde::de::Error::custom(format!(
+                "invalid mode {s:?}: write octal permission bits as a string, like \"0660\""
+            ))),
+        }
+    }
+}
+
+// === loading ===
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::from_toml(path, &text)
+    }
+
+    /// Validates config text; `path` is used for messages and to resolve relative paths.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+
+        let agent = AgentConfig {
+            socket: resolve(raw.agent.socket.unwrap_or_else(|| kvbroker_proto::DEFAULT_SOCKET.into())),
+            socket_mode: raw.agent.socket_mode.map_or(0o660, |m| m.0),
+            socket_group: raw.agent.socket_group,
+            admin_socket: resolve(
+                raw.agent.admin_socket.unwrap_or_else(|| "/run/kvbroker/admin.sock".into()),
+            ),
+            shutdown_grace: raw.agent.shutdown_grace.map_or(Duration::from_secs(10), |d| d.0),
+        };
+        let identity = IdentityConfig {
+            source: raw.identity.source.unwrap_or(IdentitySource::Auto),
+            client_id: raw.identity.client_id,
+        };
+
+        if raw.vault.is_empty() {
+            return Err(invalid(
+                "no [[vault]] configured: add one with alias and url (or kind = \"local\" and file)".into(),
+            ));
+        }
+        let mut vaults = Vec::with_capacity(raw.vault.len());
+        for v in raw.vault {
+            let alias = v.alias.clone();
+            let backend = match (v.kind, v.url, v.file) {
+                (Some(VaultKind::Local), None, Some(file)) => BackendConfig::Local {
+                    file: resolve(file),
+                    latency: v.latency.map_or(Duration::ZERO, |d| d.0),
+                },
+                (Some(VaultKind::Local), Some(_), _) => {
+                    return Err(invalid(format!(
+                        "[[vault]] {alias}: kind = \"local\" cannot have a url: remove one of them"
+                    )));
+                }
+                (Some(VaultKind::Local), None, None) => {
+                    return Err(invalid(format!(
+                        "[[vault]] {alias}: kind = \"local\" needs file = \"secrets.toml\""
+                    )));
+                }
+                (None | Some(VaultKind::KeyVault), Some(url), None) => {
+                    if v.latency.is_some() {
+                        return Err(invalid(format!(
+                            "[[vault]] {alias}: latency is only for kind = \"local\""
+                        )));
+                    }
+                    BackendConfig::KeyVault { url }
+                }
+                (None | Some(VaultKind::KeyVault), _, Some(_)) => {
+                    return Err(invalid(format!(
+                        "[[vault]] {alias}: file is only for kind = \"local\""
+                    )));
+                }
+                (None | Some(VaultKind::KeyVault), None, None) => {
+                    return Err(invalid(format!(
+                        "[[vault]] {alias}: needs url = \"https://NAME.vault.azure.net\""
+                    )));
+                }
+            };
+            if vaults.iter().any(|o: &VaultConfig| o.alias == alias) {
+                return Err(invalid(format!("[[vault]] alias {alias} is used twice")));
+            }
+            vaults.push(VaultConfig { alias, default: v.default, backend });
+        }
+        if vaults.iter().filter(|v| v.default).count() > 1 {
+            return Err(invalid("more than one [[vault]] has default = true".into()));
+        }
+
+        let cache = CacheConfig {
+            refresh_interval: raw.cache.refresh_interval.map_or(Duration::from_secs(300), |d| d.0),
+            max_stale: raw.cache.max_stale.map_or(Duration::from_secs(3600), |d| d.0),
+        };
+        let audit = raw.audit.ok_or_else(|| {
+            invalid("missing [audit] section: add path = \"/var/log/kvbroker/audit.jsonl\"".into())
+        })?;
+        let audit = AuditConfig {
+            path: resolve(audit.path),
+            durability: audit.durability.unwrap_or(Durability::Write),
+            rotate_bytes: audit
+                .rotate_bytes
+                .unwrap_or(NonZeroU64::new(100 * 1024 * 1024).unwrap_or(NonZeroU64::MIN)),
+        };
+        let policy = raw.policy.ok_or_else(|| {
+            invalid("missing [policy] section: add file = \"/etc/kvbroker/policy.toml\"".into())
+        })?;
+        let policy = PolicyConfig { file: resolve(policy.file) };
+
+        Ok(Config { path: path.to_owned(), agent, identity, vaults, cache, audit, policy })
+    }
+
+    /// The vault used when a request names none: the one marked `default`, else the only
+    /// one, else the one aliased `default`.
+    pub fn default_vault(&self) -> Option<&VaultAlias> {
+        if let Some(v) = self.vaults.iter().find(|v| v.default) {
+            return Some(&v.alias);
+        }
+        if let [only] = self.vaults.as_slice() {
+            return Some(&only.alias);
+        }
+        self.vaults.iter().find(|v| v.alias.as_str() == "default").map(|v| &v.alias)
+    }
+}
+
+/// Turns a TOML error into `file:line: key "k": message`, without quoting the file's text
+/// (so the same function is safe for files that hold secrets).
+pub(crate) fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let message = e.message().trim().to_owned();
+    let Some(span) = e.span() else {
+        return ConfigError::Invalid { path: path.to_owned(), message };
+    };
+    let start = span.start.min(text.len());
+    let line = text[..start].bytes().filter(|&b| b == b'\n').count() + 1;
+    let line_text = text.lines().nth(line - 1).unwrap_or("");
+    let message = match key_of_line(line_text) {
+        Some(key) if !message.contains(&format!("`{key}`")) => format!("key `{key}`: {message}"),
+        _ => message,
+    };
+    ConfigError::At { path: path.to_owned(), line, message }
+}
+
+fn key_of_line(line: &str) -> Option<&str> {
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let plain = !key.is_empty()
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    plain.then_some(key)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,99 @@
+use super::*;
+
+const GOOD: &str = r#"
+[agent]
+socket = "/run/kvbroker/agent.sock"
+socket_mode = "0660"
+socket_group = "mljobs"
+
+[identity]
+source = "azure-ml"
+
+[[vault]]
+alias = "default"
+kind = "local"
+file = "secrets.toml"
+
+[cache]
+refresh_interval = "5m"
+max_stale = "1h"
+
+[audit]
+path = "/var/log/kvbroker/audit.jsonl"
+durability = "fsync"
+
+[policy]
+file = "policy.toml"
+"#;
+
+fn load(text: &str) -> Result<Config, ConfigError> {
+    Config::from_toml(Path::new("/etc/kvbroker/config.toml"), text)
+}
+
+#[test]
+fn parses_a_full_config() {
+    let c = load(GOOD).unwrap();
+    assert_eq!(c.agent.socket_mode, 0o660);
+    assert_eq!(c.identity.source, IdentitySource::AzureMl);
+    assert_eq!(c.cache.refresh_interval, Duration::from_secs(300));
+    assert_eq!(c.audit.durability, Durability::Fsync);
+    assert_eq!(c.policy.file, Path::new("/etc/kvbroker/policy.toml"));
+    match &c.vaults[0].backend {
+        BackendConfig::Local { file, .. } => assert_eq!(file, Path::new("/etc/kvbroker/secrets.toml")),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.default_vault().unwrap().as_str(), "default");
+}
+
+#[test]
+fn unknown_key_names_file_line_and_key() {
+    let text = GOOD.replace("refresh_interval", "refresh_intervl");
+    let e = load(&text).unwrap_err().to_string();
+    assert!(e.starts_with("/etc/kvbroker/config.toml:16: "), "{e}");
+    assert!(e.contains("refresh_intervl"), "{e}");
+    assert!(e.contains("refresh_interval"), "{e}");
+}
+
+#[test]
+fn bad_duration_names_line_and_key() {
+    let text = GOOD.replace("\"1h\"", "\"soon\"");
+    let e = load(&text).unwrap_err().to_string();
+    assert!(e.starts_with("/etc/kvbroker/config.toml:17: key `max_stale`: invalid duration"), "{e}");
+}
+
+#[test]
+fn bad_mode_is_refused() {
+    let e = load(&GOOD.replace("\"0660\"", "\"0999\"")).unwrap_err().to_string();
+    assert!(e.contains(":4: key `socket_mode`: invalid mode"), "{e}");
+}
+
+#[test]
+fn bare_number_duration_is_refused() {
+    assert!(parse_duration("300").is_err());
+    assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+    assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+    assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+}
+
+#[test]
+fn vault_needs_exactly_one_source() {
+    let text = GOOD.replace("kind = \"local\"\n", "");
+    let e = load(&text).unwrap_err().to_string();
+    assert!(e.contains("file is only for kind = \"local\""), "{e}");
+    let text = GOOD.replace("file = \"secrets.toml\"", "url = \"https://x.vault.azure.net\"");
+    let e = load(&text).unwrap_err().to_string();
+    assert!(e.contains("cannot have a url"), "{e}");
+}
+
+#[test]
+fn missing_sections_say_what_to_add() {
+    let text = GOOD.replace("[policy]\nfile = \"policy.toml\"", "");
+    let e = load(&text).unwrap_err().to_string();
+    assert!(e.contains("missing [policy] section"), "{e}");
+}
+
+#[test]
+fn unknown_identity_source_is_refused() {
+    let e = load(&GOOD.replace("azure-ml", "azureml")).unwrap_err().to_string();
+    assert!(e.contains(":8: key `source`"), "{e}");
+}

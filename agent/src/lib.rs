@@ -1,0 +1,89 @@
+//! The kvbroker agent: a node-local secret broker for Azure Key Vault.
+//!
+//! `main.rs` only parses the command line and maps [`Error`] to an exit code; everything
+//! else lives here so tests drive the same code. Module map (docs/architecture.md):
+//!
+//! - [`config`]: TOML → validated `Config`.
+//! - `app`: wiring and the run loop; `server`: the socket and HTTP; `shutdown`: signals.
+//! - `peer`: kernel-attested caller facts; `policy`: deciding; `vault`: secret backends.
+//! - `audit`: the hash-chained audit log and its verifier.
+//!
+//! No module logs or formats a secret value; values live only in `SecretValue`.
+
+pub mod app;
+pub mod audit;
+pub mod cli;
+pub mod config;
+pub mod dev;
+mod peer;
+mod policy;
+mod server;
+mod shutdown;
+mod vault;
+
+use std::process::ExitCode;
+
+pub use app::RunInfo;
+pub use cli::{AuditCommand, Cli, Command};
+pub use config::Config;
+
+/// Everything that can stop a command.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
+    #[error(transparent)]
+    Vault(#[from] vault::VaultSetupError),
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    #[error(transparent)]
+    Socket(#[from] server::SocketError),
+    #[error(transparent)]
+    Verify(#[from] audit::verify::VerifyError),
+    #[error("kvbroker dev: {0}")]
+    Dev(String),
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// Runs a parsed command line; returns the exit code for success and explained failures.
+pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            runtime()?.block_on(app::run(config, RunInfo::default()))?;
+        }
+        Command::Dev { dir } => {
+            let path = dev::prepare(&dir)?;
+            let config = Config::load(&path)?;
+            println!("{}", dev::banner(&config));
+            runtime()?.block_on(app::run(config, RunInfo::default()))?;
+        }
+        Command::CheckConfig { config } => {
+            let config = Config::load(&config)?;
+            vault::Vaults::from_config(&config)?;
+            let policy = policy::Policy::load(&config.policy.file)?;
+            println!(
+                "{}: ok ({} vault(s), {} policy rule(s))",
+                config.path.display(),
+                config.vaults.len(),
+                policy.len()
+            );
+        }
+        Command::Audit { command: AuditCommand::Verify { files } } => {
+            let v = audit::verify::verify(&files)?;
+            println!(
+                "ok: {} record(s) in {} file(s), seq {}..{}, head {}",
+                v.records, v.files, v.first_seq, v.last_seq, v.head
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(Error::Runtime)
+}

@@ -1,0 +1,24 @@
+//! `kvbroker`: parse the command line, run it, choose the exit code (0, 1, or 2 for usage).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = kvbroker_agent::Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match kvbroker_agent::execute(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kvbroker: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Reading `/proc/PID`: start time, groups, exe and cgroup v2 path. Only files the process
+//! cannot rewrite about itself.
+
+use super::PeerError;
+
+pub(super) struct Status {
+    pub(super) groups: Vec<u32>,
+}
+
+fn read(pid: u32, file: &str) -> Result<String, PeerError> {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}")).map_err(|e| gone_or(e, file))
+}
+
+fn gone_or(e: std::io::Error, what: &str) -> PeerError {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => PeerError::Exited,
+        // ESRCH from a /proc file of a process being reaped.
+        _ if e.raw_os_error() == Some(libc::ESRCH) => PeerError::Exited,
+        _ => PeerError::Unreadable(format!("{what}: {e}")),
+    }
+}
+
+/// Field 22 of `/proc/PID/stat`: start time in clock ticks since boot.
+pub(super) fn start_time(pid: u32) -> Result<u64, PeerError> {
+    let stat = read(pid, "stat")?;
+    parse_start_time(&stat).ok_or_else(|| PeerError::Unreadable("stat: malformed".into()))
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    // `comm` (field 2) may hold spaces and parentheses: fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
+}
+
+pub(super) fn status(pid: u32) -> Result<Status, PeerError> {
+    let text = read(pid, "status")?;
+    let groups = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_ascii_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default();
+    Ok(Status { groups })
+}
+
+pub(super) fn exe(pid: u32) -> Result<Option<String>, PeerError> {
+    match std::fs::read_link(format!("/proc/{pid}/exe")) {
+        Ok(p) => Ok(Some(p.to_string_lossy().into_owned())),
+        // Kernel threads and zombies have no exe; the caller just has no exe fact.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && proc_exists(pid) => Ok(None),
+        Err(e) => Err(gone_or(e, "exe")),
+    }
+}
+
+fn proc_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The cgroup v2 path: the `0::` line of `/proc/PID/cgroup`.
+pub(super) fn cgroup(pid: u32) -> Result<Option<String>, PeerError> {
+    let text = read(pid, "cgroup")?;
+    Ok(text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_survives_odd_comm() {
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1 2";
+        assert_eq!(parse_start_time(stat), Some(98765));
+        assert_eq!(parse_start_time("garbage"), None);
+    }
+
+    #[test]
+    fn reads_own_facts() {
+        let me = std::process::id();
+        assert!(start_time(me).unwrap() > 0);
+        assert!(exe(me).unwrap().is_some());
+        assert!(status(me).is_ok());
+    }
+
+    #[test]
+    fn missing_process_is_exited() {
+        assert_eq!(start_time(u32::MAX - 7).err(), Some(PeerError::Exited));
+    }
+}

@@ -1,0 +1,204 @@
+//! The agent socket: bind it safely, accept connections, serve HTTP/1.1, drain on shutdown.
+//!
+//! Each connection gets its caller's kernel credentials at accept ([`ConnPeer`]) and one
+//! tracing span. On shutdown the listener closes first, in-flight requests get a bounded
+//! grace period, and the socket file is removed last.
+
+pub(crate) mod response;
+mod routes;
+
+use std::convert::Infallible;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::UnixListener;
+use tracing::Instrument;
+
+use crate::audit::Auditor;
+use crate::peer::ConnPeer;
+use crate::policy::Policy;
+use crate::vault::Vaults;
+
+/// Shared state of a running agent.
+pub(crate) struct Ctx {
+    pub(crate) vaults: Vaults,
+    pub(crate) policy: RwLock<Arc<Policy>>,
+    pub(crate) auditor: Arc<Auditor>,
+}
+
+impl Ctx {
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    pub(crate) fn set_policy(&self, p: Policy) {
+        *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(p);
+    }
+
+    fn health_reasons(&self) -> Vec<String> {
+        let mut r = Vec::new();
+        if !self.auditor.healthy() {
+            r.push(format!("audit log {} is not writable", self.auditor.path().display()));
+        }
+        r
+    }
+}
+
+/// Why the socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SocketError {
+    #[error("{path}: another agent is already listening on this socket; stop it first")]
+    InUse { path: PathBuf },
+    #[error("{path}: exists and is not a socket; remove it or choose another [agent] socket")]
+    NotASocket { path: PathBuf },
+    #[error(
+        "{dir}: the socket's directory is writable by others (mode {mode:04o}), so anyone could \
+         replace the socket: use a directory only root (or the agent's user) can write"
+    )]
+    UnsafeDir { dir: PathBuf, mode: u32 },
+    #[error("socket_group {group:?}: no such group")]
+    NoGroup { group: String },
+    #[error("{path}: {what}: {source}")]
+    Io { path: PathBuf, what: &'static str, source: io::Error },
+}
+
+/// A bound agent socket; the file is removed when this is dropped.
+pub(crate) struct Bound {
+    pub(crate) listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the socket at `path` with `mode` and `group`, replacing a stale socket file but
+/// never a live agent's socket or a file that is not a socket.
+pub(crate) fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<Bound, SocketError> {
+    let io_err = |what, source| SocketError::Io { path: path.to_owned(), what, source };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create directory", e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| io_err("cannot set directory mode", e))?;
+    }
+    let dmode = std::fs::metadata(dir).map_err(|e| io_err("cannot inspect directory", e))?.mode();
+    if dmode & 0o002 != 0 {
+        return Err(SocketError::UnsafeDir { dir: dir.to_owned(), mode: dmode & 0o7777 });
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => return Err(SocketError::InUse { path: path.to_owned() }),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                tracing::info!(path = %path.display(), "replacing stale socket from an agent that is gone");
+                std::fs::remove_file(path).map_err(|e| io_err("cannot remove stale socket", e))?;
+            }
+            Err(e) => return Err(io_err("cannot probe existing socket", e)),
+        },
+        Ok(_) => return Err(SocketError::NotASocket { path: path.to_owned() }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("cannot inspect", e)),
+    }
+    let std_listener =
+        std::os::unix::net::UnixListener::bind(path).map_err(|e| io_err("cannot bind", e))?;
+    // From here on the file is ours: remove it if anything below fails.
+    let cleanup = scopeguard_remove(path);
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io_err("cannot set socket mode", e))?;
+    if let Some(g) = group {
+        let gid = match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => crate::peer::sys::group_id(g)
+                .map_err(|e| io_err("cannot look up socket_group", e))?
+                .ok_or_else(|| SocketError::NoGroup { group: g.to_owned() })?,
+        };
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| io_err("cannot set socket group", e))?;
+    }
+    std_listener.set_nonblocking(true).map_err(|e| io_err("cannot set non-blocking", e))?;
+    let listener = UnixListener::from_std(std_listener).map_err(|e| io_err("cannot register", e))?;
+    std::mem::forget(cleanup);
+    Ok(Bound { listener, path: path.to_owned() })
+}
+
+struct RemoveOnDrop(PathBuf);
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+fn scopeguard_remove(path: &Path) -> RemoveOnDrop {
+    RemoveOnDrop(path.to_owned())
+}
+
+/// Largest request head (request line + headers) accepted; larger gets 431.
+const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// A client that has not sent its whole request head by then is dropped.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves until `shutdown` resolves, then drains in-flight requests for at most `grace`.
+pub(crate) async fn serve<T>(
+    bound: &Bound,
+    ctx: Arc<Ctx>,
+    shutdown: impl Future<Output = T>,
+    grace: Duration,
+) -> T {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    let why = loop {
+        let stream = tokio::select! {
+            why = &mut shutdown => break why,
+            accepted = bound.listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let peer = match ConnPeer::of(&stream) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials: closing connection");
+                continue;
+            }
+        };
+        let span = tracing::debug_span!("conn", pid = peer.pid, uid = peer.uid);
+        let ctx = Arc::clone(&ctx);
+        let svc = service_fn(move |req: hyper::Request<Incoming>| {
+            let (ctx, peer) = (Arc::clone(&ctx), Arc::clone(&peer));
+            async move { Ok::<_, Infallible>(routes::handle(&ctx, &peer, req).await) }
+        });
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(
+            async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            }
+            .instrument(span),
+        );
+    };
+    tracing::info!("stopped accepting; draining in-flight requests");
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over: closing remaining connections");
+    }
+    why
+}

@@ -1,0 +1,207 @@
+//! Building answers. The one place that maps failures to [`ErrorCode`]s, and one of the
+//! three places a secret value is exposed (to put it in the answer body).
+//!
+//! Bodies that carry a value are backed by memory that is wiped when hyper drops them.
+//! Error messages never contain a value: they are built from names, codes and reasons.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use kvbroker_proto::api::headers as h;
+use kvbroker_proto::{ErrorBody, ErrorCode, ErrorDetail, Health, SecretName, SecretValue, VaultAlias, VersionId};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::vault::{Fetched, VaultError};
+
+pub(crate) type Body = Full<Bytes>;
+
+/// Everything that can go wrong with a request, before it becomes a status and a code.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    BadRequest(String),
+    Denied { reason: String },
+    Vault(VaultError),
+    NotUsable(String),
+    Audit,
+    NoRoute,
+    Method,
+    BodyTooLarge,
+}
+
+impl Failure {
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            Failure::BadRequest(_) => ErrorCode::InvalidRequest,
+            Failure::Denied { .. } => ErrorCode::PermissionDenied,
+            Failure::Vault(VaultError::NotFound { .. }) => ErrorCode::SecretNotFound,
+            Failure::Vault(VaultError::Disabled { .. }) | Failure::NotUsable(_) => {
+                ErrorCode::SecretNotUsable
+            }
+            Failure::Vault(VaultError::Unavailable { .. }) => ErrorCode::UpstreamUnavailable,
+            Failure::Audit => ErrorCode::AuditUnavailable,
+            Failure::NoRoute => ErrorCode::NotFound,
+            Failure::Method => ErrorCode::MethodNotAllowed,
+            Failure::BodyTooLarge => ErrorCode::PayloadTooLarge,
+        }
+    }
+
+    /// What the caller is told (and the audit record's `reason`).
+    pub(crate) fn message(&self) -> String {
+        match self {
+            Failure::BadRequest(m) => m.clone(),
+            Failure::Denied { reason } => format!("permission denied: {reason}"),
+            Failure::Vault(VaultError::Disabled { vault, name }) => {
+                format!("secret {name} in vault {vault} is not usable: disabled")
+            }
+            Failure::Vault(e) => e.to_string(),
+            Failure::NotUsable(m) => m.clone(),
+            Failure::Audit => {
+                "the audit record could not be written, so nothing was served; \
+                 check the audit log's disk and permissions"
+                    .into()
+            }
+            Failure::NoRoute => "no such path: use /v1/health or /v1/secrets/{name}".into(),
+            Failure::Method => "method not allowed: use GET".into(),
+            Failure::BodyTooLarge => "requests to the agent carry no body".into(),
+        }
+    }
+}
+
+pub(crate) fn failure(f: &Failure, request_id: &str) -> Response<Body> {
+    let code = f.code();
+    let body = ErrorBody {
+        error: ErrorDetail { code, message: f.message(), request_id: request_id.to_owned() },
+    };
+    let mut r = json(code_status(code), &body);
+    if matches!(f, Failure::Method) {
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+    }
+    r
+}
+
+fn code_status(code: ErrorCode) -> StatusCode {
+    StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+}
+
+pub(crate) fn health(reasons: Vec<String>) -> Response<Body> {
+    let ok = reasons.is_empty();
+    let body = Health {
+        status: if ok { "ok" } else { "degraded" }.into(),
+        version: Some(env!("CARGO_PKG_VERSION").into()),
+        reasons,
+    };
+    json(if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
+}
+
+fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// A served secret, ready to answer.
+pub(crate) struct Served {
+    pub(crate) vault: VaultAlias,
+    pub(crate) fetched: Fetched,
+    pub(crate) stale: bool,
+}
+
+/// The JSON answer, borrowing everything from the cache entry.
+#[derive(Serialize)]
+struct SecretJson<'a> {
+    vault: &'a VaultAlias,
+    name: &'a SecretName,
+    version: &'a VersionId,
+    #[serde(serialize_with = "serialize_value")]
+    value: &'a SecretValue,
+    content_type: Option<&'a str>,
+    not_before: Option<String>,
+    expires_on: Option<String>,
+    fetched_at: String,
+    stale: bool,
+}
+
+fn serialize_value<S: serde::Serializer>(v: &&SecretValue, s: S) -> Result<S::Ok, S::Error> {
+    kvbroker_proto::value::serialize_exposed(v, s)
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The body owner for raw answers: shares the cached value, no copy.
+struct Exposed(Arc<SecretValue>);
+
+impl AsRef<[u8]> for Exposed {
+    fn as_ref(&self) -> &[u8] {
+        self.0.expose_secret()
+    }
+}
+
+pub(crate) fn secret(s: &Served, raw: bool) -> Result<Response<Body>, Failure> {
+    let f = &s.fetched;
+    if raw {
+        let mut r = Response::new(Full::new(Bytes::from_owner(Exposed(Arc::clone(&f.value)))));
+        let hs = r.headers_mut();
+        hs.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        let mut put = |name: &'static str, v: &str| {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                hs.insert(name, v);
+            }
+        };
+        put(h::VAULT, s.vault.as_str());
+        put(h::NAME, f.name.as_str());
+        put(h::VERSION, f.version.as_str());
+        put(h::FETCHED_AT, &rfc3339(f.fetched_at));
+        put(h::STALE, if s.stale { "true" } else { "false" });
+        if let Some(ct) = &f.content_type {
+            put(h::CONTENT_TYPE, ct);
+        }
+        if let Some(t) = f.not_before {
+            put(h::NOT_BEFORE, &rfc3339(t));
+        }
+        if let Some(t) = f.expires_on {
+            put(h::EXPIRES_ON, &rfc3339(t));
+        }
+        return Ok(r);
+    }
+    let body = SecretJson {
+        vault: &s.vault,
+        name: &f.name,
+        version: &f.version,
+        value: &f.value,
+        content_type: f.content_type.as_deref(),
+        not_before: f.not_before.map(rfc3339),
+        expires_on: f.expires_on.map(rfc3339),
+        fetched_at: rfc3339(f.fetched_at),
+        stale: s.stale,
+    };
+    // Sized for the worst case (every byte escaped as \uXXXX) so the buffer never grows:
+    // growing would leave an unwiped copy of the value in freed memory.
+    let mut buf = Zeroizing::new(Vec::with_capacity(f.value.len() * 6 + 1024));
+    serde_json::to_writer(&mut *buf, &body).map_err(|_| {
+        Failure::NotUsable(format!(
+            "secret {} is not UTF-8 text: request it with Accept: application/octet-stream",
+            f.name
+        ))
+    })?;
+    let mut r = Response::new(Full::new(Bytes::from_owner(buf)));
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    Ok(r)
+}
+
+/// Headers every answer carries.
+pub(crate) fn finish(mut r: Response<Body>, request_id: &str) -> Response<Body> {
+    let hs = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        hs.insert(h::REQUEST_ID, v);
+    }
+    hs.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}

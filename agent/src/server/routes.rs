@@ -1,0 +1,164 @@
+//! Request handling: route, attest, decide, fetch, audit, answer — in that order. The audit
+//! record is written before the answer leaves; if it cannot be, the answer is 503.
+
+use std::time::SystemTime;
+
+use http::{Method, Request, Response, header};
+use kvbroker_proto::{AuditRecord, CacheState, Event, Outcome, SecretName, SecretQuery, SecretRef};
+
+use super::Ctx;
+use super::response::{self, Body, Failure, Served};
+use crate::peer::ConnPeer;
+use crate::policy::Decision;
+
+pub(crate) async fn handle<B>(ctx: &Ctx, peer: &ConnPeer, req: Request<B>) -> Response<Body> {
+    let request_id = new_request_id();
+    let path = req.uri().path();
+    let r = if path == "/v1/health" {
+        if req.method() == Method::GET {
+            response::health(ctx.health_reasons())
+        } else {
+            response::failure(&Failure::Method, &request_id)
+        }
+    } else if let Some(name) = path.strip_prefix("/v1/secrets/") {
+        if req.method() != Method::GET {
+            response::failure(&Failure::Method, &request_id)
+        } else {
+            read_secret(ctx, peer, &req, name, &request_id).await
+        }
+    } else {
+        response::failure(&Failure::NoRoute, &request_id)
+    };
+    response::finish(r, &request_id)
+}
+
+fn new_request_id() -> String {
+    format!("{:032x}", fastrand::u128(..))
+}
+
+async fn read_secret<B>(
+    ctx: &Ctx,
+    peer: &ConnPeer,
+    req: &Request<B>,
+    raw_name: &str,
+    request_id: &str,
+) -> Response<Body> {
+    let mut rec = AuditRecord::new(Event::SecretRead);
+    rec.request_id = Some(request_id.to_owned());
+    rec.peer = Some(peer.info());
+    let result = decide_and_fetch(ctx, peer, req, raw_name, &mut rec).await;
+    let raw = wants_raw(req);
+    let answer = result.and_then(|served| {
+        let r = response::secret(&served, raw)?;
+        rec.cache = Some(if served.stale { CacheState::Stale } else { CacheState::Hit });
+        Ok(r)
+    });
+    match &answer {
+        Ok(_) => rec.outcome = Some(Outcome::Allowed),
+        Err(f) => {
+            rec.outcome = Some(if matches!(f, Failure::Denied { .. }) {
+                Outcome::Denied
+            } else {
+                Outcome::Error
+            });
+            rec.error = Some(f.code());
+            rec.reason = Some(match f {
+                Failure::Denied { reason } => reason.clone(),
+                other => other.message(),
+            });
+        }
+    }
+    if let Err(e) = ctx.auditor.append(rec) {
+        tracing::error!(error = %e, request_id, "audit write failed: answering 503");
+        return response::failure(&Failure::Audit, request_id);
+    }
+    match answer {
+        Ok(r) => r,
+        Err(f) => response::failure(&f, request_id),
+    }
+}
+
+/// Everything up to the answer, filling in the audit record as facts become known.
+async fn decide_and_fetch<B>(
+    ctx: &Ctx,
+    peer: &ConnPeer,
+    req: &Request<B>,
+    raw_name: &str,
+    rec: &mut AuditRecord,
+) -> Result<Served, Failure> {
+    if has_body(req) {
+        return Err(Failure::BodyTooLarge);
+    }
+    let name: SecretName = raw_name.parse().map_err(|e| Failure::BadRequest(format!("{e}")))?;
+    let query = SecretQuery::parse(req.uri().query().unwrap_or(""))
+        .map_err(|e| Failure::BadRequest(e.to_string()))?;
+    if query.changed_from.is_some() {
+        return Err(Failure::BadRequest(
+            "long polling (changed_from, wait) needs the cache, which this agent does not have yet"
+                .into(),
+        ));
+    }
+    let vault = ctx.vaults.resolve(query.vault.as_ref()).cloned().ok_or_else(|| {
+        Failure::BadRequest(match &query.vault {
+            Some(v) => format!("unknown vault {v}: check the vault parameter against [[vault]] alias"),
+            None => "no default vault: pass vault=ALIAS".into(),
+        })
+    })?;
+    rec.secret = Some(SecretRef {
+        vault: vault.to_string(),
+        name: name.to_string(),
+        version: query.version.as_ref().map(ToString::to_string),
+        previous_version: None,
+    });
+
+    let facts = peer.facts().map_err(|e| Failure::Denied { reason: e.to_string() })?;
+    rec.peer = Some(facts.info());
+    match ctx.policy().decide(&facts, vault.as_str(), name.key()) {
+        Decision::Allow { rule } => rec.rule = Some(rule),
+        Decision::Deny { reason } => return Err(Failure::Denied { reason }),
+    }
+
+    let backend = ctx.vaults.get(&vault).ok_or(Failure::NoRoute)?;
+    let fetched = backend.get(&name, query.version.as_ref()).await.map_err(Failure::Vault)?;
+    if let Some(s) = rec.secret.as_mut() {
+        s.name = fetched.name.to_string();
+        s.version = Some(fetched.version.to_string());
+    }
+    check_usable(&fetched, &vault)?;
+    Ok(Served { vault, fetched, stale: false })
+}
+
+/// `enabled`, `nbf` and `exp`, enforced by the agent: Key Vault returns expired secrets.
+fn check_usable(f: &crate::vault::Fetched, vault: &kvbroker_proto::VaultAlias) -> Result<(), Failure> {
+    let now = SystemTime::now();
+    let why = if !f.enabled {
+        Some("disabled".to_owned())
+    } else if let Some(nbf) = f.not_before.filter(|t| *t > now) {
+        Some(format!("not yet valid (nbf {})", humantime::format_rfc3339_seconds(nbf)))
+    } else {
+        f.expires_on
+            .filter(|t| *t <= now)
+            .map(|exp| format!("expired (exp {})", humantime::format_rfc3339_seconds(exp)))
+    };
+    match why {
+        Some(w) => Err(Failure::NotUsable(format!("secret {} in vault {vault} is not usable: {w}", f.name))),
+        None => Ok(()),
+    }
+}
+
+fn wants_raw<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().starts_with("application/octet-stream")))
+}
+
+fn has_body<B>(req: &Request<B>) -> bool {
+    let len = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    matches!(len, Some(n) if n > 0) || req.headers().contains_key(header::TRANSFER_ENCODING)
+}

@@ -1,0 +1,237 @@
+//! Validated names: secret names, version ids and vault aliases.
+//!
+//! Every constructor parses; the fields are private, so a value of these types is always
+//! valid. Secret names keep the caller's spelling for display and compare by their
+//! lowercase form, as Key Vault does.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Why a name, version or alias was refused. Holds no part of the input beyond its length,
+/// so it is safe to show to any caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// The secret name is empty, too long, or has a character Key Vault does not allow.
+    #[error("invalid secret name: use 1 to 127 characters of 0-9, a-z, A-Z and '-'")]
+    SecretName,
+    /// The version id is not 32 hexadecimal characters.
+    #[error("invalid secret version: a version id is 32 hexadecimal characters")]
+    Version,
+    /// The vault alias is empty, too long, or has a character other than `0-9a-zA-Z-_`.
+    #[error("invalid vault alias: use 1 to 64 characters of 0-9, a-z, A-Z, '-' and '_'")]
+    VaultAlias,
+}
+
+/// A Key Vault secret name: 1 to 127 characters of `0-9a-zA-Z-`, compared case-insensitively.
+///
+/// ```
+/// use kvbroker_proto::SecretName;
+/// let a: SecretName = "DB-Password".parse().unwrap();
+/// let b: SecretName = "db-password".parse().unwrap();
+/// assert_eq!(a, b);
+/// assert_eq!(a.as_str(), "DB-Password");
+/// assert_eq!(a.key(), "db-password");
+/// assert!("db_password".parse::<SecretName>().is_err());
+/// ```
+#[derive(Clone)]
+pub struct SecretName {
+    spelled: String,
+    key: String,
+}
+
+impl SecretName {
+    /// The name as the caller (or Key Vault) spelled it.
+    pub fn as_str(&self) -> &str {
+        &self.spelled
+    }
+
+    /// The lowercase form used for policy matching, caching and single flight.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl std::str::FromStr for SecretName {
+    type Err = NameError;
+
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let ok = (1..=127).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return Err(NameError::SecretName);
+        }
+        Ok(Self { spelled: s.to_owned(), key: s.to_ascii_lowercase() })
+    }
+}
+
+impl PartialEq for SecretName {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+impl Eq for SecretName {}
+
+impl std::hash::Hash for SecretName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.key.hash(state);
+    }
+}
+
+impl fmt::Display for SecretName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.spelled)
+    }
+}
+
+impl fmt::Debug for SecretName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretName({:?})", self.spelled)
+    }
+}
+
+/// A secret version id: 32 hexadecimal characters, kept in lowercase.
+///
+/// ```
+/// use kvbroker_proto::VersionId;
+/// let v: VersionId = "9F1C0000000000000000000000000000".parse().unwrap();
+/// assert_eq!(v.as_str(), "9f1c0000000000000000000000000000");
+/// assert!("9f1c".parse::<VersionId>().is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct VersionId(String);
+
+impl VersionId {
+    /// The id as 32 lowercase hexadecimal characters.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Builds a version id from 16 bytes (for backends that mint their own ids).
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        let mut s = String::with_capacity(32);
+        for b in bytes {
+            s.push(char::from(HEX[usize::from(b >> 4)]));
+            s.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        Self(s)
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl std::str::FromStr for VersionId {
+    type Err = NameError;
+
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        if s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            Ok(Self(s.to_ascii_lowercase()))
+        } else {
+            Err(NameError::Version)
+        }
+    }
+}
+
+impl fmt::Display for VersionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for VersionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VersionId({})", self.0)
+    }
+}
+
+/// The local name of a configured vault (`[[vault]] alias`): 1 to 64 of `0-9a-zA-Z-_`.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct VaultAlias(String);
+
+impl VaultAlias {
+    /// The alias as configured.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for VaultAlias {
+    type Err = NameError;
+
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let ok = (1..=64).contains(&s.len())
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok { Ok(Self(s.to_owned())) } else { Err(NameError::VaultAlias) }
+    }
+}
+
+impl fmt::Display for VaultAlias {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for VaultAlias {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VaultAlias({})", self.0)
+    }
+}
+
+macro_rules! serde_as_str {
+    ($($t:ty),*) => {$(
+        impl Serialize for $t {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    )*};
+}
+serde_as_str!(SecretName, VersionId, VaultAlias);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_name_bounds() {
+        assert!("a".parse::<SecretName>().is_ok());
+        assert!("a".repeat(127).parse::<SecretName>().is_ok());
+        assert_eq!("a".repeat(128).parse::<SecretName>(), Err(NameError::SecretName));
+        assert_eq!("".parse::<SecretName>(), Err(NameError::SecretName));
+        for bad in ["a b", "a/b", "a_b", "ä", "a.b", "../x", "a%2f"] {
+            assert!(bad.parse::<SecretName>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn secret_names_compare_case_insensitively() {
+        let a: SecretName = "Db-Password".parse().unwrap();
+        let b: SecretName = "dB-passWORD".parse().unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.key(), b.key());
+        assert_ne!(a.as_str(), b.as_str());
+    }
+
+    #[test]
+    fn version_round_trips_and_normalises() {
+        let v = VersionId::from_bytes([0xab; 16]);
+        assert_eq!(v.as_str().len(), 32);
+        assert_eq!(v.as_str().parse::<VersionId>().unwrap(), v);
+        assert!("g".repeat(32).parse::<VersionId>().is_err());
+    }
+
+    #[test]
+    fn serde_validates() {
+        let n: Result<SecretName, _> = serde_json::from_str("\"bad name\"");
+        assert!(n.is_err());
+        let n: SecretName = serde_json::from_str("\"Good-Name\"").unwrap();
+        assert_eq!(serde_json::to_string(&n).unwrap(), "\"Good-Name\"");
+    }
+}
