@@ -31,7 +31,7 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     let auditor = Arc::new(auditor);
     let vaults = Vaults::from_config(&config)?;
     let policy = Policy::load(&config.policy.file)?;
-    let bound =
+    let (listener, socket_file) =
         server::bind(&config.agent.socket, config.agent.socket_mode, config.agent.socket_group.as_deref())?;
 
     let agent = AgentInfo {
@@ -56,7 +56,7 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
 
     let ctx = Arc::new(Ctx { vaults, policy: RwLock::new(Arc::new(policy)), auditor: Arc::clone(&auditor) });
     let reload = tokio::spawn(reload_on_hangup(Arc::clone(&ctx), config.policy.file.clone()));
-    let why = server::serve(&bound, ctx, shutdown::terminate(), config.agent.shutdown_grace).await;
+    let why = server::serve(listener, ctx, shutdown::terminate(), config.agent.shutdown_grace).await;
     reload.abort();
     notify_systemd("STOPPING=1");
 
@@ -67,7 +67,7 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     if let Err(e) = auditor.append(stop) {
         tracing::error!(error = %e, "cannot write agent.stop");
     }
-    drop(bound);
+    drop(socket_file);
     tracing::info!(signal = why, "kvbroker agent stopped");
     Ok(())
 }

@@ -1,1 +1,253 @@
-//! x
+//! Read secrets from a kvbroker agent over its Unix socket.
+//!
+//! The agent decides from the kernel who is calling, so the client carries no credential:
+//! it only needs the socket path (`KVBROKER_SOCKET`, else `/run/kvbroker/agent.sock`).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), kvbroker_client::Error> {
+//! let client = kvbroker_client::Client::new();
+//! let secret = client.get("db-password").await?;
+//! let password: &[u8] = secret.expose_secret();
+//! # let _ = password; Ok(()) }
+//! ```
+//!
+//! A [`Secret`] holds its value in zeroizing memory; its `Debug` shows no byte of it. The
+//! value is reached only through [`Secret::expose_secret`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod blocking;
+mod error;
+mod transport;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvbroker_proto::api::headers;
+use kvbroker_proto::{ErrorBody, Health, SecretName, SecretQuery, SecretResponse, VaultAlias, VersionId};
+
+pub use error::{ApiError, Error};
+pub use kvbroker_proto::{ErrorCode, SecretValue};
+
+use transport::{Answer, Transport};
+
+/// A client of one agent socket. Cheap to clone; keeps a few connections alive.
+#[derive(Clone)]
+pub struct Client {
+    transport: Arc<Transport>,
+}
+
+/// Builds a [`Client`].
+#[derive(Debug, Default, Clone)]
+pub struct ClientBuilder {
+    socket: Option<PathBuf>,
+}
+
+impl ClientBuilder {
+    /// Uses this socket path instead of `KVBROKER_SOCKET` or the default.
+    pub fn socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.socket = Some(path.into());
+        self
+    }
+
+    /// Builds the client. Nothing is connected until the first request.
+    pub fn build(self) -> Client {
+        let socket = self.socket.unwrap_or_else(default_socket);
+        Client { transport: Arc::new(Transport::new(socket)) }
+    }
+}
+
+/// `KVBROKER_SOCKET`, else `/run/kvbroker/agent.sock`.
+pub fn default_socket() -> PathBuf {
+    std::env::var_os(kvbroker_proto::SOCKET_ENV)
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(kvbroker_proto::DEFAULT_SOCKET), PathBuf::from)
+}
+
+/// Which vault and version to read.
+#[derive(Debug, Default, Clone)]
+pub struct GetOptions {
+    vault: Option<String>,
+    version: Option<String>,
+}
+
+impl GetOptions {
+    /// Reads from the vault with this alias instead of the agent's default.
+    pub fn vault(mut self, alias: impl Into<String>) -> Self {
+        self.vault = Some(alias.into());
+        self
+    }
+
+    /// Reads this version (32 hex characters) instead of the current one.
+    pub fn version(mut self, id: impl Into<String>) -> Self {
+        self.version = Some(id.into());
+        self
+    }
+}
+
+/// A secret as served by the agent. The value is wiped when this is dropped.
+pub struct Secret {
+    inner: SecretResponse,
+}
+
+impl Secret {
+    /// The value's bytes. Hand them to what needs them; do not log them.
+    pub fn expose_secret(&self) -> &[u8] {
+        self.inner.value.expose_secret()
+    }
+
+    /// The value, moved out (still zeroizing).
+    pub fn into_value(self) -> SecretValue {
+        self.inner.value
+    }
+
+    /// The name as the vault spells it.
+    pub fn name(&self) -> &str {
+        self.inner.name.as_str()
+    }
+
+    /// The vault alias it came from.
+    pub fn vault(&self) -> &str {
+        self.inner.vault.as_str()
+    }
+
+    /// The version id served.
+    pub fn version(&self) -> &str {
+        self.inner.version.as_str()
+    }
+
+    /// Key Vault's `contentType`, if set.
+    pub fn content_type(&self) -> Option<&str> {
+        self.inner.content_type.as_deref()
+    }
+
+    /// Expiry (RFC 3339), if set.
+    pub fn expires_on(&self) -> Option<&str> {
+        self.inner.expires_on.as_deref()
+    }
+
+    /// Not valid before (RFC 3339), if set.
+    pub fn not_before(&self) -> Option<&str> {
+        self.inner.not_before.as_deref()
+    }
+
+    /// When the agent fetched it (RFC 3339).
+    pub fn fetched_at(&self) -> &str {
+        &self.inner.fetched_at
+    }
+
+    /// True if the vault is failing and this is the last good value.
+    pub fn is_stale(&self) -> bool {
+        self.inner.stale
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret").field("inner", &self.inner).finish()
+    }
+}
+
+impl Default for Client {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Client {
+    /// A client of `KVBROKER_SOCKET`, else `/run/kvbroker/agent.sock`.
+    pub fn new() -> Client {
+        ClientBuilder::default().build()
+    }
+
+    /// A builder, to set the socket path.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// The socket this client talks to.
+    pub fn socket_path(&self) -> &Path {
+        self.transport.socket()
+    }
+
+    /// Reads the current version of `name` from the default vault.
+    pub async fn get(&self, name: &str) -> Result<Secret, Error> {
+        self.get_with(name, &GetOptions::default()).await
+    }
+
+    /// Reads `name` with the given vault and version.
+    pub async fn get_with(&self, name: &str, opts: &GetOptions) -> Result<Secret, Error> {
+        let (name, query) = request_parts(name, opts)?;
+        let path = path_for(&name, &query);
+        let answer = self.transport.get(&path, "application/json").await?;
+        if !answer.status.is_success() {
+            return Err(error_of(&answer));
+        }
+        let inner: SecretResponse = serde_json::from_slice(&answer.body)
+            .map_err(|e| Error::Protocol(format!("malformed secret answer: {}", e.classify_name())))?;
+        Ok(Secret { inner })
+    }
+
+    /// Asks the agent whether it is healthy. A degraded agent answers `Ok` with its reasons.
+    pub async fn health(&self) -> Result<Health, Error> {
+        let answer = self.transport.get("/v1/health", "application/json").await?;
+        serde_json::from_slice(&answer.body)
+            .map_err(|e| Error::Protocol(format!("malformed health answer: {e}")))
+    }
+}
+
+trait ClassifyName {
+    fn classify_name(&self) -> &'static str;
+}
+
+impl ClassifyName for serde_json::Error {
+    /// serde_json's messages can quote input; name only the kind of problem.
+    fn classify_name(&self) -> &'static str {
+        match self.classify() {
+            serde_json::error::Category::Io => "I/O error",
+            serde_json::error::Category::Syntax => "not JSON",
+            serde_json::error::Category::Data => "unexpected fields",
+            serde_json::error::Category::Eof => "truncated",
+        }
+    }
+}
+
+fn request_parts(name: &str, opts: &GetOptions) -> Result<(SecretName, SecretQuery), Error> {
+    let bad = |m: String| Error::InvalidRequest(ApiError { message: m, request_id: "-".into() });
+    let name: SecretName = name.parse().map_err(|e| bad(format!("{e}")))?;
+    let vault = opts.vault.as_deref().map(str::parse::<VaultAlias>).transpose().map_err(|e| bad(format!("{e}")))?;
+    let version =
+        opts.version.as_deref().map(str::parse::<VersionId>).transpose().map_err(|e| bad(format!("{e}")))?;
+    Ok((name, SecretQuery { vault, version, ..SecretQuery::default() }))
+}
+
+fn path_for(name: &SecretName, query: &SecretQuery) -> String {
+    let q = query.to_query_string();
+    if q.is_empty() { format!("/v1/secrets/{name}") } else { format!("/v1/secrets/{name}?{q}") }
+}
+
+fn error_of(a: &Answer) -> Error {
+    let retry_after = a
+        .headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_secs);
+    match serde_json::from_slice::<ErrorBody>(&a.body) {
+        Ok(b) => Error::from_code(
+            b.error.code,
+            ApiError { message: b.error.message, request_id: b.error.request_id },
+            retry_after,
+        ),
+        Err(_) => {
+            let request_id = a
+                .headers
+                .get(headers::REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned();
+            Error::Protocol(format!("status {} without an error body (request {request_id})", a.status))
+        }
+    }
+}

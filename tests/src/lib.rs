@@ -1,1 +1,424 @@
-//! x
+//! Test harness for kvbroker: find the real binaries, start agents in private directories,
+//! and scan everything they wrote for canary values.
+//!
+//! Every process started here is killed when its handle drops, and every directory is
+//! removed, so a failing test leaves nothing behind. Nothing here talks to any address:
+//! agents listen on Unix sockets inside the test's own directory.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test harness: a failure should panic loudly")]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The path of a workspace binary, next to the running test's profile directory.
+/// Panics (rather than guessing) if it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test-binary>
+    let profile = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps");
+    let p = profile.join(name);
+    assert!(
+        p.exists(),
+        "binary {} not found: build it first with `cargo build --workspace --bins`",
+        p.display()
+    );
+    p
+}
+
+/// A fresh value no other test uses, to search for in outputs.
+pub fn canary(tag: &str) -> String {
+    format!("CANARY-{tag}-{:016x}", fastrand_u64())
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// A directory removed on drop. Mode 0755, so a test can let another uid reach a socket.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("kvb-e2e-{tag}-{:x}", fastrand_u64()));
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process that is killed and reaped when dropped.
+pub struct Proc(Option<Child>);
+
+impl Proc {
+    pub fn spawn(cmd: &mut Command) -> Self {
+        Self(Some(cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"))))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.as_ref().expect("process was started").id()
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid()).unwrap();
+        // SAFETY: kill(2) on a pid we spawned and have not reaped, so it is still ours.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill({pid}, {sig})");
+    }
+
+    /// Waits for exit, up to `limit`.
+    pub fn wait_timeout(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.0.as_mut().unwrap();
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One secret of a local vault: a plain value, or a TOML inline table with attributes.
+pub enum LocalSecret {
+    Plain(String),
+    Table(String),
+}
+
+/// Builds an agent configuration in a private directory.
+pub struct AgentBuilder {
+    dir: TempDir,
+    secrets: Vec<(String, LocalSecret)>,
+    rules: Vec<String>,
+    socket_mode: String,
+    durability: &'static str,
+    audit_path: Option<PathBuf>,
+    latency: Option<&'static str>,
+    env: Vec<(String, String)>,
+    grace: Option<&'static str>,
+}
+
+/// A running agent; killed when dropped.
+pub struct Agent {
+    pub proc: Proc,
+    pub socket: PathBuf,
+    pub audit: PathBuf,
+    pub config: PathBuf,
+    pub policy: PathBuf,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    env: Vec<(String, String)>,
+    /// Last, so processes are killed before their directory goes.
+    pub dir: TempDir,
+}
+
+impl Agent {
+    pub fn builder(tag: &str) -> AgentBuilder {
+        AgentBuilder {
+            dir: TempDir::new(tag),
+            secrets: Vec::new(),
+            rules: Vec::new(),
+            socket_mode: "0660".into(),
+            durability: "write",
+            audit_path: None,
+            latency: None,
+            env: Vec::new(),
+            grace: None,
+        }
+    }
+}
+
+impl AgentBuilder {
+    pub fn secret(mut self, name: &str, value: &str) -> Self {
+        self.secrets.push((name.into(), LocalSecret::Plain(value.into())));
+        self
+    }
+
+    /// A secret with attributes: `attrs` is the inside of an inline table after `value`.
+    pub fn secret_with(mut self, name: &str, value: &str, attrs: &str) -> Self {
+        self.secrets.push((name.into(), LocalSecret::Table(format!("{{ value = {value:?}, {attrs} }}"))));
+        self
+    }
+
+    /// A policy rule, as the TOML lines after `[[rule]]`.
+    pub fn rule(mut self, body: &str) -> Self {
+        self.rules.push(body.into());
+        self
+    }
+
+    /// Allows `uid` to read every secret of the default vault.
+    pub fn allow_uid(self, uid: u32) -> Self {
+        self.rule(&format!("name = \"uid-{uid}\"\nuids = [{uid}]\nsecrets = [\"default/*\"]"))
+    }
+
+    pub fn socket_mode(mut self, mode: &str) -> Self {
+        self.socket_mode = mode.into();
+        self
+    }
+
+    pub fn durability(mut self, d: &'static str) -> Self {
+        self.durability = d;
+        self
+    }
+
+    pub fn audit_path(mut self, p: PathBuf) -> Self {
+        self.audit_path = Some(p);
+        self
+    }
+
+    /// Adds latency to every local vault read (to hold requests in flight).
+    pub fn latency(mut self, l: &'static str) -> Self {
+        self.latency = Some(l);
+        self
+    }
+
+    pub fn grace(mut self, g: &'static str) -> Self {
+        self.grace = Some(g);
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Writes config, policy and secrets into the directory; returns the config path.
+    pub fn write(&self) -> PathBuf {
+        let d = self.dir.path();
+        let mut text = String::new();
+        for (name, s) in &self.secrets {
+            match s {
+                LocalSecret::Plain(v) => text.push_str(&format!("{name} = {v:?}\n")),
+                LocalSecret::Table(t) => text.push_str(&format!("{name} = {t}\n")),
+            }
+        }
+        write_mode(&d.join("secrets.toml"), &text, 0o600);
+        let rules: String = self.rules.iter().map(|r| format!("[[rule]]\n{r}\n\n")).collect();
+        write_mode(&d.join("policy.toml"), &rules, 0o644);
+        let latency = self.latency.map(|l| format!("latency = \"{l}\"\n")).unwrap_or_default();
+        let grace = self.grace.map(|g| format!("shutdown_grace = \"{g}\"\n")).unwrap_or_default();
+        let config = d.join("config.toml");
+        let text = format!(
+            "[agent]\nsocket = \"{sock}\"\nsocket_mode = \"{mode}\"\n{grace}\n\
+             [[vault]]\nalias = \"default\"\nkind = \"local\"\nfile = \"secrets.toml\"\n{latency}\n\
+             [audit]\npath = \"{audit}\"\ndurability = \"{dur}\"\n\n\
+             [policy]\nfile = \"policy.toml\"\n",
+            sock = d.join("agent.sock").display(),
+            mode = self.socket_mode,
+            audit = self.audit().display(),
+            dur = self.durability,
+        );
+        write_mode(&config, &text, 0o644);
+        config
+    }
+
+    fn audit(&self) -> PathBuf {
+        self.audit_path.clone().unwrap_or_else(|| self.dir.path().join("audit.jsonl"))
+    }
+
+    /// The directory, for tests that only need the files.
+    pub fn into_dir(self) -> TempDir {
+        self.dir
+    }
+
+    /// Writes the files and starts `kvbroker run`, waiting until it answers health.
+    pub fn start(self) -> Agent {
+        let config = self.write();
+        let d = self.dir.path().to_owned();
+        let mut agent = Agent {
+            proc: Proc(None),
+            socket: d.join("agent.sock"),
+            audit: self.audit(),
+            config,
+            policy: d.join("policy.toml"),
+            stdout: d.join("agent.stdout"),
+            stderr: d.join("agent.stderr"),
+            env: self.env,
+            dir: self.dir,
+        };
+        agent.spawn();
+        agent
+    }
+}
+
+impl Agent {
+    /// Starts (another) `kvbroker run` on this agent's config and waits until it is ready.
+    pub fn spawn(&mut self) {
+        let mut cmd = Command::new(bin("kvbroker"));
+        cmd.args(["run", "--config"]).arg(&self.config);
+        cmd.env_remove("RUST_LOG");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let append = |p: &Path| std::fs::OpenOptions::new().create(true).append(true).open(p).unwrap();
+        cmd.stdin(Stdio::null()).stdout(append(&self.stdout)).stderr(append(&self.stderr));
+        self.proc = Proc::spawn(&mut cmd);
+        wait_ready(&self.socket, &mut self.proc, &self.stderr);
+    }
+
+    /// `kvbroker run` on this config without waiting: for tests of refused starts.
+    pub fn run_again(&self) -> (i32, String, String) {
+        run(Command::new(bin("kvbroker")).args(["run", "--config"]).arg(&self.config))
+    }
+}
+
+/// Writes a file with the given mode (tests run as root: modes are set explicitly).
+pub fn write_mode(path: &Path, text: &str, mode: u32) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn wait_ready(socket: &Path, proc: &mut Proc, stderr: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = proc.wait_timeout(Duration::ZERO) {
+            panic!(
+                "agent exited during startup ({status}):\n{}",
+                std::fs::read_to_string(stderr).unwrap_or_default()
+            );
+        }
+        if let Ok((200, _)) = raw_get(socket, "/v1/health", &[]) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "agent did not become ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a Unix socket: (status, body). Independent of the client
+/// crate, so tests can check the wire itself.
+pub fn raw_get(socket: &Path, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
+    let (status, _, body) = raw_request(socket, "GET", path, headers)?;
+    Ok((status, body))
+}
+
+/// A raw request returning (status, header block, body).
+pub fn raw_request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: kvbroker\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out)?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((status, head.to_owned(), body.to_owned()))
+}
+
+impl Agent {
+    /// The agent's audit records, parsed.
+    pub fn audit_records(&self) -> Vec<serde_json::Value> {
+        read_records(&self.audit)
+    }
+
+    /// Everything the agent printed.
+    pub fn output(&self) -> String {
+        let mut s = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+        s.push_str(&std::fs::read_to_string(&self.stderr).unwrap_or_default());
+        s
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.proc.signal(libc::SIGTERM);
+        self.proc.wait_timeout(Duration::from_secs(30)).expect("agent did not stop after SIGTERM")
+    }
+
+    /// Asserts no canary appears in the agent's output, audit log, or `extra` texts.
+    pub fn assert_no_canary(&self, canaries: &[&str], extra: &[&str]) {
+        let audit = std::fs::read_to_string(&self.audit).unwrap_or_default();
+        let mut texts = vec![("agent output", self.output()), ("audit log", audit)];
+        texts.extend(extra.iter().map(|t| ("test output", (*t).to_owned())));
+        for (what, text) in &texts {
+            for c in canaries {
+                assert!(!text.contains(c), "canary {c} found in {what}");
+            }
+        }
+    }
+}
+
+pub fn read_records(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l}: {e}")))
+        .collect()
+}
+
+/// Runs a command to completion: (exit code, stdout, stderr).
+pub fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `kvb` with the socket set, optionally as another uid via setpriv.
+pub fn kvb(socket: &Path, as_uid: Option<u32>) -> Command {
+    let mut cmd = match as_uid {
+        Some(uid) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={uid}")).arg(format!("--regid={uid}")).arg("--clear-groups");
+            c.arg(bin("kvb"));
+            c
+        }
+        None => Command::new(bin("kvb")),
+    };
+    cmd.env("KVBROKER_SOCKET", socket);
+    cmd
+}
+
+/// `curl` over the Unix socket, printing the status code on the last line.
+pub fn curl(socket: &Path, path: &str, as_uid: Option<u32>, extra: &[&str]) -> (i32, String, String) {
+    let mut cmd = match as_uid {
+        Some(uid) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={uid}")).arg(format!("--regid={uid}")).arg("--clear-groups").arg("curl");
+            c
+        }
+        None => Command::new("curl"),
+    };
+    cmd.args(["-s", "-w", "\n%{http_code}", "--unix-socket"]).arg(socket).args(extra);
+    cmd.arg(format!("http://localhost{path}"));
+    run(&mut cmd)
+}

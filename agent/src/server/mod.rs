@@ -71,21 +71,24 @@ pub enum SocketError {
     Io { path: PathBuf, what: &'static str, source: io::Error },
 }
 
-/// A bound agent socket; the file is removed when this is dropped.
-pub(crate) struct Bound {
-    pub(crate) listener: UnixListener,
-    path: PathBuf,
-}
+/// The socket file of a bound listener; removed when this is dropped. Kept apart from the
+/// listener so the agent can stop accepting (close the listener) at once on shutdown, and
+/// remove the file only after the drain and `agent.stop`.
+pub(crate) struct SocketFile(PathBuf);
 
-impl Drop for Bound {
+impl Drop for SocketFile {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
 /// Binds the socket at `path` with `mode` and `group`, replacing a stale socket file but
 /// never a live agent's socket or a file that is not a socket.
-pub(crate) fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<Bound, SocketError> {
+pub(crate) fn bind(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+) -> Result<(UnixListener, SocketFile), SocketError> {
     let io_err = |what, source| SocketError::Io { path: path.to_owned(), what, source };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.exists() {
@@ -112,8 +115,8 @@ pub(crate) fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<Bound,
     }
     let std_listener =
         std::os::unix::net::UnixListener::bind(path).map_err(|e| io_err("cannot bind", e))?;
-    // From here on the file is ours: remove it if anything below fails.
-    let cleanup = scopeguard_remove(path);
+    // From here on the file is ours: removed if anything below fails.
+    let file = SocketFile(path.to_owned());
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| io_err("cannot set socket mode", e))?;
     if let Some(g) = group {
@@ -128,18 +131,7 @@ pub(crate) fn bind(path: &Path, mode: u32, group: Option<&str>) -> Result<Bound,
     }
     std_listener.set_nonblocking(true).map_err(|e| io_err("cannot set non-blocking", e))?;
     let listener = UnixListener::from_std(std_listener).map_err(|e| io_err("cannot register", e))?;
-    std::mem::forget(cleanup);
-    Ok(Bound { listener, path: path.to_owned() })
-}
-
-struct RemoveOnDrop(PathBuf);
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-fn scopeguard_remove(path: &Path) -> RemoveOnDrop {
-    RemoveOnDrop(path.to_owned())
+    Ok((listener, file))
 }
 
 /// Largest request head (request line + headers) accepted; larger gets 431.
@@ -149,7 +141,7 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves until `shutdown` resolves, then drains in-flight requests for at most `grace`.
 pub(crate) async fn serve<T>(
-    bound: &Bound,
+    listener: UnixListener,
     ctx: Arc<Ctx>,
     shutdown: impl Future<Output = T>,
     grace: Duration,
@@ -159,7 +151,7 @@ pub(crate) async fn serve<T>(
     let why = loop {
         let stream = tokio::select! {
             why = &mut shutdown => break why,
-            accepted = bound.listener.accept() => match accepted {
+            accepted = listener.accept() => match accepted {
                 Ok((s, _)) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -196,6 +188,8 @@ pub(crate) async fn serve<T>(
             .instrument(span),
         );
     };
+    // Closing the listener makes new connections fail at once instead of queueing.
+    drop(listener);
     tracing::info!("stopped accepting; draining in-flight requests");
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over: closing remaining connections");

@@ -14,6 +14,7 @@ use crate::policy::Decision;
 pub(crate) async fn handle<B>(ctx: &Ctx, peer: &ConnPeer, req: Request<B>) -> Response<Body> {
     let request_id = new_request_id();
     let path = req.uri().path();
+    tracing::trace!(request_id, method = %req.method(), path, "request");
     let r = if path == "/v1/health" {
         if req.method() == Method::GET {
             response::health(ctx.health_reasons())
@@ -68,6 +69,13 @@ async fn read_secret<B>(
             });
         }
     }
+    tracing::debug!(
+        request_id,
+        outcome = rec.outcome.map_or("", |o| o.as_str()),
+        uid = rec.peer.as_ref().map_or(0, |p| p.uid),
+        secret = rec.secret.as_ref().map_or("", |s| s.name.as_str()),
+        "secret read decided"
+    );
     if let Err(e) = ctx.auditor.append(rec) {
         tracing::error!(error = %e, request_id, "audit write failed: answering 503");
         return response::failure(&Failure::Audit, request_id);

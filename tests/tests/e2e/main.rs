@@ -1,1 +1,8 @@
-//! x
+//! End-to-end tests: the real `kvbroker` and `kvb` binaries (and curl), as a user runs them.
+//! One binary, one module per area. Tests run as root, as CI does: they switch uid with
+//! setpriv and mount a tmpfs, and clean up on drop.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
+
+mod audit_log;
+mod lifecycle;
+mod read;

@@ -1,0 +1,134 @@
+//! The client's error type: one variant per agent error code, plus "agent not reachable".
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kvbroker_proto::ErrorCode;
+
+/// What the agent said about a failed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The agent's explanation (never contains a value).
+    pub message: String,
+    /// The request id, to find the audit record.
+    pub request_id: String,
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (request {})", self.message, self.request_id)
+    }
+}
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The agent socket could not be reached.
+    #[error(
+        "kvbroker agent not reachable at {path}: {source}; is the agent running, and does \
+         KVBROKER_SOCKET name its socket?"
+    )]
+    Unreachable {
+        /// The socket path tried.
+        path: PathBuf,
+        /// What connecting said.
+        source: std::io::Error,
+    },
+    /// 400: bad name, version, vault alias or parameter.
+    #[error("invalid request: {0}")]
+    InvalidRequest(ApiError),
+    /// 403: policy does not allow this process to read the secret.
+    #[error("{0}")]
+    PermissionDenied(ApiError),
+    /// 404: the vault has no such secret or version.
+    #[error("secret not found: {0}")]
+    SecretNotFound(ApiError),
+    /// 422: disabled, not yet valid, or expired.
+    #[error("{0}")]
+    SecretNotUsable(ApiError),
+    /// 429: this caller is over its rate limit.
+    #[error("too many requests: {error}")]
+    TooManyRequests {
+        /// What the agent said.
+        error: ApiError,
+        /// When to try again, from `Retry-After`.
+        retry_after: Option<Duration>,
+    },
+    /// 502: Key Vault or the identity endpoint failed and no cached copy could be served.
+    #[error("upstream unavailable: {0}")]
+    UpstreamUnavailable(ApiError),
+    /// 503: the agent could not write its audit record, so it served nothing.
+    #[error("audit unavailable: {0}")]
+    AuditUnavailable(ApiError),
+    /// 404: the agent does not know the path (client and agent versions differ?).
+    #[error("unknown path: {0}")]
+    NotFound(ApiError),
+    /// 405: the agent refused the method.
+    #[error("method not allowed: {0}")]
+    MethodNotAllowed(ApiError),
+    /// 408: the request was too slow.
+    #[error("request timeout: {0}")]
+    RequestTimeout(ApiError),
+    /// 413: the request carried a body.
+    #[error("payload too large: {0}")]
+    PayloadTooLarge(ApiError),
+    /// 431: the request headers were too large.
+    #[error("headers too large: {0}")]
+    HeadersTooLarge(ApiError),
+    /// The agent answered something this client does not understand.
+    #[error("unexpected answer from the agent: {0}")]
+    Protocol(String),
+}
+
+impl Error {
+    /// The agent's error code, if the agent answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        Some(match self {
+            Error::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            Error::PermissionDenied(_) => ErrorCode::PermissionDenied,
+            Error::SecretNotFound(_) => ErrorCode::SecretNotFound,
+            Error::SecretNotUsable(_) => ErrorCode::SecretNotUsable,
+            Error::TooManyRequests { .. } => ErrorCode::TooManyRequests,
+            Error::UpstreamUnavailable(_) => ErrorCode::UpstreamUnavailable,
+            Error::AuditUnavailable(_) => ErrorCode::AuditUnavailable,
+            Error::NotFound(_) => ErrorCode::NotFound,
+            Error::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            Error::RequestTimeout(_) => ErrorCode::RequestTimeout,
+            Error::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            Error::HeadersTooLarge(_) => ErrorCode::HeadersTooLarge,
+            Error::Unreachable { .. } | Error::Protocol(_) => return None,
+        })
+    }
+
+    pub(crate) fn from_code(code: ErrorCode, e: ApiError, retry_after: Option<Duration>) -> Error {
+        match code {
+            ErrorCode::InvalidRequest => Error::InvalidRequest(e),
+            ErrorCode::PermissionDenied => Error::PermissionDenied(e),
+            ErrorCode::SecretNotFound => Error::SecretNotFound(e),
+            ErrorCode::SecretNotUsable => Error::SecretNotUsable(e),
+            ErrorCode::TooManyRequests => Error::TooManyRequests { error: e, retry_after },
+            ErrorCode::UpstreamUnavailable => Error::UpstreamUnavailable(e),
+            ErrorCode::AuditUnavailable => Error::AuditUnavailable(e),
+            ErrorCode::NotFound => Error::NotFound(e),
+            ErrorCode::MethodNotAllowed => Error::MethodNotAllowed(e),
+            ErrorCode::RequestTimeout => Error::RequestTimeout(e),
+            ErrorCode::PayloadTooLarge => Error::PayloadTooLarge(e),
+            ErrorCode::HeadersTooLarge => Error::HeadersTooLarge(e),
+            other => Error::Protocol(format!("unknown error code {other}: {e}")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_has_its_own_variant() {
+        for code in ErrorCode::ALL {
+            let e = Error::from_code(code, ApiError { message: "m".into(), request_id: "r".into() }, None);
+            assert_eq!(e.code(), Some(code), "{e}");
+        }
+    }
+}

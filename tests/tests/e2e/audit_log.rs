@@ -1,0 +1,151 @@
+//! The audit log as a security reviewer reads it, and failing closed when it can't be written.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kvbroker_tests::{Agent, TempDir, bin, canary, curl, kvb, raw_get, run};
+use serde_json::Value;
+
+/// After a run, the records say exactly what happened, chain-verify, and hold no value.
+#[test]
+fn records_match_what_happened() {
+    let value = canary("audit");
+    let mut agent = Agent::builder("auditrec").secret("db-password", &value).allow_uid(0).socket_mode("0666").start();
+    let sock = agent.socket.clone();
+    assert_eq!(run(kvb(&sock, None).args(["get", "DB-Password"])).0, 0);
+    assert_eq!(run(kvb(&sock, Some(65534)).args(["get", "db-password"])).0, 3);
+    assert_eq!(run(kvb(&sock, None).args(["get", "missing"])).0, 1);
+    assert!(agent.stop().success());
+
+    let recs = agent.audit_records();
+    let events: Vec<&str> = recs.iter().map(|r| r["event"].as_str().unwrap()).collect();
+    assert_eq!(events, ["agent.start", "secret.read", "secret.read", "secret.read", "agent.stop"]);
+    let (ok, denied, missing) = (&recs[1], &recs[2], &recs[3]);
+    assert_eq!(ok["outcome"], "allowed");
+    assert_eq!(ok["peer"]["uid"], 0);
+    assert_eq!(ok["rule"], "uid-0");
+    assert_eq!(ok["secret"]["name"], "db-password");
+    assert_eq!(ok["secret"]["version"].as_str().unwrap().len(), 32);
+    assert!(ok["peer"]["exe"].as_str().unwrap().ends_with("/kvb"), "{ok}");
+    assert_eq!(denied["outcome"], "denied");
+    assert_eq!(denied["peer"]["uid"], 65534);
+    assert_eq!(denied["error"], "PermissionDenied");
+    assert_eq!(denied["secret"]["name"], "db-password");
+    assert!(denied.get("rule").is_none());
+    assert_eq!(missing["outcome"], "error");
+    assert_eq!(missing["error"], "SecretNotFound");
+    for (i, r) in recs.iter().enumerate() {
+        assert_eq!(r["seq"], i as u64 + 1);
+        assert_eq!(r["hash"].as_str().unwrap().len(), 64);
+        if i > 0 {
+            assert_eq!(r["prev"], recs[i - 1]["hash"]);
+        }
+        assert!(r["request_id"].is_string() || !r["event"].as_str().unwrap().starts_with("secret."));
+    }
+    let (code, out, err) = run(Command::new(bin("kvbroker")).args(["audit", "verify"]).arg(&agent.audit));
+    assert_eq!((code, err.as_str()), (0, ""), "{out}");
+    assert!(out.starts_with("ok: 5 record(s) in 1 file(s), seq 1..5, head "), "{out}");
+    agent.assert_no_canary(&[&value], &[&out]);
+}
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let (code, _, err) = run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at));
+        assert_eq!(code, 0, "mount tmpfs (tests run as root): {err}");
+        Tmpfs(at.to_owned())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn fill(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    let p = dir.join("filler");
+    let mut f = std::fs::File::create(&p).unwrap();
+    let chunk = vec![b'x'; 4096];
+    while f.write_all(&chunk).is_ok() {}
+    // Fill the last partial page too.
+    while f.write_all(b"x").is_ok() {}
+    p
+}
+
+/// Disk full: reads fail closed with 503 and no value, health says degraded, the agent keeps
+/// running, and everything works again (chain intact) once space is freed.
+#[test]
+fn full_disk_fails_closed_and_recovers() {
+    let value = canary("full");
+    let tmp = TempDir::new("full");
+    let mnt = Tmpfs::mount(&tmp.path().join("mnt"), "64k");
+    let audit = mnt.0.join("audit.jsonl");
+    let mut agent = Agent::builder("full").secret("db-password", &value).allow_uid(0).audit_path(audit.clone()).start();
+    let sock = agent.socket.clone();
+    assert_eq!(run(kvb(&sock, None).args(["get", "db-password"])).1, value);
+
+    let filler = fill(&mnt.0);
+    // The audit file's own last page may still hold a few records; then writes must fail.
+    let mut answered = 1;
+    let out = loop {
+        let out = curl(&sock, "/v1/secrets/db-password", None, &[]).1;
+        if out.ends_with("\n503") {
+            break out;
+        }
+        assert!(out.ends_with("\n200"), "{out}");
+        answered += 1;
+        assert!(answered < 40, "audit writes never failed on a full disk");
+    };
+    let err = String::new();
+    let (body, _) = out.rsplit_once('\n').unwrap();
+    let v: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["error"]["code"], "AuditUnavailable");
+    let (code, kvb_out, kvb_err) = run(kvb(&sock, None).args(["get", "db-password"]));
+    assert_eq!((code, kvb_out.as_str()), (1, ""));
+    assert!(kvb_err.starts_with("kvb: audit unavailable: "), "{kvb_err}");
+    let (hs, hbody) = raw_get(&sock, "/v1/health", &[]).unwrap();
+    assert_eq!(hs, 503);
+    assert!(hbody.contains("\"status\":\"degraded\""), "{hbody}");
+    assert!(agent.proc.wait_timeout(std::time::Duration::ZERO).is_none(), "agent still running");
+
+    std::fs::remove_file(filler).unwrap();
+    assert_eq!(run(kvb(&sock, None).args(["get", "db-password"])).1, value);
+    assert_eq!(raw_get(&sock, "/v1/health", &[]).unwrap().0, 200);
+    assert!(agent.stop().success());
+    let (code, out, verr) = run(Command::new(bin("kvbroker")).args(["audit", "verify"]).arg(&audit));
+    assert_eq!(code, 0, "{out}{verr}");
+    let reads: Vec<Value> = agent.audit_records().into_iter().filter(|r| r["event"] == "secret.read").collect();
+    assert_eq!(reads.len(), answered + 1, "every answered read has its record, and only those");
+    agent.assert_no_canary(&[&value], &[&out, &err, body, &kvb_err]);
+}
+
+/// With `RUST_LOG=trace` (hyper's and ours), no path writes a value anywhere.
+#[test]
+fn canary_never_appears_even_at_trace() {
+    let value = canary("trace");
+    let agent = Agent::builder("trace")
+        .secret("db-password", &value)
+        .secret_with("expired", &value, "expires_on = \"2001-01-01T00:00:00Z\"")
+        .allow_uid(0)
+        .socket_mode("0666")
+        .env("RUST_LOG", "trace")
+        .start();
+    let sock = &agent.socket;
+    let mut outs = Vec::new();
+    for args in [&["get", "db-password"][..], &["get", "expired"], &["get", "missing"], &["get", "bad_name"]] {
+        let (_, _, err) = run(kvb(sock, None).args(args));
+        outs.push(err);
+    }
+    outs.push(run(kvb(sock, Some(65534)).args(["get", "db-password"])).2);
+    outs.push(curl(sock, "/v1/secrets/db-password", None, &["-H", "Accept: application/octet-stream", "-o", "/dev/null"]).2);
+    outs.push(curl(sock, "/v1/secrets/db-password?bogus=1", None, &[]).1);
+    let output = agent.output();
+    assert!(output.contains("TRACE"), "trace logging is on");
+    let refs: Vec<&str> = outs.iter().map(String::as_str).collect();
+    agent.assert_no_canary(&[&value], &refs);
+}
