@@ -31,8 +31,11 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     let auditor = Arc::new(auditor);
     let vaults = Vaults::from_config(&config)?;
     let policy = Policy::load(&config.policy.file)?;
-    let (listener, socket_file) =
-        server::bind(&config.agent.socket, config.agent.socket_mode, config.agent.socket_group.as_deref())?;
+    let (listener, socket_file) = server::bind(
+        &config.agent.socket,
+        config.agent.socket_mode,
+        config.agent.socket_group.as_deref(),
+    )?;
 
     let agent = AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -54,9 +57,22 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     );
     notify_systemd("READY=1");
 
-    let ctx = Arc::new(Ctx { vaults, policy: RwLock::new(Arc::new(policy)), auditor: Arc::clone(&auditor) });
-    let reload = tokio::spawn(reload_on_hangup(Arc::clone(&ctx), config.policy.file.clone()));
-    let why = server::serve(listener, ctx, shutdown::terminate(), config.agent.shutdown_grace).await;
+    let ctx = Arc::new(Ctx {
+        vaults,
+        policy: RwLock::new(Arc::new(policy)),
+        auditor: Arc::clone(&auditor),
+    });
+    let reload = tokio::spawn(reload_on_hangup(
+        Arc::clone(&ctx),
+        config.policy.file.clone(),
+    ));
+    let why = server::serve(
+        listener,
+        ctx,
+        shutdown::terminate(),
+        config.agent.shutdown_grace,
+    )
+    .await;
     reload.abort();
     notify_systemd("STOPPING=1");
 
@@ -73,7 +89,9 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
 }
 
 async fn reload_on_hangup(ctx: Arc<Ctx>, path: std::path::PathBuf) {
-    let Some(mut hup) = shutdown::hangups() else { return };
+    let Some(mut hup) = shutdown::hangups() else {
+        return;
+    };
     while hup.recv().await.is_some() {
         reload_policy(&ctx, &path);
     }
@@ -102,8 +120,12 @@ pub(crate) fn reload_policy(ctx: &Ctx, path: &std::path::Path) {
 
 /// Tells systemd (`Type=notify`) about our state, if it is listening.
 fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
     let bytes = path.as_encoded_bytes();
     let sent = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
         use std::os::linux::net::SocketAddrExt;

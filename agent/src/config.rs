@@ -16,10 +16,17 @@ use serde::Deserialize;
 pub enum ConfigError {
     /// The file could not be read.
     #[error("{path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     /// A syntax error, unknown key or bad value at a known place.
     #[error("{path}:{line}: {message}")]
-    At { path: PathBuf, line: usize, message: String },
+    At {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     /// A problem with the file as a whole, or across keys.
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -193,14 +200,17 @@ struct HumanDuration(Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(HumanDuration).map_err(serde::de::Error::custom)
+        parse_duration(&s)
+            .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
     }
 }
 
 /// Parses `30s`, `5m`, `1h`, `250ms`, `1h30m`. A bare number is refused: the unit is
 /// what makes `refresh_interval = "300"` unambiguous.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {s:?}: write a number and a unit, like 30s, 5m, 1h or 250ms");
+    let bad =
+        || format!("invalid duration {s:?}: write a number and a unit, like 30s, 5m, 1h or 250ms");
     if s.trim().is_empty() || s.trim().bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
@@ -229,26 +239,40 @@ impl<'de> Deserialize<'de> for FileMode {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         Config::from_toml(path, &text)
     }
 
     /// Validates config text; `path` is used for messages and to resolve relative paths.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
-        let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
 
         let agent = AgentConfig {
-            socket: resolve(raw.agent.socket.unwrap_or_else(|| kvbroker_proto::DEFAULT_SOCKET.into())),
+            socket: resolve(
+                raw.agent
+                    .socket
+                    .unwrap_or_else(|| kvbroker_proto::DEFAULT_SOCKET.into()),
+            ),
             socket_mode: raw.agent.socket_mode.map_or(0o660, |m| m.0),
             socket_group: raw.agent.socket_group,
             admin_socket: resolve(
-                raw.agent.admin_socket.unwrap_or_else(|| "/run/kvbroker/admin.sock".into()),
+                raw.agent
+                    .admin_socket
+                    .unwrap_or_else(|| "/run/kvbroker/admin.sock".into()),
             ),
-            shutdown_grace: raw.agent.shutdown_grace.map_or(Duration::from_secs(10), |d| d.0),
+            shutdown_grace: raw
+                .agent
+                .shutdown_grace
+                .map_or(Duration::from_secs(10), |d| d.0),
         };
         let identity = IdentityConfig {
             source: raw.identity.source.unwrap_or(IdentitySource::Auto),
@@ -300,15 +324,25 @@ impl Config {
             if vaults.iter().any(|o: &VaultConfig| o.alias == alias) {
                 return Err(invalid(format!("[[vault]] alias {alias} is used twice")));
             }
-            vaults.push(VaultConfig { alias, default: v.default, backend });
+            vaults.push(VaultConfig {
+                alias,
+                default: v.default,
+                backend,
+            });
         }
         if vaults.iter().filter(|v| v.default).count() > 1 {
             return Err(invalid("more than one [[vault]] has default = true".into()));
         }
 
         let cache = CacheConfig {
-            refresh_interval: raw.cache.refresh_interval.map_or(Duration::from_secs(300), |d| d.0),
-            max_stale: raw.cache.max_stale.map_or(Duration::from_secs(3600), |d| d.0),
+            refresh_interval: raw
+                .cache
+                .refresh_interval
+                .map_or(Duration::from_secs(300), |d| d.0),
+            max_stale: raw
+                .cache
+                .max_stale
+                .map_or(Duration::from_secs(3600), |d| d.0),
         };
         let audit = raw.audit.ok_or_else(|| {
             invalid("missing [audit] section: add path = \"/var/log/kvbroker/audit.jsonl\"".into())
@@ -323,9 +357,19 @@ impl Config {
         let policy = raw.policy.ok_or_else(|| {
             invalid("missing [policy] section: add file = \"/etc/kvbroker/policy.toml\"".into())
         })?;
-        let policy = PolicyConfig { file: resolve(policy.file) };
+        let policy = PolicyConfig {
+            file: resolve(policy.file),
+        };
 
-        Ok(Config { path: path.to_owned(), agent, identity, vaults, cache, audit, policy })
+        Ok(Config {
+            path: path.to_owned(),
+            agent,
+            identity,
+            vaults,
+            cache,
+            audit,
+            policy,
+        })
     }
 
     /// The vault used when a request names none: the one marked `default`, else the only
@@ -337,7 +381,10 @@ impl Config {
         if let [only] = self.vaults.as_slice() {
             return Some(&only.alias);
         }
-        self.vaults.iter().find(|v| v.alias.as_str() == "default").map(|v| &v.alias)
+        self.vaults
+            .iter()
+            .find(|v| v.alias.as_str() == "default")
+            .map(|v| &v.alias)
     }
 }
 
@@ -346,7 +393,10 @@ impl Config {
 pub(crate) fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
     let message = e.message().trim().to_owned();
     let Some(span) = e.span() else {
-        return ConfigError::Invalid { path: path.to_owned(), message };
+        return ConfigError::Invalid {
+            path: path.to_owned(),
+            message,
+        };
     };
     let start = span.start.min(text.len());
     let line = text[..start].bytes().filter(|&b| b == b'\n').count() + 1;
@@ -355,14 +405,20 @@ pub(crate) fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> Config
         Some(key) if !message.contains(&format!("`{key}`")) => format!("key `{key}`: {message}"),
         _ => message,
     };
-    ConfigError::At { path: path.to_owned(), line, message }
+    ConfigError::At {
+        path: path.to_owned(),
+        line,
+        message,
+    }
 }
 
 fn key_of_line(line: &str) -> Option<&str> {
     let (key, _) = line.split_once('=')?;
     let key = key.trim();
     let plain = !key.is_empty()
-        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
     plain.then_some(key)
 }
 

@@ -73,7 +73,9 @@ pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
                 policy.len()
             );
         }
-        Command::Audit { command: AuditCommand::Verify { files } } => {
+        Command::Audit {
+            command: AuditCommand::Verify { files },
+        } => {
             let v = audit::verify::verify(&files)?;
             println!(
                 "ok: {} record(s) in {} file(s), seq {}..{}, head {}",
@@ -85,5 +87,8 @@ pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(Error::Runtime)
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)
 }

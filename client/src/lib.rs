@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvbroker_proto::api::headers;
-use kvbroker_proto::{ErrorBody, Health, SecretName, SecretQuery, SecretResponse, VaultAlias, VersionId};
+use kvbroker_proto::{
+    ErrorBody, Health, SecretName, SecretQuery, SecretResponse, VaultAlias, VersionId,
+};
 
 pub use error::{ApiError, Error};
 pub use kvbroker_proto::{ErrorCode, SecretValue};
@@ -54,7 +56,9 @@ impl ClientBuilder {
     /// Builds the client. Nothing is connected until the first request.
     pub fn build(self) -> Client {
         let socket = self.socket.unwrap_or_else(default_socket);
-        Client { transport: Arc::new(Transport::new(socket)) }
+        Client {
+            transport: Arc::new(Transport::new(socket)),
+        }
     }
 }
 
@@ -62,7 +66,10 @@ impl ClientBuilder {
 pub fn default_socket() -> PathBuf {
     std::env::var_os(kvbroker_proto::SOCKET_ENV)
         .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from(kvbroker_proto::DEFAULT_SOCKET), PathBuf::from)
+        .map_or_else(
+            || PathBuf::from(kvbroker_proto::DEFAULT_SOCKET),
+            PathBuf::from,
+        )
 }
 
 /// Which vault and version to read.
@@ -145,7 +152,9 @@ impl Secret {
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Secret").field("inner", &self.inner).finish()
+        f.debug_struct("Secret")
+            .field("inner", &self.inner)
+            .finish()
     }
 }
 
@@ -184,8 +193,9 @@ impl Client {
         if !answer.status.is_success() {
             return Err(error_of(&answer));
         }
-        let inner: SecretResponse = serde_json::from_slice(&answer.body)
-            .map_err(|e| Error::Protocol(format!("malformed secret answer: {}", e.classify_name())))?;
+        let inner: SecretResponse = serde_json::from_slice(&answer.body).map_err(|e| {
+            Error::Protocol(format!("malformed secret answer: {}", e.classify_name()))
+        })?;
         Ok(Secret { inner })
     }
 
@@ -214,17 +224,42 @@ impl ClassifyName for serde_json::Error {
 }
 
 fn request_parts(name: &str, opts: &GetOptions) -> Result<(SecretName, SecretQuery), Error> {
-    let bad = |m: String| Error::InvalidRequest(ApiError { message: m, request_id: "-".into() });
+    let bad = |m: String| {
+        Error::InvalidRequest(ApiError {
+            message: m,
+            request_id: "-".into(),
+        })
+    };
     let name: SecretName = name.parse().map_err(|e| bad(format!("{e}")))?;
-    let vault = opts.vault.as_deref().map(str::parse::<VaultAlias>).transpose().map_err(|e| bad(format!("{e}")))?;
-    let version =
-        opts.version.as_deref().map(str::parse::<VersionId>).transpose().map_err(|e| bad(format!("{e}")))?;
-    Ok((name, SecretQuery { vault, version, ..SecretQuery::default() }))
+    let vault = opts
+        .vault
+        .as_deref()
+        .map(str::parse::<VaultAlias>)
+        .transpose()
+        .map_err(|e| bad(format!("{e}")))?;
+    let version = opts
+        .version
+        .as_deref()
+        .map(str::parse::<VersionId>)
+        .transpose()
+        .map_err(|e| bad(format!("{e}")))?;
+    Ok((
+        name,
+        SecretQuery {
+            vault,
+            version,
+            ..SecretQuery::default()
+        },
+    ))
 }
 
 fn path_for(name: &SecretName, query: &SecretQuery) -> String {
     let q = query.to_query_string();
-    if q.is_empty() { format!("/v1/secrets/{name}") } else { format!("/v1/secrets/{name}?{q}") }
+    if q.is_empty() {
+        format!("/v1/secrets/{name}")
+    } else {
+        format!("/v1/secrets/{name}?{q}")
+    }
 }
 
 fn error_of(a: &Answer) -> Error {
@@ -237,7 +272,10 @@ fn error_of(a: &Answer) -> Error {
     match serde_json::from_slice::<ErrorBody>(&a.body) {
         Ok(b) => Error::from_code(
             b.error.code,
-            ApiError { message: b.error.message, request_id: b.error.request_id },
+            ApiError {
+                message: b.error.message,
+                request_id: b.error.request_id,
+            },
             retry_after,
         ),
         Err(_) => {
@@ -247,7 +285,10 @@ fn error_of(a: &Answer) -> Error {
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("-")
                 .to_owned();
-            Error::Protocol(format!("status {} without an error body (request {request_id})", a.status))
+            Error::Protocol(format!(
+                "status {} without an error body (request {request_id})",
+                a.status
+            ))
         }
     }
 }

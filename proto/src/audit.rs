@@ -240,3 +240,31 @@ mod tests {
         assert!(!s.contains("null"), "{s}");
     }
 }
+
+#[cfg(test)]
+mod doc_tests {
+    /// Drift test: every JSON example in docs/ parses as what it claims to be.
+    #[test]
+    fn docs_json_examples_parse() {
+        let audit_md = include_str!("../../docs/audit.md");
+        let api_md = include_str!("../../docs/api.md");
+        let blocks = |md: &'static str| -> Vec<String> {
+            md.split("```json\n")
+                .skip(1)
+                .map(|b| b.split("```").next().unwrap().to_owned())
+                .collect()
+        };
+        let audit = blocks(audit_md);
+        assert!(!audit.is_empty());
+        for b in &audit {
+            let r: super::AuditRecord = serde_json::from_str(b).unwrap();
+            assert_eq!(r.hash.as_deref().map(str::len), Some(64));
+        }
+        let api = blocks(api_md);
+        assert_eq!(api.len(), 2);
+        let secret: crate::SecretResponse = serde_json::from_str(&api[0]).unwrap();
+        assert_eq!(secret.name.as_str(), "db-password");
+        let err: crate::ErrorBody = serde_json::from_str(&api[1]).unwrap();
+        assert_eq!(err.error.code, crate::ErrorCode::PermissionDenied);
+    }
+}

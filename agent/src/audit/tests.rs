@@ -43,7 +43,11 @@ fn write_n(a: &Auditor, n: u64) {
 }
 
 fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
@@ -56,7 +60,7 @@ fn chain_continues_across_reopen() {
     let (a, resumed) = Auditor::open(&c).unwrap();
     assert!(resumed.note.is_none());
     assert_eq!(a.append(read(9)).unwrap(), 4);
-    let v = verify(&[c.path.clone()]).unwrap();
+    let v = verify(std::slice::from_ref(&c.path)).unwrap();
     assert_eq!((v.records, v.first_seq, v.last_seq), (4, 1, 4));
 }
 
@@ -74,10 +78,11 @@ fn partial_last_line_is_kept_aside_and_removed() {
     let note = resumed.note.unwrap();
     assert!(note.contains("partial line"), "{note}");
     assert_eq!(a.append(read(3)).unwrap(), 3);
-    verify(&[c.path.clone()]).unwrap();
-    let kept = std::fs::read_dir(&d.0).unwrap().filter_map(Result::ok).any(|e| {
-        e.file_name().to_string_lossy().contains(".partial-")
-    });
+    verify(std::slice::from_ref(&c.path)).unwrap();
+    let kept = std::fs::read_dir(&d.0)
+        .unwrap()
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().contains(".partial-"));
     assert!(kept);
 }
 
@@ -89,7 +94,7 @@ fn damaged_tail_starts_a_new_segment() {
     let (a, resumed) = Auditor::open(&c).unwrap();
     assert!(resumed.note.unwrap().contains("new chain segment"));
     assert_eq!(a.append(read(0)).unwrap(), 1);
-    verify(&[c.path.clone()]).unwrap();
+    verify(std::slice::from_ref(&c.path)).unwrap();
 }
 
 #[test]
@@ -100,7 +105,10 @@ fn replaced_file_fails_closed() {
     write_n(&a, 1);
     std::fs::rename(&c.path, d.0.join("moved")).unwrap();
     std::fs::write(&c.path, "").unwrap();
-    assert!(matches!(a.append(read(1)), Err(AuditError::Replaced { .. })));
+    assert!(matches!(
+        a.append(read(1)),
+        Err(AuditError::Replaced { .. })
+    ));
     assert!(!a.healthy());
 }
 
@@ -112,19 +120,27 @@ fn tamper(edit: impl FnOnce(&mut Vec<String>)) -> String {
     let mut l = lines(&c.path);
     edit(&mut l);
     std::fs::write(&c.path, l.join("\n") + "\n").unwrap();
-    verify(&[c.path.clone()]).unwrap_err().to_string()
+    verify(std::slice::from_ref(&c.path))
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
 fn verify_names_the_damage() {
     let e = tamper(|l| l[2] = l[2].replace("req-2", "req-X"));
-    assert!(e.ends_with(":3: modified: the record's hash does not match its content"), "{e}");
+    assert!(
+        e.ends_with(":3: modified: the record's hash does not match its content"),
+        "{e}"
+    );
     let e = tamper(|l| {
         l.remove(3);
     });
     assert!(e.contains(":4: removed: expected seq 4, found 5"), "{e}");
     let e = tamper(|l| l.swap(1, 2));
-    assert!(e.contains(":2: removed") || e.contains(":2: reordered"), "{e}");
+    assert!(
+        e.contains(":2: removed") || e.contains(":2: reordered"),
+        "{e}"
+    );
     let e = tamper(|l| {
         let dup = l[1].clone();
         l.insert(3, dup);
@@ -140,6 +156,11 @@ fn verify_reports_truncated_last_line() {
     write_n(&a, 2);
     let mut f = OpenOptions::new().append(true).open(&c.path).unwrap();
     f.write_all(b"{\"seq\":3").unwrap();
-    let e = verify(&[c.path.clone()]).unwrap_err().to_string();
-    assert!(e.ends_with(":3: truncated: the last line is incomplete"), "{e}");
+    let e = verify(std::slice::from_ref(&c.path))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.ends_with(":3: truncated: the last line is incomplete"),
+        "{e}"
+    );
 }

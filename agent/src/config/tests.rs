@@ -39,7 +39,9 @@ fn parses_a_full_config() {
     assert_eq!(c.audit.durability, Durability::Fsync);
     assert_eq!(c.policy.file, Path::new("/etc/kvbroker/policy.toml"));
     match &c.vaults[0].backend {
-        BackendConfig::Local { file, .. } => assert_eq!(file, Path::new("/etc/kvbroker/secrets.toml")),
+        BackendConfig::Local { file, .. } => {
+            assert_eq!(file, Path::new("/etc/kvbroker/secrets.toml"))
+        }
         other => panic!("{other:?}"),
     }
     assert_eq!(c.default_vault().unwrap().as_str(), "default");
@@ -58,12 +60,17 @@ fn unknown_key_names_file_line_and_key() {
 fn bad_duration_names_line_and_key() {
     let text = GOOD.replace("\"1h\"", "\"soon\"");
     let e = load(&text).unwrap_err().to_string();
-    assert!(e.starts_with("/etc/kvbroker/config.toml:17: key `max_stale`: invalid duration"), "{e}");
+    assert!(
+        e.starts_with("/etc/kvbroker/config.toml:17: key `max_stale`: invalid duration"),
+        "{e}"
+    );
 }
 
 #[test]
 fn bad_mode_is_refused() {
-    let e = load(&GOOD.replace("\"0660\"", "\"0999\"")).unwrap_err().to_string();
+    let e = load(&GOOD.replace("\"0660\"", "\"0999\""))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(":4: key `socket_mode`: invalid mode"), "{e}");
 }
 
@@ -80,7 +87,10 @@ fn vault_needs_exactly_one_source() {
     let text = GOOD.replace("kind = \"local\"\n", "");
     let e = load(&text).unwrap_err().to_string();
     assert!(e.contains("file is only for kind = \"local\""), "{e}");
-    let text = GOOD.replace("file = \"secrets.toml\"", "url = \"https://x.vault.azure.net\"");
+    let text = GOOD.replace(
+        "file = \"secrets.toml\"",
+        "url = \"https://x.vault.azure.net\"",
+    );
     let e = load(&text).unwrap_err().to_string();
     assert!(e.contains("cannot have a url"), "{e}");
 }
@@ -94,6 +104,29 @@ fn missing_sections_say_what_to_add() {
 
 #[test]
 fn unknown_identity_source_is_refused() {
-    let e = load(&GOOD.replace("azure-ml", "azureml")).unwrap_err().to_string();
+    let e = load(&GOOD.replace("azure-ml", "azureml"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains(":8: key `source`"), "{e}");
+}
+
+/// Drift test: the shipped example parses, and its values are the documented defaults.
+#[test]
+fn example_config_parses_with_defaults() {
+    let text = include_str!("../../../deploy/config.example.toml");
+    let c = load(text).unwrap();
+    let bare = load(
+        "[[vault]]\nalias = \"default\"\nurl = \"https://myvault.vault.azure.net\"\n\
+         [audit]\npath = \"/var/log/kvbroker/audit.jsonl\"\n[policy]\nfile = \"/etc/kvbroker/policy.toml\"\n",
+    )
+    .unwrap();
+    assert_eq!(c.agent.socket, bare.agent.socket);
+    assert_eq!(c.agent.socket_mode, bare.agent.socket_mode);
+    assert_eq!(c.agent.admin_socket, bare.agent.admin_socket);
+    assert_eq!(c.agent.shutdown_grace, bare.agent.shutdown_grace);
+    assert_eq!(c.identity.source, bare.identity.source);
+    assert_eq!(c.cache.refresh_interval, bare.cache.refresh_interval);
+    assert_eq!(c.cache.max_stale, bare.cache.max_stale);
+    assert_eq!(c.audit.durability, bare.audit.durability);
+    assert_eq!(c.audit.rotate_bytes, bare.audit.rotate_bytes);
 }

@@ -11,7 +11,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use kvbroker_proto::api::headers as h;
-use kvbroker_proto::{ErrorBody, ErrorCode, ErrorDetail, Health, SecretName, SecretValue, VaultAlias, VersionId};
+use kvbroker_proto::{
+    ErrorBody, ErrorCode, ErrorDetail, Health, SecretName, SecretValue, VaultAlias, VersionId,
+};
 use serde::Serialize;
 use zeroize::Zeroizing;
 
@@ -59,11 +61,9 @@ impl Failure {
             }
             Failure::Vault(e) => e.to_string(),
             Failure::NotUsable(m) => m.clone(),
-            Failure::Audit => {
-                "the audit record could not be written, so nothing was served; \
+            Failure::Audit => "the audit record could not be written, so nothing was served; \
                  check the audit log's disk and permissions"
-                    .into()
-            }
+                .into(),
             Failure::NoRoute => "no such path: use /v1/health or /v1/secrets/{name}".into(),
             Failure::Method => "method not allowed: use GET".into(),
             Failure::BodyTooLarge => "requests to the agent carry no body".into(),
@@ -74,11 +74,16 @@ impl Failure {
 pub(crate) fn failure(f: &Failure, request_id: &str) -> Response<Body> {
     let code = f.code();
     let body = ErrorBody {
-        error: ErrorDetail { code, message: f.message(), request_id: request_id.to_owned() },
+        error: ErrorDetail {
+            code,
+            message: f.message(),
+            request_id: request_id.to_owned(),
+        },
     };
     let mut r = json(code_status(code), &body);
     if matches!(f, Failure::Method) {
-        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET"));
     }
     r
 }
@@ -94,14 +99,24 @@ pub(crate) fn health(reasons: Vec<String>) -> Response<Body> {
         version: Some(env!("CARGO_PKG_VERSION").into()),
         reasons,
     };
-    json(if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
+    json(
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        &body,
+    )
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     let mut r = Response::new(Full::new(Bytes::from(bytes)));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -149,7 +164,10 @@ pub(crate) fn secret(s: &Served, raw: bool) -> Result<Response<Body>, Failure> {
     if raw {
         let mut r = Response::new(Full::new(Bytes::from_owner(Exposed(Arc::clone(&f.value)))));
         let hs = r.headers_mut();
-        hs.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        hs.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
         let mut put = |name: &'static str, v: &str| {
             if let Ok(v) = HeaderValue::from_str(v) {
                 hs.insert(name, v);
@@ -192,7 +210,10 @@ pub(crate) fn secret(s: &Served, raw: bool) -> Result<Response<Body>, Failure> {
         ))
     })?;
     let mut r = Response::new(Full::new(Bytes::from_owner(buf)));
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     Ok(r)
 }
 

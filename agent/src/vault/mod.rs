@@ -39,7 +39,10 @@ pub(crate) enum VaultError {
     NotFound { vault: VaultAlias, name: String },
     #[error("secret {name} in vault {vault} is disabled")]
     Disabled { vault: VaultAlias, name: String },
-    #[expect(dead_code, reason = "raised by the Key Vault backend, which comes next")]
+    #[expect(
+        dead_code,
+        reason = "raised by the Key Vault backend, which comes next"
+    )]
     #[error("vault {vault} is unavailable: {reason}")]
     Unavailable { vault: VaultAlias, reason: String },
 }
@@ -84,12 +87,17 @@ impl Vaults {
                     Arc::new(LocalBackend::load(v.alias.clone(), file, *latency)?)
                 }
                 BackendConfig::KeyVault { .. } => {
-                    return Err(VaultSetupError::KeyVaultUnavailable { alias: v.alias.clone() });
+                    return Err(VaultSetupError::KeyVaultUnavailable {
+                        alias: v.alias.clone(),
+                    });
                 }
             };
             by_alias.insert(v.alias.clone(), backend);
         }
-        Ok(Self { by_alias, default: config.default_vault().cloned() })
+        Ok(Self {
+            by_alias,
+            default: config.default_vault().cloned(),
+        })
     }
 
     /// The alias a request means: the one it names, or the default.
