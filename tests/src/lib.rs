@@ -128,6 +128,7 @@ pub struct AgentBuilder {
     secrets: Vec<(String, LocalSecret)>,
     rules: Vec<String>,
     socket_mode: String,
+    socket_group: Option<String>,
     durability: &'static str,
     audit_path: Option<PathBuf>,
     latency: Option<&'static str>,
@@ -156,6 +157,7 @@ impl Agent {
             secrets: Vec::new(),
             rules: Vec::new(),
             socket_mode: "0660".into(),
+            socket_group: None,
             durability: "write",
             audit_path: None,
             latency: None,
@@ -196,6 +198,11 @@ impl AgentBuilder {
 
     pub fn socket_mode(mut self, mode: &str) -> Self {
         self.socket_mode = mode.into();
+        self
+    }
+
+    pub fn socket_group(mut self, group: &str) -> Self {
+        self.socket_group = Some(group.into());
         self
     }
 
@@ -246,13 +253,16 @@ impl AgentBuilder {
             .latency
             .map(|l| format!("latency = \"{l}\"\n"))
             .unwrap_or_default();
-        let grace = self
+        let mut agent_extra = self
             .grace
             .map(|g| format!("shutdown_grace = \"{g}\"\n"))
             .unwrap_or_default();
+        if let Some(g) = &self.socket_group {
+            agent_extra.push_str(&format!("socket_group = {g:?}\n"));
+        }
         let config = d.join("config.toml");
         let text = format!(
-            "[agent]\nsocket = \"{sock}\"\nsocket_mode = \"{mode}\"\n{grace}\n\
+            "[agent]\nsocket = \"{sock}\"\nsocket_mode = \"{mode}\"\n{agent_extra}\n\
              [[vault]]\nalias = \"default\"\nkind = \"local\"\nfile = \"secrets.toml\"\n{latency}\n\
              [audit]\npath = \"{audit}\"\ndurability = \"{dur}\"\n\n\
              [policy]\nfile = \"policy.toml\"\n",

@@ -203,3 +203,29 @@ fn dev_mode_serves_demo_secrets_to_the_invoking_user() {
             .success()
     );
 }
+
+/// `socket_mode` and `socket_group` decide who may connect at all: a member of the group
+/// reaches the agent (and is then judged by policy), anyone else cannot connect.
+#[test]
+fn socket_mode_and_group_gate_who_can_connect() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let agent = Agent::builder("group")
+        .secret("s", "v")
+        .allow_uid(0)
+        .socket_mode("0660")
+        .socket_group("nogroup")
+        .start();
+    let meta = std::fs::metadata(&agent.socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta.gid(), 65534, "socket group is nogroup");
+    // uid 65534 / gid 65534 is in the group: it connects, and policy denies it (exit 3).
+    let (code, _, err) = run(kvb(&agent.socket, Some(65534)).args(["get", "s"]));
+    assert_eq!(code, 3, "{err}");
+    // uid/gid 4242 is not: it cannot even connect (exit 1, naming the socket).
+    let (code, _, err) = run(kvb(&agent.socket, Some(4242)).args(["get", "s"]));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("not reachable") && err.contains("Permission denied"),
+        "{err}"
+    );
+}
