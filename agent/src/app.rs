@@ -31,11 +31,8 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     let auditor = Arc::new(auditor);
     let vaults = Vaults::from_config(&config)?;
     let policy = Policy::load(&config.policy.file)?;
-    let (listener, socket_file) = server::bind(
-        &config.agent.socket,
-        config.agent.socket_mode,
-        config.agent.socket_group.as_deref(),
-    )?;
+    let (listener, socket_file) =
+        server::bind(&config.agent.socket, config.agent.socket_mode, config.agent.socket_group.as_deref())?;
 
     let agent = AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -57,22 +54,9 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     );
     notify_systemd("READY=1");
 
-    let ctx = Arc::new(Ctx {
-        vaults,
-        policy: RwLock::new(Arc::new(policy)),
-        auditor: Arc::clone(&auditor),
-    });
-    let reload = tokio::spawn(reload_on_hangup(
-        Arc::clone(&ctx),
-        config.policy.file.clone(),
-    ));
-    let why = server::serve(
-        listener,
-        ctx,
-        shutdown::terminate(),
-        config.agent.shutdown_grace,
-    )
-    .await;
+    let ctx = Arc::new(Ctx { vaults, policy: RwLock::new(Arc::new(policy)), auditor: Arc::clone(&auditor) });
+    let reload = tokio::spawn(reload_on_hangup(Arc::clone(&ctx), config.policy.file.clone()));
+    let why = server::serve(listener, ctx, shutdown::terminate(), config.agent.shutdown_grace).await;
     reload.abort();
     notify_systemd("STOPPING=1");
 

@@ -10,23 +10,18 @@ use std::time::Duration;
 use kvbroker_proto::VaultAlias;
 use serde::Deserialize;
 
+pub use crate::transport::ConnectTo;
+
 /// A configuration problem, with where it is and what to do.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
     #[error("{path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     /// A syntax error, unknown key or bad value at a known place.
     #[error("{path}:{line}: {message}")]
-    At {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
+    At { path: PathBuf, line: usize, message: String },
     /// A problem with the file as a whole, or across keys.
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
@@ -53,6 +48,8 @@ pub struct AgentConfig {
     pub admin_socket: PathBuf,
     /// How long in-flight requests may take to finish after SIGTERM.
     pub shutdown_grace: Duration,
+    /// Refuse any outbound connection that is not to 127.0.0.0/8 or ::1 (tests, dev).
+    pub loopback_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -71,6 +68,11 @@ pub enum IdentitySource {
 pub struct IdentityConfig {
     pub source: IdentitySource,
     pub client_id: Option<String>,
+    /// Extra CA and overrides for the identity endpoints' connections.
+    pub ca_file: Option<PathBuf>,
+    pub connect_to: Vec<ConnectTo>,
+    /// Where an Arc challenge file may live (default `/var/opt/azcmagent/tokens`).
+    pub arc_token_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -89,7 +91,15 @@ pub enum BackendConfig {
         latency: Duration,
     },
     /// `url = "https://….vault.azure.net"`.
-    KeyVault { url: String },
+    KeyVault {
+        url: String,
+        ca_file: Option<PathBuf>,
+        connect_to: Vec<ConnectTo>,
+        connect_timeout: Duration,
+        request_timeout: Duration,
+        /// The longest a caller waits for this vault, retries included.
+        deadline: Duration,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +154,7 @@ struct RawAgent {
     socket_group: Option<String>,
     admin_socket: Option<PathBuf>,
     shutdown_grace: Option<HumanDuration>,
+    loopback_only: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -151,6 +162,9 @@ struct RawAgent {
 struct RawIdentity {
     source: Option<IdentitySource>,
     client_id: Option<String>,
+    ca_file: Option<PathBuf>,
+    connect_to: Option<Vec<ConnectToEntry>>,
+    arc_token_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -163,6 +177,26 @@ struct RawVault {
     kind: Option<VaultKind>,
     file: Option<PathBuf>,
     latency: Option<HumanDuration>,
+    ca_file: Option<PathBuf>,
+    connect_to: Option<Vec<ConnectToEntry>>,
+    connect_timeout: Option<HumanDuration>,
+    request_timeout: Option<HumanDuration>,
+    deadline: Option<HumanDuration>,
+}
+
+/// One `connect_to` string, parsed where it stands so errors point at its line.
+#[derive(Debug, Clone)]
+struct ConnectToEntry(ConnectTo);
+
+impl<'de> Deserialize<'de> for ConnectToEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map(ConnectToEntry).map_err(serde::de::Error::custom)
+    }
+}
+
+fn connect_to(v: Option<Vec<ConnectToEntry>>) -> Vec<ConnectTo> {
+    v.unwrap_or_default().into_iter().map(|e| e.0).collect()
 }
 
 #[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
@@ -200,17 +234,14 @@ struct HumanDuration(Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s)
-            .map(HumanDuration)
-            .map_err(serde::de::Error::custom)
+        parse_duration(&s).map(HumanDuration).map_err(serde::de::Error::custom)
     }
 }
 
 /// Parses `30s`, `5m`, `1h`, `250ms`, `1h30m`. A bare number is refused: the unit is
 /// what makes `refresh_interval = "300"` unambiguous.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad =
-        || format!("invalid duration {s:?}: write a number and a unit, like 30s, 5m, 1h or 250ms");
+    let bad = || format!("invalid duration {s:?}: write a number and a unit, like 30s, 5m, 1h or 250ms");
     if s.trim().is_empty() || s.trim().bytes().all(|b| b.is_ascii_digit()) {
         return Err(bad());
     }
@@ -239,44 +270,34 @@ impl<'de> Deserialize<'de> for FileMode {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::from_toml(path, &text)
     }
 
     /// Validates config text; `path` is used for messages and to resolve relative paths.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: Raw = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            message,
-        };
+        let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
 
         let agent = AgentConfig {
-            socket: resolve(
-                raw.agent
-                    .socket
-                    .unwrap_or_else(|| kvbroker_proto::DEFAULT_SOCKET.into()),
-            ),
+            socket: resolve(raw.agent.socket.unwrap_or_else(|| kvbroker_proto::DEFAULT_SOCKET.into())),
             socket_mode: raw.agent.socket_mode.map_or(0o660, |m| m.0),
             socket_group: raw.agent.socket_group,
             admin_socket: resolve(
-                raw.agent
-                    .admin_socket
-                    .unwrap_or_else(|| "/run/kvbroker/admin.sock".into()),
+                raw.agent.admin_socket.unwrap_or_else(|| "/run/kvbroker/admin.sock".into()),
             ),
-            shutdown_grace: raw
-                .agent
-                .shutdown_grace
-                .map_or(Duration::from_secs(10), |d| d.0),
+            shutdown_grace: raw.agent.shutdown_grace.map_or(Duration::from_secs(10), |d| d.0),
+            loopback_only: raw.agent.loopback_only.unwrap_or(false),
         };
         let identity = IdentityConfig {
             source: raw.identity.source.unwrap_or(IdentitySource::Auto),
             client_id: raw.identity.client_id,
+            ca_file: raw.identity.ca_file.map(&resolve),
+            connect_to: connect_to(raw.identity.connect_to),
+            arc_token_dir: raw.identity.arc_token_dir.map(&resolve),
         };
 
         if raw.vault.is_empty() {
@@ -287,6 +308,16 @@ impl Config {
         let mut vaults = Vec::with_capacity(raw.vault.len());
         for v in raw.vault {
             let alias = v.alias.clone();
+            let remote_only = v.ca_file.is_some()
+                || v.connect_to.is_some()
+                || v.connect_timeout.is_some()
+                || v.request_timeout.is_some()
+                || v.deadline.is_some();
+            if v.kind == Some(VaultKind::Local) && remote_only {
+                return Err(invalid(format!(
+                    "[[vault]] {alias}: ca_file, connect_to and the timeouts are only for Key Vault (url = …)"
+                )));
+            }
             let backend = match (v.kind, v.url, v.file) {
                 (Some(VaultKind::Local), None, Some(file)) => BackendConfig::Local {
                     file: resolve(file),
@@ -308,12 +339,22 @@ impl Config {
                             "[[vault]] {alias}: latency is only for kind = \"local\""
                         )));
                     }
-                    BackendConfig::KeyVault { url }
+                    if !url.starts_with("https://") {
+                        return Err(invalid(format!(
+                            "[[vault]] {alias}: url {url:?} must start with https:// (Key Vault only speaks TLS)"
+                        )));
+                    }
+                    BackendConfig::KeyVault {
+                        url,
+                        ca_file: v.ca_file.map(&resolve),
+                        connect_to: connect_to(v.connect_to),
+                        connect_timeout: v.connect_timeout.map_or(Duration::from_secs(5), |d| d.0),
+                        request_timeout: v.request_timeout.map_or(Duration::from_secs(10), |d| d.0),
+                        deadline: v.deadline.map_or(Duration::from_secs(15), |d| d.0),
+                    }
                 }
                 (None | Some(VaultKind::KeyVault), _, Some(_)) => {
-                    return Err(invalid(format!(
-                        "[[vault]] {alias}: file is only for kind = \"local\""
-                    )));
+                    return Err(invalid(format!("[[vault]] {alias}: file is only for kind = \"local\"")));
                 }
                 (None | Some(VaultKind::KeyVault), None, None) => {
                     return Err(invalid(format!(
@@ -324,25 +365,15 @@ impl Config {
             if vaults.iter().any(|o: &VaultConfig| o.alias == alias) {
                 return Err(invalid(format!("[[vault]] alias {alias} is used twice")));
             }
-            vaults.push(VaultConfig {
-                alias,
-                default: v.default,
-                backend,
-            });
+            vaults.push(VaultConfig { alias, default: v.default, backend });
         }
         if vaults.iter().filter(|v| v.default).count() > 1 {
             return Err(invalid("more than one [[vault]] has default = true".into()));
         }
 
         let cache = CacheConfig {
-            refresh_interval: raw
-                .cache
-                .refresh_interval
-                .map_or(Duration::from_secs(300), |d| d.0),
-            max_stale: raw
-                .cache
-                .max_stale
-                .map_or(Duration::from_secs(3600), |d| d.0),
+            refresh_interval: raw.cache.refresh_interval.map_or(Duration::from_secs(300), |d| d.0),
+            max_stale: raw.cache.max_stale.map_or(Duration::from_secs(3600), |d| d.0),
         };
         let audit = raw.audit.ok_or_else(|| {
             invalid("missing [audit] section: add path = \"/var/log/kvbroker/audit.jsonl\"".into())
@@ -357,19 +388,9 @@ impl Config {
         let policy = raw.policy.ok_or_else(|| {
             invalid("missing [policy] section: add file = \"/etc/kvbroker/policy.toml\"".into())
         })?;
-        let policy = PolicyConfig {
-            file: resolve(policy.file),
-        };
+        let policy = PolicyConfig { file: resolve(policy.file) };
 
-        Ok(Config {
-            path: path.to_owned(),
-            agent,
-            identity,
-            vaults,
-            cache,
-            audit,
-            policy,
-        })
+        Ok(Config { path: path.to_owned(), agent, identity, vaults, cache, audit, policy })
     }
 
     /// The vault used when a request names none: the one marked `default`, else the only
@@ -381,10 +402,7 @@ impl Config {
         if let [only] = self.vaults.as_slice() {
             return Some(&only.alias);
         }
-        self.vaults
-            .iter()
-            .find(|v| v.alias.as_str() == "default")
-            .map(|v| &v.alias)
+        self.vaults.iter().find(|v| v.alias.as_str() == "default").map(|v| &v.alias)
     }
 }
 
@@ -393,10 +411,7 @@ impl Config {
 pub(crate) fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
     let message = e.message().trim().to_owned();
     let Some(span) = e.span() else {
-        return ConfigError::Invalid {
-            path: path.to_owned(),
-            message,
-        };
+        return ConfigError::Invalid { path: path.to_owned(), message };
     };
     let start = span.start.min(text.len());
     let line = text[..start].bytes().filter(|&b| b == b'\n').count() + 1;
@@ -405,20 +420,14 @@ pub(crate) fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> Config
         Some(key) if !message.contains(&format!("`{key}`")) => format!("key `{key}`: {message}"),
         _ => message,
     };
-    ConfigError::At {
-        path: path.to_owned(),
-        line,
-        message,
-    }
+    ConfigError::At { path: path.to_owned(), line, message }
 }
 
 fn key_of_line(line: &str) -> Option<&str> {
     let (key, _) = line.split_once('=')?;
     let key = key.trim();
     let plain = !key.is_empty()
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
     plain.then_some(key)
 }
 

@@ -14,19 +14,13 @@ const DEMO_SECRETS: [&str; 3] = ["demo-db-password", "demo-api-token", "demo-sto
 
 /// Prepares `dir` and returns the path of its config file.
 pub fn prepare(dir: &Path) -> Result<PathBuf, Error> {
-    let io = |what: &str, p: &Path, e: std::io::Error| {
-        Error::Dev(format!("{}: {what}: {e}", p.display()))
-    };
+    let io = |what: &str, p: &Path, e: std::io::Error| Error::Dev(format!("{}: {what}: {e}", p.display()));
     std::fs::create_dir_all(dir).map_err(|e| io("cannot create directory", dir, e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| io("cannot set mode 0700", dir, e))?;
-    let dir = dir
-        .canonicalize()
-        .map_err(|e| io("cannot resolve", dir, e))?;
+    let dir = dir.canonicalize().map_err(|e| io("cannot resolve", dir, e))?;
     // We just created (or own) the directory: its owner is who we are.
-    let uid = std::fs::metadata(&dir)
-        .map_err(|e| io("cannot inspect", &dir, e))?
-        .uid();
+    let uid = std::fs::metadata(&dir).map_err(|e| io("cannot inspect", &dir, e))?.uid();
 
     let secrets = dir.join("secrets.toml");
     if !secrets.exists() {
@@ -54,12 +48,7 @@ pub fn prepare(dir: &Path) -> Result<PathBuf, Error> {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
     f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(bytes)
 }
@@ -68,22 +57,18 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 pub fn banner(config: &crate::config::Config) -> String {
     let sock = config.agent.socket.display();
     let dir = config.path.parent().unwrap_or(Path::new(".")).display();
-    let here = std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(Path::to_owned));
-    let tool =
-        |bin: &str, pkg: &str| match here.as_ref().map(|d| d.join(bin)).filter(|p| p.exists()) {
-            Some(p) => p.display().to_string(),
-            None => format!("cargo run -q -p {pkg} --bin {bin} --"),
-        };
+    let here = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_owned));
+    let tool = |bin: &str, pkg: &str| match here.as_ref().map(|d| d.join(bin)).filter(|p| p.exists()) {
+        Some(p) => p.display().to_string(),
+        None => format!("cargo run -q -p {pkg} --bin {bin} --"),
+    };
     let kvb = tool("kvb", "kvbroker-client");
     let kvbroker = tool("kvbroker", "kvbroker-agent");
     let names = DEMO_SECRETS.join(", ");
     let audit = config.audit.path.display();
     [
         String::new(),
-        "kvbroker dev: a local agent for TRYING kvbroker OUT. Not for production: its secrets are"
-            .into(),
+        "kvbroker dev: a local agent for TRYING kvbroker OUT. Not for production: its secrets are".into(),
         "demo values in a plain file, and its policy lets only you read them.".into(),
         String::new(),
         format!("  socket     {sock}"),

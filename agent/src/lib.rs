@@ -6,6 +6,8 @@
 //! - [`config`]: TOML → validated `Config`.
 //! - `app`: wiring and the run loop; `server`: the socket and HTTP; `shutdown`: signals.
 //! - `peer`: kernel-attested caller facts; `policy`: deciding; `vault`: secret backends.
+//! - `identity`: managed identity credentials; `transport`: the HTTP client they and the
+//!   Key Vault client use (rustls, connect_to overrides, loopback-only guard).
 //! - `audit`: the hash-chained audit log and its verifier.
 //!
 //! No module logs or formats a secret value; values live only in `SecretValue`.
@@ -15,10 +17,12 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod dev;
+mod identity;
 mod peer;
 mod policy;
 mod server;
 mod shutdown;
+mod transport;
 mod vault;
 
 use std::process::ExitCode;
@@ -73,9 +77,7 @@ pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
                 policy.len()
             );
         }
-        Command::Audit {
-            command: AuditCommand::Verify { files },
-        } => {
+        Command::Audit { command: AuditCommand::Verify { files } } => {
             let v = audit::verify::verify(&files)?;
             println!(
                 "ok: {} record(s) in {} file(s), seq {}..{}, head {}",
@@ -87,8 +89,5 @@ pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(Error::Runtime)
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(Error::Runtime)
 }

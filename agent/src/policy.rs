@@ -47,21 +47,14 @@ pub(crate) enum Decision {
 #[non_exhaustive]
 pub enum PolicyError {
     #[error("{path}: cannot read policy: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error(
         "{path}: policy is writable by group or others (mode {mode:04o}): \
          run chmod go-w on it"
     )]
     Permissions { path: PathBuf, mode: u32 },
     #[error("{path}:{line}: {message}")]
-    At {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
+    At { path: PathBuf, line: usize, message: String },
 }
 
 #[derive(Deserialize)]
@@ -85,17 +78,11 @@ struct RawRule {
 impl Policy {
     /// Loads a policy file, refusing one that group or others can write.
     pub(crate) fn load(path: &Path) -> Result<Policy, PolicyError> {
-        let read_err = |source| PolicyError::Read {
-            path: path.to_owned(),
-            source,
-        };
+        let read_err = |source| PolicyError::Read { path: path.to_owned(), source };
         let meta = std::fs::metadata(path).map_err(read_err)?;
         let mode = meta.mode() & 0o777;
         if mode & 0o022 != 0 {
-            return Err(PolicyError::Permissions {
-                path: path.to_owned(),
-                mode,
-            });
+            return Err(PolicyError::Permissions { path: path.to_owned(), mode });
         }
         let text = std::fs::read_to_string(path).map_err(read_err)?;
         Policy::from_toml(path, &text)
@@ -103,11 +90,7 @@ impl Policy {
 
     /// Parses and validates policy text.
     pub(crate) fn from_toml(path: &Path, text: &str) -> Result<Policy, PolicyError> {
-        let at = |line: usize, message: String| PolicyError::At {
-            path: path.to_owned(),
-            line,
-            message,
-        };
+        let at = |line: usize, message: String| PolicyError::At { path: path.to_owned(), line, message };
         let raw: RawPolicy =
             toml::from_str(text).map_err(|e| match crate::config::toml_error(path, text, &e) {
                 crate::config::ConfigError::At { line, message, .. } => at(line, message),
@@ -119,10 +102,7 @@ impl Policy {
             let r = spanned.into_inner();
             let rule_at = |m: &str| at(line, format!("rule {:?}: {m}", r.name));
             if r.name.trim().is_empty() {
-                return Err(at(
-                    line,
-                    "rule has an empty name: give each rule a name".into(),
-                ));
+                return Err(at(line, "rule has an empty name: give each rule a name".into()));
             }
             if rules.iter().any(|o: &Rule| o.name == r.name) {
                 return Err(rule_at("name is used by an earlier rule"));
@@ -147,25 +127,16 @@ impl Policy {
                 ));
             }
             if let Some(empty) = selectors.iter().find(|s| s.is_empty()) {
-                return Err(rule_at(&format!(
-                    "{} is an empty list: it can never match",
-                    empty.key()
-                )));
+                return Err(rule_at(&format!("{} is an empty list: it can never match", empty.key())));
             }
             if r.secrets.is_empty() {
-                return Err(rule_at(
-                    "secrets is empty: list patterns like \"default/db-*\"",
-                ));
+                return Err(rule_at("secrets is empty: list patterns like \"default/db-*\""));
             }
             let mut secrets = Vec::with_capacity(r.secrets.len());
             for s in &r.secrets {
                 secrets.push(secret_pattern(s).map_err(|m| rule_at(&m))?);
             }
-            rules.push(Rule {
-                name: r.name,
-                selectors,
-                secrets,
-            });
+            rules.push(Rule { name: r.name, selectors, secrets });
         }
         Ok(Policy { rules })
     }
@@ -177,14 +148,10 @@ impl Policy {
             if rule.selectors.iter().all(|s| s.check(facts).is_ok())
                 && rule.secrets.iter().any(|g| g.matches(&target))
             {
-                return Decision::Allow {
-                    rule: rule.name.clone(),
-                };
+                return Decision::Allow { rule: rule.name.clone() };
             }
         }
-        Decision::Deny {
-            reason: "no rule matches".into(),
-        }
+        Decision::Deny { reason: "no rule matches".into() }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -212,14 +179,12 @@ impl Selector {
     /// `Ok` if the caller fits, else why not.
     fn check(&self, f: &PeerFacts) -> Result<(), String> {
         match self {
-            Selector::Uids(uids) => uids
-                .contains(&f.uid)
-                .then_some(())
-                .ok_or_else(|| format!("uid {} not in {uids:?}", f.uid)),
+            Selector::Uids(uids) => {
+                uids.contains(&f.uid).then_some(()).ok_or_else(|| format!("uid {} not in {uids:?}", f.uid))
+            }
             Selector::Gids(gids) => {
                 let hit = gids.contains(&f.gid) || f.groups.iter().any(|g| gids.contains(g));
-                hit.then_some(())
-                    .ok_or_else(|| format!("no group of the caller in {gids:?}"))
+                hit.then_some(()).ok_or_else(|| format!("no group of the caller in {gids:?}"))
             }
             Selector::Exe(globs) => match &f.exe {
                 Some(exe) if globs.iter().any(|g| g.matches(exe)) => Ok(()),
@@ -237,18 +202,11 @@ impl Selector {
 
 fn secret_pattern(s: &str) -> Result<Glob, String> {
     let Some((vault, name)) = s.split_once('/') else {
-        return Err(format!(
-            "secret pattern {s:?} needs the form VAULT/NAME, like \"default/db-*\""
-        ));
+        return Err(format!("secret pattern {s:?} needs the form VAULT/NAME, like \"default/db-*\""));
     };
-    let ok_vault = !vault.is_empty()
-        && vault
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_*?".contains(&b));
-    let ok_name = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-*?".contains(&b));
+    let ok_vault =
+        !vault.is_empty() && vault.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_*?".contains(&b));
+    let ok_name = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-*?".contains(&b));
     if !ok_vault || !ok_name {
         return Err(format!(
             "secret pattern {s:?}: use vault aliases and secret names with * and ? wildcards"
@@ -259,11 +217,7 @@ fn secret_pattern(s: &str) -> Result<Glob, String> {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())]
-        .bytes()
-        .filter(|&b| b == b'\n')
-        .count()
-        + 1
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
 /// A glob where `*` matches any run of characters (including `/`) and `?` any one.

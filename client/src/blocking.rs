@@ -23,14 +23,8 @@ impl Client {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|source| Error::Unreachable {
-                path: path.clone(),
-                source,
-            })?;
-        Ok(Client {
-            rt,
-            inner: crate::Client::builder().socket(path).build(),
-        })
+            .map_err(|source| Error::Unreachable { path: path.clone(), source })?;
+        Ok(Client { rt, inner: crate::Client::builder().socket(path).build() })
     }
 
     /// The socket this client talks to.

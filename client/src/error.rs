@@ -107,10 +107,7 @@ impl Error {
             ErrorCode::PermissionDenied => Error::PermissionDenied(e),
             ErrorCode::SecretNotFound => Error::SecretNotFound(e),
             ErrorCode::SecretNotUsable => Error::SecretNotUsable(e),
-            ErrorCode::TooManyRequests => Error::TooManyRequests {
-                error: e,
-                retry_after,
-            },
+            ErrorCode::TooManyRequests => Error::TooManyRequests { error: e, retry_after },
             ErrorCode::UpstreamUnavailable => Error::UpstreamUnavailable(e),
             ErrorCode::AuditUnavailable => Error::AuditUnavailable(e),
             ErrorCode::NotFound => Error::NotFound(e),
@@ -130,14 +127,7 @@ mod tests {
     #[test]
     fn every_code_has_its_own_variant() {
         for code in ErrorCode::ALL {
-            let e = Error::from_code(
-                code,
-                ApiError {
-                    message: "m".into(),
-                    request_id: "r".into(),
-                },
-                None,
-            );
+            let e = Error::from_code(code, ApiError { message: "m".into(), request_id: "r".into() }, None);
             assert_eq!(e.code(), Some(code), "{e}");
         }
     }

@@ -25,9 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kvbroker_proto::api::headers;
-use kvbroker_proto::{
-    ErrorBody, Health, SecretName, SecretQuery, SecretResponse, VaultAlias, VersionId,
-};
+use kvbroker_proto::{ErrorBody, Health, SecretName, SecretQuery, SecretResponse, VaultAlias, VersionId};
 
 pub use error::{ApiError, Error};
 pub use kvbroker_proto::{ErrorCode, SecretValue};
@@ -56,9 +54,7 @@ impl ClientBuilder {
     /// Builds the client. Nothing is connected until the first request.
     pub fn build(self) -> Client {
         let socket = self.socket.unwrap_or_else(default_socket);
-        Client {
-            transport: Arc::new(Transport::new(socket)),
-        }
+        Client { transport: Arc::new(Transport::new(socket)) }
     }
 }
 
@@ -66,10 +62,7 @@ impl ClientBuilder {
 pub fn default_socket() -> PathBuf {
     std::env::var_os(kvbroker_proto::SOCKET_ENV)
         .filter(|v| !v.is_empty())
-        .map_or_else(
-            || PathBuf::from(kvbroker_proto::DEFAULT_SOCKET),
-            PathBuf::from,
-        )
+        .map_or_else(|| PathBuf::from(kvbroker_proto::DEFAULT_SOCKET), PathBuf::from)
 }
 
 /// Which vault and version to read.
@@ -152,9 +145,7 @@ impl Secret {
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Secret")
-            .field("inner", &self.inner)
-            .finish()
+        f.debug_struct("Secret").field("inner", &self.inner).finish()
     }
 }
 
@@ -193,9 +184,8 @@ impl Client {
         if !answer.status.is_success() {
             return Err(error_of(&answer));
         }
-        let inner: SecretResponse = serde_json::from_slice(&answer.body).map_err(|e| {
-            Error::Protocol(format!("malformed secret answer: {}", e.classify_name()))
-        })?;
+        let inner: SecretResponse = serde_json::from_slice(&answer.body)
+            .map_err(|e| Error::Protocol(format!("malformed secret answer: {}", e.classify_name())))?;
         Ok(Secret { inner })
     }
 
@@ -224,42 +214,18 @@ impl ClassifyName for serde_json::Error {
 }
 
 fn request_parts(name: &str, opts: &GetOptions) -> Result<(SecretName, SecretQuery), Error> {
-    let bad = |m: String| {
-        Error::InvalidRequest(ApiError {
-            message: m,
-            request_id: "-".into(),
-        })
-    };
+    let bad = |m: String| Error::InvalidRequest(ApiError { message: m, request_id: "-".into() });
     let name: SecretName = name.parse().map_err(|e| bad(format!("{e}")))?;
-    let vault = opts
-        .vault
-        .as_deref()
-        .map(str::parse::<VaultAlias>)
-        .transpose()
-        .map_err(|e| bad(format!("{e}")))?;
-    let version = opts
-        .version
-        .as_deref()
-        .map(str::parse::<VersionId>)
-        .transpose()
-        .map_err(|e| bad(format!("{e}")))?;
-    Ok((
-        name,
-        SecretQuery {
-            vault,
-            version,
-            ..SecretQuery::default()
-        },
-    ))
+    let vault =
+        opts.vault.as_deref().map(str::parse::<VaultAlias>).transpose().map_err(|e| bad(format!("{e}")))?;
+    let version =
+        opts.version.as_deref().map(str::parse::<VersionId>).transpose().map_err(|e| bad(format!("{e}")))?;
+    Ok((name, SecretQuery { vault, version, ..SecretQuery::default() }))
 }
 
 fn path_for(name: &SecretName, query: &SecretQuery) -> String {
     let q = query.to_query_string();
-    if q.is_empty() {
-        format!("/v1/secrets/{name}")
-    } else {
-        format!("/v1/secrets/{name}?{q}")
-    }
+    if q.is_empty() { format!("/v1/secrets/{name}") } else { format!("/v1/secrets/{name}?{q}") }
 }
 
 fn error_of(a: &Answer) -> Error {
@@ -272,23 +238,13 @@ fn error_of(a: &Answer) -> Error {
     match serde_json::from_slice::<ErrorBody>(&a.body) {
         Ok(b) => Error::from_code(
             b.error.code,
-            ApiError {
-                message: b.error.message,
-                request_id: b.error.request_id,
-            },
+            ApiError { message: b.error.message, request_id: b.error.request_id },
             retry_after,
         ),
         Err(_) => {
-            let request_id = a
-                .headers
-                .get(headers::REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-")
-                .to_owned();
-            Error::Protocol(format!(
-                "status {} without an error body (request {request_id})",
-                a.status
-            ))
+            let request_id =
+                a.headers.get(headers::REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+            Error::Protocol(format!("status {} without an error body (request {request_id})", a.status))
         }
     }
 }

@@ -31,10 +31,7 @@ pub(crate) struct Answer {
 
 impl Transport {
     pub(crate) fn new(socket: PathBuf) -> Self {
-        Self {
-            socket,
-            idle: Mutex::new(Vec::new()),
-        }
+        Self { socket, idle: Mutex::new(Vec::new()) }
     }
 
     pub(crate) fn socket(&self) -> &Path {
@@ -48,10 +45,7 @@ impl Transport {
             .body(Empty::new())
             .map_err(|e| Error::Protocol(format!("cannot build request: {e}")))?;
         let mut sender = self.sender().await?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| Error::Protocol(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(|e| Error::Protocol(e.to_string()))?;
         let (parts, mut body) = resp.into_parts();
         let hint = parts
             .headers
@@ -69,8 +63,7 @@ impl Transport {
                     return Err(Error::Protocol("answer larger than 1 MiB".into()));
                 }
                 if buf.capacity() < buf.len() + data.len() {
-                    let mut bigger =
-                        Zeroizing::new(Vec::with_capacity((buf.len() + data.len()) * 2));
+                    let mut bigger = Zeroizing::new(Vec::with_capacity((buf.len() + data.len()) * 2));
                     bigger.extend_from_slice(&buf);
                     buf = bigger;
                 }
@@ -78,20 +71,12 @@ impl Transport {
             }
         }
         self.give_back(sender);
-        Ok(Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body: buf,
-        })
+        Ok(Answer { status: parts.status, headers: parts.headers, body: buf })
     }
 
     async fn sender(&self) -> Result<SendRequest<Empty<Bytes>>, Error> {
         loop {
-            let pooled = self
-                .idle
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .pop();
+            let pooled = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
             match pooled {
                 Some(mut s) if !s.is_closed() => {
                     if s.ready().await.is_ok() {
@@ -104,13 +89,9 @@ impl Transport {
         }
         let stream = tokio::net::UnixStream::connect(&self.socket)
             .await
-            .map_err(|source| Error::Unreachable {
-                path: self.socket.clone(),
-                source,
-            })?;
-        let (sender, conn) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| Error::Protocol(e.to_string()))?;
+            .map_err(|source| Error::Unreachable { path: self.socket.clone(), source })?;
+        let (sender, conn) =
+            http1::handshake(TokioIo::new(stream)).await.map_err(|e| Error::Protocol(e.to_string()))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -121,10 +102,7 @@ impl Transport {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self
-            .idle
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if idle.len() < MAX_IDLE {
             idle.push(sender);
         }

@@ -227,18 +227,9 @@ mod tests {
 
     #[test]
     fn refuses_bad_queries() {
-        assert_eq!(
-            SecretQuery::parse("x=1"),
-            Err(QueryError::Unknown("x".into()))
-        );
-        assert_eq!(
-            SecretQuery::parse("vault=a&vault=b"),
-            Err(QueryError::Repeated("vault"))
-        );
-        assert!(matches!(
-            SecretQuery::parse("version=12"),
-            Err(QueryError::Name(_))
-        ));
+        assert_eq!(SecretQuery::parse("x=1"), Err(QueryError::Unknown("x".into())));
+        assert_eq!(SecretQuery::parse("vault=a&vault=b"), Err(QueryError::Repeated("vault")));
+        assert!(matches!(SecretQuery::parse("version=12"), Err(QueryError::Name(_))));
         assert_eq!(SecretQuery::parse("wait=301"), Err(QueryError::Wait));
         assert_eq!(SecretQuery::parse("wait=5"), Err(QueryError::LongPollPair));
         assert_eq!(SecretQuery::parse("vault=%zz"), Err(QueryError::Malformed));

@@ -249,10 +249,7 @@ mod doc_tests {
         let audit_md = include_str!("../../docs/audit.md");
         let api_md = include_str!("../../docs/api.md");
         let blocks = |md: &'static str| -> Vec<String> {
-            md.split("```json\n")
-                .skip(1)
-                .map(|b| b.split("```").next().unwrap().to_owned())
-                .collect()
+            md.split("```json\n").skip(1).map(|b| b.split("```").next().unwrap().to_owned()).collect()
         };
         let audit = blocks(audit_md);
         assert!(!audit.is_empty());

@@ -57,15 +57,11 @@ impl std::str::FromStr for SecretName {
     type Err = NameError;
 
     fn from_str(s: &str) -> Result<Self, NameError> {
-        let ok = (1..=127).contains(&s.len())
-            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        let ok = (1..=127).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
         if !ok {
             return Err(NameError::SecretName);
         }
-        Ok(Self {
-            spelled: s.to_owned(),
-            key: s.to_ascii_lowercase(),
-        })
+        Ok(Self { spelled: s.to_owned(), key: s.to_ascii_lowercase() })
     }
 }
 
@@ -164,13 +160,8 @@ impl std::str::FromStr for VaultAlias {
 
     fn from_str(s: &str) -> Result<Self, NameError> {
         let ok = (1..=64).contains(&s.len())
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(NameError::VaultAlias)
-        }
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok { Ok(Self(s.to_owned())) } else { Err(NameError::VaultAlias) }
     }
 }
 
@@ -211,10 +202,7 @@ mod tests {
     fn secret_name_bounds() {
         assert!("a".parse::<SecretName>().is_ok());
         assert!("a".repeat(127).parse::<SecretName>().is_ok());
-        assert_eq!(
-            "a".repeat(128).parse::<SecretName>(),
-            Err(NameError::SecretName)
-        );
+        assert_eq!("a".repeat(128).parse::<SecretName>(), Err(NameError::SecretName));
         assert_eq!("".parse::<SecretName>(), Err(NameError::SecretName));
         for bad in ["a b", "a/b", "a_b", "ä", "a.b", "../x", "a%2f"] {
             assert!(bad.parse::<SecretName>().is_err(), "{bad}");

@@ -155,15 +155,10 @@ mod tests {
     fn serde_round_trip_with_escapes() {
         #[derive(serde::Serialize, serde::Deserialize)]
         struct W {
-            #[serde(
-                serialize_with = "serialize_exposed",
-                deserialize_with = "deserialize_exposed"
-            )]
+            #[serde(serialize_with = "serialize_exposed", deserialize_with = "deserialize_exposed")]
             v: SecretValue,
         }
-        let w = W {
-            v: SecretValue::from_slice("a\"b\\c\nd é".as_bytes()),
-        };
+        let w = W { v: SecretValue::from_slice("a\"b\\c\nd é".as_bytes()) };
         let json = serde_json::to_string(&w).unwrap();
         let back: W = serde_json::from_str(&json).unwrap();
         assert!(back.v.ct_eq(&w.v));

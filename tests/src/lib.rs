@@ -4,11 +4,7 @@
 //! Every process started here is killed when its handle drops, and every directory is
 //! removed, so a failing test leaves nothing behind. Nothing here talks to any address:
 //! agents listen on Unix sockets inside the test's own directory.
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "test harness: a failure should panic loudly"
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "test harness: a failure should panic loudly")]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -20,10 +16,7 @@ use std::time::{Duration, Instant};
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     // target/<profile>/deps/<test-binary>
-    let profile = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
+    let profile = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps");
     let p = profile.join(name);
     assert!(
         p.exists(),
@@ -73,10 +66,7 @@ pub struct Proc(Option<Child>);
 
 impl Proc {
     pub fn spawn(cmd: &mut Command) -> Self {
-        Self(Some(
-            cmd.spawn()
-                .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}")),
-        ))
+        Self(Some(cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"))))
     }
 
     pub fn pid(&self) -> u32 {
@@ -169,17 +159,13 @@ impl Agent {
 
 impl AgentBuilder {
     pub fn secret(mut self, name: &str, value: &str) -> Self {
-        self.secrets
-            .push((name.into(), LocalSecret::Plain(value.into())));
+        self.secrets.push((name.into(), LocalSecret::Plain(value.into())));
         self
     }
 
     /// A secret with attributes: `attrs` is the inside of an inline table after `value`.
     pub fn secret_with(mut self, name: &str, value: &str, attrs: &str) -> Self {
-        self.secrets.push((
-            name.into(),
-            LocalSecret::Table(format!("{{ value = {value:?}, {attrs} }}")),
-        ));
+        self.secrets.push((name.into(), LocalSecret::Table(format!("{{ value = {value:?}, {attrs} }}"))));
         self
     }
 
@@ -191,9 +177,7 @@ impl AgentBuilder {
 
     /// Allows `uid` to read every secret of the default vault.
     pub fn allow_uid(self, uid: u32) -> Self {
-        self.rule(&format!(
-            "name = \"uid-{uid}\"\nuids = [{uid}]\nsecrets = [\"default/*\"]"
-        ))
+        self.rule(&format!("name = \"uid-{uid}\"\nuids = [{uid}]\nsecrets = [\"default/*\"]"))
     }
 
     pub fn socket_mode(mut self, mode: &str) -> Self {
@@ -243,20 +227,10 @@ impl AgentBuilder {
             }
         }
         write_mode(&d.join("secrets.toml"), &text, 0o600);
-        let rules: String = self
-            .rules
-            .iter()
-            .map(|r| format!("[[rule]]\n{r}\n\n"))
-            .collect();
+        let rules: String = self.rules.iter().map(|r| format!("[[rule]]\n{r}\n\n")).collect();
         write_mode(&d.join("policy.toml"), &rules, 0o644);
-        let latency = self
-            .latency
-            .map(|l| format!("latency = \"{l}\"\n"))
-            .unwrap_or_default();
-        let mut agent_extra = self
-            .grace
-            .map(|g| format!("shutdown_grace = \"{g}\"\n"))
-            .unwrap_or_default();
+        let latency = self.latency.map(|l| format!("latency = \"{l}\"\n")).unwrap_or_default();
+        let mut agent_extra = self.grace.map(|g| format!("shutdown_grace = \"{g}\"\n")).unwrap_or_default();
         if let Some(g) = &self.socket_group {
             agent_extra.push_str(&format!("socket_group = {g:?}\n"));
         }
@@ -276,9 +250,7 @@ impl AgentBuilder {
     }
 
     fn audit(&self) -> PathBuf {
-        self.audit_path
-            .clone()
-            .unwrap_or_else(|| self.dir.path().join("audit.jsonl"))
+        self.audit_path.clone().unwrap_or_else(|| self.dir.path().join("audit.jsonl"))
     }
 
     /// The directory, for tests that only need the files.
@@ -315,25 +287,15 @@ impl Agent {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let append = |p: &Path| {
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .unwrap()
-        };
-        cmd.stdin(Stdio::null())
-            .stdout(append(&self.stdout))
-            .stderr(append(&self.stderr));
+        let append = |p: &Path| std::fs::OpenOptions::new().create(true).append(true).open(p).unwrap();
+        cmd.stdin(Stdio::null()).stdout(append(&self.stdout)).stderr(append(&self.stderr));
         self.proc = Proc::spawn(&mut cmd);
         wait_ready(&self.socket, &mut self.proc, &self.stderr);
     }
 
     /// `kvbroker run` on this config without waiting: for tests of refused starts.
     pub fn run_again(&self) -> (i32, String, String) {
-        run(Command::new(bin("kvbroker"))
-            .args(["run", "--config"])
-            .arg(&self.config))
+        run(Command::new(bin("kvbroker")).args(["run", "--config"]).arg(&self.config))
     }
 }
 
@@ -362,11 +324,7 @@ fn wait_ready(socket: &Path, proc: &mut Proc, stderr: &Path) {
 
 /// A minimal HTTP/1.1 GET over a Unix socket: (status, body). Independent of the client
 /// crate, so tests can check the wire itself.
-pub fn raw_get(
-    socket: &Path,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> std::io::Result<(u16, String)> {
+pub fn raw_get(socket: &Path, path: &str, headers: &[(&str, &str)]) -> std::io::Result<(u16, String)> {
     let (status, _, body) = raw_request(socket, "GET", path, headers)?;
     Ok((status, body))
 }
@@ -391,11 +349,7 @@ pub fn raw_request(
     s.read_to_end(&mut out)?;
     let text = String::from_utf8_lossy(&out).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     Ok((status, head.to_owned(), body.to_owned()))
 }
 
@@ -415,9 +369,7 @@ impl Agent {
     /// Sends SIGTERM and waits for a clean exit.
     pub fn stop(&mut self) -> ExitStatus {
         self.proc.signal(libc::SIGTERM);
-        self.proc
-            .wait_timeout(Duration::from_secs(30))
-            .expect("agent did not stop after SIGTERM")
+        self.proc.wait_timeout(Duration::from_secs(30)).expect("agent did not stop after SIGTERM")
     }
 
     /// Asserts no canary appears in the agent's output, audit log, or `extra` texts.
@@ -443,10 +395,7 @@ pub fn read_records(path: &Path) -> Vec<serde_json::Value> {
 
 /// Runs a command to completion: (exit code, stdout, stderr).
 pub fn run(cmd: &mut Command) -> (i32, String, String) {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd.stdin(Stdio::null()).output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -459,9 +408,7 @@ pub fn kvb(socket: &Path, as_uid: Option<u32>) -> Command {
     let mut cmd = match as_uid {
         Some(uid) => {
             let mut c = Command::new("setpriv");
-            c.arg(format!("--reuid={uid}"))
-                .arg(format!("--regid={uid}"))
-                .arg("--clear-groups");
+            c.arg(format!("--reuid={uid}")).arg(format!("--regid={uid}")).arg("--clear-groups");
             c.arg(bin("kvb"));
             c
         }
@@ -472,26 +419,16 @@ pub fn kvb(socket: &Path, as_uid: Option<u32>) -> Command {
 }
 
 /// `curl` over the Unix socket, printing the status code on the last line.
-pub fn curl(
-    socket: &Path,
-    path: &str,
-    as_uid: Option<u32>,
-    extra: &[&str],
-) -> (i32, String, String) {
+pub fn curl(socket: &Path, path: &str, as_uid: Option<u32>, extra: &[&str]) -> (i32, String, String) {
     let mut cmd = match as_uid {
         Some(uid) => {
             let mut c = Command::new("setpriv");
-            c.arg(format!("--reuid={uid}"))
-                .arg(format!("--regid={uid}"))
-                .arg("--clear-groups")
-                .arg("curl");
+            c.arg(format!("--reuid={uid}")).arg(format!("--regid={uid}")).arg("--clear-groups").arg("curl");
             c
         }
         None => Command::new("curl"),
     };
-    cmd.args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
-        .arg(socket)
-        .args(extra);
+    cmd.args(["-s", "-w", "\n%{http_code}", "--unix-socket"]).arg(socket).args(extra);
     cmd.arg(format!("http://localhost{path}"));
     run(&mut cmd)
 }

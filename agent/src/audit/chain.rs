@@ -37,10 +37,7 @@ pub(crate) fn unseal(line: &[u8]) -> Option<(Vec<u8>, &str)> {
     let (head, tail) = line.split_at(split);
     let hash = tail.strip_prefix(HASH_KEY)?.strip_suffix(b"\"}")?;
     let hash = std::str::from_utf8(hash).ok()?;
-    if !hash
-        .bytes()
-        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    {
+    if !hash.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
         return None;
     }
     let mut body = head.to_vec();

@@ -27,15 +27,9 @@ use crate::config::{AuditConfig, Durability};
 #[non_exhaustive]
 pub enum AuditError {
     #[error("{path}: cannot open audit log: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Open { path: PathBuf, source: std::io::Error },
     #[error("{path}: cannot write audit record: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
     #[error("{path}: audit log was removed or replaced while the agent ran")]
     Replaced { path: PathBuf },
     #[error("cannot serialize audit record: {0}")]
@@ -71,10 +65,7 @@ impl Auditor {
     /// Opens (or creates) the log and continues its chain.
     pub(crate) fn open(cfg: &AuditConfig) -> Result<(Auditor, Resumed), AuditError> {
         let path = cfg.path.clone();
-        let open_err = |source| AuditError::Open {
-            path: path.clone(),
-            source,
-        };
+        let open_err = |source| AuditError::Open { path: path.clone(), source };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(open_err)?;
         }
@@ -83,12 +74,7 @@ impl Auditor {
         let (seq, prev, len) = match read_tail(&mut file).map_err(open_err)? {
             Tail::Empty => (0, chain::GENESIS.to_owned(), 0),
             Tail::Record { seq, hash, end } => (seq, hash, end),
-            Tail::Partial {
-                seq,
-                hash,
-                end,
-                total,
-            } => {
+            Tail::Partial { seq, hash, end, total } => {
                 let aside = aside_path(&path, "partial");
                 keep_partial(&mut file, end, total, &aside).map_err(open_err)?;
                 resumed.note = Some(format!(
@@ -111,13 +97,7 @@ impl Auditor {
             }
         };
         let meta = file.metadata().map_err(open_err)?;
-        let state = State {
-            file,
-            id: (meta.dev(), meta.ino()),
-            len,
-            seq,
-            prev,
-        };
+        let state = State { file, id: (meta.dev(), meta.ino()), len, seq, prev };
         let auditor = Auditor {
             path,
             durability: cfg.durability,
@@ -135,10 +115,7 @@ impl Auditor {
     }
 
     fn append_inner(&self, record: &mut AuditRecord) -> Result<u64, AuditError> {
-        let mut st = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         self.check_same_file(&st)?;
         record.seq = st.seq + 1;
         record.ts = now_rfc3339();
@@ -146,10 +123,7 @@ impl Auditor {
         record.hash = None;
         let body = serde_json::to_vec(&*record)?;
         let (line, hash) = chain::seal(body);
-        let write_err = |source| AuditError::Write {
-            path: self.path.clone(),
-            source,
-        };
+        let write_err = |source| AuditError::Write { path: self.path.clone(), source };
         if let Err(e) = st.file.write_all(&line) {
             // Roll back a torn write so the next record starts on a line of its own.
             let _ = st.file.set_len(st.len);
@@ -170,9 +144,7 @@ impl Auditor {
     fn check_same_file(&self, st: &State) -> Result<(), AuditError> {
         match std::fs::metadata(&self.path) {
             Ok(m) if (m.dev(), m.ino()) == st.id => Ok(()),
-            _ => Err(AuditError::Replaced {
-                path: self.path.clone(),
-            }),
+            _ => Err(AuditError::Replaced { path: self.path.clone() }),
         }
     }
 
@@ -187,12 +159,7 @@ impl Auditor {
 }
 
 fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .mode(0o640)
-        .open(path)
+    OpenOptions::new().read(true).append(true).create(true).mode(0o640).open(path)
 }
 
 /// RFC 3339 in UTC with microseconds, as in SPEC.md.
@@ -201,9 +168,7 @@ pub(crate) fn now_rfc3339() -> String {
 }
 
 fn aside_path(path: &Path, what: &str) -> PathBuf {
-    let stamp = humantime::format_rfc3339_seconds(SystemTime::now())
-        .to_string()
-        .replace(':', "");
+    let stamp = humantime::format_rfc3339_seconds(SystemTime::now()).to_string().replace(':', "");
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".{what}-{stamp}"));
     path.with_file_name(name)
@@ -243,29 +208,14 @@ fn read_tail(file: &mut File) -> std::io::Result<Tail> {
     };
     let end = total - window + complete as u64;
     let whole = &buf[..complete];
-    let last = whole[..whole.len().saturating_sub(1)]
-        .rsplit(|&b| b == b'\n')
-        .next()
-        .unwrap_or(&[]);
-    let parsed = if complete == 0 {
-        None
-    } else {
-        parse_chained(last)
-    };
+    let last = whole[..whole.len().saturating_sub(1)].rsplit(|&b| b == b'\n').next().unwrap_or(&[]);
+    let parsed = if complete == 0 { None } else { parse_chained(last) };
     match (parsed, end == total) {
         (Some((seq, hash)), true) => Ok(Tail::Record { seq, hash, end }),
-        (Some((seq, hash)), false) => Ok(Tail::Partial {
-            seq,
-            hash,
-            end,
-            total,
-        }),
-        (None, false) if complete == 0 => Ok(Tail::Partial {
-            seq: 0,
-            hash: chain::GENESIS.to_owned(),
-            end: 0,
-            total,
-        }),
+        (Some((seq, hash)), false) => Ok(Tail::Partial { seq, hash, end, total }),
+        (None, false) if complete == 0 => {
+            Ok(Tail::Partial { seq: 0, hash: chain::GENESIS.to_owned(), end: 0, total })
+        }
         (None, _) => Ok(Tail::Damaged),
     }
 }
@@ -284,11 +234,7 @@ fn keep_partial(file: &mut File, end: u64, total: u64, aside: &Path) -> std::io:
     file.seek(SeekFrom::Start(end))?;
     let mut partial = Vec::with_capacity(usize::try_from(total - end).unwrap_or(0));
     file.read_to_end(&mut partial)?;
-    let mut out = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o640)
-        .open(aside)?;
+    let mut out = OpenOptions::new().write(true).create_new(true).mode(0o640).open(aside)?;
     out.write_all(&partial)?;
     out.sync_all()?;
     file.set_len(end)?;

@@ -43,11 +43,7 @@ fn write_n(a: &Auditor, n: u64) {
 }
 
 fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(str::to_owned)
-        .collect()
+    std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
 }
 
 #[test]
@@ -105,10 +101,7 @@ fn replaced_file_fails_closed() {
     write_n(&a, 1);
     std::fs::rename(&c.path, d.0.join("moved")).unwrap();
     std::fs::write(&c.path, "").unwrap();
-    assert!(matches!(
-        a.append(read(1)),
-        Err(AuditError::Replaced { .. })
-    ));
+    assert!(matches!(a.append(read(1)), Err(AuditError::Replaced { .. })));
     assert!(!a.healthy());
 }
 
@@ -120,27 +113,19 @@ fn tamper(edit: impl FnOnce(&mut Vec<String>)) -> String {
     let mut l = lines(&c.path);
     edit(&mut l);
     std::fs::write(&c.path, l.join("\n") + "\n").unwrap();
-    verify(std::slice::from_ref(&c.path))
-        .unwrap_err()
-        .to_string()
+    verify(std::slice::from_ref(&c.path)).unwrap_err().to_string()
 }
 
 #[test]
 fn verify_names_the_damage() {
     let e = tamper(|l| l[2] = l[2].replace("req-2", "req-X"));
-    assert!(
-        e.ends_with(":3: modified: the record's hash does not match its content"),
-        "{e}"
-    );
+    assert!(e.ends_with(":3: modified: the record's hash does not match its content"), "{e}");
     let e = tamper(|l| {
         l.remove(3);
     });
     assert!(e.contains(":4: removed: expected seq 4, found 5"), "{e}");
     let e = tamper(|l| l.swap(1, 2));
-    assert!(
-        e.contains(":2: removed") || e.contains(":2: reordered"),
-        "{e}"
-    );
+    assert!(e.contains(":2: removed") || e.contains(":2: reordered"), "{e}");
     let e = tamper(|l| {
         let dup = l[1].clone();
         l.insert(3, dup);
@@ -156,11 +141,6 @@ fn verify_reports_truncated_last_line() {
     write_n(&a, 2);
     let mut f = OpenOptions::new().append(true).open(&c.path).unwrap();
     f.write_all(b"{\"seq\":3").unwrap();
-    let e = verify(std::slice::from_ref(&c.path))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.ends_with(":3: truncated: the last line is incomplete"),
-        "{e}"
-    );
+    let e = verify(std::slice::from_ref(&c.path)).unwrap_err().to_string();
+    assert!(e.ends_with(":3: truncated: the last line is incomplete"), "{e}");
 }

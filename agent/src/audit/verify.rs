@@ -33,13 +33,7 @@ pub struct VerifyError {
 
 /// Verifies `paths` as one chain, in the order given.
 pub fn verify(paths: &[PathBuf]) -> Result<Verified, VerifyError> {
-    let mut v = Verified {
-        records: 0,
-        files: 0,
-        first_seq: 0,
-        last_seq: 0,
-        head: String::new(),
-    };
+    let mut v = Verified { records: 0, files: 0, first_seq: 0, last_seq: 0, head: String::new() };
     let mut prev: Option<(u64, String)> = None;
     for path in paths {
         let err = |line: usize, kind: &'static str, detail: String| VerifyError {
@@ -56,26 +50,16 @@ pub fn verify(paths: &[PathBuf]) -> Result<Verified, VerifyError> {
                 return Err(err(n, "truncated", "the last line is incomplete".into()));
             };
             let Some((body, claimed)) = chain::unseal(line) else {
-                return Err(err(
-                    n,
-                    "modified",
-                    "the line does not end in a hash field".into(),
-                ));
+                return Err(err(n, "modified", "the line does not end in a hash field".into()));
             };
             if chain::hash_of(&body) != claimed {
-                return Err(err(
-                    n,
-                    "modified",
-                    "the record's hash does not match its content".into(),
-                ));
+                return Err(err(n, "modified", "the record's hash does not match its content".into()));
             }
             let rec: AuditRecord = serde_json::from_slice(line)
                 .map_err(|e| err(n, "modified", format!("not an audit record: {e}")))?;
             match &prev {
                 None => v.first_seq = rec.seq,
-                Some((pseq, phash)) => {
-                    check_link(*pseq, phash, &rec).map_err(|(k, d)| err(n, k, d))?
-                }
+                Some((pseq, phash)) => check_link(*pseq, phash, &rec).map_err(|(k, d)| err(n, k, d))?,
             }
             v.records += 1;
             v.last_seq = rec.seq;
@@ -92,24 +76,14 @@ fn check_link(pseq: u64, phash: &str, rec: &AuditRecord) -> Result<(), (&'static
         return Ok(());
     }
     if rec.prev == chain::GENESIS {
-        return Err((
-            "inserted",
-            format!("a new chain starts at seq {} inside the log", rec.seq),
-        ));
+        return Err(("inserted", format!("a new chain starts at seq {} inside the log", rec.seq)));
     }
     Err(match rec.seq {
-        s if s > expected => (
-            "removed",
-            format!(
-                "expected seq {expected}, found {s}: {} record(s) missing",
-                s - expected
-            ),
-        ),
+        s if s > expected => {
+            ("removed", format!("expected seq {expected}, found {s}: {} record(s) missing", s - expected))
+        }
         s if s < expected => ("reordered", format!("expected seq {expected}, found {s}")),
-        s => (
-            "inserted",
-            format!("seq {s} does not continue the chain (prev differs)"),
-        ),
+        s => ("inserted", format!("seq {s} does not continue the chain (prev differs)")),
     })
 }
 

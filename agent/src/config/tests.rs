@@ -60,17 +60,12 @@ fn unknown_key_names_file_line_and_key() {
 fn bad_duration_names_line_and_key() {
     let text = GOOD.replace("\"1h\"", "\"soon\"");
     let e = load(&text).unwrap_err().to_string();
-    assert!(
-        e.starts_with("/etc/kvbroker/config.toml:17: key `max_stale`: invalid duration"),
-        "{e}"
-    );
+    assert!(e.starts_with("/etc/kvbroker/config.toml:17: key `max_stale`: invalid duration"), "{e}");
 }
 
 #[test]
 fn bad_mode_is_refused() {
-    let e = load(&GOOD.replace("\"0660\"", "\"0999\""))
-        .unwrap_err()
-        .to_string();
+    let e = load(&GOOD.replace("\"0660\"", "\"0999\"")).unwrap_err().to_string();
     assert!(e.contains(":4: key `socket_mode`: invalid mode"), "{e}");
 }
 
@@ -87,10 +82,7 @@ fn vault_needs_exactly_one_source() {
     let text = GOOD.replace("kind = \"local\"\n", "");
     let e = load(&text).unwrap_err().to_string();
     assert!(e.contains("file is only for kind = \"local\""), "{e}");
-    let text = GOOD.replace(
-        "file = \"secrets.toml\"",
-        "url = \"https://x.vault.azure.net\"",
-    );
+    let text = GOOD.replace("file = \"secrets.toml\"", "url = \"https://x.vault.azure.net\"");
     let e = load(&text).unwrap_err().to_string();
     assert!(e.contains("cannot have a url"), "{e}");
 }
@@ -104,9 +96,7 @@ fn missing_sections_say_what_to_add() {
 
 #[test]
 fn unknown_identity_source_is_refused() {
-    let e = load(&GOOD.replace("azure-ml", "azureml"))
-        .unwrap_err()
-        .to_string();
+    let e = load(&GOOD.replace("azure-ml", "azureml")).unwrap_err().to_string();
     assert!(e.contains(":8: key `source`"), "{e}");
 }
 

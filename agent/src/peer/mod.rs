@@ -53,12 +53,7 @@ impl ConnPeer {
         let pid = cred.pid().map_or(0, |p| u32::try_from(p).unwrap_or(0));
         // Without SO_PEERPIDFD (kernels before 6.5) the start-time check still guards reuse.
         let pidfd = sys::peer_pidfd(stream.as_fd()).ok();
-        Ok(Self {
-            pid,
-            uid: cred.uid(),
-            gid: cred.gid(),
-            pidfd,
-        })
+        Ok(Self { pid, uid: cred.uid(), gid: cred.gid(), pidfd })
     }
 
     /// Reads the caller's facts now, and checks the process is the one that connected.
@@ -81,24 +76,12 @@ impl ConnPeer {
                 Err(e) => return Err(PeerError::Unreadable(format!("pidfd: {e}"))),
             }
         }
-        Ok(PeerFacts {
-            pid: self.pid,
-            uid: self.uid,
-            gid: self.gid,
-            groups: status.groups,
-            exe,
-            cgroup,
-        })
+        Ok(PeerFacts { pid: self.pid, uid: self.uid, gid: self.gid, groups: status.groups, exe, cgroup })
     }
 
     /// What we can record about a caller whose facts could not be read.
     pub(crate) fn info(&self) -> PeerInfo {
-        PeerInfo {
-            pid: self.pid,
-            uid: self.uid,
-            gid: self.gid,
-            ..PeerInfo::default()
-        }
+        PeerInfo { pid: self.pid, uid: self.uid, gid: self.gid, ..PeerInfo::default() }
     }
 }
 
@@ -134,12 +117,7 @@ mod tests {
 
     #[test]
     fn pid_zero_is_another_namespace() {
-        let p = ConnPeer {
-            pid: 0,
-            uid: 0,
-            gid: 0,
-            pidfd: None,
-        };
+        let p = ConnPeer { pid: 0, uid: 0, gid: 0, pidfd: None };
         assert_eq!(p.facts(), Err(PeerError::OtherNamespace));
     }
 }

@@ -37,11 +37,7 @@ pub(super) fn status(pid: u32) -> Result<Status, PeerError> {
     let groups = text
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| {
-            g.split_ascii_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
+        .map(|g| g.split_ascii_whitespace().filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_default();
     Ok(Status { groups })
 }
@@ -62,10 +58,7 @@ fn proc_exists(pid: u32) -> bool {
 /// The cgroup v2 path: the `0::` line of `/proc/PID/cgroup`.
 pub(super) fn cgroup(pid: u32) -> Result<Option<String>, PeerError> {
     let text = read(pid, "cgroup")?;
-    Ok(text
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .map(str::to_owned))
+    Ok(text.lines().find_map(|l| l.strip_prefix("0::")).map(str::to_owned))
 }
 
 #[cfg(test)]

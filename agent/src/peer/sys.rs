@@ -22,13 +22,7 @@ pub(crate) fn peer_pidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: `sock` is a valid open descriptor for the duration of the call; `fd` and `len`
     // are live stack locals of the sizes the kernel writes (an int and its length).
     let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_PEERPIDFD,
-            (&raw mut fd).cast(),
-            &raw mut len,
-        )
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_PEERPIDFD, (&raw mut fd).cast(), &raw mut len)
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());

@@ -16,9 +16,7 @@ fn policy(text: &str) -> Policy {
 }
 
 fn err(text: &str) -> String {
-    Policy::from_toml(Path::new("policy.toml"), text)
-        .unwrap_err()
-        .to_string()
+    Policy::from_toml(Path::new("policy.toml"), text).unwrap_err().to_string()
 }
 
 #[test]
@@ -26,9 +24,7 @@ fn denies_when_no_rule_matches() {
     let p = policy("");
     assert_eq!(
         p.decide(&facts(0, 0, &[]), "default", "x"),
-        Decision::Deny {
-            reason: "no rule matches".into()
-        }
+        Decision::Deny { reason: "no rule matches".into() }
     );
 }
 
@@ -42,42 +38,19 @@ uids = [1000]
 secrets = ["default/db-*"]
 "#,
     );
-    let allow = Decision::Allow {
-        rule: "train".into(),
-    };
-    assert_eq!(
-        p.decide(&facts(1000, 1000, &[]), "default", "db-password"),
-        allow
-    );
-    assert!(matches!(
-        p.decide(&facts(1001, 1000, &[]), "default", "db-password"),
-        Decision::Deny { .. }
-    ));
-    assert!(matches!(
-        p.decide(&facts(1000, 1000, &[]), "other", "db-password"),
-        Decision::Deny { .. }
-    ));
-    assert!(matches!(
-        p.decide(&facts(1000, 1000, &[]), "default", "api"),
-        Decision::Deny { .. }
-    ));
+    let allow = Decision::Allow { rule: "train".into() };
+    assert_eq!(p.decide(&facts(1000, 1000, &[]), "default", "db-password"), allow);
+    assert!(matches!(p.decide(&facts(1001, 1000, &[]), "default", "db-password"), Decision::Deny { .. }));
+    assert!(matches!(p.decide(&facts(1000, 1000, &[]), "other", "db-password"), Decision::Deny { .. }));
+    assert!(matches!(p.decide(&facts(1000, 1000, &[]), "default", "api"), Decision::Deny { .. }));
 }
 
 #[test]
 fn gids_match_primary_or_supplementary() {
     let p = policy("[[rule]]\nname = \"g\"\ngids = [2000]\nsecrets = [\"*/*\"]\n");
-    assert!(matches!(
-        p.decide(&facts(5, 2000, &[]), "v", "s"),
-        Decision::Allow { .. }
-    ));
-    assert!(matches!(
-        p.decide(&facts(5, 5, &[7, 2000]), "v", "s"),
-        Decision::Allow { .. }
-    ));
-    assert!(matches!(
-        p.decide(&facts(5, 5, &[7]), "v", "s"),
-        Decision::Deny { .. }
-    ));
+    assert!(matches!(p.decide(&facts(5, 2000, &[]), "v", "s"), Decision::Allow { .. }));
+    assert!(matches!(p.decide(&facts(5, 5, &[7, 2000]), "v", "s"), Decision::Allow { .. }));
+    assert!(matches!(p.decide(&facts(5, 5, &[7]), "v", "s"), Decision::Deny { .. }));
 }
 
 #[test]
@@ -86,10 +59,7 @@ fn every_selector_must_fit() {
         "[[rule]]\nname = \"r\"\nuids = [1]\nexe = [\"/opt/conda/bin/python3*\"]\n\
          cgroup = [\"/system.slice/azureml-*\"]\nsecrets = [\"v/s\"]\n",
     );
-    assert!(matches!(
-        p.decide(&facts(1, 1, &[]), "v", "s"),
-        Decision::Allow { .. }
-    ));
+    assert!(matches!(p.decide(&facts(1, 1, &[]), "v", "s"), Decision::Allow { .. }));
     let mut f = facts(1, 1, &[]);
     f.exe = Some("/usr/bin/python3.11".into());
     assert!(matches!(p.decide(&f, "v", "s"), Decision::Deny { .. }));
@@ -101,10 +71,7 @@ fn every_selector_must_fit() {
 #[test]
 fn secret_patterns_are_case_insensitive_on_names() {
     let p = policy("[[rule]]\nname = \"r\"\nuids = [1]\nsecrets = [\"default/DB-Password\"]\n");
-    assert!(matches!(
-        p.decide(&facts(1, 1, &[]), "default", "db-password"),
-        Decision::Allow { .. }
-    ));
+    assert!(matches!(p.decide(&facts(1, 1, &[]), "default", "db-password"), Decision::Allow { .. }));
 }
 
 #[test]
@@ -126,12 +93,9 @@ fn unknown_selector_is_refused_with_line() {
 
 #[test]
 fn bad_secret_pattern_and_empty_lists_are_refused() {
+    assert!(err("[[rule]]\nname = \"r\"\nuids = [1]\nsecrets = [\"nodash\"]\n").contains("VAULT/NAME"));
     assert!(
-        err("[[rule]]\nname = \"r\"\nuids = [1]\nsecrets = [\"nodash\"]\n").contains("VAULT/NAME")
-    );
-    assert!(
-        err("[[rule]]\nname = \"r\"\nuids = []\nsecrets = [\"a/b\"]\n")
-            .contains("uids is an empty list")
+        err("[[rule]]\nname = \"r\"\nuids = []\nsecrets = [\"a/b\"]\n").contains("uids is an empty list")
     );
     assert!(err("[[rule]]\nname = \"r\"\nuids = [1]\nsecrets = []\n").contains("secrets is empty"));
 }
@@ -155,20 +119,10 @@ fn example_policy_loads() {
     let p = policy(include_str!("../../../deploy/policy.example.toml"));
     let mut f = facts(1000, 1000, &[]);
     f.cgroup = Some("/system.slice/azureml-train.service".into());
-    assert_eq!(
-        p.decide(&f, "default", "storage-key1"),
-        Decision::Allow {
-            rule: "train-jobs".into()
-        }
-    );
-    assert!(matches!(
-        p.decide(&f, "default", "api-token-x"),
-        Decision::Deny { .. }
-    ));
+    assert_eq!(p.decide(&f, "default", "storage-key1"), Decision::Allow { rule: "train-jobs".into() });
+    assert!(matches!(p.decide(&f, "default", "api-token-x"), Decision::Deny { .. }));
     assert_eq!(
         p.decide(&facts(5, 5, &[2000]), "default", "api-token-x"),
-        Decision::Allow {
-            rule: "mlops".into()
-        }
+        Decision::Allow { rule: "mlops".into() }
     );
 }

@@ -36,28 +36,17 @@ pub(crate) struct Ctx {
 
 impl Ctx {
     pub(crate) fn policy(&self) -> Arc<Policy> {
-        Arc::clone(
-            &self
-                .policy
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
+        Arc::clone(&self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     pub(crate) fn set_policy(&self, p: Policy) {
-        *self
-            .policy
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(p);
+        *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(p);
     }
 
     fn health_reasons(&self) -> Vec<String> {
         let mut r = Vec::new();
         if !self.auditor.healthy() {
-            r.push(format!(
-                "audit log {} is not writable",
-                self.auditor.path().display()
-            ));
+            r.push(format!("audit log {} is not writable", self.auditor.path().display()));
         }
         r
     }
@@ -79,11 +68,7 @@ pub enum SocketError {
     #[error("socket_group {group:?}: no such group")]
     NoGroup { group: String },
     #[error("{path}: {what}: {source}")]
-    Io {
-        path: PathBuf,
-        what: &'static str,
-        source: io::Error,
-    },
+    Io { path: PathBuf, what: &'static str, source: io::Error },
 }
 
 /// The socket file of a bound listener; removed when this is dropped. Kept apart from the
@@ -104,35 +89,21 @@ pub(crate) fn bind(
     mode: u32,
     group: Option<&str>,
 ) -> Result<(UnixListener, SocketFile), SocketError> {
-    let io_err = |what, source| SocketError::Io {
-        path: path.to_owned(),
-        what,
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let io_err = |what, source| SocketError::Io { path: path.to_owned(), what, source };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !dir.exists() {
         std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create directory", e))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| io_err("cannot set directory mode", e))?;
     }
-    let dmode = std::fs::metadata(dir)
-        .map_err(|e| io_err("cannot inspect directory", e))?
-        .mode();
+    let dmode = std::fs::metadata(dir).map_err(|e| io_err("cannot inspect directory", e))?.mode();
     if dmode & 0o002 != 0 {
-        return Err(SocketError::UnsafeDir {
-            dir: dir.to_owned(),
-            mode: dmode & 0o7777,
-        });
+        return Err(SocketError::UnsafeDir { dir: dir.to_owned(), mode: dmode & 0o7777 });
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => {
-                return Err(SocketError::InUse {
-                    path: path.to_owned(),
-                });
+                return Err(SocketError::InUse { path: path.to_owned() });
             }
             Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                 tracing::info!(path = %path.display(), "replacing stale socket from an agent that is gone");
@@ -141,15 +112,12 @@ pub(crate) fn bind(
             Err(e) => return Err(io_err("cannot probe existing socket", e)),
         },
         Ok(_) => {
-            return Err(SocketError::NotASocket {
-                path: path.to_owned(),
-            });
+            return Err(SocketError::NotASocket { path: path.to_owned() });
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("cannot inspect", e)),
     }
-    let std_listener =
-        std::os::unix::net::UnixListener::bind(path).map_err(|e| io_err("cannot bind", e))?;
+    let std_listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| io_err("cannot bind", e))?;
     // From here on the file is ours: removed if anything below fails.
     let file = SocketFile(path.to_owned());
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
@@ -159,18 +127,12 @@ pub(crate) fn bind(
             Ok(n) => n,
             Err(_) => crate::peer::sys::group_id(g)
                 .map_err(|e| io_err("cannot look up socket_group", e))?
-                .ok_or_else(|| SocketError::NoGroup {
-                    group: g.to_owned(),
-                })?,
+                .ok_or_else(|| SocketError::NoGroup { group: g.to_owned() })?,
         };
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .map_err(|e| io_err("cannot set socket group", e))?;
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| io_err("cannot set socket group", e))?;
     }
-    std_listener
-        .set_nonblocking(true)
-        .map_err(|e| io_err("cannot set non-blocking", e))?;
-    let listener =
-        UnixListener::from_std(std_listener).map_err(|e| io_err("cannot register", e))?;
+    std_listener.set_nonblocking(true).map_err(|e| io_err("cannot set non-blocking", e))?;
+    let listener = UnixListener::from_std(std_listener).map_err(|e| io_err("cannot register", e))?;
     Ok((listener, file))
 }
 
@@ -231,14 +193,8 @@ pub(crate) async fn serve<T>(
     // Closing the listener makes new connections fail at once instead of queueing.
     drop(listener);
     tracing::info!("stopped accepting; draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            grace_secs = grace.as_secs_f64(),
-            "grace period over: closing remaining connections"
-        );
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over: closing remaining connections");
     }
     why
 }

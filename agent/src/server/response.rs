@@ -40,9 +40,7 @@ impl Failure {
             Failure::BadRequest(_) => ErrorCode::InvalidRequest,
             Failure::Denied { .. } => ErrorCode::PermissionDenied,
             Failure::Vault(VaultError::NotFound { .. }) => ErrorCode::SecretNotFound,
-            Failure::Vault(VaultError::Disabled { .. }) | Failure::NotUsable(_) => {
-                ErrorCode::SecretNotUsable
-            }
+            Failure::Vault(VaultError::Disabled { .. }) | Failure::NotUsable(_) => ErrorCode::SecretNotUsable,
             Failure::Vault(VaultError::Unavailable { .. }) => ErrorCode::UpstreamUnavailable,
             Failure::Audit => ErrorCode::AuditUnavailable,
             Failure::NoRoute => ErrorCode::NotFound,
@@ -56,7 +54,7 @@ impl Failure {
         match self {
             Failure::BadRequest(m) => m.clone(),
             Failure::Denied { reason } => format!("permission denied: {reason}"),
-            Failure::Vault(VaultError::Disabled { vault, name }) => {
+            Failure::Vault(VaultError::Disabled { vault, name, .. }) => {
                 format!("secret {name} in vault {vault} is not usable: disabled")
             }
             Failure::Vault(e) => e.to_string(),
@@ -73,17 +71,11 @@ impl Failure {
 
 pub(crate) fn failure(f: &Failure, request_id: &str) -> Response<Body> {
     let code = f.code();
-    let body = ErrorBody {
-        error: ErrorDetail {
-            code,
-            message: f.message(),
-            request_id: request_id.to_owned(),
-        },
-    };
+    let body =
+        ErrorBody { error: ErrorDetail { code, message: f.message(), request_id: request_id.to_owned() } };
     let mut r = json(code_status(code), &body);
     if matches!(f, Failure::Method) {
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
     }
     r
 }
@@ -99,24 +91,14 @@ pub(crate) fn health(reasons: Vec<String>) -> Response<Body> {
         version: Some(env!("CARGO_PKG_VERSION").into()),
         reasons,
     };
-    json(
-        if ok {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        },
-        &body,
-    )
+    json(if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     let mut r = Response::new(Full::new(Bytes::from(bytes)));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -164,10 +146,7 @@ pub(crate) fn secret(s: &Served, raw: bool) -> Result<Response<Body>, Failure> {
     if raw {
         let mut r = Response::new(Full::new(Bytes::from_owner(Exposed(Arc::clone(&f.value)))));
         let hs = r.headers_mut();
-        hs.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
+        hs.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         let mut put = |name: &'static str, v: &str| {
             if let Ok(v) = HeaderValue::from_str(v) {
                 hs.insert(name, v);
@@ -210,10 +189,7 @@ pub(crate) fn secret(s: &Served, raw: bool) -> Result<Response<Body>, Failure> {
         ))
     })?;
     let mut r = Response::new(Full::new(Bytes::from_owner(buf)));
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(r)
 }
 

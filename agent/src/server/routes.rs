@@ -51,21 +51,14 @@ async fn read_secret<B>(
     let raw = wants_raw(req);
     let answer = result.and_then(|served| {
         let r = response::secret(&served, raw)?;
-        rec.cache = Some(if served.stale {
-            CacheState::Stale
-        } else {
-            CacheState::Hit
-        });
+        rec.cache = Some(if served.stale { CacheState::Stale } else { CacheState::Hit });
         Ok(r)
     });
     match &answer {
         Ok(_) => rec.outcome = Some(Outcome::Allowed),
         Err(f) => {
-            rec.outcome = Some(if matches!(f, Failure::Denied { .. }) {
-                Outcome::Denied
-            } else {
-                Outcome::Error
-            });
+            rec.outcome =
+                Some(if matches!(f, Failure::Denied { .. }) { Outcome::Denied } else { Outcome::Error });
             rec.error = Some(f.code());
             rec.reason = Some(match f {
                 Failure::Denied { reason } => reason.clone(),
@@ -101,29 +94,22 @@ async fn decide_and_fetch<B>(
     if has_body(req) {
         return Err(Failure::BodyTooLarge);
     }
-    let name: SecretName = raw_name
-        .parse()
-        .map_err(|e| Failure::BadRequest(format!("{e}")))?;
+    let name: SecretName = raw_name.parse().map_err(|e| Failure::BadRequest(format!("{e}")))?;
     let query = SecretQuery::parse(req.uri().query().unwrap_or(""))
         .map_err(|e| Failure::BadRequest(e.to_string()))?;
     if query.changed_from.is_some() {
         return Err(Failure::BadRequest(
-            "long polling (changed_from, wait) needs the cache, which this agent does not have yet"
-                .into(),
+            "long polling (changed_from, wait) needs the cache, which this agent does not have yet".into(),
         ));
     }
-    let vault = ctx
-        .vaults
-        .resolve(query.vault.as_ref())
-        .cloned()
-        .ok_or_else(|| {
-            Failure::BadRequest(match &query.vault {
-                Some(v) => {
-                    format!("unknown vault {v}: check the vault parameter against [[vault]] alias")
-                }
-                None => "no default vault: pass vault=ALIAS".into(),
-            })
-        })?;
+    let vault = ctx.vaults.resolve(query.vault.as_ref()).cloned().ok_or_else(|| {
+        Failure::BadRequest(match &query.vault {
+            Some(v) => {
+                format!("unknown vault {v}: check the vault parameter against [[vault]] alias")
+            }
+            None => "no default vault: pass vault=ALIAS".into(),
+        })
+    })?;
     rec.secret = Some(SecretRef {
         vault: vault.to_string(),
         name: name.to_string(),
@@ -131,9 +117,7 @@ async fn decide_and_fetch<B>(
         previous_version: None,
     });
 
-    let facts = peer.facts().map_err(|e| Failure::Denied {
-        reason: e.to_string(),
-    })?;
+    let facts = peer.facts().map_err(|e| Failure::Denied { reason: e.to_string() })?;
     rec.peer = Some(facts.info());
     match ctx.policy().decide(&facts, vault.as_str(), name.key()) {
         Decision::Allow { rule } => rec.rule = Some(rule),
@@ -141,45 +125,36 @@ async fn decide_and_fetch<B>(
     }
 
     let backend = ctx.vaults.get(&vault).ok_or(Failure::NoRoute)?;
-    let fetched = backend
-        .get(&name, query.version.as_ref())
-        .await
-        .map_err(Failure::Vault)?;
+    let fetched = match backend.get(&name, query.version.as_ref()).await {
+        Ok(f) => f,
+        Err(e) => {
+            rec.upstream_request_id = e.upstream_request_id().map(str::to_owned);
+            return Err(Failure::Vault(e));
+        }
+    };
+    rec.upstream_request_id = fetched.upstream_request_id.clone();
     if let Some(s) = rec.secret.as_mut() {
         s.name = fetched.name.to_string();
         s.version = Some(fetched.version.to_string());
     }
     check_usable(&fetched, &vault)?;
-    Ok(Served {
-        vault,
-        fetched,
-        stale: false,
-    })
+    Ok(Served { vault, fetched, stale: false })
 }
 
 /// `enabled`, `nbf` and `exp`, enforced by the agent: Key Vault returns expired secrets.
-fn check_usable(
-    f: &crate::vault::Fetched,
-    vault: &kvbroker_proto::VaultAlias,
-) -> Result<(), Failure> {
+fn check_usable(f: &crate::vault::Fetched, vault: &kvbroker_proto::VaultAlias) -> Result<(), Failure> {
     let now = SystemTime::now();
     let why = if !f.enabled {
         Some("disabled".to_owned())
     } else if let Some(nbf) = f.not_before.filter(|t| *t > now) {
-        Some(format!(
-            "not yet valid (nbf {})",
-            humantime::format_rfc3339_seconds(nbf)
-        ))
+        Some(format!("not yet valid (nbf {})", humantime::format_rfc3339_seconds(nbf)))
     } else {
         f.expires_on
             .filter(|t| *t <= now)
             .map(|exp| format!("expired (exp {})", humantime::format_rfc3339_seconds(exp)))
     };
     match why {
-        Some(w) => Err(Failure::NotUsable(format!(
-            "secret {} in vault {vault} is not usable: {w}",
-            f.name
-        ))),
+        Some(w) => Err(Failure::NotUsable(format!("secret {} in vault {vault} is not usable: {w}", f.name))),
         None => Ok(()),
     }
 }
@@ -189,10 +164,7 @@ fn wants_raw<B>(req: &Request<B>) -> bool {
         .get_all(header::ACCEPT)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(',')
-                .any(|t| t.trim().starts_with("application/octet-stream"))
-        })
+        .any(|v| v.split(',').any(|t| t.trim().starts_with("application/octet-stream")))
 }
 
 fn has_body<B>(req: &Request<B>) -> bool {

@@ -45,64 +45,39 @@ struct Attrs {
 #[non_exhaustive]
 pub enum LocalError {
     #[error("{path}: cannot read secrets file: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error(
         "{path}: secrets file is readable by group or others (mode {mode:04o}): \
          run chmod 600 on it"
     )]
     Permissions { path: PathBuf, mode: u32 },
     #[error("{path}:{line}: {message}")]
-    Parse {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
+    Parse { path: PathBuf, line: usize, message: String },
     #[error("{path}: {key:?} is not a valid secret name: use 1 to 127 of 0-9, a-z, A-Z and '-'")]
     Name { path: PathBuf, key: String },
     #[error(
         "{path}: secret {name}: write name = \"value\" or name = {{ value = \"…\", enabled = …, \
          not_before = \"RFC 3339\", expires_on = \"RFC 3339\", content_type = \"…\" }} ({detail})"
     )]
-    NotString {
-        path: PathBuf,
-        name: String,
-        detail: &'static str,
-    },
+    NotString { path: PathBuf, name: String, detail: &'static str },
     #[error("{path}: secret {name} appears twice (names are case-insensitive)")]
     Duplicate { path: PathBuf, name: String },
 }
 
 impl LocalBackend {
-    pub(crate) fn load(
-        alias: VaultAlias,
-        path: &Path,
-        latency: Duration,
-    ) -> Result<Self, LocalError> {
-        let read_err = |source| LocalError::Read {
-            path: path.to_owned(),
-            source,
-        };
+    pub(crate) fn load(alias: VaultAlias, path: &Path, latency: Duration) -> Result<Self, LocalError> {
+        let read_err = |source| LocalError::Read { path: path.to_owned(), source };
         let meta = std::fs::metadata(path).map_err(read_err)?;
         let mode = meta.mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(LocalError::Permissions {
-                path: path.to_owned(),
-                mode,
-            });
+            return Err(LocalError::Permissions { path: path.to_owned(), mode });
         }
         let mut text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(read_err)?);
         let parsed: Result<toml::Table, _> = toml::from_str(&text);
         let mut table = parsed.map_err(|e| {
-            let line = e.span().map_or(0, |s| {
-                text[..s.start.min(text.len())]
-                    .bytes()
-                    .filter(|&b| b == b'\n')
-                    .count()
-                    + 1
-            });
+            let line = e
+                .span()
+                .map_or(0, |s| text[..s.start.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1);
             // The parser's message can quote the text around the error: give only the line.
             LocalError::Parse {
                 path: path.to_owned(),
@@ -124,21 +99,14 @@ impl LocalBackend {
                 Ok(n) => n,
                 Err(_) => {
                     wipe(value);
-                    result = Err(LocalError::Name {
-                        path: path.to_owned(),
-                        key,
-                    });
+                    result = Err(LocalError::Name { path: path.to_owned(), key });
                     continue;
                 }
             };
             let (value, attrs) = match split_entry(value) {
                 Ok(v) => v,
                 Err(detail) => {
-                    result = Err(LocalError::NotString {
-                        path: path.to_owned(),
-                        name: key,
-                        detail,
-                    });
+                    result = Err(LocalError::NotString { path: path.to_owned(), name: key, detail });
                     continue;
                 }
             };
@@ -150,17 +118,10 @@ impl LocalBackend {
                 attrs,
             };
             if secrets.insert(entry.name.key().to_owned(), entry).is_some() {
-                result = Err(LocalError::Duplicate {
-                    path: path.to_owned(),
-                    name: key,
-                });
+                result = Err(LocalError::Duplicate { path: path.to_owned(), name: key });
             }
         }
-        result.map(|()| Self {
-            alias,
-            secrets,
-            latency,
-        })
+        result.map(|()| Self { alias, secrets, latency })
     }
 }
 
@@ -179,13 +140,7 @@ fn wipe(value: toml::Value) {
 fn split_entry(value: toml::Value) -> Result<(SecretValue, Attrs), &'static str> {
     let mut table = match value {
         toml::Value::String(s) => {
-            return Ok((
-                SecretValue::from_string(s),
-                Attrs {
-                    enabled: true,
-                    ..Attrs::default()
-                },
-            ));
+            return Ok((SecretValue::from_string(s), Attrs { enabled: true, ..Attrs::default() }));
         }
         toml::Value::Table(t) => t,
         other => {
@@ -205,14 +160,9 @@ fn split_entry(value: toml::Value) -> Result<(SecretValue, Attrs), &'static str>
             return Err("value is missing");
         }
     };
-    let mut attrs = Attrs {
-        enabled: true,
-        ..Attrs::default()
-    };
+    let mut attrs = Attrs { enabled: true, ..Attrs::default() };
     let time = |v: toml::Value| match v {
-        toml::Value::String(s) => {
-            humantime::parse_rfc3339_weak(&s).map_err(|_| "bad RFC 3339 time")
-        }
+        toml::Value::String(s) => humantime::parse_rfc3339_weak(&s).map_err(|_| "bad RFC 3339 time"),
         _ => Err("times are RFC 3339 strings"),
     };
     for (k, v) in table {
@@ -243,6 +193,7 @@ impl Backend for LocalBackend {
             let not_found = || VaultError::NotFound {
                 vault: self.alias.clone(),
                 name: name.to_string(),
+                upstream_request_id: None,
             };
             let entry = self.secrets.get(name.key()).ok_or_else(not_found)?;
             if version.is_some_and(|v| *v != entry.version) {
@@ -253,6 +204,7 @@ impl Backend for LocalBackend {
                 return Err(VaultError::Disabled {
                     vault: self.alias.clone(),
                     name: entry.name.to_string(),
+                    upstream_request_id: None,
                 });
             }
             Ok(Fetched {
@@ -264,6 +216,7 @@ impl Backend for LocalBackend {
                 not_before: entry.attrs.not_before,
                 expires_on: entry.attrs.expires_on,
                 fetched_at: entry.loaded_at,
+                upstream_request_id: None,
             })
         })
     }
@@ -295,35 +248,22 @@ mod tests {
         assert_eq!(f.name.as_str(), "Db-Password");
         assert_eq!(f.value.expose_secret(), b"canary-local-1");
         let other = VersionId::from_bytes([0; 16]);
-        assert!(
-            b.get(&"db-password".parse().unwrap(), Some(&other))
-                .await
-                .is_err()
-        );
+        assert!(b.get(&"db-password".parse().unwrap(), Some(&other)).await.is_err());
         std::fs::remove_file(p).unwrap();
     }
 
     #[test]
     fn refuses_group_readable_file() {
         let p = write(&std::env::temp_dir(), "a = \"b\"\n", 0o640);
-        let e = LocalBackend::load(alias(), &p, Duration::ZERO)
-            .err()
-            .unwrap();
+        let e = LocalBackend::load(alias(), &p, Duration::ZERO).err().unwrap();
         assert!(e.to_string().contains("chmod 600"), "{e}");
         std::fs::remove_file(p).unwrap();
     }
 
     #[test]
     fn parse_error_names_line_not_text() {
-        let p = write(
-            &std::env::temp_dir(),
-            "a = \"ok\"\nb = canary-unquoted-77\n",
-            0o600,
-        );
-        let e = LocalBackend::load(alias(), &p, Duration::ZERO)
-            .err()
-            .unwrap()
-            .to_string();
+        let p = write(&std::env::temp_dir(), "a = \"ok\"\nb = canary-unquoted-77\n", 0o600);
+        let e = LocalBackend::load(alias(), &p, Duration::ZERO).err().unwrap().to_string();
         assert!(e.contains(":2: "), "{e}");
         assert!(!e.contains("canary"), "{e}");
         std::fs::remove_file(p).unwrap();
@@ -341,26 +281,17 @@ mod tests {
         let f = b.get(&"a".parse().unwrap(), None).await.unwrap();
         assert!(f.expires_on.is_some());
         assert_eq!(f.content_type.as_deref(), Some("text/plain"));
-        assert!(matches!(
-            b.get(&"b".parse().unwrap(), None).await,
-            Err(VaultError::Disabled { .. })
-        ));
+        assert!(matches!(b.get(&"b".parse().unwrap(), None).await, Err(VaultError::Disabled { .. })));
         std::fs::remove_file(p).unwrap();
     }
 
     #[test]
     fn refuses_bad_names_and_non_strings() {
         let p = write(&std::env::temp_dir(), "a_b = \"x\"\n", 0o600);
-        assert!(matches!(
-            LocalBackend::load(alias(), &p, Duration::ZERO),
-            Err(LocalError::Name { .. })
-        ));
+        assert!(matches!(LocalBackend::load(alias(), &p, Duration::ZERO), Err(LocalError::Name { .. })));
         std::fs::remove_file(p).unwrap();
         let p = write(&std::env::temp_dir(), "ab = 3\n", 0o600);
-        assert!(matches!(
-            LocalBackend::load(alias(), &p, Duration::ZERO),
-            Err(LocalError::NotString { .. })
-        ));
+        assert!(matches!(LocalBackend::load(alias(), &p, Duration::ZERO), Err(LocalError::NotString { .. })));
         std::fs::remove_file(p).unwrap();
     }
 }

@@ -4,6 +4,7 @@
 //! whose value is already inside [`SecretValue`]. Backends never log values; their errors
 //! ([`VaultError`]) carry names, statuses and ids only.
 
+mod keyvault;
 mod local;
 
 use std::collections::HashMap;
@@ -18,6 +19,23 @@ use crate::config::{BackendConfig, Config};
 
 pub(crate) use local::LocalBackend;
 
+use crate::identity::{self, Identity, IdentityEnv};
+use crate::transport::{HyperTransport, TransportConfig};
+use keyvault::KeyVaultBackend;
+
+/// The node identity every Key Vault of this agent uses, with its own transport.
+fn build_identity(config: &Config) -> Result<Identity, VaultSetupError> {
+    let id = &config.identity;
+    let http = HyperTransport::new(TransportConfig {
+        ca_file: id.ca_file.clone(),
+        connect_to: id.connect_to.clone(),
+        loopback_only: config.agent.loopback_only,
+        connect_timeout: std::time::Duration::from_secs(5),
+        request_timeout: std::time::Duration::from_secs(10),
+    })?;
+    Ok(identity::build(id, &IdentityEnv::from_process(), http)?)
+}
+
 /// One fetched version of a secret.
 pub(crate) struct Fetched {
     /// The name as the vault spells it.
@@ -29,6 +47,8 @@ pub(crate) struct Fetched {
     pub(crate) not_before: Option<SystemTime>,
     pub(crate) expires_on: Option<SystemTime>,
     pub(crate) fetched_at: SystemTime,
+    /// `x-ms-client-request-id` of the Key Vault call that fetched it.
+    pub(crate) upstream_request_id: Option<String>,
 }
 
 /// Why a fetch failed. Never holds a value or a token.
@@ -36,15 +56,22 @@ pub(crate) struct Fetched {
 #[non_exhaustive]
 pub(crate) enum VaultError {
     #[error("secret {name} not found in vault {vault}")]
-    NotFound { vault: VaultAlias, name: String },
+    NotFound { vault: VaultAlias, name: String, upstream_request_id: Option<String> },
     #[error("secret {name} in vault {vault} is disabled")]
-    Disabled { vault: VaultAlias, name: String },
-    #[expect(
-        dead_code,
-        reason = "raised by the Key Vault backend, which comes next"
-    )]
+    Disabled { vault: VaultAlias, name: String, upstream_request_id: Option<String> },
     #[error("vault {vault} is unavailable: {reason}")]
-    Unavailable { vault: VaultAlias, reason: String },
+    Unavailable { vault: VaultAlias, reason: String, upstream_request_id: Option<String> },
+}
+
+impl VaultError {
+    /// The Key Vault call behind the error, for the audit record.
+    pub(crate) fn upstream_request_id(&self) -> Option<&str> {
+        match self {
+            VaultError::NotFound { upstream_request_id, .. }
+            | VaultError::Disabled { upstream_request_id, .. }
+            | VaultError::Unavailable { upstream_request_id, .. } => upstream_request_id.as_deref(),
+        }
+    }
 }
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -71,33 +98,60 @@ pub(crate) struct Vaults {
 pub enum VaultSetupError {
     #[error(transparent)]
     Local(#[from] local::LocalError),
-    #[error(
-        "vault {alias}: Key Vault backends are not available in this build yet; \
-         use kind = \"local\" for now"
-    )]
-    KeyVaultUnavailable { alias: VaultAlias },
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    #[error("vault {alias}: cannot create the Key Vault client: {reason}")]
+    Client { alias: VaultAlias, reason: String },
 }
 
 impl Vaults {
     pub(crate) fn from_config(config: &Config) -> Result<Self, VaultSetupError> {
         let mut by_alias: HashMap<VaultAlias, Arc<dyn Backend>> = HashMap::new();
+        let mut identity: Option<Identity> = None;
         for v in &config.vaults {
             let backend: Arc<dyn Backend> = match &v.backend {
                 BackendConfig::Local { file, latency } => {
                     Arc::new(LocalBackend::load(v.alias.clone(), file, *latency)?)
                 }
-                BackendConfig::KeyVault { .. } => {
-                    return Err(VaultSetupError::KeyVaultUnavailable {
-                        alias: v.alias.clone(),
-                    });
+                BackendConfig::KeyVault {
+                    url,
+                    ca_file,
+                    connect_to,
+                    connect_timeout,
+                    request_timeout,
+                    deadline,
+                } => {
+                    let identity = match &identity {
+                        Some(i) => i.clone(),
+                        None => {
+                            let i = build_identity(config)?;
+                            identity = Some(i.clone());
+                            i
+                        }
+                    };
+                    let http = HyperTransport::new(TransportConfig {
+                        ca_file: ca_file.clone(),
+                        connect_to: connect_to.clone(),
+                        loopback_only: config.agent.loopback_only,
+                        connect_timeout: *connect_timeout,
+                        request_timeout: *request_timeout,
+                    })?;
+                    let kv = KeyVaultBackend::new(v.alias.clone(), url, &identity, http, *deadline)
+                        .map_err(|reason| VaultSetupError::Client { alias: v.alias.clone(), reason })?;
+                    tracing::info!(
+                        vault = %v.alias,
+                        url = url.as_str(),
+                        identity = identity.description.as_str(),
+                        "Key Vault configured"
+                    );
+                    Arc::new(kv)
                 }
             };
             by_alias.insert(v.alias.clone(), backend);
         }
-        Ok(Self {
-            by_alias,
-            default: config.default_vault().cloned(),
-        })
+        Ok(Self { by_alias, default: config.default_vault().cloned() })
     }
 
     /// The alias a request means: the one it names, or the default.

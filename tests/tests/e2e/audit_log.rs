@@ -10,42 +10,24 @@ use serde_json::Value;
 #[test]
 fn records_match_what_happened() {
     let value = canary("audit");
-    let mut agent = Agent::builder("auditrec")
-        .secret("db-password", &value)
-        .allow_uid(0)
-        .socket_mode("0666")
-        .start();
+    let mut agent =
+        Agent::builder("auditrec").secret("db-password", &value).allow_uid(0).socket_mode("0666").start();
     let sock = agent.socket.clone();
     assert_eq!(run(kvb(&sock, None).args(["get", "DB-Password"])).0, 0);
-    assert_eq!(
-        run(kvb(&sock, Some(65534)).args(["get", "db-password"])).0,
-        3
-    );
+    assert_eq!(run(kvb(&sock, Some(65534)).args(["get", "db-password"])).0, 3);
     assert_eq!(run(kvb(&sock, None).args(["get", "missing"])).0, 1);
     assert!(agent.stop().success());
 
     let recs = agent.audit_records();
     let events: Vec<&str> = recs.iter().map(|r| r["event"].as_str().unwrap()).collect();
-    assert_eq!(
-        events,
-        [
-            "agent.start",
-            "secret.read",
-            "secret.read",
-            "secret.read",
-            "agent.stop"
-        ]
-    );
+    assert_eq!(events, ["agent.start", "secret.read", "secret.read", "secret.read", "agent.stop"]);
     let (ok, denied, missing) = (&recs[1], &recs[2], &recs[3]);
     assert_eq!(ok["outcome"], "allowed");
     assert_eq!(ok["peer"]["uid"], 0);
     assert_eq!(ok["rule"], "uid-0");
     assert_eq!(ok["secret"]["name"], "db-password");
     assert_eq!(ok["secret"]["version"].as_str().unwrap().len(), 32);
-    assert!(
-        ok["peer"]["exe"].as_str().unwrap().ends_with("/kvb"),
-        "{ok}"
-    );
+    assert!(ok["peer"]["exe"].as_str().unwrap().ends_with("/kvb"), "{ok}");
     assert_eq!(denied["outcome"], "denied");
     assert_eq!(denied["peer"]["uid"], 65534);
     assert_eq!(denied["error"], "PermissionDenied");
@@ -59,18 +41,11 @@ fn records_match_what_happened() {
         if i > 0 {
             assert_eq!(r["prev"], recs[i - 1]["hash"]);
         }
-        assert!(
-            r["request_id"].is_string() || !r["event"].as_str().unwrap().starts_with("secret.")
-        );
+        assert!(r["request_id"].is_string() || !r["event"].as_str().unwrap().starts_with("secret."));
     }
-    let (code, out, err) = run(Command::new(bin("kvbroker"))
-        .args(["audit", "verify"])
-        .arg(&agent.audit));
+    let (code, out, err) = run(Command::new(bin("kvbroker")).args(["audit", "verify"]).arg(&agent.audit));
     assert_eq!((code, err.as_str()), (0, ""), "{out}");
-    assert!(
-        out.starts_with("ok: 5 record(s) in 1 file(s), seq 1..5, head "),
-        "{out}"
-    );
+    assert!(out.starts_with("ok: 5 record(s) in 1 file(s), seq 1..5, head "), "{out}");
     agent.assert_no_canary(&[&value], &[&out]);
 }
 
@@ -80,9 +55,8 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(at: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(at).unwrap();
-        let (code, _, err) = run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(at));
+        let (code, _, err) =
+            run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(at));
         assert_eq!(code, 0, "mount tmpfs (tests run as root): {err}");
         Tmpfs(at.to_owned())
     }
@@ -113,11 +87,8 @@ fn full_disk_fails_closed_and_recovers() {
     let tmp = TempDir::new("full");
     let mnt = Tmpfs::mount(&tmp.path().join("mnt"), "64k");
     let audit = mnt.0.join("audit.jsonl");
-    let mut agent = Agent::builder("full")
-        .secret("db-password", &value)
-        .allow_uid(0)
-        .audit_path(audit.clone())
-        .start();
+    let mut agent =
+        Agent::builder("full").secret("db-password", &value).allow_uid(0).audit_path(audit.clone()).start();
     let sock = agent.socket.clone();
     assert_eq!(run(kvb(&sock, None).args(["get", "db-password"])).1, value);
 
@@ -143,29 +114,17 @@ fn full_disk_fails_closed_and_recovers() {
     let (hs, hbody) = raw_get(&sock, "/v1/health", &[]).unwrap();
     assert_eq!(hs, 503);
     assert!(hbody.contains("\"status\":\"degraded\""), "{hbody}");
-    assert!(
-        agent.proc.wait_timeout(std::time::Duration::ZERO).is_none(),
-        "agent still running"
-    );
+    assert!(agent.proc.wait_timeout(std::time::Duration::ZERO).is_none(), "agent still running");
 
     std::fs::remove_file(filler).unwrap();
     assert_eq!(run(kvb(&sock, None).args(["get", "db-password"])).1, value);
     assert_eq!(raw_get(&sock, "/v1/health", &[]).unwrap().0, 200);
     assert!(agent.stop().success());
-    let (code, out, verr) = run(Command::new(bin("kvbroker"))
-        .args(["audit", "verify"])
-        .arg(&audit));
+    let (code, out, verr) = run(Command::new(bin("kvbroker")).args(["audit", "verify"]).arg(&audit));
     assert_eq!(code, 0, "{out}{verr}");
-    let reads: Vec<Value> = agent
-        .audit_records()
-        .into_iter()
-        .filter(|r| r["event"] == "secret.read")
-        .collect();
-    assert_eq!(
-        reads.len(),
-        answered + 1,
-        "every answered read has its record, and only those"
-    );
+    let reads: Vec<Value> =
+        agent.audit_records().into_iter().filter(|r| r["event"] == "secret.read").collect();
+    assert_eq!(reads.len(), answered + 1, "every answered read has its record, and only those");
     agent.assert_no_canary(&[&value], &[&out, &err, body, &kvb_err]);
 }
 
@@ -182,12 +141,8 @@ fn canary_never_appears_even_at_trace() {
         .start();
     let sock = &agent.socket;
     let mut outs = Vec::new();
-    for args in [
-        &["get", "db-password"][..],
-        &["get", "expired"],
-        &["get", "missing"],
-        &["get", "bad_name"],
-    ] {
+    for args in [&["get", "db-password"][..], &["get", "expired"], &["get", "missing"], &["get", "bad_name"]]
+    {
         let (_, _, err) = run(kvb(sock, None).args(args));
         outs.push(err);
     }
@@ -213,15 +168,8 @@ fn canary_never_appears_even_at_trace() {
 #[test]
 fn docs_python_verifier_checks_a_real_log() {
     let doc = include_str!("../../../docs/audit.md");
-    let script = doc
-        .split("```python\n")
-        .nth(1)
-        .and_then(|s| s.split("```").next())
-        .expect("python block");
-    let mut agent = Agent::builder("pyverify")
-        .secret("s", "v")
-        .allow_uid(0)
-        .start();
+    let script = doc.split("```python\n").nth(1).and_then(|s| s.split("```").next()).expect("python block");
+    let mut agent = Agent::builder("pyverify").secret("s", "v").allow_uid(0).start();
     for _ in 0..3 {
         assert_eq!(run(kvb(&agent.socket, None).args(["get", "s"])).0, 0);
     }
@@ -234,9 +182,7 @@ fn docs_python_verifier_checks_a_real_log() {
     assert!(out.starts_with("ok: 6 records, head "), "{out}");
 
     let tampered = agent.dir.path().join("tampered.jsonl");
-    let text = std::fs::read_to_string(&agent.audit)
-        .unwrap()
-        .replacen("\"uid\":0", "\"uid\":1", 1);
+    let text = std::fs::read_to_string(&agent.audit).unwrap().replacen("\"uid\":0", "\"uid\":1", 1);
     std::fs::write(&tampered, text).unwrap();
     let (code, _, err) = run(Command::new("python3").arg(&script_path).arg(&tampered));
     assert_eq!(code, 1);

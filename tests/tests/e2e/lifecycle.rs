@@ -9,24 +9,14 @@ use kvbroker_tests::{Agent, Proc, TempDir, bin, canary, kvb, raw_get, run};
 #[test]
 fn restart_replaces_stale_socket() {
     let value = canary("restart");
-    let mut agent = Agent::builder("restart")
-        .secret("s", &value)
-        .allow_uid(0)
-        .start();
+    let mut agent = Agent::builder("restart").secret("s", &value).allow_uid(0).start();
     agent.proc.signal(libc::SIGKILL);
     agent.proc.wait_timeout(Duration::from_secs(10)).unwrap();
-    assert!(
-        agent.socket.exists(),
-        "a killed agent leaves its socket file"
-    );
+    assert!(agent.socket.exists(), "a killed agent leaves its socket file");
     agent.spawn();
     let (code, out, _) = run(kvb(&agent.socket, None).args(["get", "s"]));
     assert_eq!((code, out.as_str()), (0, value.as_str()));
-    let starts = agent
-        .audit_records()
-        .iter()
-        .filter(|r| r["event"] == "agent.start")
-        .count();
+    let starts = agent.audit_records().iter().filter(|r| r["event"] == "agent.start").count();
     assert_eq!(starts, 2);
     agent.assert_no_canary(&[&value], &[]);
 }
@@ -45,20 +35,14 @@ fn refuses_live_socket_and_non_socket_path() {
             agent.socket.display()
         )
     );
-    assert_eq!(
-        raw_get(&agent.socket, "/v1/health", &[]).unwrap().0,
-        200,
-        "first agent unharmed"
-    );
+    assert_eq!(raw_get(&agent.socket, "/v1/health", &[]).unwrap().0, 200, "first agent unharmed");
 
     let b = Agent::builder("notsock").secret("s", "v").allow_uid(0);
     let config = b.write();
     let dir = b.into_dir();
     let sock = dir.path().join("agent.sock");
     std::fs::write(&sock, "precious").unwrap();
-    let (code, _, err) = run(Command::new(bin("kvbroker"))
-        .args(["run", "--config"])
-        .arg(&config));
+    let (code, _, err) = run(Command::new(bin("kvbroker")).args(["run", "--config"]).arg(&config));
     assert_eq!(code, 1);
     assert_eq!(
         err.lines().last().unwrap(),
@@ -75,22 +59,15 @@ fn refuses_live_socket_and_non_socket_path() {
 #[test]
 fn sigterm_drains_in_flight_requests() {
     let value = canary("drain");
-    let mut agent = Agent::builder("drain")
-        .secret("slow", &value)
-        .allow_uid(0)
-        .latency("1500ms")
-        .grace("10s")
-        .start();
+    let mut agent =
+        Agent::builder("drain").secret("slow", &value).allow_uid(0).latency("1500ms").grace("10s").start();
     let sock = agent.socket.clone();
     let in_flight = std::thread::spawn(move || raw_get(&sock, "/v1/secrets/slow", &[]).unwrap());
     std::thread::sleep(Duration::from_millis(400));
     agent.proc.signal(libc::SIGTERM);
     std::thread::sleep(Duration::from_millis(300));
     let refused = std::os::unix::net::UnixStream::connect(&agent.socket);
-    assert!(
-        refused.is_err(),
-        "a draining agent accepts no new connection"
-    );
+    assert!(refused.is_err(), "a draining agent accepts no new connection");
     let (status, body) = in_flight.join().unwrap();
     assert_eq!(status, 200);
     assert!(body.contains(&value));
@@ -110,42 +87,29 @@ fn check_config_reports_file_line_and_key() {
     let b = Agent::builder("check").secret("s", "v").allow_uid(0);
     let config = b.write();
     let dir = b.into_dir();
-    let (code, out, err) = run(Command::new(bin("kvbroker"))
-        .args(["check-config", "--config"])
-        .arg(&config));
+    let (code, out, err) = run(Command::new(bin("kvbroker")).args(["check-config", "--config"]).arg(&config));
     assert_eq!((code, err.as_str()), (0, ""));
-    assert_eq!(
-        out,
-        format!("{}: ok (1 vault(s), 1 policy rule(s))\n", config.display())
-    );
+    assert_eq!(out, format!("{}: ok (1 vault(s), 1 policy rule(s))\n", config.display()));
 
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("durability = \"write\"", "durability = \"often\"");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("durability = \"write\"", "durability = \"often\"");
     std::fs::write(&config, text).unwrap();
-    let (code, _, err) = run(Command::new(bin("kvbroker"))
-        .args(["check-config", "--config"])
-        .arg(&config));
+    let (code, _, err) = run(Command::new(bin("kvbroker")).args(["check-config", "--config"]).arg(&config));
     assert_eq!(code, 1);
     assert!(
-        err.starts_with(&format!("kvbroker: {}:12: key `durability`: unknown variant `often`, expected `write` or `fsync`", config.display())),
+        err.starts_with(&format!(
+            "kvbroker: {}:12: key `durability`: unknown variant `often`, expected `write` or `fsync`",
+            config.display()
+        )),
         "{err}"
     );
 
     // A policy rule with no selector is refused with its line.
     let policy = dir.path().join("policy.toml");
-    std::fs::write(
-        &policy,
-        "[[rule]]\nname = \"all\"\nsecrets = [\"default/*\"]\n",
-    )
-    .unwrap();
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("\"often\"", "\"write\"");
+    std::fs::write(&policy, "[[rule]]\nname = \"all\"\nsecrets = [\"default/*\"]\n").unwrap();
+    let text = std::fs::read_to_string(&config).unwrap().replace("\"often\"", "\"write\"");
     std::fs::write(&config, text).unwrap();
-    let (code, _, err) = run(Command::new(bin("kvbroker"))
-        .args(["check-config", "--config"])
-        .arg(&config));
+    let (code, _, err) = run(Command::new(bin("kvbroker")).args(["check-config", "--config"]).arg(&config));
     assert_eq!(code, 1);
     assert_eq!(
         err,
@@ -167,13 +131,8 @@ fn dev_mode_serves_demo_secrets_to_the_invoking_user() {
     let dev_dir = dir.path().join("dev");
     let out_path = dir.path().join("dev.out");
     let mut cmd = Command::new(bin("kvbroker"));
-    cmd.arg("dev")
-        .arg("--dir")
-        .arg(&dev_dir)
-        .env_remove("RUST_LOG");
-    cmd.stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(Stdio::null());
+    cmd.arg("dev").arg("--dir").arg(&dev_dir).env_remove("RUST_LOG");
+    cmd.stdin(Stdio::null()).stdout(std::fs::File::create(&out_path).unwrap()).stderr(Stdio::null());
     let mut proc = Proc::spawn(&mut cmd);
     let sock = dev_dir.join("agent.sock");
     let mut tries = 0;
@@ -184,24 +143,14 @@ fn dev_mode_serves_demo_secrets_to_the_invoking_user() {
     }
     let banner = std::fs::read_to_string(&out_path).unwrap();
     assert!(banner.contains("Not for production"), "{banner}");
-    assert!(
-        banner.contains(&format!("export KVBROKER_SOCKET={}", sock.display())),
-        "{banner}"
-    );
+    assert!(banner.contains(&format!("export KVBROKER_SOCKET={}", sock.display())), "{banner}");
     assert!(banner.contains("get demo-db-password"), "{banner}");
     let (code, out, err) = run(kvb(&sock, None).args(["get", "demo-db-password"]));
     assert_eq!((code, err.as_str()), (0, ""));
-    assert!(
-        out.starts_with("demo-") && out.len() == 37,
-        "demo value shape"
-    );
+    assert!(out.starts_with("demo-") && out.len() == 37, "demo value shape");
     assert!(!banner.contains(&out), "the banner never shows a value");
     proc.signal(libc::SIGTERM);
-    assert!(
-        proc.wait_timeout(Duration::from_secs(10))
-            .unwrap()
-            .success()
-    );
+    assert!(proc.wait_timeout(Duration::from_secs(10)).unwrap().success());
 }
 
 /// `socket_mode` and `socket_group` decide who may connect at all: a member of the group
@@ -224,8 +173,5 @@ fn socket_mode_and_group_gate_who_can_connect() {
     // uid/gid 4242 is not: it cannot even connect (exit 1, naming the socket).
     let (code, _, err) = run(kvb(&agent.socket, Some(4242)).args(["get", "s"]));
     assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains("not reachable") && err.contains("Permission denied"),
-        "{err}"
-    );
+    assert!(err.contains("not reachable") && err.contains("Permission denied"), "{err}");
 }

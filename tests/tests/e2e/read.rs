@@ -15,17 +15,11 @@ fn body_json(s: &str) -> Value {
 #[test]
 fn allowed_read_through_client_kvb_and_curl() {
     let value = canary("read");
-    let agent = Agent::builder("read")
-        .secret("Db-Password", &value)
-        .allow_uid(0)
-        .start();
+    let agent = Agent::builder("read").secret("Db-Password", &value).allow_uid(0).start();
     let sock = agent.socket.clone();
 
     // Async client, with the name in another case.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let client = kvbroker_client::Client::builder().socket(&sock).build();
     let s = rt.block_on(client.get("DB-PASSWORD")).unwrap();
     assert_eq!(s.expose_secret(), value.as_bytes());
@@ -41,9 +35,7 @@ fn allowed_read_through_client_kvb_and_curl() {
 
     // Blocking client, pinned to the version just read.
     let blocking = kvbroker_client::blocking::Client::with_socket(&sock).unwrap();
-    let opts = kvbroker_client::GetOptions::default()
-        .version(s.version())
-        .vault("default");
+    let opts = kvbroker_client::GetOptions::default().version(s.version()).vault("default");
     let b = blocking.get_with("db-password", &opts).unwrap();
     assert_eq!(b.expose_secret(), value.as_bytes());
 
@@ -53,15 +45,10 @@ fn allowed_read_through_client_kvb_and_curl() {
     assert_eq!(out, value);
     let file = agent.dir.path().join("out/pw");
     std::fs::create_dir(agent.dir.path().join("out")).unwrap();
-    let (code, _, err) = run(kvb(&sock, None)
-        .args(["get", "db-password", "-o"])
-        .arg(&file));
+    let (code, _, err) = run(kvb(&sock, None).args(["get", "db-password", "-o"]).arg(&file));
     assert_eq!((code, err.as_str()), (0, ""));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), value);
-    assert_eq!(
-        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
 
     // kvb exec puts the value in the child's environment only.
     let (code, out, err) = run(kvb(&sock, None)
@@ -85,15 +72,7 @@ fn allowed_read_through_client_kvb_and_curl() {
     let v = body_json(body);
     assert_eq!(v["value"], value.as_str());
     assert_eq!(v["stale"], false);
-    for key in [
-        "vault",
-        "name",
-        "version",
-        "content_type",
-        "not_before",
-        "expires_on",
-        "fetched_at",
-    ] {
+    for key in ["vault", "name", "version", "content_type", "not_before", "expires_on", "fetched_at"] {
         assert!(v.get(key).is_some(), "missing {key} in {v}");
     }
     let (status, head, _) = raw_request(&sock, "GET", "/v1/secrets/db-password", &[]).unwrap();
@@ -109,24 +88,14 @@ fn allowed_read_through_client_kvb_and_curl() {
 #[test]
 fn octet_stream_answer_is_the_raw_value() {
     let value = canary("raw");
-    let agent = Agent::builder("raw")
-        .secret("api-token", &value)
-        .allow_uid(0)
-        .start();
-    let (status, head, body) = raw_request(
-        &agent.socket,
-        "GET",
-        "/v1/secrets/api-token",
-        &[("Accept", "application/octet-stream")],
-    )
-    .unwrap();
+    let agent = Agent::builder("raw").secret("api-token", &value).allow_uid(0).start();
+    let (status, head, body) =
+        raw_request(&agent.socket, "GET", "/v1/secrets/api-token", &[("Accept", "application/octet-stream")])
+            .unwrap();
     assert_eq!(status, 200);
     assert_eq!(body, value);
     let head = head.to_ascii_lowercase();
-    assert!(
-        head.contains("content-type: application/octet-stream"),
-        "{head}"
-    );
+    assert!(head.contains("content-type: application/octet-stream"), "{head}");
     assert!(head.contains("x-secret-name: api-token"), "{head}");
     assert!(head.contains("x-secret-version: "), "{head}");
     assert!(head.contains("cache-control: no-store"), "{head}");
@@ -138,19 +107,12 @@ fn octet_stream_answer_is_the_raw_value() {
 #[test]
 fn denies_other_uid_identically_for_existing_and_missing_secrets() {
     let value = canary("deny");
-    let agent = Agent::builder("deny")
-        .secret("db-password", &value)
-        .allow_uid(0)
-        .socket_mode("0666")
-        .start();
+    let agent = Agent::builder("deny").secret("db-password", &value).allow_uid(0).socket_mode("0666").start();
     let sock = &agent.socket;
 
     let (code, out, err) = run(kvb(sock, Some(NOBODY)).args(["get", "db-password"]));
     assert_eq!((code, out.as_str()), (3, ""));
-    assert!(
-        err.starts_with("kvb: permission denied: no rule matches (request "),
-        "{err}"
-    );
+    assert!(err.starts_with("kvb: permission denied: no rule matches (request "), "{err}");
 
     let strip_id = |out: &str| {
         let (body, status) = out.rsplit_once('\n').unwrap();
@@ -174,11 +136,7 @@ fn denies_other_uid_identically_for_existing_and_missing_secrets() {
         .filter(|r| r["event"] == "secret.read" && r["outcome"] == "denied")
         .collect();
     assert_eq!(denied.len(), 3);
-    assert!(
-        denied
-            .iter()
-            .all(|r| r["peer"]["uid"] == NOBODY && r["reason"] == "no rule matches")
-    );
+    assert!(denied.iter().all(|r| r["peer"]["uid"] == NOBODY && r["reason"] == "no rule matches"));
     agent.assert_no_canary(&[&value], &[&err, &exists, &missing]);
 }
 
@@ -198,56 +156,14 @@ fn errors_have_the_spec_status_and_code() {
     let cases: &[Case<'_>] = &[
         ("GET", "/v1/secrets/nope", &[], 404, "SecretNotFound"),
         ("GET", "/v1/secrets/bad_name", &[], 400, "InvalidRequest"),
-        (
-            "GET",
-            &*format!("/v1/secrets/{}", "a".repeat(128)),
-            &[],
-            400,
-            "InvalidRequest",
-        ),
-        (
-            "GET",
-            "/v1/secrets/ok?version=123",
-            &[],
-            400,
-            "InvalidRequest",
-        ),
-        (
-            "GET",
-            "/v1/secrets/ok?colour=blue",
-            &[],
-            400,
-            "InvalidRequest",
-        ),
-        (
-            "GET",
-            "/v1/secrets/ok?vault=elsewhere",
-            &[],
-            400,
-            "InvalidRequest",
-        ),
-        (
-            "GET",
-            "/v1/secrets/ok?version=0123456789abcdef0123456789abcdef",
-            &[],
-            404,
-            "SecretNotFound",
-        ),
+        ("GET", &*format!("/v1/secrets/{}", "a".repeat(128)), &[], 400, "InvalidRequest"),
+        ("GET", "/v1/secrets/ok?version=123", &[], 400, "InvalidRequest"),
+        ("GET", "/v1/secrets/ok?colour=blue", &[], 400, "InvalidRequest"),
+        ("GET", "/v1/secrets/ok?vault=elsewhere", &[], 400, "InvalidRequest"),
+        ("GET", "/v1/secrets/ok?version=0123456789abcdef0123456789abcdef", &[], 404, "SecretNotFound"),
         ("GET", "/v1/nothing", &[], 404, "NotFound"),
-        (
-            "POST",
-            "/v1/secrets/ok",
-            &[("Content-Length", "0")],
-            405,
-            "MethodNotAllowed",
-        ),
-        (
-            "GET",
-            "/v1/secrets/ok",
-            &[("Content-Length", "5")],
-            413,
-            "PayloadTooLarge",
-        ),
+        ("POST", "/v1/secrets/ok", &[("Content-Length", "0")], 405, "MethodNotAllowed"),
+        ("GET", "/v1/secrets/ok", &[("Content-Length", "5")], 413, "PayloadTooLarge"),
         ("GET", "/v1/secrets/expired", &[], 422, "SecretNotUsable"),
         ("GET", "/v1/secrets/future", &[], 422, "SecretNotUsable"),
         ("GET", "/v1/secrets/off", &[], 422, "SecretNotUsable"),
@@ -259,16 +175,11 @@ fn errors_have_the_spec_status_and_code() {
         let v = body_json(&body);
         assert_eq!(v["error"]["code"], *code, "{method} {path}: {body}");
         let rid = v["error"]["request_id"].as_str().unwrap();
-        assert!(
-            head.to_ascii_lowercase()
-                .contains(&format!("x-request-id: {rid}")),
-            "{head}"
-        );
+        assert!(head.to_ascii_lowercase().contains(&format!("x-request-id: {rid}")), "{head}");
         seen.push_str(&body);
     }
-    let msg = |path: &str| {
-        body_json(&raw_request(sock, "GET", path, &[]).unwrap().2)["error"]["message"].clone()
-    };
+    let msg =
+        |path: &str| body_json(&raw_request(sock, "GET", path, &[]).unwrap().2)["error"]["message"].clone();
     assert_eq!(
         msg("/v1/secrets/expired"),
         "secret expired in vault default is not usable: expired (exp 2001-01-01T00:00:00Z)"
@@ -277,10 +188,7 @@ fn errors_have_the_spec_status_and_code() {
         msg("/v1/secrets/future"),
         "secret future in vault default is not usable: not yet valid (nbf 2099-01-01T00:00:00Z)"
     );
-    assert_eq!(
-        msg("/v1/secrets/off"),
-        "secret off in vault default is not usable: disabled"
-    );
+    assert_eq!(msg("/v1/secrets/off"), "secret off in vault default is not usable: disabled");
 
     // kvb: not found exits 1; a bad name is refused before asking (usage, 2).
     let (code, out, err) = run(kvb(sock, None).args(["get", "nope"]));
@@ -299,12 +207,6 @@ fn errors_have_the_spec_status_and_code() {
     let gone = agent.dir.path().join("nowhere.sock");
     let (code, _, err) = run(kvb(&gone, None).args(["get", "ok"]));
     assert_eq!(code, 1);
-    assert!(
-        err.starts_with(&format!(
-            "kvb: kvbroker agent not reachable at {}: ",
-            gone.display()
-        )),
-        "{err}"
-    );
+    assert!(err.starts_with(&format!("kvb: kvbroker agent not reachable at {}: ", gone.display())), "{err}");
     agent.assert_no_canary(&[&value], &[&seen, &err]);
 }

@@ -9,12 +9,7 @@ use kvbroker_client::{GetOptions, SecretValue, blocking::Client};
 
 use crate::Failure;
 
-pub(crate) fn run(
-    client: &Client,
-    env: &[String],
-    vault: Option<&str>,
-    command: &[String],
-) -> Failure {
+pub(crate) fn run(client: &Client, env: &[String], vault: Option<&str>, command: &[String]) -> Failure {
     let mut pairs: Vec<(&str, SecretValue)> = Vec::with_capacity(env.len());
     let mut opts = GetOptions::default();
     if let Some(v) = vault {
@@ -28,9 +23,7 @@ pub(crate) fn run(
             && !var.as_bytes()[0].is_ascii_digit()
             && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !valid_var {
-            return Failure::Usage(format!(
-                "--env {spec:?}: {var:?} is not an environment variable name"
-            ));
+            return Failure::Usage(format!("--env {spec:?}: {var:?} is not an environment variable name"));
         }
         match client.get_with(name, &opts) {
             Ok(s) => {

@@ -38,9 +38,7 @@ fn main() -> ExitCode {
         Some(p) => Client::with_socket(p),
         None => Client::new(),
     };
-    let result = client
-        .map_err(Failure::from)
-        .and_then(|client| run(&client, cli.command));
+    let result = client.map_err(Failure::from).and_then(|client| run(&client, cli.command));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage(m)) => {
@@ -60,12 +58,7 @@ fn main() -> ExitCode {
 
 fn run(client: &Client, command: Command) -> Result<(), Failure> {
     match command {
-        Command::Get {
-            name,
-            vault,
-            version,
-            output,
-        } => {
+        Command::Get { name, vault, version, output } => {
             let mut opts = GetOptions::default();
             if let Some(v) = vault {
                 opts = opts.vault(v);
@@ -81,52 +74,24 @@ fn run(client: &Client, command: Command) -> Result<(), Failure> {
                     let mut out = std::io::stdout().lock();
                     let newline = out.is_terminal();
                     out.write_all(secret.expose_secret())
-                        .and_then(|()| {
-                            if newline {
-                                out.write_all(b"\n")
-                            } else {
-                                Ok(())
-                            }
-                        })
+                        .and_then(|()| if newline { out.write_all(b"\n") } else { Ok(()) })
                         .and_then(|()| out.flush())
-                        .map_err(|e| {
-                            Failure::Other(format!("cannot write to standard output: {e}"))
-                        })
+                        .map_err(|e| Failure::Other(format!("cannot write to standard output: {e}")))
                 }
             }
         }
-        Command::Exec {
-            env,
-            vault,
-            command,
-        } => Err(exec::run(client, &env, vault.as_deref(), &command)),
+        Command::Exec { env, vault, command } => Err(exec::run(client, &env, vault.as_deref(), &command)),
     }
 }
 
 /// Writes `bytes` to `path` with mode 0600: into a new file beside it, then renamed over,
 /// so no reader ever sees a partial value or a wider mode.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| std::io::Error::other("not a file path"))?;
-    let tmp = dir.join(format!(
-        ".{}.kvb-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    let written = f
-        .write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path));
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| std::io::Error::other("not a file path"))?;
+    let tmp = dir.join(format!(".{}.kvb-{}", name.to_string_lossy(), std::process::id()));
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    let written = f.write_all(bytes).and_then(|()| f.sync_all()).and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

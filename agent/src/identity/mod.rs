@@ -1,0 +1,247 @@
+//! Where the agent's Key Vault tokens come from: the node's managed identity.
+//!
+//! `[identity] source` picks one; `auto` follows the Azure SDKs' environment order
+//! (FACTS.md): App Service → Azure ML → Azure Arc → workload identity → IMDS. App Service,
+//! IMDS, workload identity and the Azure CLI go through `azure_identity`; Azure ML (which the
+//! SDK refuses) and Arc (whose challenge-file protocol the SDK 1.0 refuses) are our own
+//! credentials ([`azure_ml`], [`arc`]) behind one token cache ([`token`]).
+//!
+//! Tokens are `azure_core` secrets: never logged, never in an error or audit record.
+
+mod arc;
+mod azure_ml;
+mod token;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use azure_core::credentials::TokenCredential;
+use azure_core::http::{ClientOptions, ExponentialRetryOptions, RetryOptions, Transport};
+use azure_identity::{
+    AzureCliCredential, ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId,
+    WorkloadIdentityCredential, WorkloadIdentityCredentialOptions,
+};
+
+use crate::config::{IdentityConfig, IdentitySource};
+use crate::transport::HyperTransport;
+
+/// A credential and how to name it in messages (so an operator knows which identity needs
+/// a role assignment).
+#[derive(Clone, Debug)]
+pub(crate) struct Identity {
+    pub(crate) credential: Arc<dyn TokenCredential>,
+    pub(crate) description: String,
+}
+
+/// Why no credential could be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    #[error("identity source {source_name}: {missing} is not set; {hint}")]
+    Missing { source_name: &'static str, missing: &'static str, hint: &'static str },
+    #[error("identity source {source_name}: {reason}")]
+    Sdk { source_name: &'static str, reason: String },
+    #[error(
+        "identity: Service Fabric managed identity (IDENTITY_SERVER_THUMBPRINT) is not supported; \
+         set [identity] source explicitly"
+    )]
+    ServiceFabric,
+}
+
+/// The identity-related environment, read once at startup (the SDK reads the same
+/// variables itself; we read them to choose and to describe).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct IdentityEnv {
+    vars: HashMap<&'static str, String>,
+    arc_agent_installed: bool,
+}
+
+const VARS: [&str; 11] = [
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "IDENTITY_SERVER_THUMBPRINT",
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+    "DEFAULT_IDENTITY_CLIENT_ID",
+    "IMDS_ENDPOINT",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_AUTHORITY_HOST",
+];
+
+impl IdentityEnv {
+    pub(crate) fn from_process() -> Self {
+        let vars = VARS
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()).map(|v| (*k, v)))
+            .collect();
+        let arc_agent_installed = std::path::Path::new("/opt/azcmagent/bin/himds").exists();
+        Self { vars, arc_agent_installed }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn from_pairs(pairs: &[(&'static str, &str)]) -> Self {
+        Self { vars: pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(), arc_agent_installed: false }
+    }
+
+    fn get(&self, k: &str) -> Option<&str> {
+        self.vars.get(k).map(String::as_str)
+    }
+
+    fn has(&self, k: &str) -> bool {
+        self.vars.contains_key(k)
+    }
+}
+
+/// `auto`: the SDKs' order.
+pub(crate) fn detect(env: &IdentityEnv) -> Result<IdentitySource, IdentityError> {
+    if env.has("IDENTITY_ENDPOINT") && env.has("IDENTITY_HEADER") {
+        if env.has("IDENTITY_SERVER_THUMBPRINT") {
+            return Err(IdentityError::ServiceFabric);
+        }
+        return Ok(IdentitySource::AppService);
+    }
+    if env.has("MSI_ENDPOINT") && env.has("MSI_SECRET") {
+        return Ok(IdentitySource::AzureMl);
+    }
+    if (env.has("IDENTITY_ENDPOINT") && env.has("IMDS_ENDPOINT")) || env.arc_agent_installed {
+        return Ok(IdentitySource::AzureArc);
+    }
+    if env.has("AZURE_FEDERATED_TOKEN_FILE") && env.has("AZURE_CLIENT_ID") && env.has("AZURE_TENANT_ID") {
+        return Ok(IdentitySource::WorkloadIdentity);
+    }
+    Ok(IdentitySource::Imds)
+}
+
+pub(crate) fn source_name(s: IdentitySource) -> &'static str {
+    match s {
+        IdentitySource::Auto => "auto",
+        IdentitySource::Imds => "imds",
+        IdentitySource::AppService => "app-service",
+        IdentitySource::AzureMl => "azure-ml",
+        IdentitySource::WorkloadIdentity => "workload-identity",
+        IdentitySource::AzureArc => "azure-arc",
+        IdentitySource::AzureCli => "azure-cli",
+    }
+}
+
+/// Builds the credential `cfg` asks for, sending every request through `http`.
+pub(crate) fn build(
+    cfg: &IdentityConfig,
+    env: &IdentityEnv,
+    http: Arc<HyperTransport>,
+) -> Result<Identity, IdentityError> {
+    let source = match cfg.source {
+        IdentitySource::Auto => detect(env)?,
+        s => s,
+    };
+    let name = source_name(source);
+    let sdk = |e: azure_core::Error| IdentityError::Sdk { source_name: name, reason: e.to_string() };
+    let client_options = ClientOptions {
+        transport: Some(Transport::new(http.clone())),
+        retry: RetryOptions::exponential(ExponentialRetryOptions { max_retries: 3, ..Default::default() }),
+        ..ClientOptions::default()
+    };
+    let who = |client_id: Option<&str>| match client_id {
+        Some(id) => format!("{name} managed identity (client id {id})"),
+        None => format!("{name} managed identity (system-assigned)"),
+    };
+    let (credential, description): (Arc<dyn TokenCredential>, String) = match source {
+        IdentitySource::Imds | IdentitySource::AppService => {
+            if source == IdentitySource::AppService
+                && !(env.has("IDENTITY_ENDPOINT") && env.has("IDENTITY_HEADER"))
+            {
+                return Err(IdentityError::Missing {
+                    source_name: name,
+                    missing: "IDENTITY_ENDPOINT or IDENTITY_HEADER",
+                    hint: "App Service, Functions and Container Apps set both",
+                });
+            }
+            let options = ManagedIdentityCredentialOptions {
+                user_assigned_id: cfg.client_id.clone().map(UserAssignedId::ClientId),
+                client_options,
+                ..Default::default()
+            };
+            (ManagedIdentityCredential::new(Some(options)).map_err(sdk)?, who(cfg.client_id.as_deref()))
+        }
+        IdentitySource::AzureMl => {
+            let endpoint = env.get("MSI_ENDPOINT").ok_or(IdentityError::Missing {
+                source_name: name,
+                missing: "MSI_ENDPOINT",
+                hint: "Azure ML compute sets it for every job process",
+            })?;
+            let secret = env.get("MSI_SECRET").ok_or(IdentityError::Missing {
+                source_name: name,
+                missing: "MSI_SECRET",
+                hint: "Azure ML compute sets it for every job process",
+            })?;
+            // `clientid` is required even for the system-assigned identity.
+            let client_id = cfg.client_id.as_deref().or(env.get("DEFAULT_IDENTITY_CLIENT_ID")).ok_or(
+                IdentityError::Missing {
+                    source_name: name,
+                    missing: "[identity] client_id or DEFAULT_IDENTITY_CLIENT_ID",
+                    hint: "Azure ML needs a client id even for the compute's system-assigned identity",
+                },
+            )?;
+            let cred = azure_ml::AzureMlCredential::new(endpoint, secret, client_id, http).map_err(sdk)?;
+            (Arc::new(token::Cached::new(cred)), who(Some(client_id)))
+        }
+        IdentitySource::AzureArc => {
+            let endpoint = env.get("IDENTITY_ENDPOINT").unwrap_or(arc::DEFAULT_ENDPOINT);
+            let dir = cfg.arc_token_dir.clone().unwrap_or_else(|| PathBuf::from(arc::TOKEN_DIR));
+            let cred = arc::ArcCredential::new(endpoint, dir, http).map_err(sdk)?;
+            (Arc::new(token::Cached::new(cred)), who(None))
+        }
+        IdentitySource::WorkloadIdentity => {
+            let options = WorkloadIdentityCredentialOptions {
+                credential_options: azure_identity::ClientAssertionCredentialOptions { client_options },
+                client_id: cfg.client_id.clone(),
+                ..Default::default()
+            };
+            let id = cfg.client_id.as_deref().or(env.get("AZURE_CLIENT_ID")).map(str::to_owned);
+            (
+                WorkloadIdentityCredential::new(Some(options)).map_err(sdk)?,
+                format!("workload identity (client id {})", id.as_deref().unwrap_or("?")),
+            )
+        }
+        IdentitySource::AzureCli => {
+            (AzureCliCredential::new(None).map_err(sdk)?, "the Azure CLI's signed-in account".to_owned())
+        }
+        IdentitySource::Auto => unreachable_auto(),
+    };
+    Ok(Identity { credential, description })
+}
+
+#[expect(clippy::panic, reason = "detect() never returns Auto; this arm only satisfies the match")]
+fn unreachable_auto() -> ! {
+    panic!("identity source auto was not resolved")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_follows_the_sdk_order() {
+        let d = |pairs: &[(&'static str, &str)]| detect(&IdentityEnv::from_pairs(pairs)).unwrap();
+        assert_eq!(d(&[]), IdentitySource::Imds);
+        assert_eq!(d(&[("IDENTITY_ENDPOINT", "x"), ("IDENTITY_HEADER", "y")]), IdentitySource::AppService);
+        assert_eq!(
+            d(&[("MSI_ENDPOINT", "x"), ("MSI_SECRET", "y"), ("AZURE_FEDERATED_TOKEN_FILE", "f")]),
+            IdentitySource::AzureMl
+        );
+        assert_eq!(d(&[("IDENTITY_ENDPOINT", "x"), ("IMDS_ENDPOINT", "y")]), IdentitySource::AzureArc);
+        assert_eq!(
+            d(&[("AZURE_FEDERATED_TOKEN_FILE", "f"), ("AZURE_CLIENT_ID", "c"), ("AZURE_TENANT_ID", "t")]),
+            IdentitySource::WorkloadIdentity
+        );
+        let sf = detect(&IdentityEnv::from_pairs(&[
+            ("IDENTITY_ENDPOINT", "x"),
+            ("IDENTITY_HEADER", "y"),
+            ("IDENTITY_SERVER_THUMBPRINT", "z"),
+        ]));
+        assert!(matches!(sf, Err(IdentityError::ServiceFabric)));
+    }
+}

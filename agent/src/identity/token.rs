@@ -1,0 +1,160 @@
+//! A token cache for our own credentials: one request in flight at a time, and a token is
+//! renewed before it expires, so callers never race to the endpoint or use a stale token.
+
+use std::time::Duration;
+
+use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions};
+use azure_core::time::OffsetDateTime;
+use serde::Deserialize;
+
+/// Renew this long before expiry.
+const RENEW_BEFORE: Duration = Duration::from_secs(300);
+
+/// Something that can fetch a fresh token for one resource.
+#[async_trait::async_trait]
+pub(super) trait Fetch: Send + Sync + std::fmt::Debug {
+    async fn fetch(&self, resource: &str) -> azure_core::Result<AccessToken>;
+}
+
+#[derive(Debug)]
+pub(super) struct Cached<F> {
+    fetch: F,
+    /// Resource → token. The lock is held across a fetch: that is the single flight.
+    tokens: tokio::sync::Mutex<Vec<(String, AccessToken)>>,
+}
+
+impl<F> Cached<F> {
+    pub(super) fn new(fetch: F) -> Self {
+        Self { fetch, tokens: tokio::sync::Mutex::new(Vec::new()) }
+    }
+}
+
+#[async_trait::async_trait]
+impl<F: Fetch> TokenCredential for Cached<F> {
+    async fn get_token(
+        &self,
+        scopes: &[&str],
+        _options: Option<TokenRequestOptions<'_>>,
+    ) -> azure_core::Result<AccessToken> {
+        let resource = resource_of(scopes)?;
+        let mut tokens = self.tokens.lock().await;
+        let fresh_until = OffsetDateTime::now_utc() + RENEW_BEFORE;
+        if let Some((_, t)) = tokens.iter().find(|(r, t)| *r == resource && t.expires_on > fresh_until) {
+            return Ok(t.clone());
+        }
+        let token = self.fetch.fetch(&resource).await?;
+        tokens.retain(|(r, _)| *r != resource);
+        tokens.push((resource, token.clone()));
+        Ok(token)
+    }
+}
+
+/// `https://vault.azure.net/.default` → `https://vault.azure.net`.
+fn resource_of(scopes: &[&str]) -> azure_core::Result<String> {
+    match scopes {
+        [one] => Ok(one.strip_suffix("/.default").unwrap_or(one).to_owned()),
+        _ => Err(azure_core::Error::with_message(
+            azure_core::error::ErrorKind::Credential,
+            "managed identity tokens take exactly one scope",
+        )),
+    }
+}
+
+/// A token endpoint's answer. `expires_on` is a number on Azure ML and a string elsewhere.
+#[derive(Deserialize)]
+pub(super) struct TokenAnswer {
+    access_token: String,
+    #[serde(default)]
+    expires_on: Option<serde_json::Value>,
+    #[serde(default)]
+    expires_in: Option<serde_json::Value>,
+}
+
+impl TokenAnswer {
+    /// Parses an answer body; the error never quotes it (it holds a token).
+    pub(super) fn parse(body: &[u8], who: &str) -> azure_core::Result<AccessToken> {
+        let a: TokenAnswer = serde_json::from_slice(body).map_err(|_| {
+            azure_core::Error::with_message(
+                azure_core::error::ErrorKind::Credential,
+                format!("{who}: token answer is not the expected JSON"),
+            )
+        })?;
+        let secs = |v: &serde_json::Value| match v {
+            serde_json::Value::Number(n) => n.as_i64(),
+            serde_json::Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        };
+        let expires = match (a.expires_on.as_ref().and_then(secs), a.expires_in.as_ref().and_then(secs)) {
+            (Some(on), _) => OffsetDateTime::from_unix_timestamp(on).ok(),
+            (None, Some(within)) => {
+                Some(OffsetDateTime::now_utc() + Duration::from_secs(within.max(0).unsigned_abs()))
+            }
+            (None, None) => None,
+        };
+        let expires = expires.ok_or_else(|| {
+            azure_core::Error::with_message(
+                azure_core::error::ErrorKind::Credential,
+                format!("{who}: token answer has no usable expires_on or expires_in"),
+            )
+        })?;
+        Ok(AccessToken::new(a.access_token, expires))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn expires_on_as_number_or_string() {
+        let n = TokenAnswer::parse(br#"{"access_token":"t","expires_on":4102444800}"#, "x").unwrap();
+        let s = TokenAnswer::parse(br#"{"access_token":"t","expires_on":"4102444800"}"#, "x").unwrap();
+        assert_eq!(n.expires_on, s.expires_on);
+        let i = TokenAnswer::parse(br#"{"access_token":"t","expires_in":"3600"}"#, "x").unwrap();
+        assert!(i.expires_on > OffsetDateTime::now_utc());
+        let e = TokenAnswer::parse(br#"{"access_token":"secret-tok"}"#, "x").unwrap_err().to_string();
+        assert!(!e.contains("secret-tok"));
+        let e = TokenAnswer::parse(b"secret-tok garbage", "x").unwrap_err().to_string();
+        assert!(!e.contains("secret-tok"));
+    }
+
+    #[derive(Debug, Default)]
+    struct Counting(AtomicU32, i64);
+
+    #[async_trait::async_trait]
+    impl Fetch for Arc<Counting> {
+        async fn fetch(&self, _resource: &str) -> azure_core::Result<AccessToken> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(AccessToken::new("t", OffsetDateTime::now_utc() + Duration::from_secs(self.1.unsigned_abs())))
+        }
+    }
+
+    #[tokio::test]
+    async fn one_fetch_for_concurrent_callers_and_renewal_before_expiry() {
+        let counter = Arc::new(Counting(AtomicU32::new(0), 3600));
+        let cached = Arc::new(Cached::new(Arc::clone(&counter)));
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let c = Arc::clone(&cached);
+                tokio::spawn(async move {
+                    c.get_token(&["https://vault.azure.net/.default"], None).await.unwrap()
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+
+        // A token inside the renewal window is fetched again.
+        let short = Arc::new(Counting(AtomicU32::new(0), 60));
+        let cached = Cached::new(Arc::clone(&short));
+        cached.get_token(&["r/.default"], None).await.unwrap();
+        cached.get_token(&["r/.default"], None).await.unwrap();
+        assert_eq!(short.0.load(Ordering::SeqCst), 2);
+    }
+}
