@@ -6,10 +6,14 @@
 //! agents listen on Unix sockets inside the test's own directory.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test harness: a failure should panic loudly")]
 
+pub mod emulator;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+pub use emulator::{EmulatorInfo, Fault};
 
 /// The path of a workspace binary, next to the running test's profile directory.
 /// Panics (rather than guessing) if it was not built.
@@ -124,6 +128,15 @@ pub struct AgentBuilder {
     latency: Option<&'static str>,
     env: Vec<(String, String)>,
     grace: Option<&'static str>,
+    keyvault: Option<KeyVaultSetup>,
+}
+
+/// A Key Vault at an emulator, reached with one identity source.
+struct KeyVaultSetup {
+    info: EmulatorInfo,
+    source: String,
+    client_id: Option<String>,
+    extra_vault: String,
 }
 
 /// A running agent; killed when dropped.
@@ -153,6 +166,7 @@ impl Agent {
             latency: None,
             env: Vec::new(),
             grace: None,
+            keyvault: None,
         }
     }
 }
@@ -211,6 +225,38 @@ impl AgentBuilder {
         self
     }
 
+    /// Reads from the emulator's Key Vault (instead of a local vault), authenticating with
+    /// identity `source` (`imds`, `app-service`, `azure-ml`, `azure-arc`,
+    /// `workload-identity`), whose environment comes from the emulator.
+    pub fn keyvault(mut self, emu: &EmulatorProc, source: &str) -> Self {
+        let info = emu.info.clone();
+        if let Some(id) = info.identity.get(source) {
+            for (k, v) in &id.env {
+                self.env.push((k.clone(), v.clone()));
+            }
+        }
+        self.keyvault =
+            Some(KeyVaultSetup { info, source: source.into(), client_id: None, extra_vault: String::new() });
+        self
+    }
+
+    /// Uses a user-assigned identity's client id (`[identity] client_id`).
+    pub fn client_id(mut self, id: &str) -> Self {
+        if let Some(kv) = self.keyvault.as_mut() {
+            kv.client_id = Some(id.into());
+        }
+        self
+    }
+
+    /// Extra `[[vault]]` lines for the Key Vault (e.g. `deadline = "2s"`).
+    pub fn vault_extra(mut self, lines: &str) -> Self {
+        if let Some(kv) = self.keyvault.as_mut() {
+            kv.extra_vault.push_str(lines);
+            kv.extra_vault.push('\n');
+        }
+        self
+    }
+
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
         self
@@ -235,9 +281,32 @@ impl AgentBuilder {
             agent_extra.push_str(&format!("socket_group = {g:?}\n"));
         }
         let config = d.join("config.toml");
+        let vault = match &self.keyvault {
+            None => format!(
+                "[[vault]]\nalias = \"default\"\nkind = \"local\"\nfile = \"secrets.toml\"\n{latency}\n"
+            ),
+            Some(kv) => {
+                let id = kv.info.identity.get(&kv.source);
+                let mut identity = format!("[identity]\nsource = {:?}\n", kv.source);
+                if let Some(c) = &kv.client_id {
+                    identity.push_str(&format!("client_id = {c:?}\n"));
+                }
+                let mut id_connect: Vec<String> = id.map(|i| i.connect_to.clone()).unwrap_or_default();
+                id_connect.extend(kv.info.connect_to.iter().cloned());
+                identity.push_str(&format!("connect_to = {id_connect:?}\nca_file = {:?}\n", kv.info.ca_file));
+                if let Some(dir) = id.and_then(|i| i.token_dir.as_ref()) {
+                    identity.push_str(&format!("arc_token_dir = {dir:?}\n"));
+                }
+                format!(
+                    "{identity}\n[[vault]]\nalias = \"default\"\nurl = {:?}\nca_file = {:?}\nconnect_to = {:?}\n{}\n",
+                    kv.info.vault_url, kv.info.ca_file, kv.info.connect_to, kv.extra_vault
+                )
+            }
+        };
+        // Tests never leave loopback: the agent refuses any other address.
         let text = format!(
-            "[agent]\nsocket = \"{sock}\"\nsocket_mode = \"{mode}\"\n{agent_extra}\n\
-             [[vault]]\nalias = \"default\"\nkind = \"local\"\nfile = \"secrets.toml\"\n{latency}\n\
+            "[agent]\nsocket = \"{sock}\"\nsocket_mode = \"{mode}\"\nloopback_only = true\n{agent_extra}\n\
+             {vault}\
              [audit]\npath = \"{audit}\"\ndurability = \"{dur}\"\n\n\
              [policy]\nfile = \"policy.toml\"\n",
             sock = d.join("agent.sock").display(),
@@ -431,4 +500,97 @@ pub fn curl(socket: &Path, path: &str, as_uid: Option<u32>, extra: &[&str]) -> (
     cmd.args(["-s", "-w", "\n%{http_code}", "--unix-socket"]).arg(socket).args(extra);
     cmd.arg(format!("http://localhost{path}"));
     run(&mut cmd)
+}
+
+/// A running `kvbroker-emulator` process; killed when dropped.
+pub struct EmulatorProc {
+    pub proc: Proc,
+    pub info: EmulatorInfo,
+    pub dir: TempDir,
+    control: std::net::SocketAddr,
+}
+
+impl EmulatorProc {
+    /// Starts the emulator binary with these secrets (first versions).
+    pub fn start(secrets: &[(&str, &str)]) -> EmulatorProc {
+        use std::io::BufRead;
+        let dir = TempDir::new("emu");
+        let secrets_file = dir.path().join("secrets.toml");
+        let text: String = secrets.iter().map(|(k, v)| format!("{k} = {v:?}\n")).collect();
+        std::fs::write(&secrets_file, text).unwrap();
+        let mut cmd = Command::new(bin("kvbroker-emulator"));
+        cmd.arg("--dir").arg(dir.path()).arg("--secrets").arg(&secrets_file);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn kvbroker-emulator");
+        let stdout = child.stdout.take().unwrap();
+        let proc = Proc(Some(child));
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
+        let info: EmulatorInfo =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("emulator said {line:?}: {e}"));
+        let control = loopback_addr(&info.control_url);
+        EmulatorProc { proc, info, dir, control }
+    }
+
+    fn control(&self, method: &str, path: &str, body: &str) -> serde_json::Value {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.control).unwrap();
+        let req = format!(
+            "{method} /control{path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "control {method} {path}: {head}\n{body}");
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Calls per operation: `get`, `get:NAME`, `set`, `token_imds`, `challenge`, …
+    pub fn count(&self, what: &str) -> u64 {
+        self.control("GET", "/counts", "")[what].as_u64().unwrap_or(0)
+    }
+
+    pub fn reset_counts(&self) {
+        self.control("POST", "/counts/reset", "");
+    }
+
+    /// (source, client id) of every token issued.
+    pub fn tokens(&self) -> Vec<serde_json::Value> {
+        self.control("GET", "/tokens", "").as_array().cloned().unwrap_or_default()
+    }
+
+    pub fn fault(&self, f: &Fault) {
+        self.control("POST", "/faults", &serde_json::to_string(f).unwrap());
+    }
+
+    pub fn clear_faults(&self) {
+        self.control("DELETE", "/faults", "");
+    }
+
+    /// Adds a new current version; returns its id.
+    pub fn set_secret(&self, name: &str, value: &str, attrs: serde_json::Value) -> String {
+        let mut body = serde_json::json!({"name": name, "value": value});
+        if let (Some(b), Some(a)) = (body.as_object_mut(), attrs.as_object()) {
+            b.extend(a.clone());
+        }
+        self.control("POST", "/secrets", &body.to_string())["version"].as_str().unwrap().to_owned()
+    }
+
+    /// Sets attributes (`enabled`, `nbf`, `exp`) of the current version.
+    pub fn update_secret(&self, name: &str, attrs: serde_json::Value) {
+        self.control("PATCH", &format!("/secrets/{name}"), &attrs.to_string());
+    }
+}
+
+/// `http://127.0.0.1:PORT/...` → the address; panics on anything but loopback.
+fn loopback_addr(url: &str) -> std::net::SocketAddr {
+    let rest = url.strip_prefix("http://").expect("control url is http");
+    let hostport = rest.split('/').next().unwrap();
+    let addr: std::net::SocketAddr =
+        hostport.parse().unwrap_or_else(|_| panic!("control url {url} is not IP:PORT"));
+    assert!(addr.ip().is_loopback(), "refusing to talk to non-loopback {addr}");
+    addr
 }

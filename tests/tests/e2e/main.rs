@@ -4,5 +4,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod audit_log;
+mod keyvault;
 mod lifecycle;
 mod read;
