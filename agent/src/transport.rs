@@ -285,9 +285,11 @@ fn io_error(message: String) -> azure_core::Error {
     azure_core::Error::with_message(azure_core::error::ErrorKind::Io, message)
 }
 
+/// A refusal by the loopback guard. `Other`, not `Connection`: it is a configuration fact,
+/// and retry policies (the SDK's and ours) must not spend the caller's deadline on it.
 fn refused(host: &str, port: u16, why: &str) -> azure_core::Error {
     azure_core::Error::with_message(
-        azure_core::error::ErrorKind::Connection,
+        azure_core::error::ErrorKind::Other,
         format!("loopback-only mode refused {host}:{port} before connecting: {why}"),
     )
 }

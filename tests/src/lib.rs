@@ -329,7 +329,13 @@ impl AgentBuilder {
 
     /// Writes the files and starts `kvbroker run`, waiting until it answers health.
     pub fn start(self) -> Agent {
-        let config = self.write();
+        self.write();
+        self.start_written()
+    }
+
+    /// Starts `kvbroker run` on files already written (and perhaps edited by the test).
+    pub fn start_written(self) -> Agent {
+        let config = self.dir.path().join("config.toml");
         let d = self.dir.path().to_owned();
         let mut agent = Agent {
             proc: Proc(None),

@@ -162,7 +162,6 @@ pub(crate) fn build(
             let options = ManagedIdentityCredentialOptions {
                 user_assigned_id: cfg.client_id.clone().map(UserAssignedId::ClientId),
                 client_options,
-                ..Default::default()
             };
             (ManagedIdentityCredential::new(Some(options)).map_err(sdk)?, who(cfg.client_id.as_deref()))
         }

@@ -155,15 +155,18 @@ impl KeyVaultBackend {
             }
             ErrorKind::Credential => (
                 unavailable(format!(
-                    "{} could not get a token for Key Vault {}: {e}",
-                    self.identity, self.url
+                    "{} could not get a token for Key Vault {}: {}",
+                    self.identity,
+                    self.url,
+                    chain(e)
                 )),
                 Some(Duration::ZERO),
             ),
-            ErrorKind::Io | ErrorKind::Connection => {
-                (unavailable(format!("cannot reach Key Vault {}: {e}", self.url)), Some(Duration::ZERO))
-            }
-            _ => (unavailable(format!("Key Vault {} call failed: {e}", self.url)), None),
+            ErrorKind::Io | ErrorKind::Connection => (
+                unavailable(format!("cannot reach Key Vault {}: {}", self.url, chain(e))),
+                Some(Duration::ZERO),
+            ),
+            _ => (unavailable(format!("Key Vault {} call failed: {}", self.url, chain(e))), None),
         }
     }
 
@@ -236,6 +239,22 @@ struct WireAttrs {
     enabled: Option<bool>,
     nbf: Option<i64>,
     exp: Option<i64>,
+}
+
+/// An error and its causes, one line: the SDK's top message often hides the cause (the
+/// loopback guard, a refused connection). These errors never carry values or tokens.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string().replace('\n', " ");
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string().replace('\n', " ");
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 /// `https://x.vault.azure.net/secrets/NAME/VERSION` → (NAME, VERSION).
