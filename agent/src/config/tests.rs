@@ -119,4 +119,35 @@ fn example_config_parses_with_defaults() {
     assert_eq!(c.cache.max_stale, bare.cache.max_stale);
     assert_eq!(c.audit.durability, bare.audit.durability);
     assert_eq!(c.audit.rotate_bytes, bare.audit.rotate_bytes);
+    assert_eq!(c.agent.loopback_only, bare.agent.loopback_only);
+    match (&c.vaults[0].backend, &bare.vaults[0].backend) {
+        (
+            BackendConfig::KeyVault { connect_timeout: a1, request_timeout: b1, deadline: d1, .. },
+            BackendConfig::KeyVault { connect_timeout: a2, request_timeout: b2, deadline: d2, .. },
+        ) => assert_eq!((a1, b1, d1), (a2, b2, d2)),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn key_vault_keys_parse_and_are_checked() {
+    let text = GOOD.replace(
+        "kind = \"local\"\nfile = \"secrets.toml\"",
+        "url = \"https://x.vault.azure.net\"\nconnect_to = [\"x.vault.azure.net:443:127.0.0.1:8443\"]\ndeadline = \"2s\"",
+    );
+    let c = load(&text).unwrap();
+    match &c.vaults[0].backend {
+        BackendConfig::KeyVault { connect_to, deadline, .. } => {
+            assert_eq!(connect_to[0].addr, "127.0.0.1:8443".parse().unwrap());
+            assert_eq!(*deadline, Duration::from_secs(2));
+        }
+        other => panic!("{other:?}"),
+    }
+    let bad = text.replace("x.vault.azure.net:443:127.0.0.1:8443", "nonsense");
+    let e = load(&bad).unwrap_err().to_string();
+    assert!(e.contains(":13: key `connect_to`: invalid connect_to \"nonsense\""), "{e}");
+    let http = text.replace("https://x", "http://x");
+    assert!(load(&http).unwrap_err().to_string().contains("must start with https://"));
+    let local_ca = GOOD.replace("file = \"secrets.toml\"", "file = \"secrets.toml\"\nca_file = \"ca.pem\"");
+    assert!(load(&local_ca).unwrap_err().to_string().contains("only for Key Vault"));
 }

@@ -241,3 +241,19 @@ fn hung_vault_does_not_hold_callers_past_the_deadline() {
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "{took:?}");
     assert!(v["error"]["message"].as_str().unwrap().contains("did not answer within 2s"), "{v}");
 }
+
+/// With `RUST_LOG=trace`, the Azure SDK's own tracing reaches the agent's log, and still no
+/// value or token appears in it.
+#[test]
+fn sdk_trace_output_is_captured_and_holds_no_value_or_token() {
+    let value = canary("sdktrace");
+    let emu = EmulatorProc::start(&[("s", &value)]);
+    let agent = Agent::builder("sdktrace").keyvault(&emu, "app-service").allow_uid(0).env("RUST_LOG", "trace").start();
+    assert_eq!(run(kvb(&agent.socket, None).args(["get", "s"])).1, value);
+    let out = agent.output();
+    assert!(out.contains("azure_core") || out.contains("typespec"), "SDK tracing is captured");
+    assert!(!out.contains("emu-token-"), "no bearer token in the log");
+    let header = &emu.info.identity["app-service"].env["IDENTITY_HEADER"];
+    assert!(!out.contains(header.as_str()), "no identity header secret in the log");
+    agent.assert_no_canary(&[&value], &[]);
+}
