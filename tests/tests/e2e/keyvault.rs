@@ -248,12 +248,50 @@ fn hung_vault_does_not_hold_callers_past_the_deadline() {
 fn sdk_trace_output_is_captured_and_holds_no_value_or_token() {
     let value = canary("sdktrace");
     let emu = EmulatorProc::start(&[("s", &value)]);
-    let agent = Agent::builder("sdktrace").keyvault(&emu, "app-service").allow_uid(0).env("RUST_LOG", "trace").start();
+    let agent = Agent::builder("sdktrace")
+        .keyvault(&emu, "app-service")
+        .allow_uid(0)
+        .env("RUST_LOG", "trace")
+        .start();
     assert_eq!(run(kvb(&agent.socket, None).args(["get", "s"])).1, value);
     let out = agent.output();
     assert!(out.contains("azure_core") || out.contains("typespec"), "SDK tracing is captured");
     assert!(!out.contains("emu-token-"), "no bearer token in the log");
     let header = &emu.info.identity["app-service"].env["IDENTITY_HEADER"];
     assert!(!out.contains(header.as_str()), "no identity header secret in the log");
+    agent.assert_no_canary(&[&value], &[]);
+}
+
+/// `source = "azure-cli"` runs `az account get-access-token`; a stand-in `az` on PATH gets a
+/// real token from the emulator (loopback) and prints it the way the CLI does.
+#[test]
+fn reads_through_azure_cli() {
+    use std::os::unix::fs::PermissionsExt;
+    let value = canary("azcli");
+    let emu = EmulatorProc::start(&[("s", &value)]);
+    let bin_dir = emu.dir.path().join("fake-bin");
+    std::fs::create_dir(&bin_dir).unwrap();
+    let marker = emu.dir.path().join("az-called");
+    let base = emu.info.control_url.trim_end_matches("/control");
+    let script = format!(
+        "#!/bin/sh\n# Stand-in for the Azure CLI: a token from the emulator.\n\
+         echo \"$@\" > {marker}\n\
+         out=$(curl -s -H 'Metadata: true' '{base}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net')\n\
+         python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(json.dumps({{\"accessToken\": d[\"access_token\"], \"expires_on\": int(d[\"expires_on\"]), \"tokenType\": \"Bearer\"}}))' \"$out\"\n",
+        marker = marker.display()
+    );
+    let az = bin_dir.join("az");
+    std::fs::write(&az, script).unwrap();
+    std::fs::set_permissions(&az, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let agent = Agent::builder("azcli").keyvault(&emu, "azure-cli").env("PATH", &path).allow_uid(0).start();
+    let (code, out, err) = run(kvb(&agent.socket, None).args(["get", "s"]));
+    assert_eq!((code, err.as_str()), (0, ""), "{}", agent.output());
+    assert_eq!(out, value);
+    let args = std::fs::read_to_string(&marker).unwrap();
+    assert!(
+        args.starts_with("account get-access-token -o json --scope https://vault.azure.net/.default"),
+        "{args}"
+    );
     agent.assert_no_canary(&[&value], &[]);
 }
