@@ -10,6 +10,7 @@ use kvbroker_proto::{AgentInfo, AuditRecord, Event, Outcome};
 
 use crate::Error;
 use crate::audit::Auditor;
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::policy::Policy;
 use crate::server::{self, Ctx};
@@ -29,7 +30,7 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
         tracing::warn!(note = note.as_str(), "audit log tail handled");
     }
     let auditor = Arc::new(auditor);
-    let vaults = Vaults::from_config(&config)?;
+    let vaults = Arc::new(Vaults::from_config(&config)?);
     let policy = Policy::load(&config.policy.file)?;
     let (listener, socket_file) =
         server::bind(&config.agent.socket, config.agent.socket_mode, config.agent.socket_group.as_deref())?;
@@ -54,10 +55,19 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     );
     notify_systemd("READY=1");
 
-    let ctx = Arc::new(Ctx { vaults, policy: RwLock::new(Arc::new(policy)), auditor: Arc::clone(&auditor) });
+    let cache = Cache::new(config.cache.clone(), vaults, Arc::clone(&auditor));
+    let refresher = cache.spawn_refresher();
+    let ctx = Arc::new(Ctx {
+        cache: cache.clone(),
+        policy: RwLock::new(Arc::new(policy)),
+        auditor: Arc::clone(&auditor),
+    });
     let reload = tokio::spawn(reload_on_hangup(Arc::clone(&ctx), config.policy.file.clone()));
     let why = server::serve(listener, ctx, shutdown::terminate(), config.agent.shutdown_grace).await;
     reload.abort();
+    refresher.abort();
+    // Every cached value is wiped once the last in-flight answer has let go of it.
+    cache.clear();
     notify_systemd("STOPPING=1");
 
     let mut stop = AuditRecord::new(Event::AgentStop);

@@ -99,6 +99,8 @@ pub enum BackendConfig {
         request_timeout: Duration,
         /// The longest a caller waits for this vault, retries included.
         deadline: Duration,
+        /// Calls to this vault per second, at most (refreshes and misses together).
+        max_calls_per_second: u32,
     },
 }
 
@@ -106,6 +108,10 @@ pub enum BackendConfig {
 pub struct CacheConfig {
     pub refresh_interval: Duration,
     pub max_stale: Duration,
+    /// Entries not read for this long are dropped (and their values wiped).
+    pub evict_idle: Duration,
+    /// How long a version replaced by a rotation stays readable by its id.
+    pub version_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -182,6 +188,7 @@ struct RawVault {
     connect_timeout: Option<HumanDuration>,
     request_timeout: Option<HumanDuration>,
     deadline: Option<HumanDuration>,
+    max_calls_per_second: Option<std::num::NonZeroU32>,
 }
 
 /// One `connect_to` string, parsed where it stands so errors point at its line.
@@ -211,6 +218,8 @@ enum VaultKind {
 struct RawCache {
     refresh_interval: Option<HumanDuration>,
     max_stale: Option<HumanDuration>,
+    evict_idle: Option<HumanDuration>,
+    version_grace: Option<HumanDuration>,
 }
 
 #[derive(Deserialize)]
@@ -312,7 +321,8 @@ impl Config {
                 || v.connect_to.is_some()
                 || v.connect_timeout.is_some()
                 || v.request_timeout.is_some()
-                || v.deadline.is_some();
+                || v.deadline.is_some()
+                || v.max_calls_per_second.is_some();
             if v.kind == Some(VaultKind::Local) && remote_only {
                 return Err(invalid(format!(
                     "[[vault]] {alias}: ca_file, connect_to and the timeouts are only for Key Vault (url = …)"
@@ -351,6 +361,7 @@ impl Config {
                         connect_timeout: v.connect_timeout.map_or(Duration::from_secs(5), |d| d.0),
                         request_timeout: v.request_timeout.map_or(Duration::from_secs(10), |d| d.0),
                         deadline: v.deadline.map_or(Duration::from_secs(15), |d| d.0),
+                        max_calls_per_second: v.max_calls_per_second.map_or(20, std::num::NonZeroU32::get),
                     }
                 }
                 (None | Some(VaultKind::KeyVault), _, Some(_)) => {
@@ -374,7 +385,12 @@ impl Config {
         let cache = CacheConfig {
             refresh_interval: raw.cache.refresh_interval.map_or(Duration::from_secs(300), |d| d.0),
             max_stale: raw.cache.max_stale.map_or(Duration::from_secs(3600), |d| d.0),
+            evict_idle: raw.cache.evict_idle.map_or(Duration::from_secs(3600), |d| d.0),
+            version_grace: raw.cache.version_grace.map_or(Duration::from_secs(600), |d| d.0),
         };
+        if cache.refresh_interval < Duration::from_secs(1) {
+            return Err(invalid("[cache] refresh_interval must be at least 1s".into()));
+        }
         let audit = raw.audit.ok_or_else(|| {
             invalid("missing [audit] section: add path = \"/var/log/kvbroker/audit.jsonl\"".into())
         })?;

@@ -8,12 +8,14 @@
 //! - `peer`: kernel-attested caller facts; `policy`: deciding; `vault`: secret backends.
 //! - `identity`: managed identity credentials; `transport`: the HTTP client they and the
 //!   Key Vault client use (rustls, connect_to overrides, loopback-only guard).
+//! - `cache`: single-flight fetches, refresh-ahead, stale-on-error, versions, long polls.
 //! - `audit`: the hash-chained audit log and its verifier.
 //!
 //! No module logs or formats a secret value; values live only in `SecretValue`.
 
 pub mod app;
 pub mod audit;
+mod cache;
 pub mod cli;
 pub mod config;
 pub mod dev;

@@ -129,6 +129,7 @@ pub struct AgentBuilder {
     env: Vec<(String, String)>,
     grace: Option<&'static str>,
     keyvault: Option<KeyVaultSetup>,
+    cache: String,
 }
 
 /// A Key Vault at an emulator, reached with one identity source.
@@ -167,6 +168,7 @@ impl Agent {
             env: Vec::new(),
             grace: None,
             keyvault: None,
+            cache: String::new(),
         }
     }
 }
@@ -240,6 +242,13 @@ impl AgentBuilder {
         self
     }
 
+    /// `[cache]` lines, e.g. `refresh_interval = "1s"`.
+    pub fn cache(mut self, lines: &str) -> Self {
+        self.cache.push_str(lines);
+        self.cache.push('\n');
+        self
+    }
+
     /// Uses a user-assigned identity's client id (`[identity] client_id`).
     pub fn client_id(mut self, id: &str) -> Self {
         if let Some(kv) = self.keyvault.as_mut() {
@@ -307,12 +316,14 @@ impl AgentBuilder {
         let text = format!(
             "[agent]\nsocket = \"{sock}\"\nsocket_mode = \"{mode}\"\nloopback_only = true\n{agent_extra}\n\
              {vault}\
+             [cache]\n{cache}\n\
              [audit]\npath = \"{audit}\"\ndurability = \"{dur}\"\n\n\
              [policy]\nfile = \"policy.toml\"\n",
             sock = d.join("agent.sock").display(),
             mode = self.socket_mode,
             audit = self.audit().display(),
             dur = self.durability,
+            cache = self.cache,
         );
         write_mode(&config, &text, 0o644);
         config

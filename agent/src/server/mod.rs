@@ -23,13 +23,13 @@ use tokio::net::UnixListener;
 use tracing::Instrument;
 
 use crate::audit::Auditor;
+use crate::cache::Cache;
 use crate::peer::ConnPeer;
 use crate::policy::Policy;
-use crate::vault::Vaults;
 
 /// Shared state of a running agent.
 pub(crate) struct Ctx {
-    pub(crate) vaults: Vaults,
+    pub(crate) cache: Cache,
     pub(crate) policy: RwLock<Arc<Policy>>,
     pub(crate) auditor: Arc<Auditor>,
 }

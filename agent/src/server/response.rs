@@ -12,7 +12,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use kvbroker_proto::api::headers as h;
 use kvbroker_proto::{
-    ErrorBody, ErrorCode, ErrorDetail, Health, SecretName, SecretValue, VaultAlias, VersionId,
+    CacheState, ErrorBody, ErrorCode, ErrorDetail, Health, SecretName, SecretValue, VaultAlias, VersionId,
 };
 use serde::Serialize;
 use zeroize::Zeroizing;
@@ -105,8 +105,21 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
 /// A served secret, ready to answer.
 pub(crate) struct Served {
     pub(crate) vault: VaultAlias,
-    pub(crate) fetched: Fetched,
-    pub(crate) stale: bool,
+    pub(crate) fetched: Arc<Fetched>,
+    pub(crate) state: CacheState,
+}
+
+impl Served {
+    fn stale(&self) -> bool {
+        self.state == CacheState::Stale
+    }
+}
+
+/// The end of a long poll with no new version.
+pub(crate) fn not_modified() -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NOT_MODIFIED;
+    r
 }
 
 /// The JSON answer, borrowing everything from the cache entry.
@@ -156,7 +169,7 @@ pub(crate) fn secret(s: &Served, raw: bool) -> Result<Response<Body>, Failure> {
         put(h::NAME, f.name.as_str());
         put(h::VERSION, f.version.as_str());
         put(h::FETCHED_AT, &rfc3339(f.fetched_at));
-        put(h::STALE, if s.stale { "true" } else { "false" });
+        put(h::STALE, if s.stale() { "true" } else { "false" });
         if let Some(ct) = &f.content_type {
             put(h::CONTENT_TYPE, ct);
         }
@@ -177,7 +190,7 @@ pub(crate) fn secret(s: &Served, raw: bool) -> Result<Response<Body>, Failure> {
         not_before: f.not_before.map(rfc3339),
         expires_on: f.expires_on.map(rfc3339),
         fetched_at: rfc3339(f.fetched_at),
-        stale: s.stale,
+        stale: s.stale(),
     };
     // Sized for the worst case (every byte escaped as \uXXXX) so the buffer never grows:
     // growing would leave an unwiped copy of the value in freed memory.

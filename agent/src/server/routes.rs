@@ -1,7 +1,7 @@
 //! Request handling: route, attest, decide, fetch, audit, answer — in that order. The audit
 //! record is written before the answer leaves; if it cannot be, the answer is 503.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::{Method, Request, Response, header};
 use kvbroker_proto::{AuditRecord, CacheState, Event, Outcome, SecretName, SecretQuery, SecretRef};
@@ -49,10 +49,16 @@ async fn read_secret<B>(
     rec.peer = Some(peer.info());
     let result = decide_and_fetch(ctx, peer, req, raw_name, &mut rec).await;
     let raw = wants_raw(req);
-    let answer = result.and_then(|served| {
-        let r = response::secret(&served, raw)?;
-        rec.cache = Some(if served.stale { CacheState::Stale } else { CacheState::Hit });
-        Ok(r)
+    let answer = result.and_then(|served| match served {
+        Some(served) => {
+            let r = response::secret(&served, raw)?;
+            rec.cache = Some(served.state);
+            Ok(r)
+        }
+        None => {
+            rec.reason = Some("not modified (long poll ended with no new version)".into());
+            Ok(response::not_modified())
+        }
     });
     match &answer {
         Ok(_) => rec.outcome = Some(Outcome::Allowed),
@@ -84,29 +90,28 @@ async fn read_secret<B>(
 }
 
 /// Everything up to the answer, filling in the audit record as facts become known.
+/// `Ok(None)`: a long poll that ended with no new version (304).
 async fn decide_and_fetch<B>(
     ctx: &Ctx,
     peer: &ConnPeer,
     req: &Request<B>,
     raw_name: &str,
     rec: &mut AuditRecord,
-) -> Result<Served, Failure> {
+) -> Result<Option<Served>, Failure> {
     if has_body(req) {
         return Err(Failure::BodyTooLarge);
     }
     let name: SecretName = raw_name.parse().map_err(|e| Failure::BadRequest(format!("{e}")))?;
     let query = SecretQuery::parse(req.uri().query().unwrap_or(""))
         .map_err(|e| Failure::BadRequest(e.to_string()))?;
-    if query.changed_from.is_some() {
+    if query.changed_from.is_some() && query.version.is_some() {
         return Err(Failure::BadRequest(
-            "long polling (changed_from, wait) needs the cache, which this agent does not have yet".into(),
+            "version and changed_from cannot be combined: a pinned version never changes".into(),
         ));
     }
-    let vault = ctx.vaults.resolve(query.vault.as_ref()).cloned().ok_or_else(|| {
+    let vault = ctx.cache.vaults().resolve(query.vault.as_ref()).cloned().ok_or_else(|| {
         Failure::BadRequest(match &query.vault {
-            Some(v) => {
-                format!("unknown vault {v}: check the vault parameter against [[vault]] alias")
-            }
+            Some(v) => format!("unknown vault {v}: check the vault parameter against [[vault]] alias"),
             None => "no default vault: pass vault=ALIAS".into(),
         })
     })?;
@@ -124,21 +129,31 @@ async fn decide_and_fetch<B>(
         Decision::Deny { reason } => return Err(Failure::Denied { reason }),
     }
 
-    let backend = ctx.vaults.get(&vault).ok_or(Failure::NoRoute)?;
-    let fetched = match backend.get(&name, query.version.as_ref()).await {
-        Ok(f) => f,
+    let looked_up = match (&query.changed_from, query.wait) {
+        (Some(from), Some(wait)) => {
+            let wait = Duration::from_secs(u64::from(wait));
+            ctx.cache.wait_change(&vault, &name, from, wait).await
+        }
+        _ => ctx.cache.get(&vault, &name, query.version.as_ref()).await.map(Some),
+    };
+    let looked_up = match looked_up {
+        Ok(Some(l)) => l,
+        Ok(None) => return Ok(None),
         Err(e) => {
             rec.upstream_request_id = e.upstream_request_id().map(str::to_owned);
             return Err(Failure::Vault(e));
         }
     };
-    rec.upstream_request_id = fetched.upstream_request_id.clone();
+    let fetched = looked_up.fetched;
+    if looked_up.state == CacheState::Miss {
+        rec.upstream_request_id = fetched.upstream_request_id.clone();
+    }
     if let Some(s) = rec.secret.as_mut() {
         s.name = fetched.name.to_string();
         s.version = Some(fetched.version.to_string());
     }
     check_usable(&fetched, &vault)?;
-    Ok(Served { vault, fetched, stale: false })
+    Ok(Some(Served { vault, fetched, state: looked_up.state }))
 }
 
 /// `enabled`, `nbf` and `exp`, enforced by the agent: Key Vault returns expired secrets.

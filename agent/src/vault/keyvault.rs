@@ -32,6 +32,57 @@ pub(crate) struct KeyVaultBackend {
     client: SecretClient,
     identity: String,
     deadline: Duration,
+    pace: Pace,
+}
+
+/// Protects the vault: at most `rate` calls per second (a token bucket with a burst of one
+/// second's worth), and no call at all while a 429's `Retry-After` runs. Every call to this
+/// vault — misses, refreshes, retries — passes here, so many failing secrets cannot storm it.
+struct Pace {
+    rate: f64,
+    state: std::sync::Mutex<PaceState>,
+}
+
+struct PaceState {
+    tokens: f64,
+    last: Instant,
+    blocked_until: Option<Instant>,
+}
+
+impl Pace {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self {
+            rate,
+            state: std::sync::Mutex::new(PaceState {
+                tokens: rate,
+                last: Instant::now(),
+                blocked_until: None,
+            }),
+        }
+    }
+
+    /// Reserves the next call; returns how long to wait before making it.
+    fn reserve(&self) -> Duration {
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        s.tokens = (s.tokens + now.duration_since(s.last).as_secs_f64() * self.rate).min(self.rate);
+        s.last = now;
+        s.tokens -= 1.0;
+        let mut wait =
+            if s.tokens < 0.0 { Duration::from_secs_f64(-s.tokens / self.rate) } else { Duration::ZERO };
+        if let Some(until) = s.blocked_until {
+            wait = wait.max(until.saturating_duration_since(now));
+        }
+        wait
+    }
+
+    /// Stops all calls for `d` (a 429's `Retry-After`).
+    fn block_for(&self, d: Duration) {
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let until = Instant::now() + d;
+        s.blocked_until = Some(s.blocked_until.map_or(until, |b| b.max(until)));
+    }
 }
 
 impl KeyVaultBackend {
@@ -41,6 +92,7 @@ impl KeyVaultBackend {
         identity: &Identity,
         http: Arc<HyperTransport>,
         deadline: Duration,
+        max_calls_per_second: u32,
     ) -> Result<Self, String> {
         let options = SecretClientOptions {
             client_options: ClientOptions {
@@ -53,7 +105,14 @@ impl KeyVaultBackend {
         };
         let client =
             SecretClient::new(url, identity.credential.clone(), Some(options)).map_err(|e| e.to_string())?;
-        Ok(Self { alias, url: url.to_owned(), client, identity: identity.description.clone(), deadline })
+        Ok(Self {
+            alias,
+            url: url.to_owned(),
+            client,
+            identity: identity.description.clone(),
+            deadline,
+            pace: Pace::new(max_calls_per_second),
+        })
     }
 
     async fn fetch(
@@ -65,6 +124,21 @@ impl KeyVaultBackend {
         let start = Instant::now();
         let mut attempt = 0u32;
         loop {
+            let wait = self.pace.reserve();
+            if !wait.is_zero() {
+                if start.elapsed() + wait >= self.deadline {
+                    return Err(VaultError::Unavailable {
+                        vault: self.alias.clone(),
+                        reason: format!(
+                            "calls to Key Vault {} are paused for {:.1}s (throttled, or over max_calls_per_second)",
+                            self.url,
+                            wait.as_secs_f64()
+                        ),
+                        upstream_request_id: None,
+                    });
+                }
+                tokio::time::sleep(wait).await;
+            }
             let options = SecretClientGetSecretOptions {
                 method_options: ClientMethodOptions {
                     context: Context::new().with_value(ClientRequestId::new(request_id.to_owned())),
@@ -142,10 +216,16 @@ impl KeyVaultBackend {
                         )),
                         None,
                     ),
-                    429 => (
-                        unavailable(format!("Key Vault {} is throttling requests (HTTP 429)", self.url)),
-                        Some(retry_after.unwrap_or(Duration::ZERO)),
-                    ),
+                    429 => {
+                        if let Some(d) = retry_after {
+                            // Honoured for every call to this vault, not just this one.
+                            self.pace.block_for(d);
+                        }
+                        (
+                            unavailable(format!("Key Vault {} is throttling requests (HTTP 429)", self.url)),
+                            Some(retry_after.unwrap_or(Duration::ZERO)),
+                        )
+                    }
                     500..=599 => (
                         unavailable(format!("Key Vault {} failed (HTTP {code})", self.url)),
                         Some(retry_after.unwrap_or(Duration::ZERO)),

@@ -51,8 +51,19 @@ pub(crate) struct Fetched {
     pub(crate) upstream_request_id: Option<String>,
 }
 
+impl std::fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fetched")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("value", &self.value)
+            .field("enabled", &self.enabled)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Why a fetch failed. Never holds a value or a token.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub(crate) enum VaultError {
     #[error("secret {name} not found in vault {vault}")]
@@ -122,6 +133,7 @@ impl Vaults {
                     connect_timeout,
                     request_timeout,
                     deadline,
+                    max_calls_per_second,
                 } => {
                     let identity = match &identity {
                         Some(i) => i.clone(),
@@ -138,8 +150,15 @@ impl Vaults {
                         connect_timeout: *connect_timeout,
                         request_timeout: *request_timeout,
                     })?;
-                    let kv = KeyVaultBackend::new(v.alias.clone(), url, &identity, http, *deadline)
-                        .map_err(|reason| VaultSetupError::Client { alias: v.alias.clone(), reason })?;
+                    let kv = KeyVaultBackend::new(
+                        v.alias.clone(),
+                        url,
+                        &identity,
+                        http,
+                        *deadline,
+                        *max_calls_per_second,
+                    )
+                    .map_err(|reason| VaultSetupError::Client { alias: v.alias.clone(), reason })?;
                     tracing::info!(
                         vault = %v.alias,
                         url = url.as_str(),
@@ -152,6 +171,13 @@ impl Vaults {
             by_alias.insert(v.alias.clone(), backend);
         }
         Ok(Self { by_alias, default: config.default_vault().cloned() })
+    }
+
+    /// Vaults from ready-made backends (tests).
+    #[cfg(test)]
+    pub(crate) fn from_backends(backends: Vec<(VaultAlias, Arc<dyn Backend>)>) -> Self {
+        let default = backends.first().map(|(a, _)| a.clone());
+        Self { by_alias: backends.into_iter().collect(), default }
     }
 
     /// The alias a request means: the one it names, or the default.

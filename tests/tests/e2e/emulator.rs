@@ -111,12 +111,21 @@ fn emulator_speaks_the_secrets_api() {
 #[test]
 fn agent_reads_a_pinned_version_from_key_vault() {
     let emu = EmulatorProc::start(&[("s", "first")]);
-    let agent = Agent::builder("pinned").keyvault(&emu, "azure-ml").allow_uid(0).start();
+    let agent = Agent::builder("pinned")
+        .keyvault(&emu, "azure-ml")
+        .allow_uid(0)
+        .cache("refresh_interval = \"1s\"")
+        .start();
     let (_, body) = raw_get(&agent.socket, "/v1/secrets/s", &[]).unwrap();
     let first: Value = serde_json::from_str(&body).unwrap();
     let v1 = first["version"].as_str().unwrap().to_owned();
     emu.set_secret("s", "second", serde_json::json!({}));
-    assert_eq!(run(kvb(&agent.socket, None).args(["get", "s"])).1, "second");
+    // Served from cache until the next refresh (1 s ± 10 %) finds the new version.
+    let t = std::time::Instant::now();
+    while run(kvb(&agent.socket, None).args(["get", "s"])).1 != "second" {
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "new version not picked up");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert_eq!(run(kvb(&agent.socket, None).args(["get", "s", "--version", &v1])).1, "first");
     let missing = "0".repeat(32);
     let (code, _, err) = run(kvb(&agent.socket, None).args(["get", "s", "--version", &missing]));

@@ -157,7 +157,12 @@ fn loopback_guard_refuses_a_real_vault_and_real_imds() {
 #[test]
 fn key_vault_errors_map_to_spec_codes() {
     let value = canary("map");
-    let emu = EmulatorProc::start(&[("ok", &value), ("off", &value), ("exp", &value)]);
+    let secrets: Vec<(String, String)> = ["ok1", "ok2", "ok3", "ok4", "ok5", "ok6", "off", "exp"]
+        .iter()
+        .map(|n| ((*n).to_owned(), value.clone()))
+        .collect();
+    let refs: Vec<(&str, &str)> = secrets.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let emu = EmulatorProc::start(&refs);
     emu.update_secret("off", json!({"enabled": false}));
     emu.update_secret("exp", json!({"exp": 1_000_000_000}));
     let agent = Agent::builder("map")
@@ -183,7 +188,7 @@ fn key_vault_errors_map_to_spec_codes() {
     assert!(m.contains("expired (exp 2001-09-09T01:46:40Z)"), "{m}");
 
     emu.fault(&Fault { status: Some(403), count: Some(1), ..Fault::default() });
-    let (s, c, m) = code("/v1/secrets/ok");
+    let (s, c, m) = code("/v1/secrets/ok1");
     assert_eq!((s, c.as_str()), (502, "UpstreamUnavailable"));
     assert!(
         m.contains("refused azure-ml managed identity (client id") && m.contains(&emu.info.vault_url),
@@ -193,7 +198,7 @@ fn key_vault_errors_map_to_spec_codes() {
     // Two 500s then success: retried within the deadline.
     emu.reset_counts();
     emu.fault(&Fault { status: Some(500), count: Some(2), ..Fault::default() });
-    let (s, v) = read_json(&agent, "/v1/secrets/ok");
+    let (s, v) = read_json(&agent, "/v1/secrets/ok2");
     assert_eq!(s, 200, "{v}");
     assert_eq!(emu.count("get"), 1);
     assert_eq!(emu.count("fault_500"), 2);
@@ -201,26 +206,31 @@ fn key_vault_errors_map_to_spec_codes() {
     // 500 forever: 502 within the deadline.
     emu.fault(&Fault { status: Some(500), ..Fault::default() });
     let t = Instant::now();
-    let (s, c, _) = code("/v1/secrets/ok");
+    let (s, c, _) = code("/v1/secrets/ok3");
     assert_eq!((s, c.as_str()), (502, "UpstreamUnavailable"));
     assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
     emu.clear_faults();
 
+    // A dropped connection is retried.
+    emu.fault(&Fault { drop: true, count: Some(1), ..Fault::default() });
+    assert_eq!(read_json(&agent, "/v1/secrets/ok5").0, 200);
     // 429 with Retry-After longer than the deadline: no waiting past it.
     emu.fault(&Fault { status: Some(429), retry_after: Some(30), count: Some(1), ..Fault::default() });
     let t = Instant::now();
-    let (s, _, m) = code("/v1/secrets/ok");
+    let (s, _, m) = code("/v1/secrets/ok4");
     assert_eq!(s, 502);
-    assert!(m.contains("throttling"), "{m}");
+    assert!(m.contains("throttling") || m.contains("paused"), "{m}");
     assert!(t.elapsed() < Duration::from_secs(4));
 
-    // A dropped connection is retried.
-    emu.fault(&Fault { drop: true, count: Some(1), ..Fault::default() });
-    assert_eq!(read_json(&agent, "/v1/secrets/ok").0, 200);
+    // Retry-After is honoured for every call to that vault: another secret is not fetched
+    // either (the pause outlasts the 3 s deadline, so the answer comes at once).
+    let t = Instant::now();
+    let (s, _, m) = code("/v1/secrets/ok6");
+    assert_eq!(s, 502);
+    assert!(m.contains("paused"), "{m}");
+    assert!(t.elapsed() < Duration::from_secs(1));
     let recs = agent.audit_records();
-    assert!(
-        recs.iter().filter(|r| r["event"] == "secret.read").all(|r| r["upstream_request_id"].is_string())
-    );
+    assert!(recs.iter().filter(|r| r["cache"] == "miss").all(|r| r["upstream_request_id"].is_string()));
     agent.assert_no_canary(&[&value], &[]);
 }
 

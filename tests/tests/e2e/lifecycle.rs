@@ -98,7 +98,7 @@ fn check_config_reports_file_line_and_key() {
     assert_eq!(code, 1);
     assert!(
         err.starts_with(&format!(
-            "kvbroker: {}:13: key `durability`: unknown variant `often`, expected `write` or `fsync`",
+            "kvbroker: {}:15: key `durability`: unknown variant `often`, expected `write` or `fsync`",
             config.display()
         )),
         "{err}"

@@ -1,0 +1,422 @@
+//! The secret cache: one Key Vault call per secret per node, however many callers ask.
+//!
+//! - **Single flight**: concurrent misses for the same (vault, name, version) share one
+//!   fetch (a `OnceCell` per key); its result or error goes to every waiter.
+//! - **Refresh ahead**: a background task refreshes every cached secret each
+//!   `refresh_interval` (± 10 % jitter, so a fleet does not refresh in lockstep). A read
+//!   never waits for the vault once a value is cached.
+//! - **Stale on error**: when a refresh fails the last good value is served, marked stale,
+//!   for up to `max_stale`; after that reads get 502. A 404 or a disabled secret is not
+//!   transient: the value stops being served at once. Failing entries back off
+//!   (1 s, 2 s, 4 s … capped at `refresh_interval`), so many failing secrets cause no storm.
+//! - **Versions**: a new current version found by a refresh writes
+//!   `secret.version_changed`, wakes long polls, and keeps the previous version readable by
+//!   id for `version_grace`. Pinned versions are immutable and served from cache.
+//! - **Memory**: values live only in `SecretValue` behind `Arc`; an evicted or replaced
+//!   value is zeroized when its last reader drops it. Idle entries go after `evict_idle`.
+//!
+//! Never logs values; the audit records it writes carry names, versions and request ids.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvbroker_proto::{AuditRecord, CacheState, Event, Outcome, SecretName, SecretRef, VaultAlias, VersionId};
+use tokio::sync::{OnceCell, watch};
+
+use crate::audit::Auditor;
+use crate::config::CacheConfig;
+use crate::vault::{Fetched, VaultError, Vaults};
+
+type Key = (VaultAlias, String);
+type FlightKey = (VaultAlias, String, Option<VersionId>);
+type Flight = Arc<OnceCell<Result<Arc<Fetched>, VaultError>>>;
+
+/// A value as served, and how.
+pub(crate) struct Lookup {
+    pub(crate) fetched: Arc<Fetched>,
+    pub(crate) state: CacheState,
+}
+
+#[derive(Clone)]
+pub(crate) struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    entries: Mutex<HashMap<Key, Entry>>,
+    flights: Mutex<HashMap<FlightKey, Flight>>,
+    cfg: CacheConfig,
+    vaults: Arc<Vaults>,
+    auditor: Arc<Auditor>,
+}
+
+struct Entry {
+    /// The current version; `None` after a 404/disabled, or for pinned-only entries.
+    current: Option<Arc<Fetched>>,
+    /// Why the secret is no longer served (404 or disabled), until a refresh finds it again.
+    gone: Option<VaultError>,
+    /// Versions replaced by a rotation, with when; readable by id until `version_grace`.
+    retired: Vec<(Arc<Fetched>, Instant)>,
+    /// Versions read by id.
+    pinned: HashMap<VersionId, Arc<Fetched>>,
+    last_read: Instant,
+    last_good: Instant,
+    failing_since: Option<Instant>,
+    last_error: Option<String>,
+    failures: u32,
+    next_refresh: Instant,
+    changed: watch::Sender<Option<VersionId>>,
+}
+
+impl Entry {
+    fn new(now: Instant) -> Self {
+        Self {
+            current: None,
+            gone: None,
+            retired: Vec::new(),
+            pinned: HashMap::new(),
+            last_read: now,
+            last_good: now,
+            failing_since: None,
+            last_error: None,
+            failures: 0,
+            next_refresh: now,
+            changed: watch::channel(None).0,
+        }
+    }
+
+    fn find_version(&self, v: &VersionId) -> Option<&Arc<Fetched>> {
+        self.current
+            .iter()
+            .chain(self.retired.iter().map(|(f, _)| f))
+            .chain(self.pinned.values())
+            .find(|f| f.version == *v)
+    }
+}
+
+/// One cached secret, for `kvbroker ctl status`. Never a value.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct EntryStatus {
+    pub(crate) vault: String,
+    pub(crate) name: String,
+    pub(crate) version: Option<String>,
+    pub(crate) age_secs: u64,
+    pub(crate) idle_secs: u64,
+    pub(crate) stale: bool,
+    pub(crate) retired_versions: usize,
+    pub(crate) last_error: Option<String>,
+}
+
+fn jitter(d: Duration) -> Duration {
+    // ±10 %, so refreshes across a fleet spread out.
+    d.mul_f64(0.9 + fastrand::f64() * 0.2)
+}
+
+impl Cache {
+    pub(crate) fn new(cfg: CacheConfig, vaults: Arc<Vaults>, auditor: Arc<Auditor>) -> Self {
+        let inner = Inner {
+            entries: Mutex::new(HashMap::new()),
+            flights: Mutex::new(HashMap::new()),
+            cfg,
+            vaults,
+            auditor,
+        };
+        Self { inner: Arc::new(inner) }
+    }
+
+    pub(crate) fn vaults(&self) -> &Vaults {
+        &self.inner.vaults
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+        self.inner.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A secret's current version, or `version`, from cache or (once) from the vault.
+    pub(crate) async fn get(
+        &self,
+        vault: &VaultAlias,
+        name: &SecretName,
+        version: Option<&VersionId>,
+    ) -> Result<Lookup, VaultError> {
+        let key = (vault.clone(), name.key().to_owned());
+        let now = Instant::now();
+        {
+            let mut entries = self.entries();
+            if let Some(e) = entries.get_mut(&key) {
+                e.last_read = now;
+                match version {
+                    Some(v) => {
+                        if let Some(f) = e.find_version(v) {
+                            return Ok(Lookup { fetched: Arc::clone(f), state: CacheState::Hit });
+                        }
+                    }
+                    None => {
+                        if let Some(gone) = &e.gone {
+                            return Err(gone.clone());
+                        }
+                        if let Some(cur) = &e.current {
+                            let Some(since) = e.failing_since else {
+                                return Ok(Lookup { fetched: Arc::clone(cur), state: CacheState::Hit });
+                            };
+                            if now.duration_since(e.last_good) <= self.inner.cfg.max_stale {
+                                return Ok(Lookup { fetched: Arc::clone(cur), state: CacheState::Stale });
+                            }
+                            return Err(VaultError::Unavailable {
+                                vault: vault.clone(),
+                                reason: format!(
+                                    "failing for {}s and the cached value is older than max_stale ({}s): {}",
+                                    now.duration_since(since).as_secs(),
+                                    self.inner.cfg.max_stale.as_secs(),
+                                    e.last_error.as_deref().unwrap_or("unknown error")
+                                ),
+                                upstream_request_id: None,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let fetched = self.fetch(vault, name, version).await?;
+        Ok(Lookup { fetched, state: CacheState::Miss })
+    }
+
+    /// Fetches through the single flight for (vault, name, version), installing the result.
+    async fn fetch(
+        &self,
+        vault: &VaultAlias,
+        name: &SecretName,
+        version: Option<&VersionId>,
+    ) -> Result<Arc<Fetched>, VaultError> {
+        let fkey = (vault.clone(), name.key().to_owned(), version.cloned());
+        let flight = {
+            let mut flights = self.inner.flights.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            Arc::clone(flights.entry(fkey.clone()).or_default())
+        };
+        let result = flight
+            .get_or_init(|| async {
+                let backend = self.inner.vaults.get(vault).ok_or_else(|| VaultError::Unavailable {
+                    vault: vault.clone(),
+                    reason: "no such vault".into(),
+                    upstream_request_id: None,
+                })?;
+                let result = backend.get(name, version).await.map(Arc::new);
+                // Installed before the flight ends, so no later reader misses it.
+                self.install(vault, name, version.is_some(), &result);
+                result
+            })
+            .await
+            .clone();
+        let mut flights = self.inner.flights.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if flights.get(&fkey).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+            flights.remove(&fkey);
+        }
+        result
+    }
+
+    /// Records a fetch's outcome in the entry (creating it on success).
+    fn install(
+        &self,
+        vault: &VaultAlias,
+        name: &SecretName,
+        pinned: bool,
+        result: &Result<Arc<Fetched>, VaultError>,
+    ) {
+        let key = (vault.clone(), name.key().to_owned());
+        let now = Instant::now();
+        let cfg = &self.inner.cfg;
+        let mut entries = self.entries();
+        let changed = match result {
+            Ok(f) if pinned => {
+                entries
+                    .entry(key)
+                    .or_insert_with(|| Entry::new(now))
+                    .pinned
+                    .insert(f.version.clone(), Arc::clone(f));
+                None
+            }
+            Ok(f) => {
+                let e = entries.entry(key).or_insert_with(|| Entry::new(now));
+                let previous = e.current.replace(Arc::clone(f));
+                e.gone = None;
+                e.failing_since = None;
+                e.last_error = None;
+                e.failures = 0;
+                e.last_good = now;
+                e.next_refresh = now + jitter(cfg.refresh_interval);
+                match previous {
+                    Some(p) if p.version != f.version => {
+                        e.retired.push((p.clone(), now));
+                        e.changed.send_replace(Some(f.version.clone()));
+                        Some((p, Arc::clone(f)))
+                    }
+                    None => {
+                        e.changed.send_replace(Some(f.version.clone()));
+                        None
+                    }
+                    Some(_) => None,
+                }
+            }
+            Err(err @ (VaultError::NotFound { .. } | VaultError::Disabled { .. })) if !pinned => {
+                if let Some(e) = entries.get_mut(&key) {
+                    // Not transient: stop serving the value now (it is wiped once unused).
+                    e.current = None;
+                    e.gone = Some(err.clone());
+                    e.failing_since = None;
+                    e.next_refresh = now + jitter(cfg.refresh_interval);
+                }
+                None
+            }
+            Err(err) if !pinned => {
+                if let Some(e) = entries.get_mut(&key) {
+                    e.failing_since.get_or_insert(now);
+                    e.last_error = Some(err.to_string());
+                    e.failures = e.failures.saturating_add(1);
+                    let backoff = Duration::from_secs(1u64 << e.failures.min(6)).min(cfg.refresh_interval);
+                    e.next_refresh = now + jitter(backoff);
+                }
+                None
+            }
+            Err(_) => None,
+        };
+        drop(entries);
+        if let Some((old, new)) = changed {
+            self.audit_version_change(vault, &old, &new);
+        }
+    }
+
+    fn audit_version_change(&self, vault: &VaultAlias, old: &Fetched, new: &Fetched) {
+        let mut rec = AuditRecord::new(Event::SecretVersionChanged);
+        rec.outcome = Some(Outcome::Ok);
+        rec.secret = Some(SecretRef {
+            vault: vault.to_string(),
+            name: new.name.to_string(),
+            version: Some(new.version.to_string()),
+            previous_version: Some(old.version.to_string()),
+        });
+        rec.upstream_request_id = new.upstream_request_id.clone();
+        tracing::info!(vault = %vault, secret = %new.name, version = %new.version, "new version cached");
+        if let Err(e) = self.inner.auditor.append(rec) {
+            tracing::error!(error = %e, "cannot write secret.version_changed");
+        }
+    }
+
+    /// Waits up to `wait` for the current version to differ from `from`. `Ok(None)`: it did
+    /// not change in time.
+    pub(crate) async fn wait_change(
+        &self,
+        vault: &VaultAlias,
+        name: &SecretName,
+        from: &VersionId,
+        wait: Duration,
+    ) -> Result<Option<Lookup>, VaultError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let now = self.get(vault, name, None).await?;
+            if now.fetched.version != *from {
+                return Ok(Some(now));
+            }
+            let mut rx = {
+                let entries = self.entries();
+                match entries.get(&(vault.clone(), name.key().to_owned())) {
+                    Some(e) => e.changed.subscribe(),
+                    None => continue,
+                }
+            };
+            rx.mark_unchanged();
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(_) => continue,
+                Err(_) => return Ok(None),
+            }
+        }
+    }
+
+    /// Refreshes one secret now (`kvbroker ctl refresh`).
+    pub(crate) async fn refresh_now(
+        &self,
+        vault: &VaultAlias,
+        name: &SecretName,
+    ) -> Result<VersionId, VaultError> {
+        self.fetch(vault, name, None).await.map(|f| f.version.clone())
+    }
+
+    /// What is cached, without values.
+    pub(crate) fn status(&self) -> Vec<EntryStatus> {
+        let now = Instant::now();
+        let entries = self.entries();
+        let mut out: Vec<EntryStatus> = entries
+            .iter()
+            .map(|((vault, key), e)| EntryStatus {
+                vault: vault.to_string(),
+                name: e.current.as_ref().map_or_else(|| key.clone(), |f| f.name.to_string()),
+                version: e.current.as_ref().map(|f| f.version.to_string()),
+                age_secs: now.duration_since(e.last_good).as_secs(),
+                idle_secs: now.duration_since(e.last_read).as_secs(),
+                stale: e.failing_since.is_some(),
+                retired_versions: e.retired.len(),
+                last_error: e.last_error.clone().or_else(|| e.gone.as_ref().map(ToString::to_string)),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.vault, &a.name).cmp(&(&b.vault, &b.name)));
+        out
+    }
+
+    /// Drops every cached value (each is wiped once no request holds it).
+    pub(crate) fn clear(&self) {
+        self.entries().clear();
+    }
+
+    /// Evicts idle entries and retired versions past their grace; returns the due refreshes.
+    fn sweep(&self) -> Vec<(VaultAlias, SecretName)> {
+        let now = Instant::now();
+        let cfg = &self.inner.cfg;
+        let mut entries = self.entries();
+        entries.retain(|_, e| now.duration_since(e.last_read) <= cfg.evict_idle);
+        let mut due = Vec::new();
+        for ((vault, _), e) in entries.iter_mut() {
+            e.retired.retain(|(_, at)| now.duration_since(*at) <= cfg.version_grace);
+            let tracked = e.current.as_ref().map(|f| f.name.clone()).or_else(|| match &e.gone {
+                Some(VaultError::NotFound { name, .. } | VaultError::Disabled { name, .. }) => {
+                    name.parse().ok()
+                }
+                _ => None,
+            });
+            if let Some(name) = tracked {
+                if e.next_refresh <= now {
+                    // Not due again until this refresh reports back.
+                    e.next_refresh = now + cfg.refresh_interval;
+                    due.push((vault.clone(), name));
+                }
+            }
+        }
+        due
+    }
+
+    /// Runs refresh-ahead and eviction until the returned handle is aborted.
+    pub(crate) fn spawn_refresher(&self) -> tokio::task::JoinHandle<()> {
+        let cache = self.clone();
+        let tick =
+            (cache.inner.cfg.refresh_interval / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        tokio::spawn(async move {
+            // At most this many refreshes in flight; the vault's own limiter paces the calls.
+            let permits = Arc::new(tokio::sync::Semaphore::new(4));
+            loop {
+                tokio::time::sleep(tick).await;
+                for (vault, name) in cache.sweep() {
+                    let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
+                    let c = cache.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = c.fetch(&vault, &name, None).await {
+                            tracing::warn!(vault = %vault, secret = %name, error = %e, "refresh failed");
+                        }
+                        drop(permit);
+                    });
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,155 @@
+use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::SystemTime;
+
+use kvbroker_proto::SecretValue;
+
+use super::*;
+use crate::config::{AuditConfig, Durability};
+use crate::vault::{Backend, BoxFuture};
+
+/// A vault whose answer the test sets, counting calls.
+struct Scripted {
+    calls: AtomicU32,
+    answer: Mutex<Result<(VersionId, &'static str), VaultError>>,
+}
+
+impl Backend for Scripted {
+    fn get<'a>(
+        &'a self,
+        name: &'a SecretName,
+        _v: Option<&'a VersionId>,
+    ) -> BoxFuture<'a, Result<Fetched, VaultError>> {
+        Box::pin(async move {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let answer = self.answer.lock().unwrap().clone();
+            answer.map(|(version, value)| Fetched {
+                name: name.clone(),
+                version,
+                value: Arc::new(SecretValue::from_slice(value.as_bytes())),
+                content_type: None,
+                enabled: true,
+                not_before: None,
+                expires_on: None,
+                fetched_at: SystemTime::now(),
+                upstream_request_id: None,
+            })
+        })
+    }
+}
+
+fn v(n: u8) -> VersionId {
+    VersionId::from_bytes([n; 16])
+}
+
+struct Fixture {
+    cache: Cache,
+    backend: Arc<Scripted>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn fixture(refresh: Duration, max_stale: Duration) -> Fixture {
+    let dir = std::env::temp_dir().join(format!("kvb-cache-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (auditor, _) = Auditor::open(&AuditConfig {
+        path: dir.join("audit.jsonl"),
+        durability: Durability::Write,
+        rotate_bytes: NonZeroU64::new(1 << 30).unwrap(),
+    })
+    .unwrap();
+    let backend = Arc::new(Scripted { calls: AtomicU32::new(0), answer: Mutex::new(Ok((v(1), "one"))) });
+    let vaults =
+        Vaults::from_backends(vec![("default".parse().unwrap(), backend.clone() as Arc<dyn Backend>)]);
+    let cfg = CacheConfig {
+        refresh_interval: refresh,
+        max_stale,
+        evict_idle: Duration::from_secs(3600),
+        version_grace: Duration::from_secs(3600),
+    };
+    Fixture { cache: Cache::new(cfg, Arc::new(vaults), Arc::new(auditor)), backend, dir }
+}
+
+fn alias() -> VaultAlias {
+    "default".parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_make_one_call() {
+    let f = fixture(Duration::from_secs(300), Duration::from_secs(60));
+    let name: SecretName = "Db".parse().unwrap();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let (c, n) =
+                (f.cache.clone(), if i % 2 == 0 { "db" } else { "DB" }.parse::<SecretName>().unwrap());
+            tokio::spawn(async move { c.get(&alias(), &n, None).await.map(|l| l.fetched.version.clone()) })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap(), v(1));
+    }
+    assert_eq!(f.backend.calls.load(Ordering::SeqCst), 1);
+    let hit = f.cache.get(&alias(), &name, None).await.unwrap();
+    assert_eq!(hit.state, CacheState::Hit);
+    assert_eq!(f.backend.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn failed_refresh_serves_stale_until_max_stale_then_errors_then_recovers() {
+    let f = fixture(Duration::from_secs(1), Duration::from_millis(300));
+    let name: SecretName = "db".parse().unwrap();
+    f.cache.get(&alias(), &name, None).await.unwrap();
+    *f.backend.answer.lock().unwrap() =
+        Err(VaultError::Unavailable { vault: alias(), reason: "down".into(), upstream_request_id: None });
+    f.cache.fetch(&alias(), &name, None).await.unwrap_err();
+    assert_eq!(f.cache.get(&alias(), &name, None).await.unwrap().state, CacheState::Stale);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let e = f.cache.get(&alias(), &name, None).await.err().unwrap().to_string();
+    assert!(e.contains("older than max_stale"), "{e}");
+    *f.backend.answer.lock().unwrap() = Ok((v(1), "one"));
+    f.cache.fetch(&alias(), &name, None).await.unwrap();
+    assert_eq!(f.cache.get(&alias(), &name, None).await.unwrap().state, CacheState::Hit);
+}
+
+#[tokio::test]
+async fn not_found_on_refresh_stops_serving_at_once() {
+    let f = fixture(Duration::from_secs(300), Duration::from_secs(3600));
+    let name: SecretName = "db".parse().unwrap();
+    f.cache.get(&alias(), &name, None).await.unwrap();
+    *f.backend.answer.lock().unwrap() =
+        Err(VaultError::NotFound { vault: alias(), name: "db".into(), upstream_request_id: None });
+    f.cache.fetch(&alias(), &name, None).await.unwrap_err();
+    assert!(matches!(f.cache.get(&alias(), &name, None).await, Err(VaultError::NotFound { .. })));
+}
+
+#[tokio::test]
+async fn rotation_keeps_old_version_by_id_and_wakes_long_polls() {
+    let f = fixture(Duration::from_secs(300), Duration::from_secs(3600));
+    let name: SecretName = "db".parse().unwrap();
+    f.cache.get(&alias(), &name, None).await.unwrap();
+    let waiter = {
+        let c = f.cache.clone();
+        let n = name.clone();
+        tokio::spawn(async move { c.wait_change(&alias(), &n, &v(1), Duration::from_secs(5)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    *f.backend.answer.lock().unwrap() = Ok((v(2), "two"));
+    f.cache.fetch(&alias(), &name, None).await.unwrap();
+    let woke = waiter.await.unwrap().unwrap().unwrap();
+    assert_eq!(woke.fetched.version, v(2));
+    let old = f.cache.get(&alias(), &name, Some(&v(1))).await.unwrap();
+    assert_eq!(old.state, CacheState::Hit);
+    assert_eq!(old.fetched.value.expose_secret(), b"one");
+    // No change within the wait: None.
+    let none = f.cache.wait_change(&alias(), &name, &v(2), Duration::from_millis(100)).await.unwrap();
+    assert!(none.is_none());
+    let audit = std::fs::read_to_string(f.dir.join("audit.jsonl")).unwrap();
+    assert!(audit.contains("\"event\":\"secret.version_changed\""), "{audit}");
+    assert!(!audit.contains("\"one\"") && !audit.contains("\"two\""));
+}
