@@ -32,6 +32,7 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     let auditor = Arc::new(auditor);
     let vaults = Arc::new(Vaults::from_config(&config)?);
     let policy = Policy::load(&config.policy.file)?;
+    let (admin_listener, admin_file) = server::bind(&config.agent.admin_socket, 0o600, None)?;
     let (listener, socket_file) =
         server::bind(&config.agent.socket, config.agent.socket_mode, config.agent.socket_group.as_deref())?;
 
@@ -63,8 +64,11 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
         auditor: Arc::clone(&auditor),
     });
     let reload = tokio::spawn(reload_on_hangup(Arc::clone(&ctx), config.policy.file.clone()));
+    let admin = crate::admin::spawn(admin_listener, Arc::clone(&ctx), config.policy.file.clone());
     let why = server::serve(listener, ctx, shutdown::terminate(), config.agent.shutdown_grace).await;
     reload.abort();
+    admin.abort();
+    drop(admin_file);
     refresher.abort();
     // Every cached value is wiped once the last in-flight answer has let go of it.
     cache.clear();
@@ -92,24 +96,27 @@ async fn reload_on_hangup(ctx: Arc<Ctx>, path: std::path::PathBuf) {
 }
 
 /// Loads the policy again; on failure the old one stays in force. Audited either way.
-pub(crate) fn reload_policy(ctx: &Ctx, path: &std::path::Path) {
+/// Returns whether it loaded, and what happened.
+pub(crate) fn reload_policy(ctx: &Ctx, path: &std::path::Path) -> (bool, String) {
     let mut rec = AuditRecord::new(Event::PolicyReload);
-    match Policy::load(path) {
+    let (ok, message) = match Policy::load(path) {
         Ok(p) => {
-            rec.outcome = Some(Outcome::Ok);
-            rec.reason = Some(format!("{} rule(s) in force", p.len()));
+            let m = format!("{} rule(s) in force", p.len());
             ctx.set_policy(p);
             tracing::info!("policy reloaded");
+            (true, m)
         }
         Err(e) => {
-            rec.outcome = Some(Outcome::Failed);
-            rec.reason = Some(format!("{e}; the previous policy stays in force"));
             tracing::error!(error = %e, "policy reload failed; the previous policy stays in force");
+            (false, format!("{e}; the previous policy stays in force"))
         }
-    }
+    };
+    rec.outcome = Some(if ok { Outcome::Ok } else { Outcome::Failed });
+    rec.reason = Some(message.clone());
     if let Err(e) = ctx.auditor.append(rec) {
         tracing::error!(error = %e, "cannot write policy.reload");
     }
+    (ok, message)
 }
 
 /// Tells systemd (`Type=notify`) about our state, if it is listening.

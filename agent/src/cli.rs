@@ -32,11 +32,94 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Talk to a running agent's admin socket (root only). Never shows values.
+    Ctl {
+        /// Find the admin socket in this config file.
+        #[arg(long, value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        /// The admin socket (default: the config's, else /run/kvbroker/admin.sock).
+        #[arg(long, value_name = "PATH", global = true)]
+        socket: Option<PathBuf>,
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+    /// Write a new version of a secret to Key Vault with the operator's credential; prints
+    /// the new version id (never the value).
+    Rotate {
+        /// The vault, https://NAME.vault.azure.net.
+        #[arg(long, value_name = "URL")]
+        vault: String,
+        /// The secret's name.
+        name: String,
+        /// Take the value from FILE (UTF-8 text, used as is).
+        #[arg(long, value_name = "FILE", conflicts_with = "generate")]
+        from_file: Option<PathBuf>,
+        /// Generate BYTES random bytes (16 to 4096), written as base64url text.
+        #[arg(long, value_name = "BYTES")]
+        generate: Option<usize>,
+        /// Whose credential: azure-cli (default) or the environment's identity (auto, …).
+        #[arg(long, value_name = "SOURCE", default_value = "azure-cli", value_parser = parse_source)]
+        identity: crate::config::IdentitySource,
+        /// A user-assigned identity's client id.
+        #[arg(long, value_name = "ID")]
+        client_id: Option<String>,
+        /// An extra trusted CA (PEM), for emulators and private endpoints.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// HOST:PORT:ADDRESS:PORT connection override (repeatable).
+        #[arg(long, value_name = "HOST:PORT:ADDR:PORT", value_parser = parse_connect_to)]
+        connect_to: Vec<crate::config::ConnectTo>,
+        /// Refuse any address outside loopback (tests).
+        #[arg(long)]
+        loopback_only: bool,
+    },
     /// Work with audit logs.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Cached secrets (names, versions, ages, errors), audit and policy state.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Refresh one secret from the vault now.
+    Refresh {
+        /// The secret's name.
+        name: String,
+        /// The vault alias (default: the default vault).
+        #[arg(long)]
+        vault: Option<String>,
+    },
+    /// Reload the policy file (like SIGHUP); the old policy stays if the new one is bad.
+    Reload,
+}
+
+fn parse_source(s: &str) -> Result<crate::config::IdentitySource, String> {
+    use crate::config::IdentitySource as S;
+    Ok(match s {
+        "auto" => S::Auto,
+        "imds" => S::Imds,
+        "app-service" => S::AppService,
+        "azure-ml" => S::AzureMl,
+        "workload-identity" => S::WorkloadIdentity,
+        "azure-arc" => S::AzureArc,
+        "azure-cli" => S::AzureCli,
+        _ => {
+            return Err(
+                "one of auto, imds, app-service, azure-ml, workload-identity, azure-arc, azure-cli".into()
+            );
+        }
+    })
+}
+
+fn parse_connect_to(s: &str) -> Result<crate::config::ConnectTo, String> {
+    s.parse()
 }
 
 #[derive(Debug, Subcommand)]

@@ -40,7 +40,7 @@ pub fn prepare(dir: &Path) -> Result<PathBuf, Error> {
     write_private(&policy, policy_text.as_bytes()).map_err(|e| io("cannot write", &policy, e))?;
     let config = dir.join("config.toml");
     let config_text = "# Written by `kvbroker dev`: for trying kvbroker out, not for production.\n\
-         [agent]\nsocket = \"agent.sock\"\nsocket_mode = \"0600\"\n\n\
+         [agent]\nsocket = \"agent.sock\"\nsocket_mode = \"0600\"\nadmin_socket = \"admin.sock\"\nloopback_only = true\n\n\
          [[vault]]\nalias = \"default\"\nkind = \"local\"\nfile = \"secrets.toml\"\n\n\
          [audit]\npath = \"audit.jsonl\"\n\n[policy]\nfile = \"policy.toml\"\n";
     write_private(&config, config_text.as_bytes()).map_err(|e| io("cannot write", &config, e))?;

@@ -13,6 +13,7 @@
 //!
 //! No module logs or formats a secret value; values live only in `SecretValue`.
 
+mod admin;
 pub mod app;
 pub mod audit;
 mod cache;
@@ -22,6 +23,7 @@ pub mod dev;
 mod identity;
 mod peer;
 mod policy;
+pub mod rotate;
 mod server;
 mod shutdown;
 mod transport;
@@ -30,7 +32,7 @@ mod vault;
 use std::process::ExitCode;
 
 pub use app::RunInfo;
-pub use cli::{AuditCommand, Cli, Command};
+pub use cli::{AuditCommand, Cli, Command, CtlCommand};
 pub use config::Config;
 
 /// Everything that can stop a command.
@@ -49,6 +51,10 @@ pub enum Error {
     Socket(#[from] server::SocketError),
     #[error(transparent)]
     Verify(#[from] audit::verify::VerifyError),
+    #[error(transparent)]
+    Ctl(#[from] admin::CtlError),
+    #[error(transparent)]
+    Rotate(#[from] rotate::RotateError),
     #[error("kvbroker dev: {0}")]
     Dev(String),
     #[error("cannot start the async runtime: {0}")]
@@ -79,6 +85,46 @@ pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
                 policy.len()
             );
         }
+        Command::Ctl { config, socket, command } => {
+            let socket = match (socket, config) {
+                (Some(s), _) => s,
+                (None, Some(c)) => Config::load(&c)?.agent.admin_socket,
+                (None, None) => std::path::PathBuf::from("/run/kvbroker/admin.sock"),
+            };
+            return runtime()?.block_on(ctl(&socket, command));
+        }
+        Command::Rotate {
+            vault,
+            name,
+            from_file,
+            generate,
+            identity,
+            client_id,
+            ca_file,
+            connect_to,
+            loopback_only,
+        } => {
+            let value = match (from_file, generate) {
+                (Some(f), None) => rotate::NewValue::File(f),
+                (None, Some(n)) => rotate::NewValue::Generate(n),
+                _ => {
+                    return Err(Error::Rotate(rotate::RotateError::Input(
+                        "give exactly one of --from-file FILE or --generate BYTES".into(),
+                    )));
+                }
+            };
+            let target = rotate::RotateTarget {
+                vault_url: vault,
+                name,
+                source: identity,
+                client_id,
+                ca_file,
+                connect_to,
+                loopback_only,
+            };
+            let version = runtime()?.block_on(rotate::rotate(target, value))?;
+            println!("{version}");
+        }
         Command::Audit { command: AuditCommand::Verify { files } } => {
             let v = audit::verify::verify(&files)?;
             println!(
@@ -88,6 +134,52 @@ pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn ctl(socket: &std::path::Path, command: CtlCommand) -> Result<ExitCode, Error> {
+    use http::Method;
+    match command {
+        CtlCommand::Status { json } => {
+            let (_, v) = admin::call(socket, Method::GET, "/v1/status").await?;
+            if json {
+                println!("{v}");
+            } else {
+                print!("{}", admin::render_status(&v));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        CtlCommand::Refresh { name, vault } => {
+            let mut path = format!("/v1/refresh?name={name}");
+            if let Some(v) = vault {
+                path.push_str(&format!("&vault={v}"));
+            }
+            let (status, v) = admin::call(socket, Method::POST, &path).await?;
+            if status == 200 {
+                println!(
+                    "refreshed {}/{}: version {}",
+                    v["vault"].as_str().unwrap_or("?"),
+                    v["name"].as_str().unwrap_or("?"),
+                    v["version"].as_str().unwrap_or("?")
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Err(Error::Ctl(admin::CtlError::Refused(format!(
+                    "refresh {name}: {}",
+                    v["error"].as_str().unwrap_or("failed")
+                ))))
+            }
+        }
+        CtlCommand::Reload => {
+            let (status, v) = admin::call(socket, Method::POST, "/v1/reload").await?;
+            let message = v["message"].as_str().unwrap_or("?").to_owned();
+            if status == 200 {
+                println!("policy reloaded: {message}");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Err(Error::Ctl(admin::CtlError::Refused(format!("policy reload failed: {message}"))))
+            }
+        }
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, Error> {

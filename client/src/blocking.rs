@@ -37,6 +37,23 @@ impl Client {
         self.rt.block_on(self.inner.get(name))
     }
 
+    /// Follows `name`'s versions: calls `on_version` with the current version id, then with
+    /// each new one as it is cached, until `on_version` returns false or an error occurs.
+    pub fn watch(
+        &self,
+        name: &str,
+        opts: &GetOptions,
+        mut on_version: impl FnMut(&str) -> bool,
+    ) -> Result<(), Error> {
+        let mut watch = self.inner.watch_with(name, opts);
+        loop {
+            let secret = self.rt.block_on(watch.next())?;
+            if !on_version(secret.version()) {
+                return Ok(());
+            }
+        }
+    }
+
     /// Reads `name` with the given vault and version.
     pub fn get_with(&self, name: &str, opts: &GetOptions) -> Result<Secret, Error> {
         self.rt.block_on(self.inner.get_with(name, opts))

@@ -189,11 +189,70 @@ impl Client {
         Ok(Secret { inner })
     }
 
+    /// Follows a secret's versions: the first [`Watch::next`] returns the current version,
+    /// each later one returns the next new version as soon as the agent caches it (a long
+    /// poll, renewed every 5 minutes while nothing changes).
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), kvbroker_client::Error> {
+    /// let client = kvbroker_client::Client::new();
+    /// let mut watch = client.watch("db-password");
+    /// loop {
+    ///     let secret = watch.next().await?;
+    ///     println!("now at version {}", secret.version()); // reconnect with the new value
+    /// }
+    /// # }
+    /// ```
+    pub fn watch(&self, name: &str) -> Watch {
+        self.watch_with(name, &GetOptions::default())
+    }
+
+    /// [`Client::watch`] on a chosen vault.
+    pub fn watch_with(&self, name: &str, opts: &GetOptions) -> Watch {
+        Watch { client: self.clone(), name: name.to_owned(), opts: opts.clone(), last: None }
+    }
+
     /// Asks the agent whether it is healthy. A degraded agent answers `Ok` with its reasons.
     pub async fn health(&self) -> Result<Health, Error> {
         let answer = self.transport.get("/v1/health", "application/json").await?;
         serde_json::from_slice(&answer.body)
             .map_err(|e| Error::Protocol(format!("malformed health answer: {e}")))
+    }
+}
+
+/// A secret's versions as they change; see [`Client::watch`].
+pub struct Watch {
+    client: Client,
+    name: String,
+    opts: GetOptions,
+    last: Option<String>,
+}
+
+impl Watch {
+    /// The current version first, then each new version as it is cached.
+    pub async fn next(&mut self) -> Result<Secret, Error> {
+        let Some(last) = self.last.clone() else {
+            let s = self.client.get_with(&self.name, &self.opts).await?;
+            self.last = Some(s.version().to_owned());
+            return Ok(s);
+        };
+        loop {
+            let (name, mut query) = request_parts(&self.name, &self.opts)?;
+            query.changed_from =
+                Some(last.parse().map_err(|_| Error::Protocol("agent sent a bad version id".into()))?);
+            query.wait = Some(kvbroker_proto::api::MAX_WAIT_SECS);
+            let answer = self.client.transport.get(&path_for(&name, &query), "application/json").await?;
+            if answer.status == http::StatusCode::NOT_MODIFIED {
+                continue;
+            }
+            if !answer.status.is_success() {
+                return Err(error_of(&answer));
+            }
+            let inner: SecretResponse = serde_json::from_slice(&answer.body)
+                .map_err(|e| Error::Protocol(format!("malformed secret answer: {}", e.classify_name())))?;
+            self.last = Some(inner.version.as_str().to_owned());
+            return Ok(Secret { inner });
+        }
     }
 }
 

@@ -73,6 +73,11 @@ impl Proc {
         Self(Some(cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"))))
     }
 
+    /// Takes ownership of an already spawned child.
+    pub fn adopt(child: Child) -> Self {
+        Self(Some(child))
+    }
+
     pub fn pid(&self) -> u32 {
         self.0.as_ref().expect("process was started").id()
     }
@@ -314,12 +319,13 @@ impl AgentBuilder {
         };
         // Tests never leave loopback: the agent refuses any other address.
         let text = format!(
-            "[agent]\nsocket = \"{sock}\"\nsocket_mode = \"{mode}\"\nloopback_only = true\n{agent_extra}\n\
+            "[agent]\nsocket = \"{sock}\"\nsocket_mode = \"{mode}\"\nadmin_socket = \"{admin}\"\nloopback_only = true\n{agent_extra}\n\
              {vault}\
              [cache]\n{cache}\n\
              [audit]\npath = \"{audit}\"\ndurability = \"{dur}\"\n\n\
              [policy]\nfile = \"policy.toml\"\n",
             sock = d.join("agent.sock").display(),
+            admin = d.join("admin.sock").display(),
             mode = self.socket_mode,
             audit = self.audit().display(),
             dur = self.durability,

@@ -31,6 +31,14 @@ pub(crate) enum Command {
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: Option<PathBuf>,
     },
+    /// Print the secret's current version id, then each new version id as it is cached.
+    Watch {
+        /// The secret's name.
+        name: String,
+        /// The vault alias (default: the agent's default vault).
+        #[arg(long)]
+        vault: Option<String>,
+    },
     /// Run a command with secrets in its environment.
     Exec {
         /// VAR=NAME: set environment variable VAR to the value of secret NAME.

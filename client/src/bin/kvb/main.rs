@@ -80,6 +80,17 @@ fn run(client: &Client, command: Command) -> Result<(), Failure> {
                 }
             }
         }
+        Command::Watch { name, vault } => {
+            let mut opts = GetOptions::default();
+            if let Some(v) = vault {
+                opts = opts.vault(v);
+            }
+            client.watch(&name, &opts, |version| {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{version}").and_then(|()| out.flush()).is_ok()
+            })?;
+            Ok(())
+        }
         Command::Exec { env, vault, command } => Err(exec::run(client, &env, vault.as_deref(), &command)),
     }
 }

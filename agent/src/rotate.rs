@@ -1,0 +1,155 @@
+//! `kvbroker rotate`: write a new version of a secret to Key Vault with the operator's
+//! credential (the Azure CLI by default, or the environment's identity), and print the new
+//! version id — never the value. Generated values come from the OS's random source.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use azure_core::http::{ClientOptions, RequestContent, RetryOptions, Transport};
+use azure_security_keyvault_secrets::models::SetSecretParameters;
+use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
+use kvbroker_proto::SecretName;
+use zeroize::Zeroizing;
+
+use crate::config::{ConnectTo, IdentityConfig, IdentitySource};
+use crate::identity::{self, IdentityEnv};
+use crate::transport::{HyperTransport, TransportConfig};
+
+/// What `rotate` writes.
+pub enum NewValue {
+    File(PathBuf),
+    Generate(usize),
+}
+
+/// Where and as whom.
+pub struct RotateTarget {
+    pub vault_url: String,
+    pub name: String,
+    pub source: IdentitySource,
+    pub client_id: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub connect_to: Vec<ConnectTo>,
+    pub loopback_only: bool,
+}
+
+/// Why a rotation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RotateError {
+    #[error("{0}")]
+    Input(String),
+    #[error("cannot set up: {0}")]
+    Setup(String),
+    #[error("Key Vault refused the new version of {name}: {reason}")]
+    Vault { name: String, reason: String },
+}
+
+/// Writes the new version; returns its id.
+pub async fn rotate(target: RotateTarget, value: NewValue) -> Result<String, RotateError> {
+    let name: SecretName = target.name.parse().map_err(|e| RotateError::Input(format!("{e}")))?;
+    if !target.vault_url.starts_with("https://") {
+        return Err(RotateError::Input(format!("--vault {}: must start with https://", target.vault_url)));
+    }
+    let value = match value {
+        NewValue::File(path) => {
+            let mut s = Zeroizing::new(String::new());
+            std::fs::File::open(&path).and_then(|mut f| f.read_to_string(&mut s)).map_err(|e| {
+                RotateError::Input(format!("{}: {e} (the value must be UTF-8 text)", path.display()))
+            })?;
+            s
+        }
+        NewValue::Generate(n) if (16..=4096).contains(&n) => {
+            generate(n).map_err(|e| RotateError::Setup(e.to_string()))?
+        }
+        NewValue::Generate(n) => {
+            return Err(RotateError::Input(format!("--generate {n}: choose 16 to 4096 bytes")));
+        }
+    };
+    if value.is_empty() || value.len() > 25 * 1024 {
+        return Err(RotateError::Input("the value must be 1 byte to 25 KB (Key Vault's limit)".into()));
+    }
+    let http = HyperTransport::new(TransportConfig {
+        ca_file: target.ca_file.clone(),
+        connect_to: target.connect_to.clone(),
+        loopback_only: target.loopback_only,
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(30),
+    })
+    .map_err(|e| RotateError::Setup(e.to_string()))?;
+    let id_cfg = IdentityConfig {
+        source: target.source,
+        client_id: target.client_id.clone(),
+        ca_file: target.ca_file.clone(),
+        connect_to: target.connect_to.clone(),
+        arc_token_dir: None,
+    };
+    let identity = identity::build(&id_cfg, &IdentityEnv::from_process(), Arc::clone(&http))
+        .map_err(|e| RotateError::Setup(e.to_string()))?;
+    let options = SecretClientOptions {
+        client_options: ClientOptions {
+            transport: Some(Transport::new(http)),
+            // A retried set can create two versions: try once, report failures.
+            retry: RetryOptions::none(),
+            ..ClientOptions::default()
+        },
+        ..SecretClientOptions::default()
+    };
+    let client = SecretClient::new(&target.vault_url, identity.credential, Some(options))
+        .map_err(|e| RotateError::Setup(e.to_string()))?;
+    let params = SetSecretParameters { value: Some(value.to_string()), ..Default::default() };
+    let content: RequestContent<SetSecretParameters> =
+        params.try_into().map_err(|e: azure_core::Error| RotateError::Setup(e.to_string()))?;
+    let resp = client.set_secret(name.as_str(), content, None).await.map_err(|e| RotateError::Vault {
+        name: name.to_string(),
+        reason: format!("{e} (as {})", identity.description),
+    })?;
+    let body: bytes::Bytes = resp.into_body().into();
+    let mut owned = Zeroizing::new(body.to_vec());
+    let id = serde_json::from_slice::<serde_json::Value>(&owned)
+        .ok()
+        .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned))
+        .and_then(|id| id.rsplit('/').next().map(str::to_owned))
+        .ok_or_else(|| RotateError::Vault {
+            name: name.to_string(),
+            reason: "the answer has no version id".into(),
+        });
+    zeroize::Zeroize::zeroize(&mut *owned);
+    id
+}
+
+/// `n` random bytes from the OS, as unpadded base64url text.
+fn generate(n: usize) -> std::io::Result<Zeroizing<String>> {
+    let mut raw = Zeroizing::new(vec![0u8; n]);
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+    Ok(base64url(&raw))
+}
+
+fn base64url(bytes: &[u8]) -> Zeroizing<String> {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = Zeroizing::new(String::with_capacity(bytes.len().div_ceil(3) * 4));
+    for chunk in bytes.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64url_matches_known_vectors() {
+        assert_eq!(base64url(b"").as_str(), "");
+        assert_eq!(base64url(b"f").as_str(), "Zg");
+        assert_eq!(base64url(b"fo").as_str(), "Zm8");
+        assert_eq!(base64url(b"foo").as_str(), "Zm9v");
+        assert_eq!(base64url(&[0xfb, 0xff]).as_str(), "-_8");
+        assert_eq!(generate(32).unwrap().len(), 43);
+    }
+}
