@@ -25,6 +25,9 @@ pub struct RunInfo {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
+    if let Err(e) = crate::peer::sys::forbid_dumps() {
+        tracing::warn!(error = %e, "cannot mark the agent non-dumpable; core dumps could hold secrets");
+    }
     let (auditor, resumed) = Auditor::open(&config.audit)?;
     if let Some(note) = &resumed.note {
         tracing::warn!(note = note.as_str(), "audit log tail handled");

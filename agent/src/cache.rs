@@ -216,6 +216,15 @@ impl Cache {
     }
 
     /// Records a fetch's outcome in the entry (creating it on success).
+    fn install_locked(f: &Fetched) {
+        if let Err(e) = crate::peer::sys::lock_and_hide(f.value.expose_secret()) {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(error = %e, "cannot mlock cached secrets (raise RLIMIT_MEMLOCK or run as root); continuing without");
+            });
+        }
+    }
+
     fn install(
         &self,
         vault: &VaultAlias,
@@ -227,6 +236,9 @@ impl Cache {
         let now = Instant::now();
         let cfg = &self.inner.cfg;
         let mut entries = self.entries();
+        if let Ok(f) = result {
+            Self::install_locked(f);
+        }
         let changed = match result {
             Ok(f) if pinned => {
                 entries

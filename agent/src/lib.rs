@@ -21,7 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod dev;
 mod identity;
-mod peer;
+pub(crate) mod peer;
 mod policy;
 pub mod rotate;
 mod server;
@@ -34,6 +34,7 @@ use std::process::ExitCode;
 pub use app::RunInfo;
 pub use cli::{AuditCommand, Cli, Command, CtlCommand};
 pub use config::Config;
+pub use peer::sys::ZeroOnFree;
 
 /// Everything that can stop a command.
 #[derive(Debug, thiserror::Error)]

@@ -4,6 +4,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Every freed block is wiped, so no copy of a secret outlives the buffer that held it.
+#[global_allocator]
+static ALLOC: kvbroker_agent::ZeroOnFree = kvbroker_agent::ZeroOnFree;
+
 fn main() -> ExitCode {
     let cli = kvbroker_agent::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

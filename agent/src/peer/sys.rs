@@ -3,6 +3,11 @@
 //! - `getsockopt(SO_PEERPIDFD)`: a pidfd for the peer of a Unix socket (Linux 6.5+).
 //! - `pidfd_send_signal(fd, 0)`: is the process behind a pidfd still alive?
 //! - `getgrnam_r`: a group name to its gid (through NSS, so LDAP groups work too).
+//! - `mlock` + `madvise(MADV_DONTDUMP)`: keep cached secret values out of swap and core
+//!   dumps; `prctl(PR_SET_DUMPABLE, 0)`: no core dumps or ptrace by non-root at all.
+//! - [`ZeroOnFree`]: the agent's global allocator, which wipes every block as it is freed,
+//!   so buffers we do not own (the Azure SDK's response bodies, hyper's and rustls's
+//!   buffers) leave no copy of a value behind in freed memory.
 //!
 //! Each call checks its own return value and turns it into `io::Result`; nothing here keeps
 //! a raw pointer past the call that uses it.
@@ -88,9 +93,85 @@ pub(crate) fn group_id(name: &str) -> io::Result<Option<u32>> {
     }
 }
 
+/// Locks the pages holding `bytes` in memory and excludes them from core dumps. Pages are
+/// never unlocked: a page may hold another value too, and locking is not counted.
+pub(crate) fn lock_and_hide(bytes: &[u8]) -> io::Result<()> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+    let start = bytes.as_ptr() as usize & !(page - 1);
+    let end = (bytes.as_ptr() as usize + bytes.len()).div_ceil(page) * page;
+    let ptr = start as *mut libc::c_void;
+    // SAFETY: [start, end) covers pages that are mapped (they hold `bytes`, which is alive);
+    // mlock and madvise(MADV_DONTDUMP) change only residency and dump flags, not contents.
+    let rc = unsafe { libc::mlock(ptr, end - start) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    let rc = unsafe { libc::madvise(ptr, end - start, libc::MADV_DONTDUMP) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The system allocator, wiping each block when it is freed (and, through the default
+/// `realloc`, the old block when one moves).
+pub struct ZeroOnFree;
+
+// SAFETY: every method forwards to `System` with the caller's arguments unchanged; `dealloc`
+// first writes zeros over exactly the block being freed, which the caller owns until then.
+unsafe impl std::alloc::GlobalAlloc for ZeroOnFree {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: forwarded with the caller's (valid, non-zero-size) layout.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: as `alloc`.
+        unsafe { std::alloc::System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` points to a live block of `layout.size()` bytes that the caller is
+        // giving up; volatile writes so the wipe is not optimised away as a dead store.
+        unsafe {
+            for i in 0..layout.size() {
+                std::ptr::write_volatile(ptr.add(i), 0);
+            }
+            std::alloc::System.dealloc(ptr, layout);
+        }
+    }
+}
+
+/// Marks the process non-dumpable: no core dumps, and only root may ptrace it or read its
+/// memory through /proc.
+pub(crate) fn forbid_dumps() -> io::Result<()> {
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointers.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_and_hide_a_heap_buffer() {
+        let v = vec![7u8; 10_000];
+        // As root (tests and CI) mlock succeeds; elsewhere RLIMIT_MEMLOCK may refuse.
+        match lock_and_hide(&v) {
+            Ok(()) => {}
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOMEM), "{e}"),
+        }
+        assert!(lock_and_hide(&[]).is_ok());
+    }
 
     #[test]
     fn root_group_resolves() {

@@ -373,3 +373,38 @@ fn rotate_writes_a_new_version_and_prints_only_its_id() {
     assert_eq!(err, "kvbroker: --generate 3: choose 16 to 4096 bytes\n");
     assert_eq!(emu.count("set"), 2);
 }
+
+/// Copies of secret values in the agent's memory (measured, not asserted: the numbers go
+/// in the issue note). Asserted: the scanner works (it finds the live value) — and prints
+/// how many copies of the old value survive a rotation and its grace period, and how many of
+/// the live value sit in memory between requests.
+#[test]
+fn measures_copies_of_values_in_agent_memory() {
+    use std::io::Write;
+    let (old, live) = (canary("memold"), canary("memlive"));
+    let emu = EmulatorProc::start(&[("s", &old)]);
+    let agent = Agent::builder("mem")
+        .keyvault(&emu, "azure-ml")
+        .allow_uid(0)
+        .cache("refresh_interval = \"1s\"\nversion_grace = \"1s\"")
+        .start();
+    assert_eq!(get(&agent, "/v1/secrets/s").1["value"], old.as_str());
+    emu.set_secret("s", &live, json!({}));
+    wait_for("rotation", Duration::from_secs(5), || get(&agent, "/v1/secrets/s").1["value"] == live.as_str());
+    for _ in 0..20 {
+        assert_eq!(get(&agent, "/v1/secrets/s").0, 200);
+    }
+    std::thread::sleep(Duration::from_millis(2500)); // past version_grace; a sweep or two
+    let mut scan = Command::new(bin("kvbroker-memscan"));
+    scan.arg(agent.proc.pid().to_string()).stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = scan.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(format!("{old}\n{live}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let counts: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (old_copies, live_copies) = (counts["0"].as_u64().unwrap(), counts["1"].as_u64().unwrap());
+    eprintln!(
+        "memscan after rotation + grace: old value copies = {old_copies}, live value copies = {live_copies}"
+    );
+    assert!(live_copies >= 1, "the scanner finds the cached live value");
+}
