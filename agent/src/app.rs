@@ -35,9 +35,9 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     let auditor = Arc::new(auditor);
     let vaults = Arc::new(Vaults::from_config(&config)?);
     let policy = Policy::load(&config.policy.file)?;
-    let (admin_listener, admin_file) = server::bind(&config.agent.admin_socket, 0o600, None)?;
     let (listener, socket_file) =
         server::bind(&config.agent.socket, config.agent.socket_mode, config.agent.socket_group.as_deref())?;
+    let (admin_listener, admin_file) = server::bind(&config.agent.admin_socket, 0o600, None)?;
 
     let agent = AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),

@@ -153,3 +153,26 @@ async fn rotation_keeps_old_version_by_id_and_wakes_long_polls() {
     assert!(audit.contains("\"event\":\"secret.version_changed\""), "{audit}");
     assert!(!audit.contains("\"one\"") && !audit.contains("\"two\""));
 }
+
+#[tokio::test]
+async fn idle_entries_are_evicted() {
+    let mut f = fixture(Duration::from_secs(300), Duration::from_secs(3600));
+    let cfg = CacheConfig {
+        refresh_interval: Duration::from_secs(300),
+        max_stale: Duration::from_secs(3600),
+        evict_idle: Duration::from_millis(100),
+        version_grace: Duration::from_secs(3600),
+    };
+    f.cache = Cache::new(cfg, Arc::clone(&f.cache.inner.vaults), Arc::clone(&f.cache.inner.auditor));
+    let name: SecretName = "db".parse().unwrap();
+    let got = f.cache.get(&alias(), &name, None).await.unwrap();
+    let weak = Arc::downgrade(&got.fetched);
+    drop(got);
+    assert_eq!(f.cache.status().len(), 1);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    f.cache.sweep();
+    assert!(f.cache.status().is_empty());
+    assert!(weak.upgrade().is_none(), "the evicted value was dropped (and so wiped)");
+    f.cache.get(&alias(), &name, None).await.unwrap();
+    assert_eq!(f.backend.calls.load(Ordering::SeqCst), 2, "an evicted secret is fetched again");
+}

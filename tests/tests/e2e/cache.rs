@@ -408,3 +408,33 @@ fn measures_copies_of_values_in_agent_memory() {
     );
     assert!(live_copies >= 1, "the scanner finds the cached live value");
 }
+
+/// `max_calls_per_second` paces every call to a vault: 6 first reads at 2 calls/s (a burst
+/// of 2, then one every 0.5 s) take at least 2 s, and all succeed.
+#[test]
+fn per_vault_call_rate_is_limited() {
+    let names: Vec<String> = (0..7).map(|i| format!("r{i}")).collect();
+    let pairs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    let emu = EmulatorProc::start(&pairs);
+    let agent = Agent::builder("rate")
+        .keyvault(&emu, "azure-ml")
+        .allow_uid(0)
+        .vault_extra("max_calls_per_second = 2")
+        .start();
+    assert_eq!(get(&agent, "/v1/secrets/r6").0, 200);
+    std::thread::sleep(Duration::from_millis(1100)); // bucket full again
+    let t = Instant::now();
+    let threads: Vec<_> = names[..6]
+        .iter()
+        .map(|n| {
+            let (sock, n) = (agent.socket.clone(), n.clone());
+            std::thread::spawn(move || raw_get(&sock, &format!("/v1/secrets/{n}"), &[]).unwrap().0)
+        })
+        .collect();
+    for th in threads {
+        assert_eq!(th.join().unwrap(), 200);
+    }
+    let took = t.elapsed();
+    assert!(took >= Duration::from_millis(1900), "6 calls at 2/s took only {took:?}");
+    assert_eq!(emu.count("get"), 7);
+}

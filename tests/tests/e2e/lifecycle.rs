@@ -96,9 +96,12 @@ fn check_config_reports_file_line_and_key() {
     std::fs::write(&config, text).unwrap();
     let (code, _, err) = run(Command::new(bin("kvbroker")).args(["check-config", "--config"]).arg(&config));
     assert_eq!(code, 1);
+    let line =
+        std::fs::read_to_string(&config).unwrap().lines().position(|l| l.starts_with("durability")).unwrap()
+            + 1;
     assert!(
         err.starts_with(&format!(
-            "kvbroker: {}:15: key `durability`: unknown variant `often`, expected `write` or `fsync`",
+            "kvbroker: {}:{line}: key `durability`: unknown variant `often`, expected `write` or `fsync`",
             config.display()
         )),
         "{err}"
