@@ -46,7 +46,7 @@ pub enum Command {
     /// Write a new version of a secret to Key Vault with the operator's credential; prints
     /// the new version id (never the value).
     Rotate {
-        /// The vault, https://NAME.vault.azure.net.
+        /// The vault's URL, like `https://NAME.vault.azure.net`.
         #[arg(long, value_name = "URL")]
         vault: String,
         /// The secret's name.
