@@ -61,7 +61,9 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
 
     let cache = Cache::new(config.cache.clone(), vaults, Arc::clone(&auditor));
     let refresher = cache.spawn_refresher();
+    let limits = server::limits::Limits::new(config.limits.clone());
     let ctx = Arc::new(Ctx {
+        limits,
         cache: cache.clone(),
         policy: RwLock::new(Arc::new(policy)),
         auditor: Arc::clone(&auditor),

@@ -73,10 +73,46 @@ pub enum Command {
         #[arg(long)]
         loopback_only: bool,
     },
+    /// Work with the policy.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Work with audit logs.
     Audit {
         #[command(subcommand)]
         command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Show the facts used, each rule and why it does or does not allow VAULT/NAME, and the
+    /// decision.
+    Explain {
+        /// The agent's config file (its policy and default vault are used).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// A running process to judge, read from /proc.
+        #[arg(long, conflicts_with_all = ["uid", "gid", "groups", "exe", "cgroup"])]
+        pid: Option<u32>,
+        /// A caller given by hand: its uid.
+        #[arg(long)]
+        uid: Option<u32>,
+        /// Its primary gid (default: the uid).
+        #[arg(long, requires = "uid")]
+        gid: Option<u32>,
+        /// Its supplementary groups, comma-separated.
+        #[arg(long, requires = "uid", value_delimiter = ',')]
+        groups: Vec<u32>,
+        /// Its executable path (also hashed, if a rule uses exe_sha256).
+        #[arg(long, requires = "uid")]
+        exe: Option<String>,
+        /// Its cgroup v2 path (systemd_unit and container_id are derived from it).
+        #[arg(long, requires = "uid")]
+        cgroup: Option<String>,
+        /// The secret, as VAULT/NAME (or NAME for the default vault).
+        secret: String,
     },
 }
 

@@ -38,6 +38,29 @@ pub struct Config {
     pub cache: CacheConfig,
     pub audit: AuditConfig,
     pub policy: PolicyConfig,
+    pub limits: LimitsConfig,
+}
+
+/// Per-caller limits (`[limits]`).
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Secret reads per second per caller key, sustained.
+    pub rate_per_second: u32,
+    /// Reads a caller may make at once before the rate applies.
+    pub burst: u32,
+    pub rate_key: RateKey,
+    /// Open connections per uid.
+    pub connections_per_uid: usize,
+}
+
+/// What a rate limit counts by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RateKey {
+    /// The caller's uid.
+    Uid,
+    /// The policy rule that allowed the read.
+    Rule,
 }
 
 #[derive(Debug, Clone)]
@@ -150,6 +173,17 @@ struct Raw {
     cache: RawCache,
     audit: Option<RawAudit>,
     policy: Option<RawPolicy>,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    rate_per_second: Option<std::num::NonZeroU32>,
+    burst: Option<std::num::NonZeroU32>,
+    rate_key: Option<RateKey>,
+    connections_per_uid: Option<std::num::NonZeroU32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -406,7 +440,13 @@ impl Config {
         })?;
         let policy = PolicyConfig { file: resolve(policy.file) };
 
-        Ok(Config { path: path.to_owned(), agent, identity, vaults, cache, audit, policy })
+        let limits = LimitsConfig {
+            rate_per_second: raw.limits.rate_per_second.map_or(500, std::num::NonZeroU32::get),
+            burst: raw.limits.burst.map_or(1000, std::num::NonZeroU32::get),
+            rate_key: raw.limits.rate_key.unwrap_or(RateKey::Uid),
+            connections_per_uid: raw.limits.connections_per_uid.map_or(256, |n| n.get() as usize),
+        };
+        Ok(Config { path: path.to_owned(), agent, identity, vaults, cache, audit, policy, limits })
     }
 
     /// The vault used when a request names none: the one marked `default`, else the only

@@ -20,6 +20,7 @@ mod cache;
 pub mod cli;
 pub mod config;
 pub mod dev;
+mod explain;
 mod identity;
 pub(crate) mod peer;
 mod policy;
@@ -32,7 +33,7 @@ mod vault;
 use std::process::ExitCode;
 
 pub use app::RunInfo;
-pub use cli::{AuditCommand, Cli, Command, CtlCommand};
+pub use cli::{AuditCommand, Cli, Command, CtlCommand, PolicyCommand};
 pub use config::Config;
 pub use peer::sys::ZeroOnFree;
 
@@ -56,6 +57,8 @@ pub enum Error {
     Ctl(#[from] admin::CtlError),
     #[error(transparent)]
     Rotate(#[from] rotate::RotateError),
+    #[error("policy explain: {0}")]
+    Explain(String),
     #[error("kvbroker dev: {0}")]
     Dev(String),
     #[error("cannot start the async runtime: {0}")]
@@ -125,6 +128,35 @@ pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
             };
             let version = runtime()?.block_on(rotate::rotate(target, value))?;
             println!("{version}");
+        }
+        Command::Policy {
+            command: PolicyCommand::Explain { config, pid, uid, gid, groups, exe, cgroup, secret },
+        } => {
+            let config = Config::load(&config)?;
+            let policy = policy::Policy::load(&config.policy.file)?;
+            let facts = match (pid, uid) {
+                (Some(pid), None) => {
+                    peer::facts_of_pid(pid).map_err(|e| Error::Explain(format!("--pid {pid}: {e}")))?
+                }
+                (None, Some(uid)) => peer::PeerFacts::given(uid, gid.unwrap_or(uid), groups, exe, cgroup),
+                _ => {
+                    return Err(Error::Explain(
+                        "give --pid PID, or --uid U with optional --gid, --groups, --exe, --cgroup".into(),
+                    ));
+                }
+            };
+            let (vault, name) = match secret.split_once('/') {
+                Some((v, n)) => (v.to_owned(), n.to_owned()),
+                None => match config.default_vault() {
+                    Some(v) => (v.to_string(), secret.clone()),
+                    None => {
+                        return Err(Error::Explain(format!("{secret}: write VAULT/NAME (no default vault)")));
+                    }
+                },
+            };
+            name.parse::<kvbroker_proto::SecretName>().map_err(|e| Error::Explain(format!("{name}: {e}")))?;
+            let (text, _) = explain::render(&policy, &facts, &vault, &name);
+            print!("{text}");
         }
         Command::Audit { command: AuditCommand::Verify { files } } => {
             let v = audit::verify::verify(&files)?;

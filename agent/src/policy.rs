@@ -3,8 +3,13 @@
 //! A request is allowed when some rule's every selector fits the caller and one of its
 //! `secrets` patterns fits `VAULT/NAME` (lowercase). Rules are tried in file order; the first
 //! that allows names itself in the audit record. Deciding is pure: the facts come in, a
-//! [`Decision`] comes out. Loading checks the file's permissions and refuses rules that
-//! could match everyone (no selector) or nothing (no secrets).
+//! [`Decision`] comes out; [`Policy::explain`] gives the same verdict with every reason, for
+//! `kvbroker policy explain`. Loading checks the file's permissions and refuses rules that
+//! could match everyone (no selector) or nothing (empty lists).
+//!
+//! Selectors read only facts the caller cannot forge: uid and gid from the kernel, groups,
+//! exe and cgroup from `/proc`, and what the cgroup path names (systemd unit, container).
+//! Never `cmdline` or `environ`.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -32,7 +37,10 @@ enum Selector {
     Uids(Vec<u32>),
     Gids(Vec<u32>),
     Exe(Vec<Glob>),
+    ExeSha256(Vec<String>),
     Cgroup(Vec<Glob>),
+    SystemdUnit(Vec<Glob>),
+    ContainerId(Vec<Glob>),
 }
 
 /// The result of a decision.
@@ -40,6 +48,20 @@ enum Selector {
 pub(crate) enum Decision {
     Allow { rule: String },
     Deny { reason: String },
+}
+
+/// Why each rule did or did not allow a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RuleVerdict {
+    pub(crate) rule: String,
+    /// (selector key, fits?, why) in the rule's order, then `secrets`.
+    pub(crate) checks: Vec<(&'static str, bool, String)>,
+}
+
+impl RuleVerdict {
+    pub(crate) fn allows(&self) -> bool {
+        self.checks.iter().all(|(_, ok, _)| *ok)
+    }
 }
 
 /// Why a policy file was refused.
@@ -71,9 +93,14 @@ struct RawRule {
     uids: Option<Vec<u32>>,
     gids: Option<Vec<u32>>,
     exe: Option<Vec<String>>,
+    exe_sha256: Option<Vec<String>>,
     cgroup: Option<Vec<String>>,
+    systemd_unit: Option<Vec<String>>,
+    container_id: Option<Vec<String>>,
     secrets: Vec<String>,
 }
+
+const SELECTOR_KEYS: &str = "uids, gids, exe, exe_sha256, cgroup, systemd_unit or container_id";
 
 impl Policy {
     /// Loads a policy file, refusing one that group or others can write.
@@ -107,24 +134,40 @@ impl Policy {
             if rules.iter().any(|o: &Rule| o.name == r.name) {
                 return Err(rule_at("name is used by an earlier rule"));
             }
+            let globs = |v: &[String]| v.iter().map(|p| Glob::new(p)).collect::<Vec<_>>();
             let mut selectors = Vec::new();
-            if let Some(u) = r.uids {
-                selectors.push(Selector::Uids(u));
+            if let Some(u) = &r.uids {
+                selectors.push(Selector::Uids(u.clone()));
             }
-            if let Some(g) = r.gids {
-                selectors.push(Selector::Gids(g));
+            if let Some(g) = &r.gids {
+                selectors.push(Selector::Gids(g.clone()));
             }
-            if let Some(e) = r.exe {
-                selectors.push(Selector::Exe(e.iter().map(|p| Glob::new(p)).collect()));
+            if let Some(e) = &r.exe {
+                selectors.push(Selector::Exe(globs(e)));
             }
-            if let Some(c) = r.cgroup {
-                selectors.push(Selector::Cgroup(c.iter().map(|p| Glob::new(p)).collect()));
+            if let Some(h) = &r.exe_sha256 {
+                let mut hashes = Vec::with_capacity(h.len());
+                for x in h {
+                    if x.len() != 64 || !x.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        return Err(rule_at(&format!("exe_sha256 {x:?} is not 64 hexadecimal characters")));
+                    }
+                    hashes.push(x.to_ascii_lowercase());
+                }
+                selectors.push(Selector::ExeSha256(hashes));
+            }
+            if let Some(c) = &r.cgroup {
+                selectors.push(Selector::Cgroup(globs(c)));
+            }
+            if let Some(u) = &r.systemd_unit {
+                selectors.push(Selector::SystemdUnit(globs(u)));
+            }
+            if let Some(c) = &r.container_id {
+                selectors.push(Selector::ContainerId(globs(c)));
             }
             if selectors.is_empty() {
-                return Err(rule_at(
-                    "has no selector, so it would match every caller: \
-                     add uids, gids, exe or cgroup",
-                ));
+                return Err(rule_at(&format!(
+                    "has no selector, so it would match every caller: add {SELECTOR_KEYS}"
+                )));
             }
             if let Some(empty) = selectors.iter().find(|s| s.is_empty()) {
                 return Err(rule_at(&format!("{} is an empty list: it can never match", empty.key())));
@@ -141,12 +184,14 @@ impl Policy {
         Ok(Policy { rules })
     }
 
-    /// Decides whether `facts` may read `vault/name` (`name` in lowercase).
+    /// Decides whether `facts` may read `vault/name` (`name` in lowercase). Stops at the
+    /// first failing selector, so an expensive fact (the exe hash) is computed only when a
+    /// rule's cheaper selectors already fit.
     pub(crate) fn decide(&self, facts: &PeerFacts, vault: &str, name_key: &str) -> Decision {
         let target = format!("{vault}/{name_key}");
         for rule in &self.rules {
-            if rule.selectors.iter().all(|s| s.check(facts).is_ok())
-                && rule.secrets.iter().any(|g| g.matches(&target))
+            if rule.secrets.iter().any(|g| g.matches(&target))
+                && rule.selectors.iter().all(|s| s.check(facts).is_ok())
             {
                 return Decision::Allow { rule: rule.name.clone() };
             }
@@ -154,8 +199,48 @@ impl Policy {
         Decision::Deny { reason: "no rule matches".into() }
     }
 
+    /// Every rule's verdict, with every reason (`kvbroker policy explain`).
+    pub(crate) fn explain(
+        &self,
+        facts: &PeerFacts,
+        vault: &str,
+        name_key: &str,
+    ) -> (Vec<RuleVerdict>, Decision) {
+        let target = format!("{vault}/{name_key}");
+        let verdicts: Vec<RuleVerdict> = self
+            .rules
+            .iter()
+            .map(|rule| {
+                let mut checks: Vec<(&'static str, bool, String)> = rule
+                    .selectors
+                    .iter()
+                    .map(|s| match s.check(facts) {
+                        Ok(why) => (s.key(), true, why),
+                        Err(why) => (s.key(), false, why),
+                    })
+                    .collect();
+                let secret = match rule.secrets.iter().find(|g| g.matches(&target)) {
+                    Some(g) => (true, format!("{target} fits {:?}", g.0)),
+                    None => (false, format!("{target} fits no pattern")),
+                };
+                checks.push(("secrets", secret.0, secret.1));
+                RuleVerdict { rule: rule.name.clone(), checks }
+            })
+            .collect();
+        let decision = match verdicts.iter().find(|v| v.allows()) {
+            Some(v) => Decision::Allow { rule: v.rule.clone() },
+            None => Decision::Deny { reason: "no rule matches".into() },
+        };
+        (verdicts, decision)
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.rules.len()
+    }
+
+    /// Whether any rule needs the exe hash (so `explain` knows to show it).
+    pub(crate) fn uses_exe_sha256(&self) -> bool {
+        self.rules.iter().any(|r| r.selectors.iter().any(|s| matches!(s, Selector::ExeSha256(_))))
     }
 }
 
@@ -165,36 +250,57 @@ impl Selector {
             Selector::Uids(_) => "uids",
             Selector::Gids(_) => "gids",
             Selector::Exe(_) => "exe",
+            Selector::ExeSha256(_) => "exe_sha256",
             Selector::Cgroup(_) => "cgroup",
+            Selector::SystemdUnit(_) => "systemd_unit",
+            Selector::ContainerId(_) => "container_id",
         }
     }
 
     fn is_empty(&self) -> bool {
         match self {
             Selector::Uids(v) | Selector::Gids(v) => v.is_empty(),
-            Selector::Exe(v) | Selector::Cgroup(v) => v.is_empty(),
+            Selector::ExeSha256(v) => v.is_empty(),
+            Selector::Exe(v) | Selector::Cgroup(v) | Selector::SystemdUnit(v) | Selector::ContainerId(v) => {
+                v.is_empty()
+            }
         }
     }
 
-    /// `Ok` if the caller fits, else why not.
-    fn check(&self, f: &PeerFacts) -> Result<(), String> {
+    /// `Ok(why it fits)` or `Err(why not)`.
+    fn check(&self, f: &PeerFacts) -> Result<String, String> {
+        let glob_fact = |globs: &[Glob], fact: Option<&str>, what: &str| match fact {
+            Some(v) => match globs.iter().find(|g| g.matches(v)) {
+                Some(g) => Ok(format!("{what} {v} fits {:?}", g.0)),
+                None => Err(format!("{what} {v} fits no pattern")),
+            },
+            None => Err(format!("caller has no {what}")),
+        };
         match self {
             Selector::Uids(uids) => {
-                uids.contains(&f.uid).then_some(()).ok_or_else(|| format!("uid {} not in {uids:?}", f.uid))
+                if uids.contains(&f.uid) {
+                    Ok(format!("uid {}", f.uid))
+                } else {
+                    Err(format!("uid {} is not listed", f.uid))
+                }
             }
             Selector::Gids(gids) => {
-                let hit = gids.contains(&f.gid) || f.groups.iter().any(|g| gids.contains(g));
-                hit.then_some(()).ok_or_else(|| format!("no group of the caller in {gids:?}"))
+                if gids.contains(&f.gid) {
+                    Ok(format!("primary gid {}", f.gid))
+                } else if let Some(g) = f.groups.iter().find(|g| gids.contains(g)) {
+                    Ok(format!("supplementary group {g}"))
+                } else {
+                    Err(format!("gid {} and groups {:?} are not listed", f.gid, f.groups))
+                }
             }
-            Selector::Exe(globs) => match &f.exe {
-                Some(exe) if globs.iter().any(|g| g.matches(exe)) => Ok(()),
-                Some(exe) => Err(format!("exe {exe} fits no pattern")),
-                None => Err("caller has no exe".into()),
-            },
-            Selector::Cgroup(globs) => match &f.cgroup {
-                Some(cg) if globs.iter().any(|g| g.matches(cg)) => Ok(()),
-                Some(cg) => Err(format!("cgroup {cg} fits no pattern")),
-                None => Err("caller has no cgroup v2 path".into()),
+            Selector::Exe(globs) => glob_fact(globs, f.exe.as_deref(), "exe"),
+            Selector::Cgroup(globs) => glob_fact(globs, f.cgroup.as_deref(), "cgroup"),
+            Selector::SystemdUnit(globs) => glob_fact(globs, f.systemd_unit(), "systemd unit"),
+            Selector::ContainerId(globs) => glob_fact(globs, f.container_id(), "container id"),
+            Selector::ExeSha256(hashes) => match f.exe_sha256() {
+                Ok(h) if hashes.iter().any(|x| x == h) => Ok(format!("exe sha256 {h}")),
+                Ok(h) => Err(format!("exe sha256 {h} is not listed")),
+                Err(why) => Err(why.to_owned()),
             },
         }
     }

@@ -180,6 +180,12 @@ pub struct PeerInfo {
     /// cgroup v2 path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
+    /// The systemd unit named by the cgroup path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// The container id named by the cgroup path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
 }
 
 /// Which secret a record is about. Never its value.

@@ -135,6 +135,7 @@ pub struct AgentBuilder {
     grace: Option<&'static str>,
     keyvault: Option<KeyVaultSetup>,
     cache: String,
+    limits: String,
 }
 
 /// A Key Vault at an emulator, reached with one identity source.
@@ -174,6 +175,7 @@ impl Agent {
             grace: None,
             keyvault: None,
             cache: String::new(),
+            limits: String::new(),
         }
     }
 }
@@ -244,6 +246,13 @@ impl AgentBuilder {
         }
         self.keyvault =
             Some(KeyVaultSetup { info, source: source.into(), client_id: None, extra_vault: String::new() });
+        self
+    }
+
+    /// `[limits]` lines, e.g. `rate_per_second = 20`.
+    pub fn limits(mut self, lines: &str) -> Self {
+        self.limits.push_str(lines);
+        self.limits.push('\n');
         self
     }
 
@@ -322,6 +331,7 @@ impl AgentBuilder {
             "[agent]\nsocket = \"{sock}\"\nsocket_mode = \"{mode}\"\nadmin_socket = \"{admin}\"\nloopback_only = true\n{agent_extra}\n\
              {vault}\
              [cache]\n{cache}\n\
+             [limits]\n{limits}\n\
              [audit]\npath = \"{audit}\"\ndurability = \"{dur}\"\n\n\
              [policy]\nfile = \"policy.toml\"\n",
             sock = d.join("agent.sock").display(),
@@ -330,6 +340,7 @@ impl AgentBuilder {
             audit = self.audit().display(),
             dur = self.durability,
             cache = self.cache,
+            limits = self.limits,
         );
         write_mode(&config, &text, 0o644);
         config

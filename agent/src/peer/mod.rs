@@ -9,10 +9,13 @@
 //!
 //! Never read `cmdline` or `environ`: the process can rewrite them.
 
+pub(crate) mod cgroup;
+pub(crate) mod exe_hash;
 mod proc;
 pub(crate) mod sys;
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::OnceLock;
 
 use kvbroker_proto::PeerInfo;
 
@@ -25,7 +28,7 @@ pub(crate) struct ConnPeer {
 }
 
 /// Facts about a caller, read for one request.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub(crate) struct PeerFacts {
     pub(crate) pid: u32,
     pub(crate) uid: u32,
@@ -33,6 +36,10 @@ pub(crate) struct PeerFacts {
     pub(crate) groups: Vec<u32>,
     pub(crate) exe: Option<String>,
     pub(crate) cgroup: Option<String>,
+    /// The file to hash for `exe_sha256` (`/proc/PID/exe` for a live caller).
+    pub(crate) exe_file: Option<String>,
+    /// Computed on first use only: hashing is the one expensive fact.
+    exe_sha256: OnceLock<Result<String, String>>,
 }
 
 /// Why a caller's facts could not be established. Each is a denial reason.
@@ -76,7 +83,16 @@ impl ConnPeer {
                 Err(e) => return Err(PeerError::Unreadable(format!("pidfd: {e}"))),
             }
         }
-        Ok(PeerFacts { pid: self.pid, uid: self.uid, gid: self.gid, groups: status.groups, exe, cgroup })
+        Ok(PeerFacts {
+            pid: self.pid,
+            uid: self.uid,
+            gid: self.gid,
+            groups: status.groups,
+            exe,
+            cgroup,
+            exe_file: Some(format!("/proc/{}/exe", self.pid)),
+            exe_sha256: OnceLock::new(),
+        })
     }
 
     /// What we can record about a caller whose facts could not be read.
@@ -85,8 +101,58 @@ impl ConnPeer {
     }
 }
 
+/// Facts of a running process by pid, read from `/proc` (`kvbroker policy explain --pid`).
+/// uid and gid are the effective ones from `/proc/PID/status`.
+pub(crate) fn facts_of_pid(pid: u32) -> Result<PeerFacts, PeerError> {
+    let status = proc::status(pid)?;
+    let (Some(uid), Some(gid)) = (status.uid, status.gid) else {
+        return Err(PeerError::Unreadable("status: no Uid/Gid".into()));
+    };
+    Ok(PeerFacts {
+        pid,
+        uid,
+        gid,
+        groups: status.groups,
+        exe: proc::exe(pid)?,
+        cgroup: proc::cgroup(pid)?,
+        exe_file: Some(format!("/proc/{pid}/exe")),
+        exe_sha256: OnceLock::new(),
+    })
+}
+
 impl PeerFacts {
-    /// The facts as written to the audit record.
+    /// Facts given by hand (`kvbroker policy explain --uid …`).
+    pub(crate) fn given(
+        uid: u32,
+        gid: u32,
+        groups: Vec<u32>,
+        exe: Option<String>,
+        cgroup: Option<String>,
+    ) -> Self {
+        let exe_file = exe.clone();
+        Self { pid: 0, uid, gid, groups, exe, cgroup, exe_file, exe_sha256: OnceLock::new() }
+    }
+
+    /// The executable's SHA-256, computed on first use.
+    pub(crate) fn exe_sha256(&self) -> Result<&str, &str> {
+        self.exe_sha256
+            .get_or_init(|| match &self.exe_file {
+                Some(f) => exe_hash::sha256_of(f),
+                None => Err("caller has no exe".into()),
+            })
+            .as_deref()
+            .map_err(String::as_str)
+    }
+
+    pub(crate) fn systemd_unit(&self) -> Option<&str> {
+        self.cgroup.as_deref().and_then(cgroup::systemd_unit)
+    }
+
+    pub(crate) fn container_id(&self) -> Option<&str> {
+        self.cgroup.as_deref().and_then(cgroup::container_id)
+    }
+
+    /// The facts as written to the audit record (the hash only if a rule needed it).
     pub(crate) fn info(&self) -> PeerInfo {
         PeerInfo {
             pid: self.pid,
@@ -94,8 +160,10 @@ impl PeerFacts {
             gid: self.gid,
             groups: self.groups.clone(),
             exe: self.exe.clone(),
-            exe_sha256: None,
+            exe_sha256: self.exe_sha256.get().and_then(|r| r.as_ref().ok()).cloned(),
             cgroup: self.cgroup.clone(),
+            unit: self.systemd_unit().map(str::to_owned),
+            container_id: self.container_id().map(str::to_owned),
         }
     }
 }
@@ -113,11 +181,13 @@ mod tests {
         let me = std::fs::read_link("/proc/self/exe").unwrap();
         assert_eq!(f.exe.as_deref(), me.to_str());
         assert!(f.cgroup.as_deref().is_some_and(|c| c.starts_with('/')));
+        let own = exe_hash::sha256_of(me.to_str().unwrap()).unwrap();
+        assert_eq!(f.exe_sha256(), Ok(own.as_str()));
     }
 
     #[test]
     fn pid_zero_is_another_namespace() {
         let p = ConnPeer { pid: 0, uid: 0, gid: 0, pidfd: None };
-        assert_eq!(p.facts(), Err(PeerError::OtherNamespace));
+        assert!(matches!(p.facts(), Err(PeerError::OtherNamespace)));
     }
 }

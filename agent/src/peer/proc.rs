@@ -5,6 +5,9 @@ use super::PeerError;
 
 pub(super) struct Status {
     pub(super) groups: Vec<u32>,
+    /// Effective uid and gid (second field of `Uid:` / `Gid:`).
+    pub(super) uid: Option<u32>,
+    pub(super) gid: Option<u32>,
 }
 
 fn read(pid: u32, file: &str) -> Result<String, PeerError> {
@@ -34,12 +37,13 @@ fn parse_start_time(stat: &str) -> Option<u64> {
 
 pub(super) fn status(pid: u32) -> Result<Status, PeerError> {
     let text = read(pid, "status")?;
-    let groups = text
-        .lines()
-        .find_map(|l| l.strip_prefix("Groups:"))
+    let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name));
+    let groups = field("Groups:")
         .map(|g| g.split_ascii_whitespace().filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_default();
-    Ok(Status { groups })
+    let effective =
+        |name: &str| field(name).and_then(|v| v.split_ascii_whitespace().nth(1)).and_then(|v| v.parse().ok());
+    Ok(Status { groups, uid: effective("Uid:"), gid: effective("Gid:") })
 }
 
 pub(super) fn exe(pid: u32) -> Result<Option<String>, PeerError> {

@@ -1,14 +1,13 @@
 use super::*;
 
 fn facts(uid: u32, gid: u32, groups: &[u32]) -> PeerFacts {
-    PeerFacts {
-        pid: 42,
+    PeerFacts::given(
         uid,
         gid,
-        groups: groups.to_vec(),
-        exe: Some("/opt/conda/bin/python3.11".into()),
-        cgroup: Some("/system.slice/azureml-job.service".into()),
-    }
+        groups.to_vec(),
+        Some("/opt/conda/bin/python3.11".into()),
+        Some("/system.slice/azureml-job.service".into()),
+    )
 }
 
 fn policy(text: &str) -> Policy {
@@ -80,7 +79,7 @@ fn rule_without_selector_is_refused_with_line() {
     assert_eq!(
         e,
         "policy.toml:3: rule \"open\": has no selector, so it would match every caller: \
-         add uids, gids, exe or cgroup"
+         add uids, gids, exe, exe_sha256, cgroup, systemd_unit or container_id"
     );
 }
 
@@ -125,4 +124,60 @@ fn example_policy_loads() {
         p.decide(&facts(5, 5, &[2000]), "default", "api-token-x"),
         Decision::Allow { rule: "mlops".into() }
     );
+}
+
+#[test]
+fn systemd_unit_and_container_id_selectors() {
+    let id = "4f9c8e1d2b3a4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5";
+    let p = policy(&format!(
+        "[[rule]]\nname = \"unit\"\nsystemd_unit = [\"azureml-*.service\"]\nsecrets = [\"v/a\"]\n\
+         [[rule]]\nname = \"ctr\"\ncontainer_id = [\"{}*\"]\nsecrets = [\"v/b\"]\n",
+        &id[..12]
+    ));
+    assert_eq!(p.decide(&facts(1, 1, &[]), "v", "a"), Decision::Allow { rule: "unit".into() });
+    let mut f = facts(1, 1, &[]);
+    f.cgroup = Some(format!("/kubepods.slice/kubepods-pod1.slice/cri-containerd-{id}.scope"));
+    assert_eq!(p.decide(&f, "v", "b"), Decision::Allow { rule: "ctr".into() });
+    assert!(matches!(p.decide(&facts(1, 1, &[]), "v", "b"), Decision::Deny { .. }));
+}
+
+#[test]
+fn exe_sha256_matches_only_the_exact_file() {
+    let dir = std::env::temp_dir().join(format!("kvb-pol-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    std::fs::write(&a, b"binary one").unwrap();
+    std::fs::write(&b, b"binary two").unwrap();
+    let hash = crate::peer::exe_hash::sha256_of(a.to_str().unwrap()).unwrap();
+    let p = policy(&format!(
+        "[[rule]]\nname = \"h\"\nexe_sha256 = [\"{}\"]\nsecrets = [\"v/s\"]\n",
+        hash.to_uppercase()
+    ));
+    let with =
+        |path: &std::path::Path| PeerFacts::given(1, 1, vec![], Some(path.display().to_string()), None);
+    assert_eq!(p.decide(&with(&a), "v", "s"), Decision::Allow { rule: "h".into() });
+    assert!(matches!(p.decide(&with(&b), "v", "s"), Decision::Deny { .. }));
+    assert!(
+        err("[[rule]]\nname = \"h\"\nexe_sha256 = [\"abc\"]\nsecrets = [\"v/s\"]\n")
+            .contains("64 hexadecimal")
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn explain_gives_every_reason() {
+    let p = policy(
+        "[[rule]]\nname = \"py\"\nuids = [1]\nexe = [\"/usr/bin/python3*\"]\nsecrets = [\"v/s\"]\n\
+         [[rule]]\nname = \"grp\"\ngids = [7]\nsecrets = [\"v/*\"]\n",
+    );
+    let (verdicts, decision) = p.explain(&facts(1, 1, &[7]), "v", "s");
+    assert_eq!(decision, Decision::Allow { rule: "grp".into() });
+    assert_eq!(verdicts[0].checks[0], ("uids", true, "uid 1".to_owned()));
+    assert_eq!(
+        verdicts[0].checks[1],
+        ("exe", false, "exe /opt/conda/bin/python3.11 fits no pattern".to_owned())
+    );
+    assert!(!verdicts[0].allows());
+    assert_eq!(verdicts[1].checks[0], ("gids", true, "supplementary group 7".to_owned()));
+    assert_eq!(verdicts[1].checks[1], ("secrets", true, "v/s fits \"v/*\"".to_owned()));
 }

@@ -4,6 +4,7 @@
 //! tracing span. On shutdown the listener closes first, in-flight requests get a bounded
 //! grace period, and the socket file is removed last.
 
+pub(crate) mod limits;
 pub(crate) mod response;
 mod routes;
 
@@ -30,6 +31,7 @@ use crate::policy::Policy;
 /// Shared state of a running agent.
 pub(crate) struct Ctx {
     pub(crate) cache: Cache,
+    pub(crate) limits: Arc<limits::Limits>,
     pub(crate) policy: RwLock<Arc<Policy>>,
     pub(crate) auditor: Arc<Auditor>,
 }
@@ -169,11 +171,15 @@ pub(crate) async fn serve<T>(
                 continue;
             }
         };
+        // Over the per-uid connection cap: the connection is served, but every request on
+        // it is answered 429 (and audited), so the caller learns why.
+        let slot = ctx.limits.open(peer.uid);
+        let over_cap = slot.is_none();
         let span = tracing::debug_span!("conn", pid = peer.pid, uid = peer.uid);
         let ctx = Arc::clone(&ctx);
         let svc = service_fn(move |req: hyper::Request<Incoming>| {
             let (ctx, peer) = (Arc::clone(&ctx), Arc::clone(&peer));
-            async move { Ok::<_, Infallible>(routes::handle(&ctx, &peer, req).await) }
+            async move { Ok::<_, Infallible>(routes::handle(&ctx, &peer, over_cap, req).await) }
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -183,6 +189,7 @@ pub(crate) async fn serve<T>(
         let conn = graceful.watch(conn);
         tokio::spawn(
             async move {
+                let _slot = slot;
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }

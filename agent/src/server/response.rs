@@ -29,6 +29,7 @@ pub(crate) enum Failure {
     Vault(VaultError),
     NotUsable(String),
     Audit,
+    TooMany { retry_after: std::time::Duration, reason: String },
     NoRoute,
     Method,
     BodyTooLarge,
@@ -43,6 +44,7 @@ impl Failure {
             Failure::Vault(VaultError::Disabled { .. }) | Failure::NotUsable(_) => ErrorCode::SecretNotUsable,
             Failure::Vault(VaultError::Unavailable { .. }) => ErrorCode::UpstreamUnavailable,
             Failure::Audit => ErrorCode::AuditUnavailable,
+            Failure::TooMany { .. } => ErrorCode::TooManyRequests,
             Failure::NoRoute => ErrorCode::NotFound,
             Failure::Method => ErrorCode::MethodNotAllowed,
             Failure::BodyTooLarge => ErrorCode::PayloadTooLarge,
@@ -62,6 +64,7 @@ impl Failure {
             Failure::Audit => "the audit record could not be written, so nothing was served; \
                  check the audit log's disk and permissions"
                 .into(),
+            Failure::TooMany { reason, .. } => reason.clone(),
             Failure::NoRoute => "no such path: use /v1/health or /v1/secrets/{name}".into(),
             Failure::Method => "method not allowed: use GET".into(),
             Failure::BodyTooLarge => "requests to the agent carry no body".into(),
@@ -76,6 +79,10 @@ pub(crate) fn failure(f: &Failure, request_id: &str) -> Response<Body> {
     let mut r = json(code_status(code), &body);
     if matches!(f, Failure::Method) {
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+    }
+    if let Failure::TooMany { retry_after, .. } = f {
+        let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
     }
     r
 }

@@ -8,10 +8,11 @@ use kvbroker_proto::{AuditRecord, CacheState, Event, Outcome, SecretName, Secret
 
 use super::Ctx;
 use super::response::{self, Body, Failure, Served};
+use crate::config::RateKey;
 use crate::peer::ConnPeer;
 use crate::policy::Decision;
 
-pub(crate) async fn handle<B>(ctx: &Ctx, peer: &ConnPeer, req: Request<B>) -> Response<Body> {
+pub(crate) async fn handle<B>(ctx: &Ctx, peer: &ConnPeer, over_cap: bool, req: Request<B>) -> Response<Body> {
     let request_id = new_request_id();
     let path = req.uri().path();
     tracing::trace!(request_id, method = %req.method(), path, "request");
@@ -25,7 +26,7 @@ pub(crate) async fn handle<B>(ctx: &Ctx, peer: &ConnPeer, req: Request<B>) -> Re
         if req.method() != Method::GET {
             response::failure(&Failure::Method, &request_id)
         } else {
-            read_secret(ctx, peer, &req, name, &request_id).await
+            read_secret(ctx, peer, over_cap, &req, name, &request_id).await
         }
     } else {
         response::failure(&Failure::NoRoute, &request_id)
@@ -40,6 +41,7 @@ fn new_request_id() -> String {
 async fn read_secret<B>(
     ctx: &Ctx,
     peer: &ConnPeer,
+    over_cap: bool,
     req: &Request<B>,
     raw_name: &str,
     request_id: &str,
@@ -47,7 +49,7 @@ async fn read_secret<B>(
     let mut rec = AuditRecord::new(Event::SecretRead);
     rec.request_id = Some(request_id.to_owned());
     rec.peer = Some(peer.info());
-    let result = decide_and_fetch(ctx, peer, req, raw_name, &mut rec).await;
+    let result = decide_and_fetch(ctx, peer, over_cap, req, raw_name, &mut rec).await;
     let raw = wants_raw(req);
     let answer = result.and_then(|served| match served {
         Some(served) => {
@@ -94,6 +96,7 @@ async fn read_secret<B>(
 async fn decide_and_fetch<B>(
     ctx: &Ctx,
     peer: &ConnPeer,
+    over_cap: bool,
     req: &Request<B>,
     raw_name: &str,
     rec: &mut AuditRecord,
@@ -122,12 +125,38 @@ async fn decide_and_fetch<B>(
         previous_version: None,
     });
 
+    if over_cap {
+        return Err(Failure::TooMany {
+            retry_after: Duration::from_secs(1),
+            reason: format!(
+                "uid {} has too many open connections to the agent: close some, or reuse one",
+                peer.uid
+            ),
+        });
+    }
+    let limited = |key: &str, who: String| {
+        ctx.limits.take(key).map_err(|retry_after| Failure::TooMany {
+            retry_after,
+            reason: format!("{who} is over its read rate limit; retry after the Retry-After seconds"),
+        })
+    };
+    if ctx.limits.key() == RateKey::Uid {
+        limited(&peer.uid.to_string(), format!("uid {}", peer.uid))?;
+    }
+
     let facts = peer.facts().map_err(|e| Failure::Denied { reason: e.to_string() })?;
     rec.peer = Some(facts.info());
     match ctx.policy().decide(&facts, vault.as_str(), name.key()) {
-        Decision::Allow { rule } => rec.rule = Some(rule),
+        Decision::Allow { rule } => {
+            if ctx.limits.key() == RateKey::Rule {
+                limited(&rule, format!("rule {rule:?}"))?;
+            }
+            rec.rule = Some(rule);
+        }
         Decision::Deny { reason } => return Err(Failure::Denied { reason }),
     }
+    // Facts the decision computed (the exe hash) go to the audit record too.
+    rec.peer = Some(facts.info());
 
     let looked_up = match (&query.changed_from, query.wait) {
         (Some(from), Some(wait)) => {

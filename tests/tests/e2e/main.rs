@@ -8,4 +8,5 @@ mod cache;
 mod emulator;
 mod keyvault;
 mod lifecycle;
+mod policy;
 mod read;

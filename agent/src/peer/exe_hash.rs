@@ -1,0 +1,69 @@
+//! SHA-256 of a caller's executable, for `exe_sha256` rules: computed only when a rule uses
+//! it, from the file the process is actually running (`/proc/PID/exe`, so a replaced or
+//! deleted path does not matter), and cached by (device, inode, size, mtime) so a busy
+//! interpreter is hashed once. Files over [`MAX_HASH_BYTES`] are not hashed and match no
+//! `exe_sha256` rule.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::sync::{LazyLock, Mutex};
+
+use sha2::{Digest, Sha256};
+
+/// Executables larger than this are not hashed.
+pub(crate) const MAX_HASH_BYTES: u64 = 512 << 20;
+
+type FileId = (u64, u64, u64, i64, i64);
+
+static CACHE: LazyLock<Mutex<HashMap<FileId, String>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// The hex SHA-256 of the file at `path` (typically `/proc/PID/exe`), or why not.
+pub(crate) fn sha256_of(path: &str) -> Result<String, String> {
+    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open {path}: {e}"))?;
+    // fstat of the opened file: the identity and the bytes are the same file's.
+    let m = f.metadata().map_err(|e| format!("cannot stat {path}: {e}"))?;
+    if m.len() > MAX_HASH_BYTES {
+        return Err(format!("executable is {} bytes, over the {MAX_HASH_BYTES}-byte hashing limit", m.len()));
+    }
+    let id = (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec());
+    let cache = || CACHE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(h) = cache().get(&id) {
+        return Ok(h.clone());
+    }
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| format!("cannot read {path}: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let hex = hex::encode(hasher.finalize());
+    let mut c = cache();
+    if c.len() > 4096 {
+        c.clear();
+    }
+    c.insert(id, hex.clone());
+    Ok(hex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_and_caches_by_file_identity() {
+        let p = std::env::temp_dir().join(format!("kvb-hash-{}", fastrand::u64(..)));
+        std::fs::write(&p, b"abc").unwrap();
+        let path = p.to_str().unwrap();
+        let want = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(sha256_of(path).unwrap(), want);
+        assert_eq!(sha256_of(path).unwrap(), want);
+        // New content (size differs): a new identity, a new hash.
+        std::fs::write(&p, b"abcd").unwrap();
+        assert_ne!(sha256_of(path).unwrap(), want);
+        std::fs::remove_file(&p).unwrap();
+    }
+}

@@ -1,0 +1,375 @@
+//! Per-process policy with real processes: groups, executables, hashes, cgroups, a process
+//! that exits before its request is decided (and a pid recycled in its place), explain,
+//! reload, and per-caller limits.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use kvbroker_tests::{Agent, TempDir, bin, canary, kvb, raw_get, run};
+use serde_json::Value;
+
+fn sha256_file(p: &Path) -> String {
+    let (code, out, _) = run(Command::new("sha256sum").arg(p));
+    assert_eq!(code, 0);
+    out.split_whitespace().next().unwrap().to_owned()
+}
+
+/// Copies the kvb binary to `dir/name`, executable.
+fn copy_kvb(dir: &Path, name: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::copy(bin("kvb"), &p).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn kvb_at(path: &Path, socket: &Path) -> Command {
+    let mut c = Command::new(path);
+    c.env("KVBROKER_SOCKET", socket);
+    c
+}
+
+#[test]
+fn supplementary_group_is_allowed() {
+    let agent = Agent::builder("groups")
+        .secret("s", "v")
+        .rule("name = \"ml\"\ngids = [4242]\nsecrets = [\"default/s\"]")
+        .socket_mode("0666")
+        .start();
+    let as_nobody = |groups: &str| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", &format!("--groups={groups}")])
+            .arg(bin("kvb"))
+            .args(["get", "s"]);
+        c.env("KVBROKER_SOCKET", &agent.socket);
+        run(&mut c)
+    };
+    assert_eq!(as_nobody("4242").0, 0, "member of 4242 through a supplementary group");
+    assert_eq!(as_nobody("4243").0, 3);
+    let rec = agent.audit_records().into_iter().find(|r| r["outcome"] == "allowed").unwrap();
+    assert_eq!(rec["peer"]["groups"], serde_json::json!([4242]));
+}
+
+/// exe globs name a path: the same binary copied elsewhere is denied. exe_sha256 names
+/// content: an identical copy passes, a copy differing by one byte does not.
+#[test]
+fn exe_glob_and_exe_sha256() {
+    let dir = TempDir::new("exe");
+    let kvb_path = bin("kvb");
+    let hash = sha256_file(&kvb_path);
+    let agent = Agent::builder("exe")
+        .secret("by-path", "v")
+        .secret("by-hash", "v")
+        .rule(&format!(
+            "name = \"path\"\nexe = [\"{}\"]\nsecrets = [\"default/by-path\"]",
+            kvb_path.display()
+        ))
+        .rule(&format!("name = \"hash\"\nexe_sha256 = [\"{hash}\"]\nsecrets = [\"default/by-hash\"]"))
+        .start();
+    let copy = copy_kvb(dir.path(), "kvb-copy");
+    assert_eq!(run(kvb(&agent.socket, None).args(["get", "by-path"])).0, 0);
+    let (code, _, err) = run(kvb_at(&copy, &agent.socket).args(["get", "by-path"]));
+    assert_eq!(code, 3, "a copy at another path is denied: {err}");
+
+    assert_eq!(run(kvb_at(&copy, &agent.socket).args(["get", "by-hash"])).0, 0, "identical content");
+    let changed = copy_kvb(dir.path(), "kvb-changed");
+    std::fs::OpenOptions::new().append(true).open(&changed).unwrap().write_all(b"\0").unwrap();
+    assert_eq!(run(kvb_at(&changed, &agent.socket).args(["get", "by-hash"])).0, 3, "one byte different");
+    let hashed = agent.audit_records().into_iter().find(|r| r["rule"] == "hash").unwrap();
+    assert_eq!(hashed["peer"]["exe_sha256"], hash.as_str(), "the hash the rule used is audited");
+}
+
+/// The cgroup v2 hierarchy's mount point (pure v2 hosts: /sys/fs/cgroup; hybrid: …/unified).
+fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let line =
+        mounts.lines().find(|l| l.split_whitespace().nth(2) == Some("cgroup2")).expect("a cgroup2 mount");
+    PathBuf::from(line.split_whitespace().nth(1).unwrap())
+}
+
+/// A cgroup created for the test, removed on drop.
+struct TestCgroup(PathBuf);
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn process_moved_into_a_matching_cgroup_is_allowed() {
+    let name = format!("kvbtest-{:x}", std::process::id());
+    let cg = TestCgroup(cgroup2_root().join(&name));
+    std::fs::create_dir(&cg.0).unwrap();
+    let agent = Agent::builder("cgroup")
+        .secret("s", "v")
+        .rule(&format!("name = \"cg\"\ncgroup = [\"/{name}\"]\nsecrets = [\"default/s\"]"))
+        .start();
+    let script = format!("echo $$ > {}/cgroup.procs && exec {} get s", cg.0.display(), bin("kvb").display());
+    let (code, out, err) =
+        run(Command::new("sh").args(["-c", &script]).env("KVBROKER_SOCKET", &agent.socket));
+    assert_eq!((code, out.as_str(), err.as_str()), (0, "v", ""));
+    assert_eq!(run(kvb(&agent.socket, None).args(["get", "s"])).0, 3, "outside the cgroup: denied");
+    let rec = agent.audit_records().into_iter().find(|r| r["outcome"] == "allowed").unwrap();
+    assert_eq!(rec["peer"]["cgroup"], format!("/{name}"));
+}
+
+/// A client that connects, then exits before its request is decided, is denied `peer
+/// exited` — and when its pid is recycled by a process the policy would allow, the agent
+/// does not read that process's facts in its place (the pidfd still names the dead one).
+#[test]
+fn peer_that_exited_is_denied_even_when_its_pid_is_reused() {
+    let agent = Agent::builder("exited")
+        .secret("s", "v")
+        .rule("name = \"sleepers\"\nexe = [\"*/sleep\"]\nsecrets = [\"default/s\"]")
+        .start();
+    let script = r#"
+import os, socket, subprocess, sys, time
+path = sys.argv[1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+pid = os.fork()
+if pid == 0:
+    s.connect(path)      # the shared socket is connected by the child: SO_PEERCRED = child
+    os._exit(0)
+os.waitpid(pid, 0)
+recycled = None
+for _ in range(20):      # recycle the child's pid for a `sleep`, which the policy allows
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+    p = subprocess.Popen(["sleep", "5"])
+    if p.pid == pid:
+        recycled = p
+        break
+    p.kill(); p.wait()
+s.sendall(b"GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print("RECYCLED" if recycled else "NOT-RECYCLED")
+print(data.decode().split("\r\n\r\n", 1)[1])
+if recycled:
+    recycled.kill()
+"#;
+    let (code, out, err) = run(Command::new("python3").args(["-c", script]).arg(&agent.socket));
+    assert_eq!(code, 0, "{err}");
+    let mut lines = out.lines();
+    let recycled = lines.next().unwrap();
+    let body: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(body["error"]["code"], "PermissionDenied", "{out}");
+    assert_eq!(body["error"]["message"], "permission denied: peer exited", "{out} ({recycled})");
+    let rec = agent.audit_records().into_iter().find(|r| r["event"] == "secret.read").unwrap();
+    assert_eq!(rec["reason"], "peer exited");
+    eprintln!("pid reuse attempt: {recycled}");
+    assert_eq!(recycled, "RECYCLED", "the test did recycle the pid (ns_last_pid as root)");
+}
+
+/// `kvbroker policy explain`, checked exactly, for an allowed and a denied caller.
+#[test]
+fn policy_explain_output() {
+    let b = Agent::builder("explain")
+        .secret("db-password", "v")
+        .rule("name = \"train-jobs\"\nuids = [1000]\nexe = [\"/opt/conda/bin/python3*\"]\nsecrets = [\"default/db-*\"]")
+        .rule("name = \"mlops\"\ngids = [2000]\nsystemd_unit = [\"train*.service\"]\nsecrets = [\"default/*\"]");
+    let config = b.write();
+    let _dir = b.into_dir();
+    let explain = |args: &[&str]| {
+        run(Command::new(bin("kvbroker")).args(["policy", "explain", "--config"]).arg(&config).args(args))
+    };
+    let (code, out, err) = explain(&[
+        "--uid",
+        "1000",
+        "--groups",
+        "1000,2000",
+        "--exe",
+        "/usr/bin/python3.11",
+        "--cgroup",
+        "/system.slice/train.service",
+        "default/db-password",
+    ]);
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert_eq!(
+        out,
+        "facts (given):
+  uid           1000
+  gid           1000
+  groups        1000 2000
+  exe           /usr/bin/python3.11
+  cgroup        /system.slice/train.service
+  systemd_unit  train.service
+  container_id  -
+secret: default/db-password
+
+rule \"train-jobs\": does not allow
+  uids          yes  uid 1000
+  exe           no   exe /usr/bin/python3.11 fits no pattern
+  secrets       yes  default/db-password fits \"default/db-*\"
+rule \"mlops\": allows
+  gids          yes  supplementary group 2000
+  systemd_unit  yes  systemd unit train.service fits \"train*.service\"
+  secrets       yes  default/db-password fits \"default/*\"
+
+decision: allowed by rule \"mlops\"
+"
+    );
+    let (code, out, _) = explain(&["--uid", "1001", "DB-Password"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out,
+        "facts (given):
+  uid           1001
+  gid           1001
+  groups        -
+  exe           -
+  cgroup        -
+  systemd_unit  -
+  container_id  -
+secret: default/DB-Password
+
+rule \"train-jobs\": does not allow
+  uids          no   uid 1001 is not listed
+  exe           no   caller has no exe
+  secrets       yes  default/db-password fits \"default/db-*\"
+rule \"mlops\": does not allow
+  gids          no   gid 1001 and groups [] are not listed
+  systemd_unit  no   caller has no systemd unit
+  secrets       yes  default/db-password fits \"default/*\"
+
+decision: denied (no rule matches)
+"
+    );
+    let (code, out, _) = explain(&["--pid", &std::process::id().to_string(), "default/x"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with(&format!("facts (pid {}):\n  uid           0\n", std::process::id())), "{out}");
+}
+
+/// SIGHUP with a broken policy keeps the old one in force, and says so in the audit log.
+#[test]
+fn broken_policy_on_sighup_keeps_the_old_one() {
+    let agent = Agent::builder("hup").secret("s", "v").allow_uid(0).start();
+    std::fs::write(
+        &agent.policy,
+        "[[rule]]\nname = \"x\"\ncmdline = [\"python\"]\nsecrets = [\"default/*\"]\n",
+    )
+    .unwrap();
+    agent.proc.signal(libc::SIGHUP);
+    let mut reload = None;
+    for _ in 0..100 {
+        reload = agent.audit_records().into_iter().find(|r| r["event"] == "policy.reload");
+        if reload.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let reload = reload.expect("policy.reload audited");
+    assert_eq!(reload["outcome"], "failed");
+    assert!(reload["reason"].as_str().unwrap().contains("cmdline"), "{reload}");
+    assert_eq!(run(kvb(&agent.socket, None).args(["get", "s"])).0, 0, "old policy still allows uid 0");
+}
+
+/// A flood from one uid gets 429 with Retry-After while another uid's reads still succeed.
+#[test]
+fn flood_from_one_uid_is_limited_without_starving_others() {
+    let value = canary("flood");
+    let agent = Agent::builder("flood")
+        .secret("s", &value)
+        .rule("name = \"both\"\nuids = [0, 65534]\nsecrets = [\"default/s\"]")
+        .socket_mode("0666")
+        .limits("rate_per_second = 20\nburst = 20")
+        .start();
+    // uid 65534: 200 requests as fast as curl can send them on one connection.
+    let url = "http://localhost/v1/secrets/s";
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "curl", "-s", "-w", "%{http_code}\\n"]);
+    c.arg("--unix-socket").arg(&agent.socket);
+    for _ in 0..200 {
+        // -o applies to one URL: one per URL, so no body reaches this test's output.
+        c.args(["-o", "/dev/null", url]);
+    }
+    let (_, out, _) = run(&mut c);
+    let codes: Vec<&str> = out.lines().collect();
+    let limited = codes.iter().filter(|c| **c == "429").count();
+    assert!(limited >= 100, "most of the flood is refused: {limited} of {}", codes.len());
+    assert!(codes.iter().filter(|c| **c == "200").count() >= 20, "the burst is served");
+    // Meanwhile uid 0 is unaffected.
+    for _ in 0..10 {
+        assert_eq!(raw_get(&agent.socket, "/v1/secrets/s", &[]).unwrap().0, 200);
+    }
+    // The 429 carries Retry-After and the reason.
+    let (_, head, body) = {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "curl", "-s", "-i", "--unix-socket"]);
+        c.arg(&agent.socket);
+        for _ in 0..30 {
+            c.arg(url);
+        }
+        let (_, out, _) = run(&mut c);
+        let last = out.rsplit("HTTP/1.1 ").next().unwrap().to_owned();
+        let (h, b) = last.split_once("\r\n\r\n").unwrap();
+        (0, h.to_ascii_lowercase(), b.to_owned())
+    };
+    assert!(head.starts_with("429"), "{head}");
+    assert!(head.contains("retry-after: 1"), "{head}");
+    assert!(body.contains("uid 65534 is over its read rate limit"), "{body}");
+    agent.assert_no_canary(&[&value], &[&out, &body]);
+}
+
+/// Past the per-uid connection cap, requests on the extra connection get 429.
+#[test]
+fn connection_cap_per_uid() {
+    let agent =
+        Agent::builder("conns").secret("s", "v").allow_uid(0).limits("connections_per_uid = 2").start();
+    let open = || {
+        let s = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+    let ask = |s: &mut std::os::unix::net::UnixStream| {
+        s.write_all(b"GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let (mut a, mut b) = (open(), open());
+    assert!(ask(&mut a).starts_with("HTTP/1.1 200"));
+    assert!(ask(&mut b).starts_with("HTTP/1.1 200"));
+    let mut c = open();
+    let third = ask(&mut c);
+    assert!(third.starts_with("HTTP/1.1 429"), "{third}");
+    assert!(third.contains("too many open connections"), "{third}");
+    drop(a);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut d = open();
+    assert!(ask(&mut d).starts_with("HTTP/1.1 200"), "a slot frees when a connection closes");
+}
+
+/// The agent refuses a socket directory that others can write (they could swap the socket).
+#[test]
+fn refuses_world_writable_socket_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = Agent::builder("wwdir").secret("s", "v").allow_uid(0);
+    let config = b.write();
+    let dir = b.into_dir();
+    let open_dir = dir.path().join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let sock = dir.path().join("agent.sock");
+    std::fs::write(
+        &config,
+        text.replace(&sock.display().to_string(), &open_dir.join("agent.sock").display().to_string()),
+    )
+    .unwrap();
+    let (code, _, err) = run(Command::new(bin("kvbroker")).args(["run", "--config"]).arg(&config));
+    assert_eq!(code, 1);
+    assert!(err.contains("the socket's directory is writable by others (mode 0777)"), "{err}");
+}
