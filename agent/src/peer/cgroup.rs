@@ -11,12 +11,12 @@
 
 /// The deepest segment that names a systemd service or scope.
 pub(crate) fn systemd_unit(path: &str) -> Option<&str> {
-    path.split('/').filter(|s| s.ends_with(".service") || s.ends_with(".scope")).last()
+    path.rsplit('/').find(|s| s.ends_with(".service") || s.ends_with(".scope"))
 }
 
 /// The deepest container id (64 hex characters) in the path, without runtime prefixes.
 pub(crate) fn container_id(path: &str) -> Option<&str> {
-    path.split('/').filter_map(segment_container_id).last()
+    path.rsplit('/').find_map(segment_container_id)
 }
 
 fn segment_container_id(seg: &str) -> Option<&str> {

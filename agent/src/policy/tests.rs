@@ -153,8 +153,7 @@ fn exe_sha256_matches_only_the_exact_file() {
         "[[rule]]\nname = \"h\"\nexe_sha256 = [\"{}\"]\nsecrets = [\"v/s\"]\n",
         hash.to_uppercase()
     ));
-    let with =
-        |path: &std::path::Path| PeerFacts::given(1, 1, vec![], Some(path.display().to_string()), None);
+    let with = |path: &Path| PeerFacts::given(1, 1, vec![], Some(path.display().to_string()), None);
     assert_eq!(p.decide(&with(&a), "v", "s"), Decision::Allow { rule: "h".into() });
     assert!(matches!(p.decide(&with(&b), "v", "s"), Decision::Deny { .. }));
     assert!(
