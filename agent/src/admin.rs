@@ -112,7 +112,7 @@ async fn handle(
             }
         }
         (Method::POST, "/v1/reload") => {
-            let (ok, message) = crate::app::reload_policy(ctx, policy_file);
+            let (ok, message) = crate::app::reload_policy(ctx, policy_file).await;
             reply(
                 if ok { StatusCode::OK } else { StatusCode::UNPROCESSABLE_ENTITY },
                 json!({"ok": ok, "message": message}),

@@ -49,7 +49,7 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     start.outcome = Some(Outcome::Ok);
     start.agent = Some(agent.clone());
     start.reason = resumed.note;
-    auditor.append(start)?;
+    auditor.append(start).await?;
     tracing::info!(
         socket = %config.agent.socket.display(),
         audit = %config.audit.path.display(),
@@ -83,7 +83,7 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     stop.outcome = Some(Outcome::Ok);
     stop.reason = Some(why.into());
     stop.agent = Some(agent);
-    if let Err(e) = auditor.append(stop) {
+    if let Err(e) = auditor.append(stop).await {
         tracing::error!(error = %e, "cannot write agent.stop");
     }
     drop(socket_file);
@@ -96,13 +96,13 @@ async fn reload_on_hangup(ctx: Arc<Ctx>, path: std::path::PathBuf) {
         return;
     };
     while hup.recv().await.is_some() {
-        reload_policy(&ctx, &path);
+        reload_policy(&ctx, &path).await;
     }
 }
 
 /// Loads the policy again; on failure the old one stays in force. Audited either way.
 /// Returns whether it loaded, and what happened.
-pub(crate) fn reload_policy(ctx: &Ctx, path: &std::path::Path) -> (bool, String) {
+pub(crate) async fn reload_policy(ctx: &Ctx, path: &std::path::Path) -> (bool, String) {
     let mut rec = AuditRecord::new(Event::PolicyReload);
     let (ok, message) = match Policy::load(path) {
         Ok(p) => {
@@ -118,7 +118,7 @@ pub(crate) fn reload_policy(ctx: &Ctx, path: &std::path::Path) -> (bool, String)
     };
     rec.outcome = Some(if ok { Outcome::Ok } else { Outcome::Failed });
     rec.reason = Some(message.clone());
-    if let Err(e) = ctx.auditor.append(rec) {
+    if let Err(e) = ctx.auditor.append(rec).await {
         tracing::error!(error = %e, "cannot write policy.reload");
     }
     (ok, message)

@@ -309,9 +309,13 @@ impl Cache {
         });
         rec.upstream_request_id = new.upstream_request_id.clone();
         tracing::info!(vault = %vault, secret = %new.name, version = %new.version, "new version cached");
-        if let Err(e) = self.inner.auditor.append(rec) {
-            tracing::error!(error = %e, "cannot write secret.version_changed");
-        }
+        // Called while installing a fetch (no await there): the writer orders it.
+        let auditor = Arc::clone(&self.inner.auditor);
+        tokio::spawn(async move {
+            if let Err(e) = auditor.append(rec).await {
+                tracing::error!(error = %e, "cannot write secret.version_changed");
+            }
+        });
     }
 
     /// Waits up to `wait` for the current version to differ from `from`. `Ok(None)`: it did

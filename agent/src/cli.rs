@@ -162,8 +162,46 @@ fn parse_connect_to(s: &str) -> Result<crate::config::ConnectTo, String> {
 pub enum AuditCommand {
     /// Check the hash chain of one or more audit files, oldest first.
     Verify {
-        /// Audit files in chain order (rotated files first).
+        /// Audit files in chain order (rotated files first: audit.jsonl.3 … .1, audit.jsonl).
         #[arg(required = true, value_name = "FILE")]
         files: Vec<PathBuf>,
+        /// The HMAC key file, for logs written in keyed mode.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
+    },
+    /// Who read what, when: a table by default, JSON lines with --json, counts with --summary.
+    Query {
+        /// Audit files, oldest first.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        /// NAME or VAULT/NAME (case-insensitive; * and ? allowed).
+        #[arg(long)]
+        secret: Option<String>,
+        /// Only this caller uid.
+        #[arg(long)]
+        uid: Option<u32>,
+        /// allowed, denied, error (reads) or ok, failed (other events).
+        #[arg(long)]
+        outcome: Option<String>,
+        /// An RFC 3339 time, or a duration back from now (1h, 30m).
+        #[arg(long)]
+        since: Option<String>,
+        /// Print the matching records as JSON lines.
+        #[arg(long, conflicts_with = "summary")]
+        json: bool,
+        /// Reads per secret per caller (uid and unit or exe), and denials.
+        #[arg(long)]
+        summary: bool,
+    },
+    /// Print the last records of a live log, then follow it (across rotation) until Ctrl-C.
+    Tail {
+        /// The live audit file.
+        file: PathBuf,
+        /// How many existing records to show first.
+        #[arg(short = 'n', long, default_value_t = 10)]
+        lines: usize,
+        /// Print raw JSON lines.
+        #[arg(long)]
+        json: bool,
     },
 }

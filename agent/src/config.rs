@@ -151,6 +151,14 @@ pub struct AuditConfig {
     pub path: PathBuf,
     pub durability: Durability,
     pub rotate_bytes: NonZeroU64,
+    /// Rotated files kept (`audit.jsonl.1` … `.N`).
+    pub rotate_keep: u32,
+    /// How long a request waits for its record before failing closed.
+    pub write_timeout: Duration,
+    /// How often a checkpoint record is written.
+    pub checkpoint_interval: Duration,
+    /// Keyed mode: the chain uses HMAC-SHA-256 with this key.
+    pub hmac_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -262,6 +270,10 @@ struct RawAudit {
     path: PathBuf,
     durability: Option<Durability>,
     rotate_bytes: Option<NonZeroU64>,
+    rotate_keep: Option<std::num::NonZeroU32>,
+    write_timeout: Option<HumanDuration>,
+    checkpoint_interval: Option<HumanDuration>,
+    hmac_key_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -434,6 +446,10 @@ impl Config {
             rotate_bytes: audit
                 .rotate_bytes
                 .unwrap_or(NonZeroU64::new(100 * 1024 * 1024).unwrap_or(NonZeroU64::MIN)),
+            rotate_keep: audit.rotate_keep.map_or(10, std::num::NonZeroU32::get),
+            write_timeout: audit.write_timeout.map_or(Duration::from_secs(5), |d| d.0),
+            checkpoint_interval: audit.checkpoint_interval.map_or(Duration::from_secs(300), |d| d.0),
+            hmac_key_file: audit.hmac_key_file.map(&resolve),
         };
         let policy = raw.policy.ok_or_else(|| {
             invalid("missing [policy] section: add file = \"/etc/kvbroker/policy.toml\"".into())

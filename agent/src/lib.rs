@@ -54,6 +54,8 @@ pub enum Error {
     #[error(transparent)]
     Verify(#[from] audit::verify::VerifyError),
     #[error(transparent)]
+    Query(#[from] audit::query::QueryError),
+    #[error(transparent)]
     Ctl(#[from] admin::CtlError),
     #[error(transparent)]
     Rotate(#[from] rotate::RotateError),
@@ -158,8 +160,22 @@ pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
             let (text, _) = explain::render(&policy, &facts, &vault, &name);
             print!("{text}");
         }
-        Command::Audit { command: AuditCommand::Verify { files } } => {
-            let v = audit::verify::verify(&files)?;
+        Command::Audit {
+            command: AuditCommand::Query { files, secret, uid, outcome, since, json, summary },
+        } => {
+            let filter = audit::query::Filter { secret, uid, outcome, since };
+            print!("{}", audit::query::query(&files, &filter, json, summary)?);
+        }
+        Command::Audit { command: AuditCommand::Tail { file, lines, json } } => {
+            use std::io::Write;
+            audit::query::tail(&file, lines, json, |s| {
+                let mut out = std::io::stdout().lock();
+                out.write_all(s.as_bytes()).and_then(|()| out.flush()).is_ok()
+            })?;
+        }
+        Command::Audit { command: AuditCommand::Verify { files, key_file } } => {
+            let key = key_file.as_deref().map(audit::read_key).transpose()?;
+            let v = audit::verify::verify(&files, key.as_ref().map(|k| k.as_slice()))?;
             println!(
                 "ok: {} record(s) in {} file(s), seq {}..{}, head {}",
                 v.records, v.files, v.first_seq, v.last_seq, v.head

@@ -97,9 +97,12 @@ pub enum Event {
     /// The policy was reloaded (or a reload failed).
     #[serde(rename = "policy.reload")]
     PolicyReload,
-    /// The audit file was rotated.
+    /// The audit file was rotated (or reopened after being removed).
     #[serde(rename = "audit.rotated")]
     AuditRotated,
+    /// A periodic record of the chain head, also written to the agent's log.
+    #[serde(rename = "audit.checkpoint")]
+    AuditCheckpoint,
 }
 
 impl Event {
@@ -112,6 +115,7 @@ impl Event {
             Event::SecretVersionChanged => "secret.version_changed",
             Event::PolicyReload => "policy.reload",
             Event::AuditRotated => "audit.rotated",
+            Event::AuditCheckpoint => "audit.checkpoint",
         }
     }
 }

@@ -5,6 +5,9 @@
 //! hex SHA-256 of `BODY`'s bytes. `prev` is the `hash` of the line before, or 64 zeros for
 //! the first line of a chain. So a verifier needs only the bytes as written: no canonical
 //! JSON, no knowledge of field order.
+//!
+//! Keyed mode (`[audit] hmac_key_file`): `H` is HMAC-SHA-256 of `BODY` under the key, so
+//! someone who can write the log but not read the key cannot recompute the chain.
 
 use sha2::{Digest, Sha256};
 
@@ -15,8 +18,8 @@ const HASH_KEY: &[u8] = b",\"hash\":\"";
 
 /// Seals a serialized record body (no `hash`) into a full line with trailing newline.
 /// Returns the line and its hash.
-pub(crate) fn seal(mut body: Vec<u8>) -> (Vec<u8>, String) {
-    let hash = hex::encode(Sha256::digest(&body));
+pub(crate) fn seal(mut body: Vec<u8>, key: Option<&[u8]>) -> (Vec<u8>, String) {
+    let hash = hash_of(&body, key);
     if body.last() == Some(&b'}') {
         body.pop();
     }
@@ -45,9 +48,32 @@ pub(crate) fn unseal(line: &[u8]) -> Option<(Vec<u8>, &str)> {
     Some((body, hash))
 }
 
-/// The hash a body should carry.
-pub(crate) fn hash_of(body: &[u8]) -> String {
-    hex::encode(Sha256::digest(body))
+/// The hash a body should carry: SHA-256, or HMAC-SHA-256 under `key`.
+pub(crate) fn hash_of(body: &[u8], key: Option<&[u8]>) -> String {
+    match key {
+        None => hex::encode(Sha256::digest(body)),
+        Some(k) => hex::encode(hmac_sha256(k, body)),
+    }
+}
+
+/// HMAC-SHA-256 (RFC 2104).
+fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+    let mut block = [0u8; 64];
+    if key.len() > 64 {
+        block[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        block[..key.len()].copy_from_slice(key);
+    }
+    let pad = |b: u8| block.map(|k| k ^ b);
+    let inner = Sha256::new().chain_update(pad(0x36)).chain_update(msg).finalize();
+    let out = Sha256::new().chain_update(pad(0x5c)).chain_update(inner).finalize();
+    zeroize::Zeroize::zeroize(&mut block);
+    out.into()
+}
+
+/// Compares hex digests in constant time.
+pub(crate) fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -57,18 +83,28 @@ mod tests {
     #[test]
     fn seal_then_unseal() {
         let body = br#"{"seq":1,"prev":"00"}"#.to_vec();
-        let (line, hash) = seal(body.clone());
+        let (line, hash) = seal(body.clone(), None);
         assert!(line.ends_with(b"\"}\n"));
         let (back, claimed) = unseal(&line[..line.len() - 1]).unwrap();
         assert_eq!(back, body);
         assert_eq!(claimed, hash);
-        assert_eq!(hash_of(&back), hash);
+        assert_eq!(hash_of(&back, None), hash);
+    }
+
+    /// RFC 4231 test case 2.
+    #[test]
+    fn hmac_matches_rfc_4231() {
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(hex::encode(mac), "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+        let long_key = [0xaau8; 131];
+        let mac = hmac_sha256(&long_key, b"Test Using Larger Than Block-Size Key - Hash Key First");
+        assert_eq!(hex::encode(mac), "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
     }
 
     #[test]
     fn unseal_refuses_lines_without_hash() {
         assert!(unseal(br#"{"seq":1}"#).is_none());
-        let (line, _) = seal(b"{}".to_vec());
+        let (line, _) = seal(b"{}".to_vec(), None);
         let mut bad = line[..line.len() - 1].to_vec();
         let n = bad.len();
         bad[n - 3] = b'G';

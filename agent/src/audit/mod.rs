@@ -1,57 +1,60 @@
 //! The audit log: one JSON line per event, hash-chained, written before the answer.
 //!
-//! `Auditor::append` returns only once the record is in the file (and fsynced in `fsync`
-//! mode); the caller sends its answer after that, so a record that cannot be written fails
-//! the request closed (503 `AuditUnavailable`). A failed write is rolled back to the last
-//! whole line, so the file never holds a torn record and the chain stays intact.
+//! All writing happens on one writer thread ([`writer`]), so no request handler ever blocks
+//! on the disk: [`Auditor::append`] hands the record over and waits — at most
+//! `write_timeout` — for the writer to say it is in the file (and fsynced, in `fsync`
+//! mode). Records that arrive together are written (and fsynced) together: group commit.
+//! A record that cannot be written fails its request closed (503 `AuditUnavailable`); a
+//! failed write is rolled back to the last whole line, so the chain stays intact, and the
+//! writer recovers by itself when writing works again (a removed or replaced file is
+//! reopened, with a record saying so).
 //!
 //! Records never hold a value or a token: the record type has no field that could.
 
 pub(crate) mod chain;
+pub mod query;
 pub mod verify;
+mod writer;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use kvbroker_proto::AuditRecord;
+use zeroize::Zeroizing;
 
-use crate::config::{AuditConfig, Durability};
+use crate::config::AuditConfig;
 
 /// Why a record could not be written.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuditError {
-    #[error("{path}: cannot open audit log: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
-    #[error("{path}: cannot write audit record: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
-    #[error("{path}: audit log was removed or replaced while the agent ran")]
+    #[error("{path}: cannot open audit log: {reason}")]
+    Open { path: PathBuf, reason: String },
+    #[error("{path}: cannot write audit record: {reason}")]
+    Write { path: PathBuf, reason: String },
+    #[error(
+        "{path}: audit log was removed or replaced while the agent ran; reopened, this record was not written"
+    )]
     Replaced { path: PathBuf },
-    #[error("cannot serialize audit record: {0}")]
-    Serialize(#[from] serde_json::Error),
+    #[error("audit writer did not confirm the record within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("audit writer has stopped")]
+    Stopped,
+    #[error("{path}: cannot use HMAC key file: {reason}")]
+    Key { path: PathBuf, reason: String },
 }
 
-/// The audit log writer. Cheap to share behind an `Arc`.
+/// The audit log. Cheap to share behind an `Arc`.
 pub(crate) struct Auditor {
+    tx: std::sync::mpsc::Sender<writer::Job>,
+    healthy: Arc<AtomicBool>,
     path: PathBuf,
-    durability: Durability,
-    state: Mutex<State>,
-    healthy: AtomicBool,
-}
-
-struct State {
-    file: File,
-    /// (device, inode) of the file we opened, to notice it being replaced.
-    id: (u64, u64),
-    /// Length of the file up to the last whole record we wrote.
-    len: u64,
-    seq: u64,
-    prev: String,
+    wait: std::time::Duration,
 }
 
 /// What opening found at the end of an existing log.
@@ -62,89 +65,65 @@ pub(crate) struct Resumed {
 }
 
 impl Auditor {
-    /// Opens (or creates) the log and continues its chain.
+    /// Opens (or creates) the log, continues its chain, and starts the writer thread.
     pub(crate) fn open(cfg: &AuditConfig) -> Result<(Auditor, Resumed), AuditError> {
         let path = cfg.path.clone();
-        let open_err = |source| AuditError::Open { path: path.clone(), source };
+        let open_err = |e: std::io::Error| AuditError::Open { path: path.clone(), reason: e.to_string() };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(open_err)?;
         }
+        let key = match &cfg.hmac_key_file {
+            Some(f) => Some(read_key(f)?),
+            None => None,
+        };
         let mut resumed = Resumed::default();
         let mut file = open_append(&path).map_err(open_err)?;
-        let (seq, prev, len) = match read_tail(&mut file).map_err(open_err)? {
-            Tail::Empty => (0, chain::GENESIS.to_owned(), 0),
-            Tail::Record { seq, hash, end } => (seq, hash, end),
-            Tail::Partial { seq, hash, end, total } => {
-                let aside = aside_path(&path, "partial");
-                keep_partial(&mut file, end, total, &aside).map_err(open_err)?;
-                resumed.note = Some(format!(
-                    "audit log ended in a partial line ({} bytes), kept at {}; removed from the log",
-                    total - end,
-                    aside.display()
-                ));
-                (seq, hash, end)
-            }
-            Tail::Damaged => {
-                let aside = aside_path(&path, "damaged");
-                std::fs::rename(&path, &aside).map_err(open_err)?;
-                file = open_append(&path).map_err(open_err)?;
-                resumed.note = Some(format!(
-                    "audit log tail could not be read as a chained record; file kept at {}; \
+        let (seq, prev, len) =
+            match read_tail(&mut file, key.as_ref().map(|k| k.as_slice())).map_err(open_err)? {
+                Tail::Empty => (0, chain::GENESIS.to_owned(), 0),
+                Tail::Record { seq, hash, end } => (seq, hash, end),
+                Tail::Partial { seq, hash, end, total } => {
+                    let aside = aside_path(&path, "partial");
+                    keep_partial(&mut file, end, total, &aside).map_err(open_err)?;
+                    resumed.note = Some(format!(
+                        "audit log ended in a partial line ({} bytes), kept at {}; removed from the log",
+                        total - end,
+                        aside.display()
+                    ));
+                    (seq, hash, end)
+                }
+                Tail::Damaged => {
+                    let aside = aside_path(&path, "damaged");
+                    std::fs::rename(&path, &aside).map_err(open_err)?;
+                    file = open_append(&path).map_err(open_err)?;
+                    resumed.note = Some(format!(
+                        "audit log tail could not be read as a chained record; file kept at {}; \
                      a new chain segment starts here",
-                    aside.display()
-                ));
-                (0, chain::GENESIS.to_owned(), 0)
+                        aside.display()
+                    ));
+                    (0, chain::GENESIS.to_owned(), 0)
+                }
+            };
+        let healthy = Arc::new(AtomicBool::new(true));
+        let tx = writer::spawn(
+            writer::State::new(cfg, file, len, seq, prev, key, Arc::clone(&healthy)).map_err(open_err)?,
+        )
+        .map_err(open_err)?;
+        Ok((Auditor { tx, healthy, path, wait: cfg.write_timeout }, resumed))
+    }
+
+    /// Writes `record` (filling in `seq`, `ts`, `prev` and `hash`); returns its `seq` once
+    /// the record is in the file. Waits at most `write_timeout`.
+    pub(crate) async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(writer::Job { record, reply }).map_err(|_| AuditError::Stopped)?;
+        match tokio::time::timeout(self.wait, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(AuditError::Stopped),
+            Err(_) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                Err(AuditError::Timeout(self.wait))
             }
-        };
-        let meta = file.metadata().map_err(open_err)?;
-        let state = State { file, id: (meta.dev(), meta.ino()), len, seq, prev };
-        let auditor = Auditor {
-            path,
-            durability: cfg.durability,
-            state: Mutex::new(state),
-            healthy: AtomicBool::new(true),
-        };
-        Ok((auditor, resumed))
-    }
-
-    /// Writes `record` (filling in `seq`, `ts`, `prev` and `hash`); returns its `seq`.
-    pub(crate) fn append(&self, mut record: AuditRecord) -> Result<u64, AuditError> {
-        let result = self.append_inner(&mut record);
-        self.healthy.store(result.is_ok(), Ordering::Relaxed);
-        result
-    }
-
-    fn append_inner(&self, record: &mut AuditRecord) -> Result<u64, AuditError> {
-        let mut st = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.check_same_file(&st)?;
-        record.seq = st.seq + 1;
-        record.ts = now_rfc3339();
-        record.prev = st.prev.clone();
-        record.hash = None;
-        let body = serde_json::to_vec(&*record)?;
-        let (line, hash) = chain::seal(body);
-        let write_err = |source| AuditError::Write { path: self.path.clone(), source };
-        if let Err(e) = st.file.write_all(&line) {
-            // Roll back a torn write so the next record starts on a line of its own.
-            let _ = st.file.set_len(st.len);
-            return Err(write_err(e));
-        }
-        if self.durability == Durability::Fsync {
-            if let Err(e) = st.file.sync_data() {
-                let _ = st.file.set_len(st.len);
-                return Err(write_err(e));
-            }
-        }
-        st.len += line.len() as u64;
-        st.seq = record.seq;
-        st.prev = hash;
-        Ok(record.seq)
-    }
-
-    fn check_same_file(&self, st: &State) -> Result<(), AuditError> {
-        match std::fs::metadata(&self.path) {
-            Ok(m) if (m.dev(), m.ino()) == st.id => Ok(()),
-            _ => Err(AuditError::Replaced { path: self.path.clone() }),
         }
     }
 
@@ -158,7 +137,25 @@ impl Auditor {
     }
 }
 
-fn open_append(path: &Path) -> std::io::Result<File> {
+/// Reads an HMAC key file, refusing one that group or others can read.
+pub(crate) fn read_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, AuditError> {
+    let key_err = |reason: String| AuditError::Key { path: path.to_owned(), reason };
+    let meta = std::fs::metadata(path).map_err(|e| key_err(e.to_string()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(key_err("readable by group or others: run chmod 600 on it".into()));
+    }
+    let mut key = Zeroizing::new(Vec::new());
+    File::open(path).and_then(|mut f| f.read_to_end(&mut key)).map_err(|e| key_err(e.to_string()))?;
+    while key.last().is_some_and(u8::is_ascii_whitespace) {
+        key.pop();
+    }
+    if key.len() < 16 {
+        return Err(key_err("key is shorter than 16 bytes".into()));
+    }
+    Ok(key)
+}
+
+pub(crate) fn open_append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().read(true).append(true).create(true).mode(0o640).open(path)
 }
 
@@ -192,7 +189,7 @@ enum Tail {
 }
 
 /// Reads the last whole record of the file (looking at most 1 MiB back).
-fn read_tail(file: &mut File) -> std::io::Result<Tail> {
+fn read_tail(file: &mut File, key: Option<&[u8]>) -> std::io::Result<Tail> {
     let total = file.metadata()?.len();
     if total == 0 {
         return Ok(Tail::Empty);
@@ -209,7 +206,7 @@ fn read_tail(file: &mut File) -> std::io::Result<Tail> {
     let end = total - window + complete as u64;
     let whole = &buf[..complete];
     let last = whole[..whole.len().saturating_sub(1)].rsplit(|&b| b == b'\n').next().unwrap_or(&[]);
-    let parsed = if complete == 0 { None } else { parse_chained(last) };
+    let parsed = if complete == 0 { None } else { parse_chained(last, key) };
     match (parsed, end == total) {
         (Some((seq, hash)), true) => Ok(Tail::Record { seq, hash, end }),
         (Some((seq, hash)), false) => Ok(Tail::Partial { seq, hash, end, total }),
@@ -221,9 +218,9 @@ fn read_tail(file: &mut File) -> std::io::Result<Tail> {
 }
 
 /// `seq` and `hash` of a line whose hash is right for its body.
-fn parse_chained(line: &[u8]) -> Option<(u64, String)> {
+fn parse_chained(line: &[u8], key: Option<&[u8]>) -> Option<(u64, String)> {
     let (body, claimed) = chain::unseal(line)?;
-    if chain::hash_of(&body) != claimed {
+    if chain::hash_of(&body, key) != claimed {
         return None;
     }
     let rec: AuditRecord = serde_json::from_slice(line).ok()?;

@@ -1,9 +1,11 @@
 use std::num::NonZeroU64;
+use std::time::Duration;
 
 use kvbroker_proto::{Event, Outcome};
 
-use super::verify::verify;
+use super::verify::{verify, with_rotated};
 use super::*;
+use crate::config::Durability;
 
 struct TempDir(PathBuf);
 
@@ -26,6 +28,10 @@ fn cfg(dir: &TempDir) -> AuditConfig {
         path: dir.0.join("audit.jsonl"),
         durability: Durability::Write,
         rotate_bytes: NonZeroU64::new(1 << 30).unwrap(),
+        rotate_keep: 10,
+        write_timeout: Duration::from_secs(5),
+        checkpoint_interval: Duration::from_secs(3600),
+        hmac_key_file: None,
     }
 }
 
@@ -36,9 +42,9 @@ fn read(n: u64) -> AuditRecord {
     r
 }
 
-fn write_n(a: &Auditor, n: u64) {
+async fn write_n(a: &Auditor, n: u64) {
     for i in 0..n {
-        a.append(read(i)).unwrap();
+        a.append(read(i)).await.unwrap();
     }
 }
 
@@ -46,26 +52,52 @@ fn lines(path: &Path) -> Vec<String> {
     std::fs::read_to_string(path).unwrap().lines().map(str::to_owned).collect()
 }
 
-#[test]
-fn chain_continues_across_reopen() {
+fn one(path: &Path) -> Vec<PathBuf> {
+    vec![path.to_owned()]
+}
+
+#[tokio::test]
+async fn chain_continues_across_reopen() {
     let d = TempDir::new();
     let c = cfg(&d);
     let (a, _) = Auditor::open(&c).unwrap();
-    write_n(&a, 3);
+    write_n(&a, 3).await;
     drop(a);
     let (a, resumed) = Auditor::open(&c).unwrap();
     assert!(resumed.note.is_none());
-    assert_eq!(a.append(read(9)).unwrap(), 4);
-    let v = verify(std::slice::from_ref(&c.path)).unwrap();
+    assert_eq!(a.append(read(9)).await.unwrap(), 4);
+    let v = verify(&one(&c.path), None).unwrap();
     assert_eq!((v.records, v.first_seq, v.last_seq), (4, 1, 4));
 }
 
-#[test]
-fn partial_last_line_is_kept_aside_and_removed() {
+#[tokio::test]
+async fn concurrent_appends_are_all_chained_in_order() {
+    let d = TempDir::new();
+    let mut c = cfg(&d);
+    c.durability = Durability::Fsync;
+    let (a, _) = Auditor::open(&c).unwrap();
+    let a = Arc::new(a);
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move { a.append(read(i)).await.unwrap() })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>(), "every record got its own seq");
+    assert_eq!(verify(&one(&c.path), None).unwrap().records, 200);
+}
+
+#[tokio::test]
+async fn partial_last_line_is_kept_aside_and_removed() {
     let d = TempDir::new();
     let c = cfg(&d);
     let (a, _) = Auditor::open(&c).unwrap();
-    write_n(&a, 2);
+    write_n(&a, 2).await;
     drop(a);
     let mut f = OpenOptions::new().append(true).open(&c.path).unwrap();
     f.write_all(b"{\"seq\":3,\"ts\":\"torn").unwrap();
@@ -73,8 +105,8 @@ fn partial_last_line_is_kept_aside_and_removed() {
     let (a, resumed) = Auditor::open(&c).unwrap();
     let note = resumed.note.unwrap();
     assert!(note.contains("partial line"), "{note}");
-    assert_eq!(a.append(read(3)).unwrap(), 3);
-    verify(std::slice::from_ref(&c.path)).unwrap();
+    assert_eq!(a.append(read(3)).await.unwrap(), 3);
+    verify(&one(&c.path), None).unwrap();
     let kept = std::fs::read_dir(&d.0)
         .unwrap()
         .filter_map(Result::ok)
@@ -82,65 +114,197 @@ fn partial_last_line_is_kept_aside_and_removed() {
     assert!(kept);
 }
 
-#[test]
-fn damaged_tail_starts_a_new_segment() {
+#[tokio::test]
+async fn damaged_tail_starts_a_new_segment() {
     let d = TempDir::new();
     let c = cfg(&d);
     std::fs::write(&c.path, "not a record\n").unwrap();
     let (a, resumed) = Auditor::open(&c).unwrap();
     assert!(resumed.note.unwrap().contains("new chain segment"));
-    assert_eq!(a.append(read(0)).unwrap(), 1);
-    verify(std::slice::from_ref(&c.path)).unwrap();
+    assert_eq!(a.append(read(0)).await.unwrap(), 1);
+    verify(&one(&c.path), None).unwrap();
 }
 
-#[test]
-fn replaced_file_fails_closed() {
+/// A removed or replaced file fails that request closed, then the writer reopens the path
+/// and says so in the log; the chain goes on from the last record the agent wrote.
+#[tokio::test]
+async fn replaced_file_fails_closed_then_recovers() {
     let d = TempDir::new();
     let c = cfg(&d);
     let (a, _) = Auditor::open(&c).unwrap();
-    write_n(&a, 1);
-    std::fs::rename(&c.path, d.0.join("moved")).unwrap();
-    std::fs::write(&c.path, "").unwrap();
-    assert!(matches!(a.append(read(1)), Err(AuditError::Replaced { .. })));
+    write_n(&a, 2).await;
+    let moved = d.0.join("moved.jsonl");
+    std::fs::rename(&c.path, &moved).unwrap();
+    assert!(matches!(a.append(read(2)).await, Err(AuditError::Replaced { .. })));
     assert!(!a.healthy());
+    assert_eq!(a.append(read(3)).await.unwrap(), 4, "the reopen notice took seq 3");
+    assert!(a.healthy());
+    let recs = lines(&c.path);
+    assert!(
+        recs[0].contains("\"event\":\"audit.rotated\"") && recs[0].contains("removed or replaced"),
+        "{}",
+        recs[0]
+    );
+    verify(&[moved, c.path.clone()], None).unwrap();
 }
 
-fn tamper(edit: impl FnOnce(&mut Vec<String>)) -> String {
-    let d = TempDir::new();
-    let c = cfg(&d);
-    let (a, _) = Auditor::open(&c).unwrap();
-    write_n(&a, 6);
-    let mut l = lines(&c.path);
+fn tamper(path: &Path, edit: impl FnOnce(&mut Vec<String>)) {
+    let mut l = lines(path);
     edit(&mut l);
-    std::fs::write(&c.path, l.join("\n") + "\n").unwrap();
-    verify(std::slice::from_ref(&c.path)).unwrap_err().to_string()
+    std::fs::write(path, l.join("\n") + "\n").unwrap();
 }
 
-#[test]
-fn verify_names_the_damage() {
-    let e = tamper(|l| l[2] = l[2].replace("req-2", "req-X"));
-    assert!(e.ends_with(":3: modified: the record's hash does not match its content"), "{e}");
-    let e = tamper(|l| {
-        l.remove(3);
-    });
-    assert!(e.contains(":4: removed: expected seq 4, found 5"), "{e}");
-    let e = tamper(|l| l.swap(1, 2));
-    assert!(e.contains(":2: removed") || e.contains(":2: reordered"), "{e}");
-    let e = tamper(|l| {
-        let dup = l[1].clone();
-        l.insert(3, dup);
-    });
-    assert!(e.contains(":4: reordered: expected seq 4, found 2"), "{e}");
-}
-
-#[test]
-fn verify_reports_truncated_last_line() {
-    let d = TempDir::new();
-    let c = cfg(&d);
+async fn six(d: &TempDir) -> PathBuf {
+    let c = cfg(d);
     let (a, _) = Auditor::open(&c).unwrap();
-    write_n(&a, 2);
-    let mut f = OpenOptions::new().append(true).open(&c.path).unwrap();
-    f.write_all(b"{\"seq\":3").unwrap();
-    let e = verify(std::slice::from_ref(&c.path)).unwrap_err().to_string();
-    assert!(e.ends_with(":3: truncated: the last line is incomplete"), "{e}");
+    write_n(&a, 6).await;
+    c.path
+}
+
+#[tokio::test]
+async fn verify_names_the_damage() {
+    let cases: Vec<(Box<dyn FnOnce(&mut Vec<String>)>, &str)> = vec![
+        (
+            Box::new(|l| l[2] = l[2].replace("req-2", "req-X")),
+            ":3: modified: the record's hash does not match its content",
+        ),
+        (
+            Box::new(|l| {
+                l.remove(3);
+            }),
+            ":4: removed: expected seq 4, found 5",
+        ),
+        (Box::new(|l| l.swap(1, 2)), ":2: removed: expected seq 2, found 3"),
+        (
+            Box::new(|l| {
+                let dup = l[1].clone();
+                l.insert(3, dup);
+            }),
+            ":4: reordered: expected seq 4, found 2",
+        ),
+    ];
+    for (edit, want) in cases {
+        let d = TempDir::new();
+        let p = six(&d).await;
+        tamper(&p, edit);
+        let e = verify(&one(&p), None).unwrap_err().to_string();
+        assert!(e.contains(want), "{e} (wanted {want})");
+    }
+}
+
+#[tokio::test]
+async fn verify_reports_truncated_last_line() {
+    let d = TempDir::new();
+    let p = six(&d).await;
+    let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+    f.write_all(b"{\"seq\":7").unwrap();
+    let e = verify(&one(&p), None).unwrap_err().to_string();
+    assert!(e.ends_with(":7: truncated: the last line is incomplete"), "{e}");
+}
+
+/// Size rotation keeps the chain across files; 100,000 records over several files verify;
+/// damage at the boundary names the right file and line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_keeps_one_chain_and_verifies_100k_records() {
+    let d = TempDir::new();
+    let mut c = cfg(&d);
+    c.rotate_bytes = NonZeroU64::new(4 << 20).unwrap();
+    c.rotate_keep = 20;
+    let (a, _) = Auditor::open(&c).unwrap();
+    let a = Arc::new(a);
+    // Concurrent writers, so group commit batches them.
+    let tasks: Vec<_> = (0..8u64)
+        .map(|w| {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move {
+                for i in 0..12_500 {
+                    a.append(read(w * 100_000 + i)).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let files = with_rotated(&c.path);
+    assert!(files.len() >= 4, "{files:?}");
+    let v = verify(&files, None).unwrap();
+    let rotations = (files.len() - 1) as u64;
+    assert_eq!(v.records, 100_000 + rotations, "100,000 reads plus one audit.rotated per rotation");
+    assert!(lines(&c.path)[0].contains("\"event\":\"audit.rotated\""));
+
+    // Remove the first record of the newest file (the rotation notice): the boundary breaks.
+    let newest = files.last().unwrap().clone();
+    tamper(&newest, |l| {
+        l.remove(0);
+    });
+    let e = verify(&files, None).unwrap_err();
+    assert_eq!(e.path, newest);
+    assert_eq!((e.line, e.kind), (1, "removed"));
+    // Or truncate the older file at its end: the next file's first record no longer links.
+    let d2 = TempDir::new();
+    let mut c2 = cfg(&d2);
+    c2.rotate_bytes = NonZeroU64::new(2048).unwrap();
+    let (a2, _) = Auditor::open(&c2).unwrap();
+    write_n(&a2, 40).await;
+    let files2 = with_rotated(&c2.path);
+    assert!(files2.len() >= 3);
+    tamper(&files2[files2.len() - 2], |l| {
+        l.pop();
+    });
+    let e = verify(&files2, None).unwrap_err();
+    assert_eq!((e.path.clone(), e.line, e.kind), (files2[files2.len() - 1].clone(), 1, "removed"), "{e}");
+}
+
+/// Keyed mode: the chain verifies with the key, fails without it, and a record rewritten
+/// with a recomputed plain SHA-256 (what an attacker without the key can do) is caught.
+#[tokio::test]
+async fn keyed_chain_needs_the_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = TempDir::new();
+    let key_file = d.0.join("audit.key");
+    std::fs::write(&key_file, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut c = cfg(&d);
+    c.hmac_key_file = Some(key_file.clone());
+    let (a, _) = Auditor::open(&c).unwrap();
+    write_n(&a, 3).await;
+    drop(a);
+    let key = read_key(&key_file).unwrap();
+    verify(&one(&c.path), Some(&key)).unwrap();
+    assert!(verify(&one(&c.path), None).is_err(), "unkeyed verification fails");
+    // Reopen continues the keyed chain.
+    let (a, resumed) = Auditor::open(&c).unwrap();
+    assert!(resumed.note.is_none());
+    write_n(&a, 1).await;
+    drop(a);
+    verify(&one(&c.path), Some(&key)).unwrap();
+    // Rewrite record 2 and recompute its hash without the key.
+    tamper(&c.path, |l| {
+        let edited = l[1].replace("req-1", "req-X");
+        let (body, _) = chain::unseal(edited.as_bytes()).unwrap();
+        let (line, _) = chain::seal(body, None);
+        l[1] = String::from_utf8(line).unwrap().trim_end().to_owned();
+    });
+    let e = verify(&one(&c.path), Some(&key)).unwrap_err().to_string();
+    assert!(e.contains(":2: modified"), "{e}");
+    // A group-readable key is refused.
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o640)).unwrap();
+    assert!(matches!(read_key(&key_file), Err(AuditError::Key { .. })));
+}
+
+#[tokio::test]
+async fn checkpoints_carry_the_chain_head() {
+    let d = TempDir::new();
+    let mut c = cfg(&d);
+    c.checkpoint_interval = Duration::from_millis(200);
+    let (a, _) = Auditor::open(&c).unwrap();
+    write_n(&a, 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(a);
+    let l = lines(&c.path);
+    let cp = l.iter().find(|x| x.contains("\"event\":\"audit.checkpoint\"")).expect("a checkpoint");
+    let second: AuditRecord = serde_json::from_str(&l[1]).unwrap();
+    assert!(cp.contains(&format!("seq 2 hash {}", second.hash.unwrap())), "{cp}");
+    verify(&one(&c.path), None).unwrap();
 }

@@ -31,8 +31,8 @@ pub struct VerifyError {
     pub detail: String,
 }
 
-/// Verifies `paths` as one chain, in the order given.
-pub fn verify(paths: &[PathBuf]) -> Result<Verified, VerifyError> {
+/// Verifies `paths` as one chain, in the order given; `key` for logs in keyed (HMAC) mode.
+pub fn verify(paths: &[PathBuf], key: Option<&[u8]>) -> Result<Verified, VerifyError> {
     let mut v = Verified { records: 0, files: 0, first_seq: 0, last_seq: 0, head: String::new() };
     let mut prev: Option<(u64, String)> = None;
     for path in paths {
@@ -52,7 +52,7 @@ pub fn verify(paths: &[PathBuf]) -> Result<Verified, VerifyError> {
             let Some((body, claimed)) = chain::unseal(line) else {
                 return Err(err(n, "modified", "the line does not end in a hash field".into()));
             };
-            if chain::hash_of(&body) != claimed {
+            if !chain::same(&chain::hash_of(&body, key), claimed) {
                 return Err(err(n, "modified", "the record's hash does not match its content".into()));
             }
             let rec: AuditRecord = serde_json::from_slice(line)

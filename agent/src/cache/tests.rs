@@ -62,6 +62,10 @@ fn fixture(refresh: Duration, max_stale: Duration) -> Fixture {
         path: dir.join("audit.jsonl"),
         durability: Durability::Write,
         rotate_bytes: NonZeroU64::new(1 << 30).unwrap(),
+        rotate_keep: 10,
+        write_timeout: Duration::from_secs(5),
+        checkpoint_interval: Duration::from_secs(3600),
+        hmac_key_file: None,
     })
     .unwrap();
     let backend = Arc::new(Scripted { calls: AtomicU32::new(0), answer: Mutex::new(Ok((v(1), "one"))) });

@@ -81,7 +81,7 @@ async fn read_secret<B>(
         secret = rec.secret.as_ref().map_or("", |s| s.name.as_str()),
         "secret read decided"
     );
-    if let Err(e) = ctx.auditor.append(rec) {
+    if let Err(e) = ctx.auditor.append(rec).await {
         tracing::error!(error = %e, request_id, "audit write failed: answering 503");
         return response::failure(&Failure::Audit, request_id);
     }
