@@ -163,7 +163,8 @@ async fn six(d: &TempDir) -> PathBuf {
 
 #[tokio::test]
 async fn verify_names_the_damage() {
-    let cases: Vec<(Box<dyn FnOnce(&mut Vec<String>)>, &str)> = vec![
+    type Edit = Box<dyn FnOnce(&mut Vec<String>)>;
+    let cases: Vec<(Edit, &str)> = vec![
         (
             Box::new(|l| l[2] = l[2].replace("req-2", "req-X")),
             ":3: modified: the record's hash does not match its content",
