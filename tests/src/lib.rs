@@ -19,12 +19,17 @@ pub use emulator::{EmulatorInfo, Fault};
 /// Panics (rather than guessing) if it was not built.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test-binary>
-    let profile = exe.parent().and_then(Path::parent).expect("test binary lives in target/<profile>/deps");
+    // Test binaries live in target/<profile>/deps/, other binaries in target/<profile>/.
+    let dir = exe.parent().expect("binary has a directory");
+    let profile = if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().expect("target/<profile>")
+    } else {
+        dir
+    };
     let p = profile.join(name);
     assert!(
         p.exists(),
-        "binary {} not found: build it first with `cargo build --workspace --bins`",
+        "binary {} not found: build it first with `cargo build --workspace --bins` (add --release for benchmarks)",
         p.display()
     );
     p

@@ -1,9 +1,11 @@
 //! The audit log: one JSON line per event, hash-chained, written before the answer.
 //!
-//! All writing happens on one writer thread ([`writer`]), so no request handler ever blocks
-//! on the disk: [`Auditor::append`] hands the record over and waits — at most
-//! `write_timeout` — for the writer to say it is in the file (and fsynced, in `fsync`
-//! mode). Records that arrive together are written (and fsynced) together: group commit.
+//! `Auditor::append` writes the record itself when no other write is in progress (the
+//! common case: one `write(2)`, no thread hop). Otherwise it hands the record to the writer
+//! thread ([`writer`]) and waits — at most `write_timeout` — for it to be in the file (and
+//! fsynced, in `fsync` mode); records queued together are written and fsynced together
+//! (group commit). A hung disk can stall the one request writing at that moment; every other
+//! request gives up after `write_timeout` with 503.
 //! A record that cannot be written fails its request closed (503 `AuditUnavailable`); a
 //! failed write is rolled back to the last whole line, so the chain stays intact, and the
 //! writer recovers by itself when writing works again (a removed or replaced file is
@@ -51,6 +53,7 @@ pub enum AuditError {
 
 /// The audit log. Cheap to share behind an `Arc`.
 pub(crate) struct Auditor {
+    state: writer::Shared,
     tx: std::sync::mpsc::Sender<writer::Job>,
     healthy: Arc<AtomicBool>,
     path: PathBuf,
@@ -105,16 +108,21 @@ impl Auditor {
                 }
             };
         let healthy = Arc::new(AtomicBool::new(true));
-        let tx = writer::spawn(
-            writer::State::new(cfg, file, len, seq, prev, key, Arc::clone(&healthy)).map_err(open_err)?,
-        )
-        .map_err(open_err)?;
-        Ok((Auditor { tx, healthy, path, wait: cfg.write_timeout }, resumed))
+        let state =
+            writer::State::new(cfg, file, len, seq, prev, key, Arc::clone(&healthy)).map_err(open_err)?;
+        let state = Arc::new(std::sync::Mutex::new(state));
+        let tx = writer::spawn(Arc::clone(&state)).map_err(open_err)?;
+        Ok((Auditor { state, tx, healthy, path, wait: cfg.write_timeout }, resumed))
     }
 
     /// Writes `record` (filling in `seq`, `ts`, `prev` and `hash`); returns its `seq` once
     /// the record is in the file. Waits at most `write_timeout`.
     pub(crate) async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
+        // Fast path: nobody else is writing, so write it here — one write(2), no thread hop.
+        // Under contention records queue for the writer thread, which writes them together.
+        if let Ok(mut state) = self.state.try_lock() {
+            return state.write(vec![record]);
+        }
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.tx.send(writer::Job { record, reply }).map_err(|_| AuditError::Stopped)?;
         match tokio::time::timeout(self.wait, rx).await {

@@ -181,17 +181,23 @@ impl State {
         self.last_checkpoint = Instant::now();
     }
 
-    fn handle(&mut self, mut batch: Vec<Job>) {
+    /// Writes `records` in one go; returns the first one's `seq`.
+    pub(super) fn write(&mut self, mut records: Vec<AuditRecord>) -> Result<u64, AuditError> {
         let result = self.prepare().and_then(|()| {
-            let mut records: Vec<AuditRecord> = batch
-                .iter_mut()
-                .map(|j| std::mem::replace(&mut j.record, AuditRecord::new(Event::AgentStart)))
-                .collect();
             let (buf, seq, prev) = self.seal(&mut records);
             let first = self.seq + 1;
             self.commit(&buf, seq, prev).map(|()| first)
         });
         self.healthy.store(result.is_ok(), Ordering::Relaxed);
+        result
+    }
+
+    fn handle(&mut self, mut batch: Vec<Job>) {
+        let records = batch
+            .iter_mut()
+            .map(|j| std::mem::replace(&mut j.record, AuditRecord::new(Event::AgentStart)))
+            .collect();
+        let result = self.write(records);
         for (i, job) in batch.into_iter().enumerate() {
             let _ = job.reply.send(result.clone().map(|first| first + i as u64));
         }
@@ -213,19 +219,28 @@ impl State {
     }
 }
 
-pub(super) fn spawn(mut state: State) -> std::io::Result<Sender<Job>> {
+pub(super) type Shared = Arc<std::sync::Mutex<State>>;
+
+pub(super) fn spawn(state: Shared) -> std::io::Result<Sender<Job>> {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
-    std::thread::Builder::new().name("kvbroker-audit".into()).spawn(move || run(&mut state, &rx))?;
+    std::thread::Builder::new().name("kvbroker-audit".into()).spawn(move || run(&state, &rx))?;
     Ok(tx)
 }
 
-fn run(state: &mut State, rx: &Receiver<Job>) {
+fn lock(state: &Shared) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn run(state: &Shared, rx: &Receiver<Job>) {
     loop {
-        let wait = state.checkpoint_every.saturating_sub(state.last_checkpoint.elapsed());
+        let wait = {
+            let s = lock(state);
+            s.checkpoint_every.saturating_sub(s.last_checkpoint.elapsed())
+        };
         let first = match rx.recv_timeout(wait) {
             Ok(j) => j,
             Err(RecvTimeoutError::Timeout) => {
-                state.checkpoint();
+                lock(state).checkpoint();
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => return,
@@ -237,6 +252,6 @@ fn run(state: &mut State, rx: &Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        state.handle(batch);
+        lock(state).handle(batch);
     }
 }

@@ -1,11 +1,16 @@
 //! Who is calling: kernel-attested facts about the process at the other end of a connection.
 //!
 //! At accept we take `SO_PEERCRED` (pid, uid, gid as of `connect()`) and a pidfd
-//! (`SO_PEERPIDFD`). For each request we read the rest from `/proc/PID` and then confirm,
-//! through the pidfd and the process start time, that `/proc/PID` still named the same live
-//! process while we read it, so a recycled pid cannot lend its facts to a caller that exited.
-//! Facts are read per request, not per connection: a process may `execve` between two
-//! requests on one kept-alive connection, and its exe must be judged as it is now.
+//! (`SO_PEERPIDFD`). On a connection's first request we read the rest from `/proc/PID` and
+//! then confirm through the pidfd that the process that connected is still alive — so
+//! `/proc/PID` named it the whole time, and a recycled pid cannot lend its facts to a caller
+//! that exited. (Without `SO_PEERPIDFD`, on kernels before 6.5, the process start time read
+//! before and after stands in.)
+//!
+//! The connection is then bound to those facts. Each later request on it re-checks that
+//! the process is alive and that its exe is unchanged; a process that `execve`d is denied
+//! and the connection closed, so it must reconnect and be judged as what it is now. Facts
+//! that only root can change for a running process (groups, cgroup) are not re-read.
 //!
 //! Never read `cmdline` or `environ`: the process can rewrite them.
 
@@ -25,6 +30,8 @@ pub(crate) struct ConnPeer {
     pub(crate) uid: u32,
     pub(crate) gid: u32,
     pidfd: Option<OwnedFd>,
+    /// The facts of this connection's first request.
+    bound: std::sync::Mutex<Option<std::sync::Arc<PeerFacts>>>,
 }
 
 /// Facts about a caller, read for one request.
@@ -49,6 +56,8 @@ pub(crate) enum PeerError {
     OtherNamespace,
     #[error("peer exited")]
     Exited,
+    #[error("peer executable changed since this connection's first request: reconnect")]
+    ExeChanged,
     #[error("peer facts unreadable: {0}")]
     Unreadable(String),
 }
@@ -60,29 +69,53 @@ impl ConnPeer {
         let pid = cred.pid().map_or(0, |p| u32::try_from(p).unwrap_or(0));
         // Without SO_PEERPIDFD (kernels before 6.5) the start-time check still guards reuse.
         let pidfd = sys::peer_pidfd(stream.as_fd()).ok();
-        Ok(Self { pid, uid: cred.uid(), gid: cred.gid(), pidfd })
+        Ok(Self { pid, uid: cred.uid(), gid: cred.gid(), pidfd, bound: std::sync::Mutex::new(None) })
     }
 
     /// Reads the caller's facts now, and checks the process is the one that connected.
-    pub(crate) fn facts(&self) -> Result<PeerFacts, PeerError> {
+    pub(crate) fn facts(&self) -> Result<std::sync::Arc<PeerFacts>, PeerError> {
         if self.pid == 0 {
             return Err(PeerError::OtherNamespace);
         }
-        let before = proc::start_time(self.pid)?;
+        let bound = self.bound.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if let Some(facts) = bound {
+            // A later request on this connection: same process, same exe?
+            self.check_alive()?;
+            if proc::exe(self.pid)? != facts.exe {
+                return Err(PeerError::ExeChanged);
+            }
+            return Ok(facts);
+        }
+        let facts = std::sync::Arc::new(self.read_facts()?);
+        *self.bound.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some(std::sync::Arc::clone(&facts));
+        Ok(facts)
+    }
+
+    /// The process that connected is still alive (so `/proc/PID` is still it).
+    fn check_alive(&self) -> Result<(), PeerError> {
+        match &self.pidfd {
+            Some(fd) => match sys::pidfd_alive(fd.as_fd()) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(PeerError::Exited),
+                Err(e) => Err(PeerError::Unreadable(format!("pidfd: {e}"))),
+            },
+            None => Ok(()),
+        }
+    }
+
+    fn read_facts(&self) -> Result<PeerFacts, PeerError> {
+        // Without a pidfd, the start time read before and after must agree.
+        let before = if self.pidfd.is_none() { Some(proc::start_time(self.pid)?) } else { None };
         let status = proc::status(self.pid)?;
         let exe = proc::exe(self.pid)?;
         let cgroup = proc::cgroup(self.pid)?;
-        let after = proc::start_time(self.pid)?;
-        if before != after {
-            return Err(PeerError::Exited);
-        }
-        if let Some(fd) = &self.pidfd {
-            match sys::pidfd_alive(fd.as_fd()) {
-                Ok(true) => {}
-                Ok(false) => return Err(PeerError::Exited),
-                Err(e) => return Err(PeerError::Unreadable(format!("pidfd: {e}"))),
+        if let Some(before) = before {
+            if proc::start_time(self.pid)? != before {
+                return Err(PeerError::Exited);
             }
         }
+        self.check_alive()?;
         Ok(PeerFacts {
             pid: self.pid,
             uid: self.uid,
@@ -187,7 +220,7 @@ mod tests {
 
     #[test]
     fn pid_zero_is_another_namespace() {
-        let p = ConnPeer { pid: 0, uid: 0, gid: 0, pidfd: None };
+        let p = ConnPeer { pid: 0, uid: 0, gid: 0, pidfd: None, bound: std::sync::Mutex::new(None) };
         assert!(matches!(p.facts(), Err(PeerError::OtherNamespace)));
     }
 }

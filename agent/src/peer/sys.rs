@@ -137,11 +137,11 @@ unsafe impl std::alloc::GlobalAlloc for ZeroOnFree {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
         // SAFETY: `ptr` points to a live block of `layout.size()` bytes that the caller is
-        // giving up; volatile writes so the wipe is not optimised away as a dead store.
+        // giving up. `write_bytes` is a memset; `black_box` makes the zeroed memory count as
+        // read, so the wipe is not removed as a dead store before the free.
         unsafe {
-            for i in 0..layout.size() {
-                std::ptr::write_volatile(ptr.add(i), 0);
-            }
+            std::ptr::write_bytes(ptr, 0, layout.size());
+            std::hint::black_box(ptr);
             std::alloc::System.dealloc(ptr, layout);
         }
     }

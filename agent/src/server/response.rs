@@ -25,11 +25,20 @@ pub(crate) type Body = Full<Bytes>;
 #[derive(Debug)]
 pub(crate) enum Failure {
     BadRequest(String),
-    Denied { reason: String },
+    Denied {
+        reason: String,
+    },
+    /// Denied, and the connection must close (the peer's exe changed).
+    Reconnect {
+        reason: String,
+    },
     Vault(VaultError),
     NotUsable(String),
     Audit,
-    TooMany { retry_after: std::time::Duration, reason: String },
+    TooMany {
+        retry_after: std::time::Duration,
+        reason: String,
+    },
     NoRoute,
     Method,
     BodyTooLarge,
@@ -39,7 +48,7 @@ impl Failure {
     pub(crate) fn code(&self) -> ErrorCode {
         match self {
             Failure::BadRequest(_) => ErrorCode::InvalidRequest,
-            Failure::Denied { .. } => ErrorCode::PermissionDenied,
+            Failure::Denied { .. } | Failure::Reconnect { .. } => ErrorCode::PermissionDenied,
             Failure::Vault(VaultError::NotFound { .. }) => ErrorCode::SecretNotFound,
             Failure::Vault(VaultError::Disabled { .. }) | Failure::NotUsable(_) => ErrorCode::SecretNotUsable,
             Failure::Vault(VaultError::Unavailable { .. }) => ErrorCode::UpstreamUnavailable,
@@ -55,7 +64,9 @@ impl Failure {
     pub(crate) fn message(&self) -> String {
         match self {
             Failure::BadRequest(m) => m.clone(),
-            Failure::Denied { reason } => format!("permission denied: {reason}"),
+            Failure::Denied { reason } | Failure::Reconnect { reason } => {
+                format!("permission denied: {reason}")
+            }
             Failure::Vault(VaultError::Disabled { vault, name, .. }) => {
                 format!("secret {name} in vault {vault} is not usable: disabled")
             }
@@ -79,6 +90,9 @@ pub(crate) fn failure(f: &Failure, request_id: &str) -> Response<Body> {
     let mut r = json(code_status(code), &body);
     if matches!(f, Failure::Method) {
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+    }
+    if matches!(f, Failure::Reconnect { .. }) {
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     if let Failure::TooMany { retry_after, .. } = f {
         let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);

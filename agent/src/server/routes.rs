@@ -9,7 +9,7 @@ use kvbroker_proto::{AuditRecord, CacheState, Event, Outcome, SecretName, Secret
 use super::Ctx;
 use super::response::{self, Body, Failure, Served};
 use crate::config::RateKey;
-use crate::peer::ConnPeer;
+use crate::peer::{ConnPeer, PeerError};
 use crate::policy::Decision;
 
 pub(crate) async fn handle<B>(ctx: &Ctx, peer: &ConnPeer, over_cap: bool, req: Request<B>) -> Response<Body> {
@@ -65,11 +65,14 @@ async fn read_secret<B>(
     match &answer {
         Ok(_) => rec.outcome = Some(Outcome::Allowed),
         Err(f) => {
-            rec.outcome =
-                Some(if matches!(f, Failure::Denied { .. }) { Outcome::Denied } else { Outcome::Error });
+            rec.outcome = Some(if matches!(f, Failure::Denied { .. } | Failure::Reconnect { .. }) {
+                Outcome::Denied
+            } else {
+                Outcome::Error
+            });
             rec.error = Some(f.code());
             rec.reason = Some(match f {
-                Failure::Denied { reason } => reason.clone(),
+                Failure::Denied { reason } | Failure::Reconnect { reason } => reason.clone(),
                 other => other.message(),
             });
         }
@@ -144,7 +147,10 @@ async fn decide_and_fetch<B>(
         limited(&peer.uid.to_string(), format!("uid {}", peer.uid))?;
     }
 
-    let facts = peer.facts().map_err(|e| Failure::Denied { reason: e.to_string() })?;
+    let facts = peer.facts().map_err(|e| match e {
+        PeerError::ExeChanged => Failure::Reconnect { reason: e.to_string() },
+        e => Failure::Denied { reason: e.to_string() },
+    })?;
     rec.peer = Some(facts.info());
     match ctx.policy().decide(&facts, vault.as_str(), name.key()) {
         Decision::Allow { rule } => {

@@ -1,0 +1,418 @@
+//! `kvbroker-bench [--quick] [--out FILE] [SCENARIO…]`: where kvbroker stands against the
+//! floor. Starts the real agent (and the emulator for cold reads), drives it through the
+//! real client crate, and runs the same load against a bare hyper server on a Unix socket
+//! in this process (no attestation, policy or audit) to report ratios.
+//!
+//! Scenarios: `cached` (with `floor`), `cold`, `scale`, `audit`. Default: all.
+//! Build with `--release` first: `cargo run --release -p kvbroker-tests --bin kvbroker-bench`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark harness: failures should stop it loudly"
+)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvbroker_tests::{Agent, EmulatorProc, TempDir};
+use serde_json::{Value, json};
+
+struct Opts {
+    quick: bool,
+    run_for: Duration,
+}
+
+#[derive(Clone, Copy)]
+enum Conn {
+    KeepAlive,
+    PerRead,
+}
+
+struct Load {
+    reads_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    errors: u64,
+}
+
+fn pct(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+/// `clients` tasks reading `names` round-robin for `run_for`, through the client crate.
+fn drive(
+    rt: &tokio::runtime::Runtime,
+    socket: &Path,
+    names: &[String],
+    clients: usize,
+    conn: Conn,
+    run_for: Duration,
+) -> Load {
+    let names = Arc::new(names.to_vec());
+    let socket = socket.to_owned();
+    rt.block_on(async move {
+        let start = Instant::now();
+        let deadline = start + run_for;
+        let tasks: Vec<_> = (0..clients)
+            .map(|c| {
+                let (names, socket) = (Arc::clone(&names), socket.clone());
+                tokio::spawn(async move {
+                    let keep = kvbroker_client::Client::builder().socket(&socket).build();
+                    let mut lat = Vec::with_capacity(100_000);
+                    let mut errors = 0u64;
+                    let mut i = c;
+                    while Instant::now() < deadline {
+                        let name = &names[i % names.len()];
+                        i += 1;
+                        let t = Instant::now();
+                        let r = match conn {
+                            Conn::KeepAlive => keep.get(name).await,
+                            Conn::PerRead => {
+                                kvbroker_client::Client::builder().socket(&socket).build().get(name).await
+                            }
+                        };
+                        match r {
+                            Ok(_) => lat.push(t.elapsed().as_nanos() as u64),
+                            Err(_) => errors += 1,
+                        }
+                    }
+                    (lat, errors)
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        let mut errors = 0;
+        for t in tasks {
+            let (l, e) = t.await.unwrap();
+            all.extend(l);
+            errors += e;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        all.sort_unstable();
+        Load {
+            reads_per_sec: all.len() as f64 / elapsed,
+            p50_us: pct(&all, 0.50),
+            p99_us: pct(&all, 0.99),
+            p999_us: pct(&all, 0.999),
+            errors,
+        }
+    })
+}
+
+/// The floor: a bare hyper server answering every request with `body`, on its own runtime.
+struct Floor {
+    socket: PathBuf,
+    _dir: TempDir,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+fn floor(body: Vec<u8>) -> Floor {
+    use http_body_util::Full;
+    use hyper::service::service_fn;
+    let dir = TempDir::new("floor");
+    let socket = dir.path().join("floor.sock");
+    let path = socket.clone();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::UnixListener::bind(&path).unwrap();
+            ready_tx.send(()).unwrap();
+            let body = bytes::Bytes::from(body);
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let body = body.clone();
+                        async move {
+                            let mut r = http::Response::new(Full::new(body));
+                            r.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("application/json"),
+                            );
+                            Ok::<_, std::convert::Infallible>(r)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    ready_rx.recv().unwrap();
+    Floor { socket, _dir: dir, _thread: thread }
+}
+
+fn secret_json(name: &str, value: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "vault": "default", "name": name, "version": "0123456789abcdef0123456789abcdef", "value": value,
+        "content_type": null, "not_before": null, "expires_on": null,
+        "fetched_at": "2026-11-23T00:00:00Z", "stale": false
+    }))
+    .unwrap()
+}
+
+fn bench_agent(tag: &str, secrets: &[(String, String)], durability: &'static str) -> Agent {
+    let mut b = Agent::builder(tag)
+        .allow_uid(0)
+        .durability(durability)
+        .limits("rate_per_second = 10000000\nburst = 10000000\nconnections_per_uid = 100000");
+    for (n, v) in secrets {
+        b = b.secret(n, v);
+    }
+    b.start()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn raise_fd_limit() {
+    #[allow(unsafe_code)]
+    // SAFETY: setrlimit with a valid, fully initialised struct; affects only this process
+    // (and the agents it starts), which need thousands of sockets for the cold-read herd.
+    unsafe {
+        let lim = libc::rlimit { rlim_cur: 65_536, rlim_max: 65_536 };
+        libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim);
+    }
+}
+
+fn value_of(len: usize) -> String {
+    "x".repeat(len)
+}
+
+fn cached(rt: &tokio::runtime::Runtime, o: &Opts, rows: &mut Vec<Value>) {
+    let sizes: &[(usize, &str)] = if o.quick { &[(100, "100B")] } else { &[(100, "100B"), (20_000, "20KB")] };
+    let modes: &[&'static str] = &["write", "fsync"];
+    let clients: &[usize] = &[1, 16, 64];
+    let conns: &[(Conn, &str)] = if o.quick {
+        &[(Conn::KeepAlive, "keep-alive")]
+    } else {
+        &[(Conn::KeepAlive, "keep-alive"), (Conn::PerRead, "new-conn")]
+    };
+    println!("\n== cached reads (agent vs floor: bare hyper on a Unix socket, same process as the load)");
+    println!(
+        "{:<6} {:<10} {:<6} {:>4} | {:>10} {:>8} {:>8} {:>8} | {:>10} {:>8} | {:>6} {:>6}",
+        "size",
+        "conn",
+        "audit",
+        "cli",
+        "reads/s",
+        "p50µs",
+        "p99µs",
+        "p99.9µs",
+        "floor r/s",
+        "fl p50",
+        "x r/s",
+        "x p50"
+    );
+    for (len, label) in sizes {
+        let names = vec!["bench-secret".to_owned()];
+        let secrets = vec![(names[0].clone(), value_of(*len))];
+        let fl = floor(secret_json(&names[0], &secrets[0].1));
+        for mode in modes {
+            let agent = bench_agent("bench-cached", &secrets, mode);
+            for (conn, conn_label) in conns {
+                for &c in clients {
+                    if o.quick && *mode == "fsync" && c != 64 {
+                        continue;
+                    }
+                    let a = drive(rt, &agent.socket, &names, c, *conn, o.run_for);
+                    let f = drive(rt, &fl.socket, &names, c, *conn, o.run_for);
+                    println!(
+                        "{:<6} {:<10} {:<6} {:>4} | {:>10.0} {:>8.1} {:>8.1} {:>8.1} | {:>10.0} {:>8.1} | {:>6.2} {:>6.2}{}",
+                        label,
+                        conn_label,
+                        mode,
+                        c,
+                        a.reads_per_sec,
+                        a.p50_us,
+                        a.p99_us,
+                        a.p999_us,
+                        f.reads_per_sec,
+                        f.p50_us,
+                        a.reads_per_sec / f.reads_per_sec,
+                        a.p50_us / f.p50_us,
+                        if a.errors + f.errors > 0 {
+                            format!("  errors {}/{}", a.errors, f.errors)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    rows.push(json!({
+                        "scenario": "cached", "size": label, "conn": conn_label, "audit": mode, "clients": c,
+                        "reads_per_sec": a.reads_per_sec, "p50_us": a.p50_us, "p99_us": a.p99_us, "p999_us": a.p999_us,
+                        "floor_reads_per_sec": f.reads_per_sec, "floor_p50_us": f.p50_us, "floor_p99_us": f.p99_us,
+                        "ratio_reads_per_sec": a.reads_per_sec / f.reads_per_sec, "ratio_p50": a.p50_us / f.p50_us,
+                        "errors": a.errors
+                    }));
+                }
+            }
+        }
+    }
+}
+
+fn cold(rt: &tokio::runtime::Runtime, o: &Opts, rows: &mut Vec<Value>) {
+    println!("\n== cold herd: N concurrent first reads of one secret (Key Vault = the emulator)");
+    println!("{:>6} | {:>12} {:>16}", "N", "all served ms", "Key Vault GETs");
+    let ns: &[usize] = if o.quick { &[1, 64] } else { &[1, 64, 1000] };
+    let names: Vec<String> = ns.iter().map(|n| format!("cold-{n}")).collect();
+    let pairs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "cold-value")).collect();
+    let emu = EmulatorProc::start(&pairs);
+    let agent = Agent::builder("bench-cold")
+        .keyvault(&emu, "azure-ml")
+        .allow_uid(0)
+        .limits("rate_per_second = 10000000\nburst = 10000000\nconnections_per_uid = 100000")
+        .start();
+    // Token and challenge first, so the herd measures the secret fetch alone.
+    let warm = kvbroker_client::blocking::Client::with_socket(&agent.socket).unwrap();
+    let _ = warm.get("warm-up-missing");
+    for (n, name) in ns.iter().zip(&names) {
+        emu.reset_counts();
+        let socket = agent.socket.clone();
+        let name = name.clone();
+        let n = *n;
+        let (took, ok) = rt.block_on(async move {
+            let t = Instant::now();
+            let tasks: Vec<_> = (0..n)
+                .map(|_| {
+                    let c = kvbroker_client::Client::builder().socket(&socket).build();
+                    let name = name.clone();
+                    tokio::spawn(async move { c.get(&name).await.is_ok() })
+                })
+                .collect();
+            let mut ok = 0;
+            for t in tasks {
+                ok += usize::from(t.await.unwrap());
+            }
+            (t.elapsed(), ok)
+        });
+        let gets = emu.count("get");
+        println!(
+            "{:>6} | {:>12.1} {:>16}{}",
+            n,
+            took.as_secs_f64() * 1000.0,
+            gets,
+            if ok == n { String::new() } else { format!("  ({ok}/{n} ok)") }
+        );
+        rows.push(json!({"scenario": "cold", "n": n, "ms": took.as_secs_f64() * 1000.0, "key_vault_gets": gets, "ok": ok}));
+    }
+}
+
+fn scale(rt: &tokio::runtime::Runtime, o: &Opts, rows: &mut Vec<Value>) {
+    println!("\n== scale: cached secrets vs RSS and p99 (16 clients, keep-alive); start-to-ready");
+    println!("{:>7} | {:>9} {:>9} {:>10} | {:>10}", "secrets", "RSS MiB", "p99 µs", "reads/s", "ready ms");
+    let counts: &[usize] = if o.quick { &[10, 1000] } else { &[10, 1000, 10_000] };
+    for &n in counts {
+        let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+        let secrets: Vec<(String, String)> =
+            names.iter().map(|k| (k.clone(), format!("value-{k}-{}", "v".repeat(40)))).collect();
+        let t = Instant::now();
+        let agent = bench_agent("bench-scale", &secrets, "write");
+        let ready = t.elapsed();
+        // Cache every secret, then read them at random order for the measurement.
+        drive(rt, &agent.socket, &names, 16, Conn::KeepAlive, Duration::from_millis(1)).errors;
+        let client = kvbroker_client::blocking::Client::with_socket(&agent.socket).unwrap();
+        for k in &names {
+            client.get(k).unwrap();
+        }
+        let load = drive(rt, &agent.socket, &names, 16, Conn::KeepAlive, o.run_for);
+        let rss = rss_kib(agent.proc.pid()) as f64 / 1024.0;
+        println!(
+            "{:>7} | {:>9.1} {:>9.1} {:>10.0} | {:>10.1}",
+            n,
+            rss,
+            load.p99_us,
+            load.reads_per_sec,
+            ready.as_secs_f64() * 1000.0
+        );
+        rows.push(json!({"scenario": "scale", "secrets": n, "rss_mib": rss, "p99_us": load.p99_us, "reads_per_sec": load.reads_per_sec, "start_to_ready_ms": ready.as_secs_f64() * 1000.0}));
+    }
+}
+
+fn audit(rt: &tokio::runtime::Runtime, o: &Opts, rows: &mut Vec<Value>) {
+    println!("\n== audit: records/s (one per read) and latency added over the floor, per durability");
+    println!("{:<6} {:>4} | {:>10} {:>9} {:>12}", "mode", "cli", "records/s", "p50 µs", "+µs vs floor");
+    let names = vec!["audit-secret".to_owned()];
+    let secrets = vec![(names[0].clone(), value_of(100))];
+    let fl = floor(secret_json(&names[0], &secrets[0].1));
+    let mut by_mode = Vec::new();
+    for mode in ["write", "fsync"] {
+        let agent = bench_agent("bench-audit", &secrets, mode);
+        for c in [1usize, 64] {
+            let a = drive(rt, &agent.socket, &names, c, Conn::KeepAlive, o.run_for);
+            let f = drive(rt, &fl.socket, &names, c, Conn::KeepAlive, o.run_for);
+            println!(
+                "{:<6} {:>4} | {:>10.0} {:>9.1} {:>12.1}",
+                mode,
+                c,
+                a.reads_per_sec,
+                a.p50_us,
+                a.p50_us - f.p50_us
+            );
+            rows.push(json!({"scenario": "audit", "durability": mode, "clients": c, "records_per_sec": a.reads_per_sec, "p50_us": a.p50_us, "added_p50_us_vs_floor": a.p50_us - f.p50_us}));
+            if c == 64 {
+                by_mode.push(a.reads_per_sec);
+            }
+        }
+    }
+    if let [w, f] = by_mode[..] {
+        println!("fsync / write throughput at 64 clients: {:.2}", f / w);
+    }
+}
+
+fn main() {
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut out = PathBuf::from("target/kvbroker-bench.json");
+    if let Some(i) = args.iter().position(|a| a == "--out") {
+        out = PathBuf::from(args.get(i + 1).expect("--out FILE"));
+        args.drain(i..=i + 1);
+    }
+    args.retain(|a| a != "--quick");
+    let all = ["cached", "cold", "scale", "audit"];
+    let chosen: Vec<&str> =
+        if args.is_empty() { all.to_vec() } else { args.iter().map(String::as_str).collect() };
+    for c in &chosen {
+        assert!(all.contains(c), "unknown scenario {c}: choose from {all:?}");
+    }
+    raise_fd_limit();
+    let o = Opts { quick, run_for: if quick { Duration::from_millis(300) } else { Duration::from_secs(2) } };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let started = Instant::now();
+    println!(
+        "kvbroker-bench{}: {} cores, {}",
+        if quick { " --quick" } else { "" },
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        env!("CARGO_PKG_VERSION")
+    );
+    let mut rows = Vec::new();
+    for c in chosen {
+        match c {
+            "cached" => cached(&rt, &o, &mut rows),
+            "cold" => cold(&rt, &o, &mut rows),
+            "scale" => scale(&rt, &o, &mut rows),
+            "audit" => audit(&rt, &o, &mut rows),
+            _ => {}
+        }
+    }
+    let report = json!({"quick": quick, "seconds": started.elapsed().as_secs_f64(), "results": rows});
+    if let Some(dir) = out.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(&out, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
+    println!("\nwrote {} ({:.0} s)", out.display(), started.elapsed().as_secs_f64());
+}
