@@ -324,7 +324,6 @@ fn scale(rt: &tokio::runtime::Runtime, o: &Opts, rows: &mut Vec<Value>) {
         let agent = bench_agent("bench-scale", &secrets, "write");
         let ready = t.elapsed();
         // Cache every secret, then read them at random order for the measurement.
-        drive(rt, &agent.socket, &names, 16, Conn::KeepAlive, Duration::from_millis(1)).errors;
         let client = kvbroker_client::blocking::Client::with_socket(&agent.socket).unwrap();
         for k in &names {
             client.get(k).unwrap();

@@ -376,3 +376,34 @@ fn refuses_world_writable_socket_directory() {
     assert_eq!(code, 1);
     assert!(err.contains("the socket's directory is writable by others (mode 0777)"), "{err}");
 }
+
+/// A connection is bound to its first request's facts: after the process `execve`s into
+/// another program, its next request on the same connection is denied and the connection
+/// closed, so it must reconnect and be judged as what it now is.
+#[test]
+fn exe_change_on_a_kept_alive_connection_is_denied_and_closes_it() {
+    let agent = Agent::builder("execve").secret("s", "v").allow_uid(0).start();
+    let script = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.sendall(b"GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\n\r\n")
+first = s.recv(65536).decode()
+print(first.split("\r\n")[0], flush=True)
+fd = s.detach()
+os.dup2(fd, 3)
+os.set_inheritable(3, True)
+os.execv("/bin/sh", ["sh", "-c", "printf 'GET /v1/secrets/s HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n' >&3; cat <&3"])
+"#;
+    let (code, out, err) = run(Command::new("python3").args(["-c", script]).arg(&agent.socket));
+    assert_eq!(code, 0, "{err}");
+    let mut parts = out.splitn(2, '\n');
+    assert_eq!(parts.next().unwrap(), "HTTP/1.1 200 OK", "first request, as python");
+    let second = parts.next().unwrap();
+    assert!(second.starts_with("HTTP/1.1 403"), "{second}");
+    assert!(second.to_ascii_lowercase().contains("connection: close"), "{second}");
+    assert!(
+        second.contains("peer executable changed since this connection's first request: reconnect"),
+        "{second}"
+    );
+}
