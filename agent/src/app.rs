@@ -28,12 +28,18 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     if let Err(e) = crate::peer::sys::forbid_dumps() {
         tracing::warn!(error = %e, "cannot mark the agent non-dumpable; core dumps could hold secrets");
     }
-    let (auditor, resumed) = Auditor::open(&config.audit)?;
+    let vaults = Arc::new(Vaults::from_config(&config)?);
+    let (auditor, resumed) = match &config.audit.hmac_key_secret {
+        None => Auditor::open(&config.audit)?,
+        Some((vault, name)) => {
+            let key = audit_key_from_vault(&vaults, vault, name).await?;
+            Auditor::open_with_key(&config.audit, Some(key))?
+        }
+    };
     if let Some(note) = &resumed.note {
         tracing::warn!(note = note.as_str(), "audit log tail handled");
     }
     let auditor = Arc::new(auditor);
-    let vaults = Arc::new(Vaults::from_config(&config)?);
     let policy = Policy::load(&config.policy.file)?;
     let (listener, socket_file) =
         server::bind(&config.agent.socket, config.agent.socket_mode, config.agent.socket_group.as_deref())?;
@@ -89,6 +95,24 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     drop(socket_file);
     tracing::info!(signal = why, "kvbroker agent stopped");
     Ok(())
+}
+
+/// The audit chain's HMAC key, read from a vault before anything is served.
+async fn audit_key_from_vault(
+    vaults: &Vaults,
+    vault: &kvbroker_proto::VaultAlias,
+    name: &kvbroker_proto::SecretName,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, Error> {
+    let key_err = |reason: String| {
+        Error::Audit(crate::audit::AuditError::Key { path: format!("{vault}/{name}").into(), reason })
+    };
+    let backend = vaults.get(vault).ok_or_else(|| key_err(format!("no vault with alias {vault}")))?;
+    let fetched = backend.get(name, None).await.map_err(|e| key_err(e.to_string()))?;
+    let mut key = zeroize::Zeroizing::new(fetched.value.expose_secret().to_vec());
+    while key.last().is_some_and(u8::is_ascii_whitespace) {
+        key.pop();
+    }
+    Ok(key)
 }
 
 async fn reload_on_hangup(ctx: Arc<Ctx>, path: std::path::PathBuf) {

@@ -159,6 +159,8 @@ pub struct AuditConfig {
     pub checkpoint_interval: Duration,
     /// Keyed mode: the chain uses HMAC-SHA-256 with this key.
     pub hmac_key_file: Option<PathBuf>,
+    /// Keyed mode, the key being a secret (`VAULT/NAME`) read through the agent's vault.
+    pub hmac_key_secret: Option<(VaultAlias, kvbroker_proto::SecretName)>,
 }
 
 #[derive(Debug, Clone)]
@@ -274,6 +276,7 @@ struct RawAudit {
     write_timeout: Option<HumanDuration>,
     checkpoint_interval: Option<HumanDuration>,
     hmac_key_file: Option<PathBuf>,
+    hmac_key_secret: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -450,7 +453,22 @@ impl Config {
             write_timeout: audit.write_timeout.map_or(Duration::from_secs(5), |d| d.0),
             checkpoint_interval: audit.checkpoint_interval.map_or(Duration::from_secs(300), |d| d.0),
             hmac_key_file: audit.hmac_key_file.map(&resolve),
+            hmac_key_secret: match audit.hmac_key_secret {
+                None => None,
+                Some(s) => {
+                    let bad = || {
+                        invalid(format!(
+                            "[audit] hmac_key_secret {s:?}: write VAULT/NAME, like \"default/audit-key\""
+                        ))
+                    };
+                    let (v, n) = s.split_once('/').ok_or_else(bad)?;
+                    Some((v.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?))
+                }
+            },
         };
+        if audit.hmac_key_file.is_some() && audit.hmac_key_secret.is_some() {
+            return Err(invalid("[audit]: give hmac_key_file or hmac_key_secret, not both".into()));
+        }
         let policy = raw.policy.ok_or_else(|| {
             invalid("missing [policy] section: add file = \"/etc/kvbroker/policy.toml\"".into())
         })?;

@@ -70,15 +70,29 @@ pub(crate) struct Resumed {
 impl Auditor {
     /// Opens (or creates) the log, continues its chain, and starts the writer thread.
     pub(crate) fn open(cfg: &AuditConfig) -> Result<(Auditor, Resumed), AuditError> {
+        let key = match &cfg.hmac_key_file {
+            Some(f) => Some(read_key(f)?),
+            None => None,
+        };
+        Self::open_with_key(cfg, key)
+    }
+
+    /// [`Auditor::open`] with the HMAC key already in hand (e.g. from Key Vault).
+    pub(crate) fn open_with_key(
+        cfg: &AuditConfig,
+        key: Option<Zeroizing<Vec<u8>>>,
+    ) -> Result<(Auditor, Resumed), AuditError> {
         let path = cfg.path.clone();
         let open_err = |e: std::io::Error| AuditError::Open { path: path.clone(), reason: e.to_string() };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(open_err)?;
         }
-        let key = match &cfg.hmac_key_file {
-            Some(f) => Some(read_key(f)?),
-            None => None,
-        };
+        if key.as_ref().is_some_and(|k| k.len() < 16) {
+            return Err(AuditError::Key {
+                path: path.clone(),
+                reason: "the HMAC key is shorter than 16 bytes".into(),
+            });
+        }
         let mut resumed = Resumed::default();
         let mut file = open_append(&path).map_err(open_err)?;
         let (seq, prev, len) =

@@ -32,6 +32,7 @@ fn cfg(dir: &TempDir) -> AuditConfig {
         write_timeout: Duration::from_secs(5),
         checkpoint_interval: Duration::from_secs(3600),
         hmac_key_file: None,
+        hmac_key_secret: None,
     }
 }
 

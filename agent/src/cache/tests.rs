@@ -66,6 +66,7 @@ fn fixture(refresh: Duration, max_stale: Duration) -> Fixture {
         write_timeout: Duration::from_secs(5),
         checkpoint_interval: Duration::from_secs(3600),
         hmac_key_file: None,
+        hmac_key_secret: None,
     })
     .unwrap();
     let backend = Arc::new(Scripted { calls: AtomicU32::new(0), answer: Mutex::new(Ok((v(1), "one"))) });

@@ -323,3 +323,31 @@ fn query_summary_and_tail() {
     assert!(live.contains("secret.read") && live.contains("default/api-token"), "{live}");
     assert!(agent.stop().success());
 }
+
+/// Keyed mode with the key held in Key Vault (`hmac_key_secret`): the agent fetches it at
+/// start through its managed identity; the log verifies with that key and not without.
+#[test]
+fn keyed_audit_log_with_the_key_in_key_vault() {
+    use std::os::unix::fs::PermissionsExt;
+    let key = "audit-chain-key-0123456789abcdefghij";
+    let emu = kvbroker_tests::EmulatorProc::start(&[("audit-key", key), ("s", "v")]);
+    let b = Agent::builder("kvkey").keyvault(&emu, "azure-ml").allow_uid(0);
+    let config = b.write();
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[audit]\n", "[audit]\nhmac_key_secret = \"default/audit-key\"\n");
+    std::fs::write(&config, text).unwrap();
+    let mut agent = b.start_written();
+    assert_eq!(run(kvb(&agent.socket, None).args(["get", "s"])).0, 0);
+    assert!(agent.stop().success());
+    let key_file = agent.dir.path().join("key");
+    std::fs::write(&key_file, key).unwrap();
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (code, out, err) = run(Command::new(bin("kvbroker"))
+        .args(["audit", "verify", "--key-file"])
+        .arg(&key_file)
+        .arg(&agent.audit));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(run(Command::new(bin("kvbroker")).args(["audit", "verify"]).arg(&agent.audit)).0, 1);
+    agent.assert_no_canary(&[key], &[&out, &err]);
+}
