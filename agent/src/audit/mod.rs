@@ -2,7 +2,7 @@
 //!
 //! `Auditor::append` writes the record itself when no other write is in progress (the
 //! common case: one `write(2)`, no thread hop). Otherwise it hands the record to the writer
-//! thread ([`writer`]) and waits — at most `write_timeout` — for it to be in the file (and
+//! thread (`writer`) and waits — at most `write_timeout` — for it to be in the file (and
 //! fsynced, in `fsync` mode); records queued together are written and fsynced together
 //! (group commit). A hung disk can stall the one request writing at that moment; every other
 //! request gives up after `write_timeout` with 503.
