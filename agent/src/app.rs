@@ -4,6 +4,7 @@
 //! recorded), then vaults and policy, then the socket; `agent.start` is written before the
 //! first connection is accepted and `agent.stop` after the last answer has gone.
 
+use std::future::Future;
 use std::sync::{Arc, RwLock};
 
 use kvbroker_proto::{AgentInfo, AuditRecord, Event, Outcome};
@@ -25,6 +26,24 @@ pub struct RunInfo {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
+    run_until(config, info, None, |_| async { Ok(((), shutdown::terminate().await)) }).await
+}
+
+/// The launched command's (pid, start time), once it runs (`kvbroker launch`).
+pub(crate) type LaunchRoot = Arc<std::sync::OnceLock<(u32, u64)>>;
+
+/// Runs the agent until `body` (given the running agent) finishes, then drains and stops.
+/// `launch`: serve only the launched command and its verified descendants.
+pub(crate) async fn run_until<T, F, Fut>(
+    config: Config,
+    info: RunInfo,
+    launch: Option<LaunchRoot>,
+    body: F,
+) -> Result<T, Error>
+where
+    F: FnOnce(Arc<Ctx>) -> Fut,
+    Fut: Future<Output = Result<(T, &'static str), Error>>,
+{
     if let Err(e) = crate::peer::sys::forbid_dumps() {
         tracing::warn!(error = %e, "cannot mark the agent non-dumpable; core dumps could hold secrets");
     }
@@ -69,6 +88,7 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     let refresher = cache.spawn_refresher();
     let limits = server::limits::Limits::new(config.limits.clone());
     let ctx = Arc::new(Ctx {
+        launch_root: launch,
         limits,
         cache: cache.clone(),
         policy: RwLock::new(Arc::new(policy)),
@@ -76,7 +96,11 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     });
     let reload = tokio::spawn(reload_on_hangup(Arc::clone(&ctx), config.policy.file.clone()));
     let admin = crate::admin::spawn(admin_listener, Arc::clone(&ctx), config.policy.file.clone());
-    let why = server::serve(listener, ctx, shutdown::terminate(), config.agent.shutdown_grace).await;
+    let outcome = server::serve(listener, Arc::clone(&ctx), body(ctx), config.agent.shutdown_grace).await;
+    let why = match &outcome {
+        Ok((_, why)) => *why,
+        Err(_) => "startup of the launched command failed",
+    };
     reload.abort();
     admin.abort();
     drop(admin_file);
@@ -93,8 +117,8 @@ pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
         tracing::error!(error = %e, "cannot write agent.stop");
     }
     drop(socket_file);
-    tracing::info!(signal = why, "kvbroker agent stopped");
-    Ok(())
+    tracing::info!(reason = why, "kvbroker agent stopped");
+    outcome.map(|(t, _)| t)
 }
 
 /// The audit chain's HMAC key, read from a vault before anything is served.

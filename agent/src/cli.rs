@@ -73,6 +73,29 @@ pub enum Command {
         #[arg(long)]
         loopback_only: bool,
     },
+    /// Run a command under a private broker for its process tree (Azure ML jobs); exits with
+    /// the command's status.
+    Launch {
+        /// An agent config (its vaults, identity and policy); sockets and audit log are moved
+        /// into the launch's own places.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// A vault to read, https://NAME.vault.azure.net (repeatable; the first is default).
+        #[arg(long, value_name = "URL")]
+        vault: Vec<String>,
+        /// Secrets to fetch before the command starts, comma-separated (NAME or VAULT/NAME).
+        #[arg(long, value_name = "NAME,…", value_delimiter = ',')]
+        prefetch: Vec<String>,
+        /// Fail if a prefetched secret expires sooner than this.
+        #[arg(long, value_name = "DURATION", default_value = "0s")]
+        min_validity: String,
+        /// Where the audit log goes (Azure ML uploads ./outputs with the run).
+        #[arg(long, value_name = "DIR", default_value = "outputs/kvbroker")]
+        audit_dir: PathBuf,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
+    },
     /// Work with the policy.
     Policy {
         #[command(subcommand)]

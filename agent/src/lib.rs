@@ -22,6 +22,7 @@ pub mod config;
 pub mod dev;
 mod explain;
 mod identity;
+pub mod launch;
 pub(crate) mod peer;
 mod policy;
 pub mod rotate;
@@ -59,6 +60,8 @@ pub enum Error {
     Ctl(#[from] admin::CtlError),
     #[error(transparent)]
     Rotate(#[from] rotate::RotateError),
+    #[error("launch: {0}")]
+    Launch(String),
     #[error("policy explain: {0}")]
     Explain(String),
     #[error("kvbroker dev: {0}")]
@@ -130,6 +133,16 @@ pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
             };
             let version = runtime()?.block_on(rotate::rotate(target, value))?;
             println!("{version}");
+        }
+        Command::Launch { config, vault, prefetch, min_validity, audit_dir, command } => {
+            return launch::launch(launch::LaunchArgs {
+                config,
+                vaults: vault,
+                prefetch,
+                min_validity: config::parse_duration(&min_validity).map_err(Error::Launch)?,
+                audit_dir,
+                command,
+            });
         }
         Command::Policy {
             command: PolicyCommand::Explain { config, pid, uid, gid, groups, exe, cgroup, secret },

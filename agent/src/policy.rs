@@ -41,6 +41,7 @@ enum Selector {
     Cgroup(Vec<Glob>),
     SystemdUnit(Vec<Glob>),
     ContainerId(Vec<Glob>),
+    AncestorExe(Vec<Glob>),
 }
 
 /// The result of a decision.
@@ -97,10 +98,11 @@ struct RawRule {
     cgroup: Option<Vec<String>>,
     systemd_unit: Option<Vec<String>>,
     container_id: Option<Vec<String>>,
+    ancestor_exe: Option<Vec<String>>,
     secrets: Vec<String>,
 }
 
-const SELECTOR_KEYS: &str = "uids, gids, exe, exe_sha256, cgroup, systemd_unit or container_id";
+const SELECTOR_KEYS: &str = "uids, gids, exe, exe_sha256, cgroup, systemd_unit, container_id or ancestor_exe";
 
 impl Policy {
     /// Loads a policy file, refusing one that group or others can write.
@@ -163,6 +165,9 @@ impl Policy {
             }
             if let Some(c) = &r.container_id {
                 selectors.push(Selector::ContainerId(globs(c)));
+            }
+            if let Some(a) = &r.ancestor_exe {
+                selectors.push(Selector::AncestorExe(globs(a)));
             }
             if selectors.is_empty() {
                 return Err(rule_at(&format!(
@@ -254,6 +259,7 @@ impl Selector {
             Selector::Cgroup(_) => "cgroup",
             Selector::SystemdUnit(_) => "systemd_unit",
             Selector::ContainerId(_) => "container_id",
+            Selector::AncestorExe(_) => "ancestor_exe",
         }
     }
 
@@ -261,9 +267,11 @@ impl Selector {
         match self {
             Selector::Uids(v) | Selector::Gids(v) => v.is_empty(),
             Selector::ExeSha256(v) => v.is_empty(),
-            Selector::Exe(v) | Selector::Cgroup(v) | Selector::SystemdUnit(v) | Selector::ContainerId(v) => {
-                v.is_empty()
-            }
+            Selector::Exe(v)
+            | Selector::Cgroup(v)
+            | Selector::SystemdUnit(v)
+            | Selector::ContainerId(v)
+            | Selector::AncestorExe(v) => v.is_empty(),
         }
     }
 
@@ -297,6 +305,16 @@ impl Selector {
             Selector::Cgroup(globs) => glob_fact(globs, f.cgroup.as_deref(), "cgroup"),
             Selector::SystemdUnit(globs) => glob_fact(globs, f.systemd_unit(), "systemd unit"),
             Selector::ContainerId(globs) => glob_fact(globs, f.container_id(), "container id"),
+            Selector::AncestorExe(globs) => {
+                let hit = f.ancestors().iter().find_map(|a| {
+                    let exe = a.exe.as_deref()?;
+                    globs.iter().find(|g| g.matches(exe)).map(|g| (a.pid, exe, g))
+                });
+                match hit {
+                    Some((pid, exe, g)) => Ok(format!("ancestor {pid} ({exe}) fits {:?}", g.0)),
+                    None => Err("no verified ancestor's exe fits".into()),
+                }
+            }
             Selector::ExeSha256(hashes) => match f.exe_sha256() {
                 Ok(h) if hashes.iter().any(|x| x == h) => Ok(format!("exe sha256 {h}")),
                 Ok(h) => Err(format!("exe sha256 {h} is not listed")),

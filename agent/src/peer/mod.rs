@@ -14,6 +14,7 @@
 //!
 //! Never read `cmdline` or `environ`: the process can rewrite them.
 
+pub(crate) mod ancestry;
 pub(crate) mod cgroup;
 pub(crate) mod exe_hash;
 mod proc;
@@ -47,6 +48,8 @@ pub(crate) struct PeerFacts {
     pub(crate) exe_file: Option<String>,
     /// Computed on first use only: hashing is the one expensive fact.
     exe_sha256: OnceLock<Result<String, String>>,
+    /// Verified ancestors, walked on first use.
+    ancestors: OnceLock<Vec<ancestry::Ancestor>>,
 }
 
 /// Why a caller's facts could not be established. Each is a denial reason.
@@ -125,6 +128,7 @@ impl ConnPeer {
             cgroup,
             exe_file: Some(format!("/proc/{}/exe", self.pid)),
             exe_sha256: OnceLock::new(),
+            ancestors: OnceLock::new(),
         })
     }
 
@@ -132,6 +136,11 @@ impl ConnPeer {
     pub(crate) fn info(&self) -> PeerInfo {
         PeerInfo { pid: self.pid, uid: self.uid, gid: self.gid, ..PeerInfo::default() }
     }
+}
+
+/// A process's start time (clock ticks since boot), to pin a pid to one process.
+pub(crate) fn start_time_of(pid: u32) -> Result<u64, PeerError> {
+    proc::start_time(pid)
 }
 
 /// Facts of a running process by pid, read from `/proc` (`kvbroker policy explain --pid`).
@@ -150,6 +159,7 @@ pub(crate) fn facts_of_pid(pid: u32) -> Result<PeerFacts, PeerError> {
         cgroup: proc::cgroup(pid)?,
         exe_file: Some(format!("/proc/{pid}/exe")),
         exe_sha256: OnceLock::new(),
+        ancestors: OnceLock::new(),
     })
 }
 
@@ -163,7 +173,17 @@ impl PeerFacts {
         cgroup: Option<String>,
     ) -> Self {
         let exe_file = exe.clone();
-        Self { pid: 0, uid, gid, groups, exe, cgroup, exe_file, exe_sha256: OnceLock::new() }
+        Self {
+            pid: 0,
+            uid,
+            gid,
+            groups,
+            exe,
+            cgroup,
+            exe_file,
+            exe_sha256: OnceLock::new(),
+            ancestors: OnceLock::new(),
+        }
     }
 
     /// The executable's SHA-256, computed on first use.
@@ -175,6 +195,21 @@ impl PeerFacts {
             })
             .as_deref()
             .map_err(String::as_str)
+    }
+
+    /// The caller's verified ancestors, nearest first (none for facts given by hand).
+    pub(crate) fn ancestors(&self) -> &[ancestry::Ancestor] {
+        self.ancestors.get_or_init(|| {
+            if self.pid == 0 { Vec::new() } else { ancestry::ancestors(self.pid).unwrap_or_default() }
+        })
+    }
+
+    /// Whether the caller is the process (`pid`, `start`) or a verified descendant of it.
+    pub(crate) fn descends_from(&self, pid: u32, start: u64) -> bool {
+        if self.pid == pid {
+            return proc::parent_and_start(pid).is_ok_and(|(_, s)| s == start);
+        }
+        self.ancestors().iter().any(|a| a.pid == pid && a.start == start)
     }
 
     pub(crate) fn systemd_unit(&self) -> Option<&str> {

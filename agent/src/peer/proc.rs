@@ -23,6 +23,17 @@ fn gone_or(e: std::io::Error, what: &str) -> PeerError {
     }
 }
 
+/// Fields 4 and 22 of `/proc/PID/stat`: parent pid and start time.
+pub(super) fn parent_and_start(pid: u32) -> Result<(u32, u64), PeerError> {
+    let stat = read(pid, "stat")?;
+    let malformed = || PeerError::Unreadable("stat: malformed".into());
+    let rest = &stat[stat.rfind(')').ok_or_else(malformed)? + 1..];
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let ppid = fields.get(1).and_then(|f| f.parse().ok()).ok_or_else(malformed)?;
+    let start = fields.get(19).and_then(|f| f.parse().ok()).ok_or_else(malformed)?;
+    Ok((ppid, start))
+}
+
 /// Field 22 of `/proc/PID/stat`: start time in clock ticks since boot.
 pub(super) fn start_time(pid: u32) -> Result<u64, PeerError> {
     let stat = read(pid, "stat")?;

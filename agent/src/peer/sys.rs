@@ -147,6 +147,16 @@ unsafe impl std::alloc::GlobalAlloc for ZeroOnFree {
     }
 }
 
+/// Sends `sig` to process `pid` (forwarding a signal to the launched command).
+pub(crate) fn send_signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::other("pid out of range"))?;
+    // SAFETY: kill(2) takes no pointers; a stale pid yields ESRCH, reported as an error.
+    if unsafe { libc::kill(pid, sig) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Marks the process non-dumpable: no core dumps, and only root may ptrace it or read its
 /// memory through /proc.
 pub(crate) fn forbid_dumps() -> io::Result<()> {

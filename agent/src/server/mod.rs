@@ -30,6 +30,8 @@ use crate::policy::Policy;
 
 /// Shared state of a running agent.
 pub(crate) struct Ctx {
+    /// In `kvbroker launch`: only this process and its verified descendants are served.
+    pub(crate) launch_root: Option<crate::app::LaunchRoot>,
     pub(crate) cache: Cache,
     pub(crate) limits: Arc<limits::Limits>,
     pub(crate) policy: RwLock<Arc<Policy>>,

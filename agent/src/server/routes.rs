@@ -152,6 +152,19 @@ async fn decide_and_fetch<B>(
         e => Failure::Denied { reason: e.to_string() },
     })?;
     rec.peer = Some(facts.info());
+    if let Some(root) = &ctx.launch_root {
+        match root.get() {
+            Some((pid, start)) if facts.descends_from(*pid, *start) => {}
+            Some(_) => {
+                return Err(Failure::Denied {
+                    reason: "not the launched command or one of its descendants".into(),
+                });
+            }
+            None => {
+                return Err(Failure::Denied { reason: "the launched command has not started yet".into() });
+            }
+        }
+    }
     match ctx.policy().decide(&facts, vault.as_str(), name.key()) {
         Decision::Allow { rule } => {
             if ctx.limits.key() == RateKey::Rule {
@@ -193,17 +206,7 @@ async fn decide_and_fetch<B>(
 
 /// `enabled`, `nbf` and `exp`, enforced by the agent: Key Vault returns expired secrets.
 fn check_usable(f: &crate::vault::Fetched, vault: &kvbroker_proto::VaultAlias) -> Result<(), Failure> {
-    let now = SystemTime::now();
-    let why = if !f.enabled {
-        Some("disabled".to_owned())
-    } else if let Some(nbf) = f.not_before.filter(|t| *t > now) {
-        Some(format!("not yet valid (nbf {})", humantime::format_rfc3339_seconds(nbf)))
-    } else {
-        f.expires_on
-            .filter(|t| *t <= now)
-            .map(|exp| format!("expired (exp {})", humantime::format_rfc3339_seconds(exp)))
-    };
-    match why {
+    match f.unusable(SystemTime::now()) {
         Some(w) => Err(Failure::NotUsable(format!("secret {} in vault {vault} is not usable: {w}", f.name))),
         None => Ok(()),
     }

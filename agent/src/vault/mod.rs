@@ -51,6 +51,21 @@ pub(crate) struct Fetched {
     pub(crate) upstream_request_id: Option<String>,
 }
 
+impl Fetched {
+    /// Why the secret may not be used at `now` (disabled, `nbf`, `exp`), if so.
+    pub(crate) fn unusable(&self, now: SystemTime) -> Option<String> {
+        if !self.enabled {
+            Some("disabled".to_owned())
+        } else if let Some(nbf) = self.not_before.filter(|t| *t > now) {
+            Some(format!("not yet valid (nbf {})", humantime::format_rfc3339_seconds(nbf)))
+        } else {
+            self.expires_on
+                .filter(|t| *t <= now)
+                .map(|exp| format!("expired (exp {})", humantime::format_rfc3339_seconds(exp)))
+        }
+    }
+}
+
 impl std::fmt::Debug for Fetched {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Fetched")

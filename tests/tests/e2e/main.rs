@@ -7,6 +7,7 @@ mod audit_log;
 mod cache;
 mod emulator;
 mod keyvault;
+mod launch;
 mod lifecycle;
 mod policy;
 mod read;

@@ -407,3 +407,24 @@ os.execv("/bin/sh", ["sh", "-c", "printf 'GET /v1/secrets/s HTTP/1.1\\r\\nHost: 
         "{second}"
     );
 }
+
+/// `ancestor_exe`: a launcher attested once (here python3) covers the workers it starts;
+/// the same worker started by anything else is denied.
+#[test]
+fn ancestor_exe_covers_a_launchers_workers() {
+    let agent = Agent::builder("ancestor")
+        .secret("s", "v")
+        .rule("name = \"under-python\"\nancestor_exe = [\"*/python3*\"]\nsecrets = [\"default/s\"]")
+        .start();
+    let script = "import subprocess, sys; sys.exit(subprocess.run([sys.argv[1], 'get', 's']).returncode)";
+    let (code, _, err) = run(Command::new("python3")
+        .args(["-c", script])
+        .arg(bin("kvb"))
+        .env("KVBROKER_SOCKET", &agent.socket));
+    assert_eq!(code, 0, "a worker of python3 is allowed: {err}");
+    assert_eq!(
+        run(kvb(&agent.socket, None).args(["get", "s"])).0,
+        3,
+        "the same worker under the test runner is not"
+    );
+}

@@ -1,0 +1,211 @@
+//! `kvbroker launch`: a private broker for one job's process tree, for places where no
+//! node-level agent can run (Azure ML compute clusters and serverless compute).
+//!
+//! The launcher is the agent. It serves on a socket in a fresh directory (mode 0700, owned
+//! by the job's uid), fetches `--prefetch` secrets and fails fast if one is missing,
+//! disabled, not yet valid or about to expire, then runs the command — in the same process
+//! group — with `KVBROKER_SOCKET` set. Only the command and its verified descendants are
+//! served (a config file's policy can narrow that further). SIGTERM and SIGINT are forwarded
+//! to the command; when it exits, the cache is wiped, `agent.stop` written, the socket and
+//! directory removed, and the launcher exits with the command's status (128 + signal if it
+//! was killed).
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use kvbroker_proto::{SecretName, VaultAlias};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::app::{self, LaunchRoot, RunInfo};
+use crate::config::Config;
+use crate::server::Ctx;
+use crate::{Error, peer};
+
+/// What `kvbroker launch` was asked to do.
+pub struct LaunchArgs {
+    pub config: Option<PathBuf>,
+    pub vaults: Vec<String>,
+    pub prefetch: Vec<String>,
+    pub min_validity: Duration,
+    pub audit_dir: PathBuf,
+    pub command: Vec<String>,
+}
+
+fn fail(m: String) -> Error {
+    Error::Launch(m)
+}
+
+/// Runs the command under a private broker; returns its exit status.
+pub fn launch(args: LaunchArgs) -> Result<ExitCode, Error> {
+    if args.command.is_empty() {
+        return Err(fail("no command given after --".into()));
+    }
+    let dir = PrivateDir::create()?;
+    std::fs::create_dir_all(&args.audit_dir)
+        .map_err(|e| fail(format!("{}: cannot create the audit directory: {e}", args.audit_dir.display())))?;
+    let audit_dir = args.audit_dir.canonicalize().unwrap_or_else(|_| args.audit_dir.clone());
+    let config = config_for(&args, &dir.0, &audit_dir)?;
+    let socket = config.agent.socket.clone();
+    let info = RunInfo { run_id: std::env::var("AZUREML_RUN_ID").ok().filter(|v| !v.is_empty()) };
+    let root: LaunchRoot = Arc::new(std::sync::OnceLock::new());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    let code = rt.block_on(app::run_until(config, info, Some(Arc::clone(&root)), |ctx| async move {
+        prefetch(&ctx, &args.prefetch, args.min_validity).await?;
+        run_command(&args.command, &socket, &root).await
+    }))?;
+    drop(dir);
+    Ok(ExitCode::from(code))
+}
+
+/// The fresh directory holding the sockets (and a default policy); removed on drop.
+struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    fn create() -> Result<Self, Error> {
+        let base = std::env::var_os("XDG_RUNTIME_DIR")
+            .map(PathBuf::from)
+            .filter(|p| p.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        for _ in 0..16 {
+            let p = base.join(format!("kvbroker-launch-{:016x}", fastrand::u64(..)));
+            match std::fs::create_dir(&p) {
+                Ok(()) => {
+                    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700))
+                        .map_err(|e| fail(format!("{}: cannot set mode 0700: {e}", p.display())))?;
+                    return Ok(Self(p));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(fail(format!(
+                        "{}: cannot create the private socket directory: {e}",
+                        p.display()
+                    )));
+                }
+            }
+        }
+        Err(fail("cannot create a private socket directory".into()))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The agent's config: the given file with its sockets and audit log moved into place, or
+/// one built from `--vault`.
+fn config_for(args: &LaunchArgs, dir: &Path, audit_dir: &Path) -> Result<Config, Error> {
+    let uid = std::fs::metadata(dir).map_err(|e| fail(e.to_string()))?.uid();
+    let mut config = match (&args.config, args.vaults.as_slice()) {
+        (Some(_), [_, ..]) => return Err(fail("give --config or --vault, not both".into())),
+        (Some(path), []) => Config::load(path)?,
+        (None, []) => {
+            return Err(fail("give --vault https://NAME.vault.azure.net (or --config FILE)".into()));
+        }
+        (None, urls) => {
+            // Only the job's own uid; the launch check adds "and a descendant of the command".
+            let policy = dir.join("policy.toml");
+            std::fs::write(
+                &policy,
+                format!("[[rule]]\nname = \"launched-job\"\nuids = [{uid}]\nsecrets = [\"*/*\"]\n"),
+            )
+            .map_err(|e| fail(format!("{}: {e}", policy.display())))?;
+            let mut text = String::from("[identity]\nsource = \"auto\"\n");
+            for (i, url) in urls.iter().enumerate() {
+                let alias = if i == 0 { "default".to_owned() } else { format!("vault{}", i + 1) };
+                text.push_str(&format!("[[vault]]\nalias = {alias:?}\nurl = {url:?}\n"));
+            }
+            text.push_str(&format!("[audit]\npath = \"audit.jsonl\"\n[policy]\nfile = {:?}\n", policy));
+            Config::from_toml(&dir.join("launch.toml"), &text)?
+        }
+    };
+    config.agent.socket = dir.join("agent.sock");
+    config.agent.admin_socket = dir.join("admin.sock");
+    config.agent.socket_mode = 0o600;
+    config.agent.socket_group = None;
+    config.audit.path = audit_dir.join("audit.jsonl");
+    Ok(config)
+}
+
+/// Fetches each `--prefetch` secret; fails if one is missing, not usable, or expires within
+/// `min_validity`.
+async fn prefetch(ctx: &Ctx, names: &[String], min_validity: Duration) -> Result<(), Error> {
+    for spec in names {
+        let (alias, name) = match spec.split_once('/') {
+            Some((v, n)) => (Some(v), n),
+            None => (None, spec.as_str()),
+        };
+        let bad = |m: String| fail(format!("prefetch {spec}: {m}; the command was not started"));
+        let name: SecretName = name.parse().map_err(|e| bad(format!("{e}")))?;
+        let asked: Option<VaultAlias> = alias.map(str::parse).transpose().map_err(|e| bad(format!("{e}")))?;
+        let vault =
+            ctx.cache.vaults().resolve(asked.as_ref()).cloned().ok_or_else(|| bad("no such vault".into()))?;
+        let got = ctx.cache.get(&vault, &name, None).await.map_err(|e| bad(e.to_string()))?;
+        let now = SystemTime::now();
+        if let Some(why) = got.fetched.unusable(now) {
+            return Err(bad(format!("not usable: {why}")));
+        }
+        if let Some(exp) = got.fetched.expires_on {
+            let left = exp.duration_since(now).unwrap_or_default();
+            if left < min_validity {
+                return Err(bad(format!(
+                    "expires in {}s (exp {}), sooner than --min-validity {}s",
+                    left.as_secs(),
+                    humantime::format_rfc3339_seconds(exp),
+                    min_validity.as_secs()
+                )));
+            }
+        }
+        tracing::info!(secret = %spec, version = %got.fetched.version, "prefetched");
+    }
+    Ok(())
+}
+
+/// Runs the command, forwarding SIGTERM/SIGINT; returns its exit status as a shell would.
+async fn run_command(
+    command: &[String],
+    socket: &Path,
+    root: &LaunchRoot,
+) -> Result<(u8, &'static str), Error> {
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Runtime)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(Error::Runtime)?;
+    let mut child = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .env(kvbroker_proto::SOCKET_ENV, socket)
+        .spawn()
+        .map_err(|e| fail(format!("cannot run {}: {e}", command[0])))?;
+    let pid = child.id().ok_or_else(|| fail("the command exited before it could be watched".into()))?;
+    // Pin the pid to this process: descendants are checked against (pid, start time).
+    let start =
+        peer::start_time_of(pid).map_err(|e| fail(format!("cannot read the command's start time: {e}")))?;
+    let _ = root.set((pid, start));
+    let status = loop {
+        tokio::select! {
+            s = child.wait() => break s.map_err(|e| fail(format!("waiting for the command: {e}")))?,
+            _ = term.recv() => forward(pid, libc::SIGTERM),
+            _ = int.recv() => forward(pid, libc::SIGINT),
+        }
+    };
+    let code = match (status.code(), status.signal()) {
+        (Some(c), _) => u8::try_from(c).unwrap_or(1),
+        (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(255),
+        (None, None) => 1,
+    };
+    Ok((code, "the launched command exited"))
+}
+
+fn forward(pid: u32, sig: libc::c_int) {
+    tracing::info!(pid, signal = sig, "forwarding signal to the launched command");
+    if let Err(e) = peer::sys::send_signal(pid, sig) {
+        tracing::warn!(error = %e, "cannot forward the signal");
+    }
+}
