@@ -80,7 +80,7 @@ pub enum Command {
         /// into the launch's own places.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// A vault to read, https://NAME.vault.azure.net (repeatable; the first is default).
+        /// A vault to read, like `https://NAME.vault.azure.net` (repeatable; the first is default).
         #[arg(long, value_name = "URL")]
         vault: Vec<String>,
         /// Secrets to fetch before the command starts, comma-separated (NAME or VAULT/NAME).
