@@ -209,3 +209,37 @@ fn forward(pid: u32, sig: libc::c_int) {
         tracing::warn!(error = %e, "cannot forward the signal");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BackendConfig;
+
+    #[test]
+    fn vault_flags_build_a_private_config() {
+        let dir = PrivateDir::create().unwrap();
+        let args = LaunchArgs {
+            config: None,
+            vaults: vec!["https://a.vault.azure.net".into(), "https://b.vault.azure.net".into()],
+            prefetch: vec![],
+            min_validity: Duration::ZERO,
+            audit_dir: dir.0.join("audit"),
+            command: vec!["true".into()],
+        };
+        let c = config_for(&args, &dir.0, &dir.0.join("audit")).unwrap();
+        assert_eq!(c.agent.socket, dir.0.join("agent.sock"));
+        assert_eq!(c.agent.socket_mode, 0o600);
+        assert_eq!(c.audit.path, dir.0.join("audit").join("audit.jsonl"));
+        assert_eq!(c.default_vault().unwrap().as_str(), "default");
+        assert!(
+            matches!(&c.vaults[1].backend, BackendConfig::KeyVault { url, .. } if url == "https://b.vault.azure.net")
+        );
+        let policy = std::fs::read_to_string(&c.policy.file).unwrap();
+        assert!(policy.contains("uids = [0]"), "{policy}");
+        let with_both = LaunchArgs { config: Some("x.toml".into()), ..args };
+        assert!(config_for(&with_both, &dir.0, &dir.0).is_err());
+        let path = dir.0.clone();
+        drop(dir);
+        assert!(!path.exists(), "the private directory is removed");
+    }
+}
