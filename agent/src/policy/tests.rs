@@ -79,7 +79,7 @@ fn rule_without_selector_is_refused_with_line() {
     assert_eq!(
         e,
         "policy.toml:3: rule \"open\": has no selector, so it would match every caller: \
-         add uids, gids, exe, exe_sha256, cgroup, systemd_unit or container_id"
+         add uids, gids, exe, exe_sha256, cgroup, systemd_unit, container_id or ancestor_exe"
     );
 }
 

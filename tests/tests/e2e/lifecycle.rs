@@ -118,7 +118,7 @@ fn check_config_reports_file_line_and_key() {
         err,
         format!(
             "kvbroker: {}:1: rule \"all\": has no selector, so it would match every caller: \
-             add uids, gids, exe, exe_sha256, cgroup, systemd_unit or container_id\n",
+             add uids, gids, exe, exe_sha256, cgroup, systemd_unit, container_id or ancestor_exe\n",
             policy.display()
         )
     );
