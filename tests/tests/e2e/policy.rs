@@ -31,6 +31,21 @@ fn kvb_at(path: &Path, socket: &Path) -> Command {
     c
 }
 
+/// Runs a freshly written binary. Another test thread may fork while our write fd is open
+/// (it closes at the child's exec), so exec can briefly fail with ETXTBSY: retry that.
+fn run_fresh(cmd: &mut Command) -> i32 {
+    for _ in 0..50 {
+        match cmd.stdin(std::process::Stdio::null()).output() {
+            Ok(out) => return out.status.code().unwrap_or(-1),
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("cannot run {cmd:?}: {e}"),
+        }
+    }
+    panic!("{cmd:?} stayed busy (ETXTBSY)");
+}
+
 #[test]
 fn supplementary_group_is_allowed() {
     let agent = Agent::builder("groups")
@@ -70,13 +85,16 @@ fn exe_glob_and_exe_sha256() {
         .start();
     let copy = copy_kvb(dir.path(), "kvb-copy");
     assert_eq!(run(kvb(&agent.socket, None).args(["get", "by-path"])).0, 0);
-    let (code, _, err) = run(kvb_at(&copy, &agent.socket).args(["get", "by-path"]));
-    assert_eq!(code, 3, "a copy at another path is denied: {err}");
+    assert_eq!(
+        run_fresh(kvb_at(&copy, &agent.socket).args(["get", "by-path"])),
+        3,
+        "a copy at another path is denied"
+    );
 
-    assert_eq!(run(kvb_at(&copy, &agent.socket).args(["get", "by-hash"])).0, 0, "identical content");
+    assert_eq!(run_fresh(kvb_at(&copy, &agent.socket).args(["get", "by-hash"])), 0, "identical content");
     let changed = copy_kvb(dir.path(), "kvb-changed");
     std::fs::OpenOptions::new().append(true).open(&changed).unwrap().write_all(b"\0").unwrap();
-    assert_eq!(run(kvb_at(&changed, &agent.socket).args(["get", "by-hash"])).0, 3, "one byte different");
+    assert_eq!(run_fresh(kvb_at(&changed, &agent.socket).args(["get", "by-hash"])), 3, "one byte different");
     let hashed = agent.audit_records().into_iter().find(|r| r["rule"] == "hash").unwrap();
     assert_eq!(hashed["peer"]["exe_sha256"], hash.as_str(), "the hash the rule used is audited");
 }
