@@ -7,9 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use azure_core::http::{ClientOptions, RequestContent, RetryOptions, Transport};
+use azure_core::http::RequestContent;
 use azure_security_keyvault_secrets::models::SetSecretParameters;
-use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
 use kvbroker_proto::SecretName;
 use zeroize::Zeroizing;
 
@@ -87,16 +86,7 @@ pub async fn rotate(target: RotateTarget, value: NewValue) -> Result<String, Rot
     };
     let identity = identity::build(&id_cfg, &IdentityEnv::from_process(), Arc::clone(&http))
         .map_err(|e| RotateError::Setup(e.to_string()))?;
-    let options = SecretClientOptions {
-        client_options: ClientOptions {
-            transport: Some(Transport::new(http)),
-            // A retried set can create two versions: try once, report failures.
-            retry: RetryOptions::none(),
-            ..ClientOptions::default()
-        },
-        ..SecretClientOptions::default()
-    };
-    let client = SecretClient::new(&target.vault_url, identity.credential, Some(options))
+    let client = crate::vault::secret_client(&target.vault_url, &identity.credential, http)
         .map_err(|e| RotateError::Setup(e.to_string()))?;
     let params = SetSecretParameters { value: Some(value.to_string()), ..Default::default() };
     let content: RequestContent<SetSecretParameters> =

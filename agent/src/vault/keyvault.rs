@@ -85,6 +85,25 @@ impl Pace {
     }
 }
 
+/// The SDK's secrets client over our transport, with the SDK's own retries off: reads retry
+/// in [`KeyVaultBackend`] (bounded by the deadline, Retry-After honoured), and a retried
+/// `set` (`kvbroker rotate`) could create two versions.
+pub(crate) fn secret_client(
+    url: &str,
+    credential: &Arc<dyn azure_core::credentials::TokenCredential>,
+    http: Arc<HyperTransport>,
+) -> azure_core::Result<SecretClient> {
+    let options = SecretClientOptions {
+        client_options: ClientOptions {
+            transport: Some(Transport::new(http)),
+            retry: RetryOptions::none(),
+            ..ClientOptions::default()
+        },
+        ..SecretClientOptions::default()
+    };
+    SecretClient::new(url, Arc::clone(credential), Some(options))
+}
+
 impl KeyVaultBackend {
     pub(crate) fn new(
         alias: VaultAlias,
@@ -94,17 +113,7 @@ impl KeyVaultBackend {
         deadline: Duration,
         max_calls_per_second: u32,
     ) -> Result<Self, String> {
-        let options = SecretClientOptions {
-            client_options: ClientOptions {
-                transport: Some(Transport::new(http)),
-                // Retries are ours (bounded by the deadline; Retry-After honoured).
-                retry: RetryOptions::none(),
-                ..ClientOptions::default()
-            },
-            ..SecretClientOptions::default()
-        };
-        let client =
-            SecretClient::new(url, identity.credential.clone(), Some(options)).map_err(|e| e.to_string())?;
+        let client = secret_client(url, &identity.credential, http).map_err(|e| e.to_string())?;
         Ok(Self {
             alias,
             url: url.to_owned(),

@@ -22,6 +22,7 @@ pub(crate) use local::LocalBackend;
 use crate::identity::{self, Identity, IdentityEnv};
 use crate::transport::{HyperTransport, TransportConfig};
 use keyvault::KeyVaultBackend;
+pub(crate) use keyvault::secret_client;
 
 /// The node identity every Key Vault of this agent uses, with its own transport.
 fn build_identity(config: &Config) -> Result<Identity, VaultSetupError> {
