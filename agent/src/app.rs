@@ -82,6 +82,7 @@ where
         vaults = config.vaults.len(),
         "kvbroker agent ready"
     );
+    crate::peer::sys::trim_heap();
     notify_systemd("READY=1");
 
     let cache = Cache::new(config.cache.clone(), vaults, Arc::clone(&auditor));

@@ -66,7 +66,8 @@ struct Entry {
     last_error: Option<String>,
     failures: u32,
     next_refresh: Instant,
-    changed: watch::Sender<Option<VersionId>>,
+    /// Wakes long polls; created by the first long poll (most entries never have one).
+    changed: Option<watch::Sender<Option<VersionId>>>,
 }
 
 impl Entry {
@@ -82,7 +83,7 @@ impl Entry {
             last_error: None,
             failures: 0,
             next_refresh: now,
-            changed: watch::channel(None).0,
+            changed: None,
         }
     }
 
@@ -260,11 +261,15 @@ impl Cache {
                 match previous {
                     Some(p) if p.version != f.version => {
                         e.retired.push((p.clone(), now));
-                        e.changed.send_replace(Some(f.version.clone()));
+                        if let Some(tx) = &e.changed {
+                            tx.send_replace(Some(f.version.clone()));
+                        }
                         Some((p, Arc::clone(f)))
                     }
                     None => {
-                        e.changed.send_replace(Some(f.version.clone()));
+                        if let Some(tx) = &e.changed {
+                            tx.send_replace(Some(f.version.clone()));
+                        }
                         None
                     }
                     Some(_) => None,
@@ -334,9 +339,9 @@ impl Cache {
                 return Ok(Some(now));
             }
             let mut rx = {
-                let entries = self.entries();
-                match entries.get(&(vault.clone(), name.key().to_owned())) {
-                    Some(e) => e.changed.subscribe(),
+                let mut entries = self.entries();
+                match entries.get_mut(&(vault.clone(), name.key().to_owned())) {
+                    Some(e) => e.changed.get_or_insert_with(|| watch::channel(None).0).subscribe(),
                     None => continue,
                 }
             };

@@ -157,6 +157,15 @@ pub(crate) fn send_signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
     Ok(())
 }
 
+/// Returns freed heap memory to the system (after startup's parsing, a large local vault's
+/// text and intermediates would otherwise stay resident).
+pub(crate) fn trim_heap() {
+    // SAFETY: malloc_trim only releases free memory held by the allocator; no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Marks the process non-dumpable: no core dumps, and only root may ptrace it or read its
 /// memory through /proc.
 pub(crate) fn forbid_dumps() -> io::Result<()> {
