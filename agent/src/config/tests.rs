@@ -120,11 +120,40 @@ fn example_config_parses_with_defaults() {
     assert_eq!(c.audit.durability, bare.audit.durability);
     assert_eq!(c.audit.rotate_bytes, bare.audit.rotate_bytes);
     assert_eq!(c.agent.loopback_only, bare.agent.loopback_only);
+    assert_eq!(
+        (c.cache.evict_idle, c.cache.version_grace),
+        (bare.cache.evict_idle, bare.cache.version_grace)
+    );
+    assert_eq!(
+        (c.audit.rotate_keep, c.audit.write_timeout, c.audit.checkpoint_interval),
+        (bare.audit.rotate_keep, bare.audit.write_timeout, bare.audit.checkpoint_interval)
+    );
+    assert_eq!(
+        (c.limits.rate_per_second, c.limits.burst, c.limits.rate_key, c.limits.connections_per_uid),
+        (
+            bare.limits.rate_per_second,
+            bare.limits.burst,
+            bare.limits.rate_key,
+            bare.limits.connections_per_uid
+        )
+    );
     match (&c.vaults[0].backend, &bare.vaults[0].backend) {
         (
-            BackendConfig::KeyVault { connect_timeout: a1, request_timeout: b1, deadline: d1, .. },
-            BackendConfig::KeyVault { connect_timeout: a2, request_timeout: b2, deadline: d2, .. },
-        ) => assert_eq!((a1, b1, d1), (a2, b2, d2)),
+            BackendConfig::KeyVault {
+                connect_timeout: a1,
+                request_timeout: b1,
+                deadline: d1,
+                max_calls_per_second: m1,
+                ..
+            },
+            BackendConfig::KeyVault {
+                connect_timeout: a2,
+                request_timeout: b2,
+                deadline: d2,
+                max_calls_per_second: m2,
+                ..
+            },
+        ) => assert_eq!((a1, b1, d1, m1), (a2, b2, d2, m2)),
         other => panic!("{other:?}"),
     }
 }
