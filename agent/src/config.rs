@@ -41,6 +41,23 @@ pub struct Config {
     pub limits: LimitsConfig,
 }
 
+#[cfg(test)]
+impl AuditConfig {
+    /// The defaults of `[audit]` at `path`, checkpoints an hour apart (unit tests).
+    pub(crate) fn for_tests(path: PathBuf) -> Self {
+        Self {
+            path,
+            durability: Durability::Write,
+            rotate_bytes: NonZeroU64::new(1 << 30).unwrap_or(NonZeroU64::MIN),
+            rotate_keep: 10,
+            write_timeout: Duration::from_secs(5),
+            checkpoint_interval: Duration::from_secs(3600),
+            hmac_key_file: None,
+            hmac_key_secret: None,
+        }
+    }
+}
+
 /// Per-caller limits (`[limits]`).
 #[derive(Debug, Clone)]
 pub struct LimitsConfig {

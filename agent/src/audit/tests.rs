@@ -24,16 +24,7 @@ impl Drop for TempDir {
 }
 
 fn cfg(dir: &TempDir) -> AuditConfig {
-    AuditConfig {
-        path: dir.0.join("audit.jsonl"),
-        durability: Durability::Write,
-        rotate_bytes: NonZeroU64::new(1 << 30).unwrap(),
-        rotate_keep: 10,
-        write_timeout: Duration::from_secs(5),
-        checkpoint_interval: Duration::from_secs(3600),
-        hmac_key_file: None,
-        hmac_key_secret: None,
-    }
+    AuditConfig::for_tests(dir.0.join("audit.jsonl"))
 }
 
 fn read(n: u64) -> AuditRecord {

@@ -1,11 +1,10 @@
-use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::SystemTime;
 
 use kvbroker_proto::SecretValue;
 
 use super::*;
-use crate::config::{AuditConfig, Durability};
+use crate::config::AuditConfig;
 use crate::vault::{Backend, BoxFuture};
 
 /// A vault whose answer the test sets, counting calls.
@@ -58,17 +57,7 @@ impl Drop for Fixture {
 fn fixture(refresh: Duration, max_stale: Duration) -> Fixture {
     let dir = std::env::temp_dir().join(format!("kvb-cache-{}", fastrand::u64(..)));
     std::fs::create_dir_all(&dir).unwrap();
-    let (auditor, _) = Auditor::open(&AuditConfig {
-        path: dir.join("audit.jsonl"),
-        durability: Durability::Write,
-        rotate_bytes: NonZeroU64::new(1 << 30).unwrap(),
-        rotate_keep: 10,
-        write_timeout: Duration::from_secs(5),
-        checkpoint_interval: Duration::from_secs(3600),
-        hmac_key_file: None,
-        hmac_key_secret: None,
-    })
-    .unwrap();
+    let (auditor, _) = Auditor::open(&AuditConfig::for_tests(dir.join("audit.jsonl"))).unwrap();
     let backend = Arc::new(Scripted { calls: AtomicU32::new(0), answer: Mutex::new(Ok((v(1), "one"))) });
     let vaults =
         Vaults::from_backends(vec![("default".parse().unwrap(), backend.clone() as Arc<dyn Backend>)]);
