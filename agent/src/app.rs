@@ -5,32 +5,32 @@
 //! first connection is accepted and `agent.stop` after the last answer has gone.
 
 use std::future::Future;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kvbroker_proto::{AgentInfo, AuditRecord, Event, Outcome};
 
 use crate::Error;
+use crate::admin::server::AdminSocket;
 use crate::audit::Auditor;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::policy::Policy;
-use crate::server::{self, Ctx};
+use crate::server::{self, AgentSocket};
 use crate::shutdown;
+use crate::state::{LaunchRoot, Limits, State};
 use crate::vault::Vaults;
 
 /// Extra facts for `agent.start` (e.g. the Azure ML run id in launch mode).
 #[derive(Debug, Default, Clone)]
-pub struct RunInfo {
-    pub run_id: Option<String>,
+pub(crate) struct RunInfo {
+    pub(crate) run_id: Option<String>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
+pub(crate) async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
     run_until(config, info, None, |_| async { Ok(((), shutdown::terminate().await)) }).await
 }
-
-/// The launched command's (pid, start time), once it runs (`kvbroker launch`).
-pub(crate) type LaunchRoot = Arc<std::sync::OnceLock<(u32, u64)>>;
 
 /// Runs the agent until `body` (given the running agent) finishes, then drains and stops.
 /// `launch`: serve only the launched command and its verified descendants.
@@ -41,10 +41,10 @@ pub(crate) async fn run_until<T, F, Fut>(
     body: F,
 ) -> Result<T, Error>
 where
-    F: FnOnce(Arc<Ctx>) -> Fut,
+    F: FnOnce(Arc<State>) -> Fut,
     Fut: Future<Output = Result<(T, &'static str), Error>>,
 {
-    if let Err(e) = crate::peer::sys::forbid_dumps() {
+    if let Err(e) = crate::sys::forbid_dumps() {
         tracing::warn!(error = %e, "cannot mark the agent non-dumpable; core dumps could hold secrets");
     }
     let vaults = Arc::new(Vaults::from_config(&config)?);
@@ -82,28 +82,37 @@ where
         vaults = config.vaults.len(),
         "kvbroker agent ready"
     );
-    crate::peer::sys::trim_heap();
+    crate::sys::trim_heap();
     notify_systemd("READY=1");
 
     let cache = Cache::new(config.cache.clone(), vaults, Arc::clone(&auditor));
     let refresher = cache.spawn_refresher();
-    let limits = server::limits::Limits::new(config.limits.clone());
-    let ctx = Arc::new(Ctx {
-        launch_root: launch,
-        limits,
-        cache: cache.clone(),
-        policy: RwLock::new(Arc::new(policy)),
-        auditor: Arc::clone(&auditor),
-    });
-    let reload = tokio::spawn(reload_on_hangup(Arc::clone(&ctx), config.policy.file.clone()));
-    let admin = crate::admin::spawn(admin_listener, Arc::clone(&ctx), config.policy.file.clone());
-    let outcome = server::serve(listener, Arc::clone(&ctx), body(ctx), config.agent.shutdown_grace).await;
+    let limits = Limits::new(config.limits.clone());
+    let state = Arc::new(State::new(launch, cache.clone(), limits, policy, Arc::clone(&auditor)));
+    let reload = tokio::spawn(reload_on_hangup(Arc::clone(&state), config.policy.file.clone()));
+    let admin_socket = AdminSocket {
+        state: Arc::clone(&state),
+        policy_file: config.policy.file.clone(),
+        started: Instant::now(),
+    };
+    let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+    let admin = tokio::spawn(server::serve(
+        admin_listener,
+        Arc::new(admin_socket),
+        async move {
+            let _ = admin_stopped.await;
+        },
+        ADMIN_GRACE,
+    ));
+    let agent_socket = Arc::new(AgentSocket(Arc::clone(&state)));
+    let outcome = server::serve(listener, agent_socket, body(state), config.agent.shutdown_grace).await;
     let why = match &outcome {
         Ok((_, why)) => *why,
         Err(_) => "startup of the launched command failed",
     };
     reload.abort();
-    admin.abort();
+    let _ = stop_admin.send(());
+    let _ = admin.await;
     drop(admin_file);
     refresher.abort();
     // Every cached value is wiped once the last in-flight answer has let go of it.
@@ -140,37 +149,17 @@ async fn audit_key_from_vault(
     Ok(key)
 }
 
-async fn reload_on_hangup(ctx: Arc<Ctx>, path: std::path::PathBuf) {
+/// How long admin requests in flight (a `ctl refresh` waiting on Key Vault) may run on at
+/// shutdown.
+const ADMIN_GRACE: Duration = Duration::from_secs(2);
+
+async fn reload_on_hangup(state: Arc<State>, path: std::path::PathBuf) {
     let Some(mut hup) = shutdown::hangups() else {
         return;
     };
     while hup.recv().await.is_some() {
-        reload_policy(&ctx, &path).await;
+        state.reload_policy(&path).await;
     }
-}
-
-/// Loads the policy again; on failure the old one stays in force. Audited either way.
-/// Returns whether it loaded, and what happened.
-pub(crate) async fn reload_policy(ctx: &Ctx, path: &std::path::Path) -> (bool, String) {
-    let mut rec = AuditRecord::new(Event::PolicyReload);
-    let (ok, message) = match Policy::load(path) {
-        Ok(p) => {
-            let m = format!("{} rule(s) in force", p.len());
-            ctx.set_policy(p);
-            tracing::info!("policy reloaded");
-            (true, m)
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "policy reload failed; the previous policy stays in force");
-            (false, format!("{e}; the previous policy stays in force"))
-        }
-    };
-    rec.outcome = Some(if ok { Outcome::Ok } else { Outcome::Failed });
-    rec.reason = Some(message.clone());
-    if let Err(e) = ctx.auditor.append(rec).await {
-        tracing::error!(error = %e, "cannot write policy.reload");
-    }
-    (ok, message)
 }
 
 /// Tells systemd (`Type=notify`) about our state, if it is listening.

@@ -218,7 +218,7 @@ impl Cache {
 
     /// Records a fetch's outcome in the entry (creating it on success).
     fn install_locked(f: &Fetched) {
-        if let Err(e) = crate::peer::sys::lock_and_hide(f.value.expose_secret()) {
+        if let Err(e) = crate::sys::lock_and_hide(f.value.expose_secret()) {
             static WARNED: std::sync::Once = std::sync::Once::new();
             WARNED.call_once(|| {
                 tracing::warn!(error = %e, "cannot mlock cached secrets (raise RLIMIT_MEMLOCK or run as root); continuing without");
@@ -403,12 +403,12 @@ impl Cache {
                 }
                 _ => None,
             });
-            if let Some(name) = tracked {
-                if e.next_refresh <= now {
-                    // Not due again until this refresh reports back.
-                    e.next_refresh = now + cfg.refresh_interval;
-                    due.push((vault.clone(), name));
-                }
+            if let Some(name) = tracked
+                && e.next_refresh <= now
+            {
+                // Not due again until this refresh reports back.
+                e.next_refresh = now + cfg.refresh_interval;
+                due.push((vault.clone(), name));
             }
         }
         due

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 /// kvbroker: a node-local secret broker for Azure Key Vault.
 #[derive(Debug, Parser)]
@@ -37,65 +37,22 @@ pub enum Command {
         /// Find the admin socket in this config file.
         #[arg(long, value_name = "FILE", global = true)]
         config: Option<PathBuf>,
-        /// The admin socket (default: the config's, else /run/kvbroker/admin.sock).
+        /// The admin socket (default: --config's or --dir's, else $KVBROKER_ADMIN_SOCKET,
+        /// else /run/kvbroker/admin.sock).
         #[arg(long, value_name = "PATH", global = true)]
         socket: Option<PathBuf>,
+        /// A `kvbroker dev` directory: reach the dev agent's admin socket.
+        #[arg(long, value_name = "DIR", global = true)]
+        dir: Option<PathBuf>,
         #[command(subcommand)]
         command: CtlCommand,
     },
     /// Write a new version of a secret to Key Vault with the operator's credential; prints
     /// the new version id (never the value).
-    Rotate {
-        /// The vault's URL, like `https://NAME.vault.azure.net`.
-        #[arg(long, value_name = "URL")]
-        vault: String,
-        /// The secret's name.
-        name: String,
-        /// Take the value from FILE (UTF-8 text, used as is).
-        #[arg(long, value_name = "FILE", conflicts_with = "generate")]
-        from_file: Option<PathBuf>,
-        /// Generate BYTES random bytes (16 to 4096), written as base64url text.
-        #[arg(long, value_name = "BYTES")]
-        generate: Option<usize>,
-        /// Whose credential: azure-cli (default) or the environment's identity (auto, …).
-        #[arg(long, value_name = "SOURCE", default_value = "azure-cli", value_parser = parse_source)]
-        identity: crate::config::IdentitySource,
-        /// A user-assigned identity's client id.
-        #[arg(long, value_name = "ID")]
-        client_id: Option<String>,
-        /// An extra trusted CA (PEM), for emulators and private endpoints.
-        #[arg(long, value_name = "FILE")]
-        ca_file: Option<PathBuf>,
-        /// HOST:PORT:ADDRESS:PORT connection override (repeatable).
-        #[arg(long, value_name = "HOST:PORT:ADDR:PORT", value_parser = parse_connect_to)]
-        connect_to: Vec<crate::config::ConnectTo>,
-        /// Refuse any address outside loopback (tests).
-        #[arg(long)]
-        loopback_only: bool,
-    },
+    Rotate(RotateArgs),
     /// Run a command under a private broker for its process tree (Azure ML jobs); exits with
     /// the command's status.
-    Launch {
-        /// An agent config (its vaults, identity and policy); sockets and audit log are moved
-        /// into the launch's own places.
-        #[arg(long, value_name = "FILE")]
-        config: Option<PathBuf>,
-        /// A vault to read, like `https://NAME.vault.azure.net` (repeatable; the first is default).
-        #[arg(long, value_name = "URL")]
-        vault: Vec<String>,
-        /// Secrets to fetch before the command starts, comma-separated (NAME or VAULT/NAME).
-        #[arg(long, value_name = "NAME,…", value_delimiter = ',')]
-        prefetch: Vec<String>,
-        /// Fail if a prefetched secret expires sooner than this.
-        #[arg(long, value_name = "DURATION", default_value = "0s")]
-        min_validity: String,
-        /// Where the audit log goes (Azure ML uploads ./outputs with the run).
-        #[arg(long, value_name = "DIR", default_value = "outputs/kvbroker")]
-        audit_dir: PathBuf,
-        /// The command and its arguments.
-        #[arg(last = true, required = true, value_name = "CMD")]
-        command: Vec<String>,
-    },
+    Launch(LaunchArgs),
     /// Work with the policy.
     Policy {
         #[command(subcommand)]
@@ -112,31 +69,102 @@ pub enum Command {
 pub enum PolicyCommand {
     /// Show the facts used, each rule and why it does or does not allow VAULT/NAME, and the
     /// decision.
-    Explain {
-        /// The agent's config file (its policy and default vault are used).
-        #[arg(long, value_name = "FILE")]
-        config: PathBuf,
-        /// A running process to judge, read from /proc.
-        #[arg(long, conflicts_with_all = ["uid", "gid", "groups", "exe", "cgroup"])]
-        pid: Option<u32>,
-        /// A caller given by hand: its uid.
-        #[arg(long)]
-        uid: Option<u32>,
-        /// Its primary gid (default: the uid).
-        #[arg(long, requires = "uid")]
-        gid: Option<u32>,
-        /// Its supplementary groups, comma-separated.
-        #[arg(long, requires = "uid", value_delimiter = ',')]
-        groups: Vec<u32>,
-        /// Its executable path (also hashed, if a rule uses exe_sha256).
-        #[arg(long, requires = "uid")]
-        exe: Option<String>,
-        /// Its cgroup v2 path (systemd_unit and container_id are derived from it).
-        #[arg(long, requires = "uid")]
-        cgroup: Option<String>,
-        /// The secret, as VAULT/NAME (or NAME for the default vault).
-        secret: String,
-    },
+    Explain(ExplainArgs),
+}
+
+impl Command {
+    /// The log level when `RUST_LOG` is not set: the agent's own progress for the commands
+    /// that run an agent, only warnings for one-shot commands (whose output is their answer:
+    /// `check-config` prints one line, not the Azure SDK's client set-up).
+    pub fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Run { .. } | Command::Dev { .. } | Command::Launch(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+/// `kvbroker rotate`.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// The vault's URL, like `https://NAME.vault.azure.net`.
+    #[arg(long, value_name = "URL")]
+    pub vault: String,
+    /// The secret's name.
+    pub name: String,
+    /// Take the value from FILE (UTF-8 text, used as is).
+    #[arg(long, value_name = "FILE", conflicts_with = "generate")]
+    pub from_file: Option<PathBuf>,
+    /// Generate BYTES random bytes (16 to 4096), written as base64url text.
+    #[arg(long, value_name = "BYTES")]
+    pub generate: Option<usize>,
+    /// Whose credential: azure-cli (default) or the environment's identity (auto, …).
+    #[arg(long, value_name = "SOURCE", default_value = "azure-cli", value_parser = parse_source)]
+    pub identity: crate::config::IdentitySource,
+    /// A user-assigned identity's client id.
+    #[arg(long, value_name = "ID")]
+    pub client_id: Option<String>,
+    /// An extra trusted CA (PEM), for emulators and private endpoints.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// HOST:PORT:ADDRESS:PORT connection override (repeatable).
+    #[arg(long, value_name = "HOST:PORT:ADDR:PORT", value_parser = parse_connect_to)]
+    pub connect_to: Vec<crate::config::ConnectTo>,
+    /// Refuse any address outside loopback (tests).
+    #[arg(long)]
+    pub loopback_only: bool,
+}
+
+/// `kvbroker launch`.
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// An agent config (its vaults, identity and policy); sockets and audit log are moved
+    /// into the launch's own places.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A vault to read, like `https://NAME.vault.azure.net` (repeatable; the first is default).
+    #[arg(long, value_name = "URL")]
+    pub vault: Vec<String>,
+    /// Secrets to fetch before the command starts, comma-separated (NAME or VAULT/NAME).
+    #[arg(long, value_name = "NAME,…", value_delimiter = ',')]
+    pub prefetch: Vec<String>,
+    /// Fail if a prefetched secret expires sooner than this.
+    #[arg(long, value_name = "DURATION", default_value = "0s")]
+    pub min_validity: String,
+    /// Where the audit log goes (Azure ML uploads ./outputs with the run).
+    #[arg(long, value_name = "DIR", default_value = "outputs/kvbroker")]
+    pub audit_dir: PathBuf,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `kvbroker policy explain`.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The agent's config file (its policy and default vault are used).
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// A running process to judge, read from /proc.
+    #[arg(long, conflicts_with_all = ["uid", "gid", "groups", "exe", "cgroup"])]
+    pub pid: Option<u32>,
+    /// A caller given by hand: its uid.
+    #[arg(long)]
+    pub uid: Option<u32>,
+    /// Its primary gid (default: the uid).
+    #[arg(long, requires = "uid")]
+    pub gid: Option<u32>,
+    /// Its supplementary groups, comma-separated.
+    #[arg(long, requires = "uid", value_delimiter = ',')]
+    pub groups: Vec<u32>,
+    /// Its executable path (also hashed, if a rule uses exe_sha256).
+    #[arg(long, requires = "uid")]
+    pub exe: Option<String>,
+    /// Its cgroup v2 path (systemd_unit and container_id are derived from it).
+    #[arg(long, requires = "uid")]
+    pub cgroup: Option<String>,
+    /// The secret, as VAULT/NAME (or NAME for the default vault).
+    pub secret: String,
 }
 
 #[derive(Debug, Subcommand)]

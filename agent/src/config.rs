@@ -362,7 +362,7 @@ impl Config {
             socket_mode: raw.agent.socket_mode.map_or(0o660, |m| m.0),
             socket_group: raw.agent.socket_group,
             admin_socket: resolve(
-                raw.agent.admin_socket.unwrap_or_else(|| "/run/kvbroker/admin.sock".into()),
+                raw.agent.admin_socket.unwrap_or_else(|| kvbroker_proto::DEFAULT_ADMIN_SOCKET.into()),
             ),
             shutdown_grace: raw.agent.shutdown_grace.map_or(Duration::from_secs(10), |d| d.0),
             loopback_only: raw.agent.loopback_only.unwrap_or(false),
@@ -511,6 +511,28 @@ impl Config {
         }
         self.vaults.iter().find(|v| v.alias.as_str() == "default").map(|v| &v.alias)
     }
+
+    /// The vault a request means: the one it names, if configured, else the default.
+    pub(crate) fn resolve_vault<'a>(
+        &'a self,
+        asked: Option<&'a VaultAlias>,
+    ) -> Result<&'a VaultAlias, UnknownVault> {
+        match asked {
+            Some(a) if self.vaults.iter().any(|v| v.alias == *a) => Ok(a),
+            Some(a) => Err(UnknownVault::Alias(a.clone())),
+            None => self.default_vault().ok_or(UnknownVault::NoDefault),
+        }
+    }
+}
+
+/// A request names a vault no `[[vault]]` has, or none with no default: the agent's 400
+/// message, which `policy explain` repeats word for word.
+#[derive(Debug, thiserror::Error)]
+pub enum UnknownVault {
+    #[error("unknown vault {0}: check the vault parameter against [[vault]] alias")]
+    Alias(VaultAlias),
+    #[error("no default vault: pass vault=ALIAS")]
+    NoDefault,
 }
 
 /// Turns a TOML error into `file:line: key "k": message`, without quoting the file's text

@@ -11,7 +11,7 @@ static ALLOC: kvbroker_agent::ZeroOnFree = kvbroker_agent::ZeroOnFree;
 fn main() -> ExitCode {
     let cli = kvbroker_agent::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(cli.command.default_log_level()));
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

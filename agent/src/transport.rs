@@ -133,10 +133,10 @@ impl HyperTransport {
                     .map_err(|e| io_error(format!("cannot resolve {host}: {e}")))?
                     .collect()
             };
-        if self.cfg.loopback_only {
-            if let Some(bad) = addrs.iter().find(|a| !a.ip().is_loopback()) {
-                return Err(refused(host, port, &format!("it resolves to {}", bad.ip())));
-            }
+        if self.cfg.loopback_only
+            && let Some(bad) = addrs.iter().find(|a| !a.ip().is_loopback())
+        {
+            return Err(refused(host, port, &format!("it resolves to {}", bad.ip())));
         }
         if addrs.is_empty() {
             return Err(io_error(format!("{host} resolves to no address")));

@@ -28,3 +28,10 @@ pub const DEFAULT_SOCKET: &str = "/run/kvbroker/agent.sock";
 
 /// The environment variable clients read for the socket path.
 pub const SOCKET_ENV: &str = "KVBROKER_SOCKET";
+
+/// The default admin socket path (`[agent] admin_socket`, and where `kvbroker ctl` looks when
+/// neither its flags nor `KVBROKER_ADMIN_SOCKET` say otherwise).
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/kvbroker/admin.sock";
+
+/// The environment variable `kvbroker ctl` reads for the admin socket path.
+pub const ADMIN_SOCKET_ENV: &str = "KVBROKER_ADMIN_SOCKET";

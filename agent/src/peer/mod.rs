@@ -18,9 +18,10 @@ pub(crate) mod ancestry;
 pub(crate) mod cgroup;
 pub(crate) mod exe_hash;
 mod proc;
-pub(crate) mod sys;
 
 use std::os::fd::{AsFd, OwnedFd};
+
+use crate::sys;
 use std::sync::OnceLock;
 
 use kvbroker_proto::PeerInfo;
@@ -113,10 +114,10 @@ impl ConnPeer {
         let status = proc::status(self.pid)?;
         let exe = proc::exe(self.pid)?;
         let cgroup = proc::cgroup(self.pid)?;
-        if let Some(before) = before {
-            if proc::start_time(self.pid)? != before {
-                return Err(PeerError::Exited);
-            }
+        if let Some(before) = before
+            && proc::start_time(self.pid)? != before
+        {
+            return Err(PeerError::Exited);
         }
         self.check_alive()?;
         Ok(PeerFacts {

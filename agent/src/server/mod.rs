@@ -4,7 +4,6 @@
 //! tracing span. On shutdown the listener closes first, in-flight requests get a bounded
 //! grace period, and the socket file is removed last.
 
-pub(crate) mod limits;
 pub(crate) mod response;
 mod routes;
 
@@ -12,7 +11,7 @@ use std::convert::Infallible;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -23,38 +22,9 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::UnixListener;
 use tracing::Instrument;
 
-use crate::audit::Auditor;
-use crate::cache::Cache;
 use crate::peer::ConnPeer;
-use crate::policy::Policy;
-
-/// Shared state of a running agent.
-pub(crate) struct Ctx {
-    /// In `kvbroker launch`: only this process and its verified descendants are served.
-    pub(crate) launch_root: Option<crate::app::LaunchRoot>,
-    pub(crate) cache: Cache,
-    pub(crate) limits: Arc<limits::Limits>,
-    pub(crate) policy: RwLock<Arc<Policy>>,
-    pub(crate) auditor: Arc<Auditor>,
-}
-
-impl Ctx {
-    pub(crate) fn policy(&self) -> Arc<Policy> {
-        Arc::clone(&self.policy.read().unwrap_or_else(std::sync::PoisonError::into_inner))
-    }
-
-    pub(crate) fn set_policy(&self, p: Policy) {
-        *self.policy.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(p);
-    }
-
-    fn health_reasons(&self) -> Vec<String> {
-        let mut r = Vec::new();
-        if !self.auditor.healthy() {
-            r.push(format!("audit log {} is not writable", self.auditor.path().display()));
-        }
-        r
-    }
-}
+use crate::state::State;
+use crate::state::limits::ConnSlot;
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -129,7 +99,7 @@ pub(crate) fn bind(
     if let Some(g) = group {
         let gid = match g.parse::<u32>() {
             Ok(n) => n,
-            Err(_) => crate::peer::sys::group_id(g)
+            Err(_) => crate::sys::group_id(g)
                 .map_err(|e| io_err("cannot look up socket_group", e))?
                 .ok_or_else(|| SocketError::NoGroup { group: g.to_owned() })?,
         };
@@ -145,10 +115,30 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// A client that has not sent its whole request head by then is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves until `shutdown` resolves, then drains in-flight requests for at most `grace`.
-pub(crate) async fn serve<T>(
+/// One kind of socket the agent serves: the agent socket or the admin socket. The accept
+/// loop, timeouts, limits on request heads and the drain on shutdown are the same for both
+/// ([`serve`]); what differs is what is learned about a connection and how it is answered.
+pub(crate) trait Handler: Send + Sync + 'static {
+    /// What is learned at accept (the caller's kernel credentials) and kept while the
+    /// connection lives; dropped when it closes.
+    type Conn: Send + Sync + 'static;
+    /// Facts for a new connection, or `None` to close it at once.
+    fn accept(&self, stream: &tokio::net::UnixStream) -> Option<Self::Conn>;
+    /// The tracing span every event of the connection is recorded in.
+    fn span(&self, conn: &Self::Conn) -> tracing::Span;
+    /// Answers one request.
+    fn handle(
+        &self,
+        conn: &Self::Conn,
+        req: hyper::Request<Incoming>,
+    ) -> impl Future<Output = hyper::Response<response::Body>> + Send;
+}
+
+/// Serves `listener` with `handler` until `shutdown` resolves, then drains in-flight
+/// requests for at most `grace`. Accept errors (out of fds) back off instead of spinning.
+pub(crate) async fn serve<H: Handler, T>(
     listener: UnixListener,
-    ctx: Arc<Ctx>,
+    handler: Arc<H>,
     shutdown: impl Future<Output = T>,
     grace: Duration,
 ) -> T {
@@ -161,27 +151,18 @@ pub(crate) async fn serve<T>(
                 Ok((s, _)) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
         };
-        let peer = match ConnPeer::of(&stream) {
-            Ok(p) => Arc::new(p),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read peer credentials: closing connection");
-                continue;
-            }
-        };
-        // Over the per-uid connection cap: the connection is served, but every request on
-        // it is answered 429 (and audited), so the caller learns why.
-        let slot = ctx.limits.open(peer.uid);
-        let over_cap = slot.is_none();
-        let span = tracing::debug_span!("conn", pid = peer.pid, uid = peer.uid);
-        let ctx = Arc::clone(&ctx);
+        let Some(conn) = handler.accept(&stream) else { continue };
+        let conn = Arc::new(conn);
+        let span = handler.span(&conn);
+        let h = Arc::clone(&handler);
         let svc = service_fn(move |req: hyper::Request<Incoming>| {
-            let (ctx, peer) = (Arc::clone(&ctx), Arc::clone(&peer));
-            async move { Ok::<_, Infallible>(routes::handle(&ctx, &peer, over_cap, req).await) }
+            let (h, conn) = (Arc::clone(&h), Arc::clone(&conn));
+            async move { Ok::<_, Infallible>(h.handle(&conn, req).await) }
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -191,7 +172,6 @@ pub(crate) async fn serve<T>(
         let conn = graceful.watch(conn);
         tokio::spawn(
             async move {
-                let _slot = slot;
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
@@ -206,4 +186,44 @@ pub(crate) async fn serve<T>(
         tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over: closing remaining connections");
     }
     why
+}
+
+/// How long the accept loop waits after a failed `accept` (e.g. EMFILE) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// The agent socket: every request is attested, decided by policy and audited.
+pub(crate) struct AgentSocket(pub(crate) Arc<State>);
+
+/// A connection to the agent socket.
+pub(crate) struct AgentConn {
+    peer: ConnPeer,
+    /// Held while the connection is open; `None` when the uid was over its connection cap:
+    /// the connection is served, but every request on it is answered 429 (and audited), so
+    /// the caller learns why.
+    slot: Option<ConnSlot>,
+}
+
+impl Handler for AgentSocket {
+    type Conn = AgentConn;
+
+    fn accept(&self, stream: &tokio::net::UnixStream) -> Option<AgentConn> {
+        match ConnPeer::of(stream) {
+            Ok(peer) => {
+                let slot = self.0.limits.open(peer.uid);
+                Some(AgentConn { peer, slot })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials: closing connection");
+                None
+            }
+        }
+    }
+
+    fn span(&self, c: &AgentConn) -> tracing::Span {
+        tracing::debug_span!("conn", pid = c.peer.pid, uid = c.peer.uid)
+    }
+
+    async fn handle(&self, c: &AgentConn, req: hyper::Request<Incoming>) -> hyper::Response<response::Body> {
+        routes::handle(&self.0, &c.peer, c.slot.is_none(), req).await
+    }
 }

@@ -6,13 +6,18 @@ use std::time::{Duration, SystemTime};
 use http::{Method, Request, Response, header};
 use kvbroker_proto::{AuditRecord, CacheState, Event, Outcome, SecretName, SecretQuery, SecretRef};
 
-use super::Ctx;
 use super::response::{self, Body, Failure, Served};
-use crate::config::RateKey;
+use crate::config::{RateKey, UnknownVault};
 use crate::peer::{ConnPeer, PeerError};
 use crate::policy::Decision;
+use crate::state::State;
 
-pub(crate) async fn handle<B>(ctx: &Ctx, peer: &ConnPeer, over_cap: bool, req: Request<B>) -> Response<Body> {
+pub(crate) async fn handle<B>(
+    ctx: &State,
+    peer: &ConnPeer,
+    over_cap: bool,
+    req: Request<B>,
+) -> Response<Body> {
     let request_id = new_request_id();
     let path = req.uri().path();
     tracing::trace!(request_id, method = %req.method(), path, "request");
@@ -39,7 +44,7 @@ fn new_request_id() -> String {
 }
 
 async fn read_secret<B>(
-    ctx: &Ctx,
+    ctx: &State,
     peer: &ConnPeer,
     over_cap: bool,
     req: &Request<B>,
@@ -97,7 +102,7 @@ async fn read_secret<B>(
 /// Everything up to the answer, filling in the audit record as facts become known.
 /// `Ok(None)`: a long poll that ended with no new version (304).
 async fn decide_and_fetch<B>(
-    ctx: &Ctx,
+    ctx: &State,
     peer: &ConnPeer,
     over_cap: bool,
     req: &Request<B>,
@@ -116,10 +121,11 @@ async fn decide_and_fetch<B>(
         ));
     }
     let vault = ctx.cache.vaults().resolve(query.vault.as_ref()).cloned().ok_or_else(|| {
-        Failure::BadRequest(match &query.vault {
-            Some(v) => format!("unknown vault {v}: check the vault parameter against [[vault]] alias"),
-            None => "no default vault: pass vault=ALIAS".into(),
-        })
+        let unknown = match &query.vault {
+            Some(v) => UnknownVault::Alias(v.clone()),
+            None => UnknownVault::NoDefault,
+        };
+        Failure::BadRequest(unknown.to_string())
     })?;
     rec.secret = Some(SecretRef {
         vault: vault.to_string(),

@@ -147,8 +147,8 @@ fn dev_mode_serves_demo_secrets_to_the_invoking_user() {
     let banner = std::fs::read_to_string(&out_path).unwrap();
     assert!(banner.contains("Not for production"), "{banner}");
     assert!(banner.contains(&format!("export KVBROKER_SOCKET={}", sock.display())), "{banner}");
-    assert!(banner.contains("get demo-db-password"), "{banner}");
-    let (code, out, err) = run(kvb(&sock, None).args(["get", "demo-db-password"]));
+    assert!(banner.contains("get db-password"), "{banner}");
+    let (code, out, err) = run(kvb(&sock, None).args(["get", "db-password"]));
     assert_eq!((code, err.as_str()), (0, ""));
     assert!(out.starts_with("demo-") && out.len() == 37, "demo value shape");
     assert!(!banner.contains(&out), "the banner never shows a value");

@@ -3,8 +3,51 @@
 
 use std::fmt::Write;
 
-use crate::peer::PeerFacts;
+use kvbroker_proto::{NameError, SecretName, VaultAlias};
+
+use crate::Error;
+use crate::cli::ExplainArgs;
+use crate::config::Config;
+use crate::peer::{self, PeerFacts};
 use crate::policy::{Decision, Policy};
+
+/// Why `kvbroker policy explain` could not judge the request.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExplainError {
+    #[error("policy explain: --pid {pid}: {source}")]
+    Pid { pid: u32, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("policy explain: give --pid PID, or --uid U with optional --gid, --groups, --exe, --cgroup")]
+    NoCaller,
+    #[error("policy explain: {secret}: {source}")]
+    BadSecret { secret: String, source: NameError },
+    /// The same words the agent answers a read with (400 `InvalidRequest`).
+    #[error("policy explain: the agent would answer 400 InvalidRequest: {0}")]
+    Vault(crate::config::UnknownVault),
+}
+
+/// `kvbroker policy explain`: print the facts, each rule's verdict and the decision.
+pub(crate) fn command(a: ExplainArgs) -> Result<(), Error> {
+    let config = Config::load(&a.config)?;
+    let policy = Policy::load(&config.policy.file)?;
+    let facts = match (a.pid, a.uid) {
+        (Some(pid), None) => {
+            peer::facts_of_pid(pid).map_err(|e| ExplainError::Pid { pid, source: e.into() })?
+        }
+        (None, Some(uid)) => PeerFacts::given(uid, a.gid.unwrap_or(uid), a.groups, a.exe, a.cgroup),
+        _ => return Err(ExplainError::NoCaller.into()),
+    };
+    let bad = |source| ExplainError::BadSecret { secret: a.secret.clone(), source };
+    let (asked, name) = match a.secret.split_once('/') {
+        Some((v, n)) => (Some(v.parse::<VaultAlias>().map_err(bad)?), n),
+        None => (None, a.secret.as_str()),
+    };
+    let name: SecretName = name.parse().map_err(bad)?;
+    let vault = config.resolve_vault(asked.as_ref()).map_err(ExplainError::Vault)?;
+    let (text, _) = render(&policy, &facts, vault.as_str(), name.as_str());
+    print!("{text}");
+    Ok(())
+}
 
 /// Renders an explanation (stable text: tests and operators' scripts read it).
 pub(crate) fn render(policy: &Policy, facts: &PeerFacts, vault: &str, name: &str) -> (String, bool) {

@@ -17,20 +17,20 @@ use crate::identity::{self, IdentityEnv};
 use crate::transport::{HyperTransport, TransportConfig};
 
 /// What `rotate` writes.
-pub enum NewValue {
+pub(crate) enum NewValue {
     File(PathBuf),
     Generate(usize),
 }
 
 /// Where and as whom.
-pub struct RotateTarget {
-    pub vault_url: String,
-    pub name: String,
-    pub source: IdentitySource,
-    pub client_id: Option<String>,
-    pub ca_file: Option<PathBuf>,
-    pub connect_to: Vec<ConnectTo>,
-    pub loopback_only: bool,
+pub(crate) struct RotateTarget {
+    pub(crate) vault_url: String,
+    pub(crate) name: String,
+    pub(crate) source: IdentitySource,
+    pub(crate) client_id: Option<String>,
+    pub(crate) ca_file: Option<PathBuf>,
+    pub(crate) connect_to: Vec<ConnectTo>,
+    pub(crate) loopback_only: bool,
 }
 
 /// Why a rotation failed.
@@ -45,8 +45,33 @@ pub enum RotateError {
     Vault { name: String, reason: String },
 }
 
+/// `kvbroker rotate`: writes the new version and prints its id.
+pub(crate) fn command(a: crate::cli::RotateArgs) -> Result<(), crate::Error> {
+    let value = match (a.from_file, a.generate) {
+        (Some(f), None) => NewValue::File(f),
+        (None, Some(n)) => NewValue::Generate(n),
+        _ => {
+            return Err(
+                RotateError::Input("give exactly one of --from-file FILE or --generate BYTES".into()).into()
+            );
+        }
+    };
+    let target = RotateTarget {
+        vault_url: a.vault,
+        name: a.name,
+        source: a.identity,
+        client_id: a.client_id,
+        ca_file: a.ca_file,
+        connect_to: a.connect_to,
+        loopback_only: a.loopback_only,
+    };
+    let version = super::runtime()?.block_on(rotate(target, value))?;
+    println!("{version}");
+    Ok(())
+}
+
 /// Writes the new version; returns its id.
-pub async fn rotate(target: RotateTarget, value: NewValue) -> Result<String, RotateError> {
+pub(crate) async fn rotate(target: RotateTarget, value: NewValue) -> Result<String, RotateError> {
     let name: SecretName = target.name.parse().map_err(|e| RotateError::Input(format!("{e}")))?;
     if !target.vault_url.starts_with("https://") {
         return Err(RotateError::Input(format!("--vault {}: must start with https://", target.vault_url)));

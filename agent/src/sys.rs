@@ -17,9 +17,6 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-/// Linux's `SO_PEERPIDFD` (not yet in every libc release).
-const SO_PEERPIDFD: libc::c_int = 77;
-
 /// A pidfd for the process at the other end of a connected Unix socket.
 pub(crate) fn peer_pidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     let mut fd: libc::c_int = -1;
@@ -27,7 +24,13 @@ pub(crate) fn peer_pidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
     // SAFETY: `sock` is a valid open descriptor for the duration of the call; `fd` and `len`
     // are live stack locals of the sizes the kernel writes (an int and its length).
     let rc = unsafe {
-        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_PEERPIDFD, (&raw mut fd).cast(), &raw mut len)
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERPIDFD,
+            (&raw mut fd).cast(),
+            &raw mut len,
+        )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -175,6 +178,13 @@ pub(crate) fn forbid_dumps() -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The agent's effective uid: the admin socket also serves its own user (`kvbroker dev`
+/// run by a non-root user), besides root.
+pub(crate) fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments, cannot fail and touches no memory of ours.
+    unsafe { libc::geteuid() }
 }
 
 #[cfg(test)]

@@ -20,33 +20,72 @@ use std::time::{Duration, SystemTime};
 use kvbroker_proto::{SecretName, VaultAlias};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::app::{self, LaunchRoot, RunInfo};
+use crate::app::{self, RunInfo};
 use crate::config::Config;
-use crate::server::Ctx;
-use crate::{Error, peer};
+use crate::state::{LaunchRoot, State};
+use crate::{Error, cli, peer};
 
-/// What `kvbroker launch` was asked to do.
-pub struct LaunchArgs {
-    pub config: Option<PathBuf>,
-    pub vaults: Vec<String>,
-    pub prefetch: Vec<String>,
-    pub min_validity: Duration,
-    pub audit_dir: PathBuf,
-    pub command: Vec<String>,
+/// Why `kvbroker launch` could not run the command (or lost track of it).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LaunchError {
+    #[error("launch: no command given after --")]
+    NoCommand,
+    #[error("launch: give --config or --vault, not both")]
+    ConfigAndVault,
+    #[error("launch: give --vault https://NAME.vault.azure.net (or --config FILE)")]
+    NoVault,
+    #[error("launch: --min-validity {value:?}: {reason}")]
+    MinValidity { value: String, reason: String },
+    #[error("launch: {path}: {what}: {source}")]
+    Io { path: PathBuf, what: &'static str, source: std::io::Error },
+    #[error("launch: cannot create a private socket directory under {base} (16 names were taken)")]
+    NoPrivateDir { base: PathBuf },
+    #[error("launch: prefetch {secret}: {reason}; the command was not started")]
+    Prefetch { secret: String, reason: String },
+    #[error("launch: cannot run {command}: {source}")]
+    Spawn { command: String, source: std::io::Error },
+    #[error("launch: {what}: {source}")]
+    Watch { what: &'static str, source: Box<dyn std::error::Error + Send + Sync> },
 }
 
-fn fail(m: String) -> Error {
-    Error::Launch(m)
+/// What `kvbroker launch` was asked to do, checked.
+struct LaunchArgs {
+    config: Option<PathBuf>,
+    vaults: Vec<String>,
+    prefetch: Vec<String>,
+    min_validity: Duration,
+    audit_dir: PathBuf,
+    command: Vec<String>,
+}
+
+fn io_err(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> LaunchError {
+    let path = path.to_owned();
+    move |source| LaunchError::Io { path, what, source }
+}
+
+/// `kvbroker launch`: the command's exit status, or why it could not run.
+pub(crate) fn command(a: cli::LaunchArgs) -> Result<ExitCode, Error> {
+    let min_validity = crate::config::parse_duration(&a.min_validity)
+        .map_err(|reason| LaunchError::MinValidity { value: a.min_validity.clone(), reason })?;
+    launch(LaunchArgs {
+        config: a.config,
+        vaults: a.vault,
+        prefetch: a.prefetch,
+        min_validity,
+        audit_dir: a.audit_dir,
+        command: a.command,
+    })
 }
 
 /// Runs the command under a private broker; returns its exit status.
-pub fn launch(args: LaunchArgs) -> Result<ExitCode, Error> {
+fn launch(args: LaunchArgs) -> Result<ExitCode, Error> {
     if args.command.is_empty() {
-        return Err(fail("no command given after --".into()));
+        return Err(LaunchError::NoCommand.into());
     }
     let dir = PrivateDir::create()?;
     std::fs::create_dir_all(&args.audit_dir)
-        .map_err(|e| fail(format!("{}: cannot create the audit directory: {e}", args.audit_dir.display())))?;
+        .map_err(io_err("cannot create the audit directory", &args.audit_dir))?;
     let audit_dir = args.audit_dir.canonicalize().unwrap_or_else(|_| args.audit_dir.clone());
     let config = config_for(&args, &dir.0, &audit_dir)?;
     let socket = config.agent.socket.clone();
@@ -69,7 +108,7 @@ pub fn launch(args: LaunchArgs) -> Result<ExitCode, Error> {
 struct PrivateDir(PathBuf);
 
 impl PrivateDir {
-    fn create() -> Result<Self, Error> {
+    fn create() -> Result<Self, LaunchError> {
         let base = std::env::var_os("XDG_RUNTIME_DIR")
             .map(PathBuf::from)
             .filter(|p| p.is_dir())
@@ -79,19 +118,14 @@ impl PrivateDir {
             match std::fs::create_dir(&p) {
                 Ok(()) => {
                     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700))
-                        .map_err(|e| fail(format!("{}: cannot set mode 0700: {e}", p.display())))?;
+                        .map_err(io_err("cannot set mode 0700", &p))?;
                     return Ok(Self(p));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Err(fail(format!(
-                        "{}: cannot create the private socket directory: {e}",
-                        p.display()
-                    )));
-                }
+                Err(e) => return Err(io_err("cannot create the private socket directory", &p)(e)),
             }
         }
-        Err(fail("cannot create a private socket directory".into()))
+        Err(LaunchError::NoPrivateDir { base })
     }
 }
 
@@ -104,13 +138,11 @@ impl Drop for PrivateDir {
 /// The agent's config: the given file with its sockets and audit log moved into place, or
 /// one built from `--vault`.
 fn config_for(args: &LaunchArgs, dir: &Path, audit_dir: &Path) -> Result<Config, Error> {
-    let uid = std::fs::metadata(dir).map_err(|e| fail(e.to_string()))?.uid();
+    let uid = std::fs::metadata(dir).map_err(io_err("cannot inspect", dir))?.uid();
     let mut config = match (&args.config, args.vaults.as_slice()) {
-        (Some(_), [_, ..]) => return Err(fail("give --config or --vault, not both".into())),
+        (Some(_), [_, ..]) => return Err(LaunchError::ConfigAndVault.into()),
         (Some(path), []) => Config::load(path)?,
-        (None, []) => {
-            return Err(fail("give --vault https://NAME.vault.azure.net (or --config FILE)".into()));
-        }
+        (None, []) => return Err(LaunchError::NoVault.into()),
         (None, urls) => {
             // Only the job's own uid; the launch check adds "and a descendant of the command".
             let policy = dir.join("policy.toml");
@@ -118,7 +150,7 @@ fn config_for(args: &LaunchArgs, dir: &Path, audit_dir: &Path) -> Result<Config,
                 &policy,
                 format!("[[rule]]\nname = \"launched-job\"\nuids = [{uid}]\nsecrets = [\"*/*\"]\n"),
             )
-            .map_err(|e| fail(format!("{}: {e}", policy.display())))?;
+            .map_err(io_err("cannot write the launch policy", &policy))?;
             let mut text = String::from("[identity]\nsource = \"auto\"\n");
             for (i, url) in urls.iter().enumerate() {
                 let alias = if i == 0 { "default".to_owned() } else { format!("vault{}", i + 1) };
@@ -138,13 +170,13 @@ fn config_for(args: &LaunchArgs, dir: &Path, audit_dir: &Path) -> Result<Config,
 
 /// Fetches each `--prefetch` secret; fails if one is missing, not usable, or expires within
 /// `min_validity`.
-async fn prefetch(ctx: &Ctx, names: &[String], min_validity: Duration) -> Result<(), Error> {
+async fn prefetch(ctx: &State, names: &[String], min_validity: Duration) -> Result<(), LaunchError> {
     for spec in names {
         let (alias, name) = match spec.split_once('/') {
             Some((v, n)) => (Some(v), n),
             None => (None, spec.as_str()),
         };
-        let bad = |m: String| fail(format!("prefetch {spec}: {m}; the command was not started"));
+        let bad = |reason: String| LaunchError::Prefetch { secret: spec.clone(), reason };
         let name: SecretName = name.parse().map_err(|e| bad(format!("{e}")))?;
         let asked: Option<VaultAlias> = alias.map(str::parse).transpose().map_err(|e| bad(format!("{e}")))?;
         let vault =
@@ -182,15 +214,18 @@ async fn run_command(
         .args(&command[1..])
         .env(kvbroker_proto::SOCKET_ENV, socket)
         .spawn()
-        .map_err(|e| fail(format!("cannot run {}: {e}", command[0])))?;
-    let pid = child.id().ok_or_else(|| fail("the command exited before it could be watched".into()))?;
+        .map_err(|source| LaunchError::Spawn { command: command[0].clone(), source })?;
+    let pid = child.id().ok_or_else(|| LaunchError::Watch {
+        what: "the command exited before it could be watched",
+        source: "no pid".into(),
+    })?;
     // Pin the pid to this process: descendants are checked against (pid, start time).
-    let start =
-        peer::start_time_of(pid).map_err(|e| fail(format!("cannot read the command's start time: {e}")))?;
+    let start = peer::start_time_of(pid)
+        .map_err(|e| LaunchError::Watch { what: "cannot read the command's start time", source: e.into() })?;
     let _ = root.set((pid, start));
     let status = loop {
         tokio::select! {
-            s = child.wait() => break s.map_err(|e| fail(format!("waiting for the command: {e}")))?,
+            s = child.wait() => break s.map_err(|e| LaunchError::Watch { what: "waiting for the command", source: e.into() })?,
             _ = term.recv() => forward(pid, libc::SIGTERM),
             _ = int.recv() => forward(pid, libc::SIGINT),
         }
@@ -205,7 +240,7 @@ async fn run_command(
 
 fn forward(pid: u32, sig: libc::c_int) {
     tracing::info!(pid, signal = sig, "forwarding signal to the launched command");
-    if let Err(e) = peer::sys::send_signal(pid, sig) {
+    if let Err(e) = crate::sys::send_signal(pid, sig) {
         tracing::warn!(error = %e, "cannot forward the signal");
     }
 }

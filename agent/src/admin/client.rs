@@ -1,0 +1,94 @@
+//! `kvbroker ctl`'s side of the admin socket: one request, and the status table.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+
+/// Why `kvbroker ctl` failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CtlError {
+    #[error("cannot reach the admin socket {path}: {source} (is the agent running, and are you root?)")]
+    Connect { path: PathBuf, source: std::io::Error },
+    #[error("admin socket {path}: {message}")]
+    Protocol { path: PathBuf, message: String },
+    #[error("{path}: refused: the admin socket is for root only (run kvbroker ctl as root)")]
+    RootOnly { path: PathBuf },
+    #[error("{action} failed: {message}")]
+    Refused { action: String, message: String },
+}
+
+/// One request to the admin socket: (status, JSON body).
+pub(crate) async fn call(
+    socket: &Path,
+    method: Method,
+    path: &str,
+) -> Result<(u16, serde_json::Value), CtlError> {
+    let proto = |message: String| CtlError::Protocol { path: socket.to_owned(), message };
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|source| CtlError::Connect { path: socket.to_owned(), source })?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| proto(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, "kvbroker-admin")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| proto(e.to_string()))?;
+    let resp = sender.send_request(req).await.map_err(|e| proto(e.to_string()))?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.map_err(|e| proto(e.to_string()))?.to_bytes();
+    let json = serde_json::from_slice(&body).map_err(|e| proto(format!("not JSON: {e}")))?;
+    if status == 403 {
+        return Err(CtlError::RootOnly { path: socket.to_owned() });
+    }
+    Ok((status, json))
+}
+
+/// `kvbroker ctl status` as a table.
+pub(crate) fn render_status(v: &serde_json::Value) -> String {
+    let mut out = format!(
+        "agent {} (pid {}, up {}s)  audit {} ({})  policy {} ({} rule(s))\n",
+        v["agent"]["version"].as_str().unwrap_or("?"),
+        v["agent"]["pid"],
+        v["agent"]["uptime_secs"],
+        v["audit"]["path"].as_str().unwrap_or("?"),
+        if v["audit"]["healthy"].as_bool() == Some(true) { "ok" } else { "NOT WRITABLE" },
+        v["policy"]["file"].as_str().unwrap_or("?"),
+        v["policy"]["rules"],
+    );
+    let secrets = v["secrets"].as_array().cloned().unwrap_or_default();
+    if secrets.is_empty() {
+        out.push_str("no secrets cached\n");
+        return out;
+    }
+    out.push_str(&format!(
+        "{:<12} {:<32} {:<32} {:>6} {:>6}  {}\n",
+        "VAULT", "NAME", "VERSION", "AGE", "IDLE", "STATE"
+    ));
+    for s in secrets {
+        let state = match (s["stale"].as_bool(), s["last_error"].as_str()) {
+            (Some(true), Some(e)) => format!("stale: {e}"),
+            (_, Some(e)) => format!("error: {e}"),
+            _ => "fresh".to_owned(),
+        };
+        out.push_str(&format!(
+            "{:<12} {:<32} {:<32} {:>5}s {:>5}s  {}\n",
+            s["vault"].as_str().unwrap_or("?"),
+            s["name"].as_str().unwrap_or("?"),
+            s["version"].as_str().unwrap_or("-"),
+            s["age_secs"],
+            s["idle_secs"],
+            state
+        ));
+    }
+    out
+}

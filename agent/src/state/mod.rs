@@ -1,0 +1,85 @@
+//! What a running agent's parts share: the policy in force, the cache, the auditor and the
+//! per-caller limits. Both the agent socket (`server`) and the admin socket (`admin`) work
+//! on a [`State`]; it lives below both, so neither reaches up into the other or into `app`.
+//!
+//! Never holds a value itself: values live in the cache's `SecretValue`s.
+
+pub(crate) mod limits;
+
+use std::path::Path;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+
+use kvbroker_proto::{AuditRecord, Event, Outcome};
+
+use crate::audit::Auditor;
+use crate::cache::Cache;
+use crate::policy::Policy;
+
+pub(crate) use limits::Limits;
+
+/// In `kvbroker launch`: the launched command's (pid, start time), once it runs. Only it
+/// and its verified descendants are served.
+pub(crate) type LaunchRoot = Arc<OnceLock<(u32, u64)>>;
+
+/// Shared state of a running agent.
+pub(crate) struct State {
+    pub(crate) launch_root: Option<LaunchRoot>,
+    pub(crate) cache: Cache,
+    pub(crate) limits: Arc<Limits>,
+    policy: RwLock<Arc<Policy>>,
+    pub(crate) auditor: Arc<Auditor>,
+}
+
+impl State {
+    pub(crate) fn new(
+        launch_root: Option<LaunchRoot>,
+        cache: Cache,
+        limits: Arc<Limits>,
+        policy: Policy,
+        auditor: Arc<Auditor>,
+    ) -> Self {
+        Self { launch_root, cache, limits, policy: RwLock::new(Arc::new(policy)), auditor }
+    }
+
+    /// The policy in force now (a reload swaps it; requests in flight keep the one they took).
+    pub(crate) fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn set_policy(&self, p: Policy) {
+        *self.policy.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(p);
+    }
+
+    /// Why `/v1/health` should say "degraded" (empty when healthy).
+    pub(crate) fn health_reasons(&self) -> Vec<String> {
+        let mut r = Vec::new();
+        if !self.auditor.healthy() {
+            r.push(format!("audit log {} is not writable", self.auditor.path().display()));
+        }
+        r
+    }
+
+    /// Loads the policy again (SIGHUP, `kvbroker ctl reload`); on failure the old one stays in
+    /// force. Audited either way. Returns whether it loaded, and what happened.
+    pub(crate) async fn reload_policy(&self, path: &Path) -> (bool, String) {
+        let mut rec = AuditRecord::new(Event::PolicyReload);
+        let (ok, message) = match Policy::load(path) {
+            Ok(p) => {
+                let m = format!("{} rule(s) in force", p.len());
+                self.set_policy(p);
+                tracing::info!("policy reloaded");
+                (true, m)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "policy reload failed; the previous policy stays in force");
+                (false, format!("{e}; the previous policy stays in force"))
+            }
+        };
+        rec.outcome = Some(if ok { Outcome::Ok } else { Outcome::Failed });
+        rec.reason = Some(message.clone());
+        if let Err(e) = self.auditor.append(rec).await {
+            tracing::error!(error = %e, "cannot write policy.reload");
+        }
+        (ok, message)
+    }
+}
