@@ -74,3 +74,89 @@ pub enum Error {
     #[error("cannot start the async runtime: {0} (is the process out of threads or memory?)")]
     Runtime(std::io::Error),
 }
+
+#[cfg(test)]
+mod layering {
+    //! The module map in this crate's doc, enforced: every `crate::…` path in a module names
+    //! a module on its own layer or a lower one (docs/architecture.md).
+
+    use std::path::Path;
+
+    /// Lowest first. A module may use modules on its own layer or below.
+    const LAYERS: &[&[&str]] = &[
+        &["sys", "shutdown", "transport", "rate"],
+        &["peer", "config"],
+        &["policy", "identity"],
+        &["vault", "audit"],
+        &["cache"],
+        &["state"],
+        &["server", "admin"],
+        &["app"],
+        &["commands", "cli"],
+    ];
+
+    fn layer(module: &str) -> Option<usize> {
+        LAYERS.iter().position(|l| l.contains(&module))
+    }
+
+    /// The top-level modules a source text names through `crate::`.
+    fn uses(text: &str) -> Vec<String> {
+        let ident =
+            |s: &str| s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>();
+        let mut out = Vec::new();
+        for (i, _) in text.match_indices("crate::") {
+            let rest = &text[i + "crate::".len()..];
+            if let Some(group) = rest.strip_prefix('{') {
+                let inner = &group[..group.find('}').unwrap_or(group.len())];
+                out.extend(inner.split(',').map(|p| ident(p.trim())).filter(|p| !p.is_empty()));
+            } else {
+                out.push(ident(rest));
+            }
+        }
+        out
+    }
+
+    fn walk(dir: &Path, files: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                walk(&p, files);
+            } else if p.extension().is_some_and(|e| e == "rs") {
+                files.push(p);
+            }
+        }
+    }
+
+    #[test]
+    fn every_module_uses_only_its_layer_or_below() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = Vec::new();
+        walk(&src, &mut files);
+        let mut wrong = Vec::new();
+        for file in &files {
+            let rel = file.strip_prefix(&src).unwrap();
+            let top = rel.iter().next().unwrap().to_string_lossy().trim_end_matches(".rs").to_owned();
+            if top == "lib" || top == "main" {
+                continue;
+            }
+            let from = layer(&top).unwrap_or_else(|| panic!("module {top} is not in LAYERS"));
+            for used in uses(&std::fs::read_to_string(file).unwrap()) {
+                // The crate root's items (`Error`, re-exports) are not a layer.
+                if used.chars().next().is_some_and(char::is_uppercase) || used == top {
+                    continue;
+                }
+                match layer(&used) {
+                    Some(to) if to <= from => {}
+                    _ => wrong.push(format!("{} uses crate::{used}", rel.display())),
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "arrows pointing up (or to unknown modules):\n{}", wrong.join("\n"));
+    }
+
+    #[test]
+    fn finds_plain_and_grouped_uses() {
+        let text = "use crate::state::State;\nuse crate::{Error, cli, peer};\nlet x = crate::sys::f();";
+        assert_eq!(uses(text), ["state", "Error", "cli", "peer", "sys"]);
+    }
+}

@@ -51,9 +51,10 @@ pub(crate) fn command(a: crate::cli::RotateArgs) -> Result<(), crate::Error> {
         (Some(f), None) => NewValue::File(f),
         (None, Some(n)) => NewValue::Generate(n),
         _ => {
-            return Err(
-                RotateError::Input("give exactly one of --from-file FILE or --generate BYTES".into()).into()
-            );
+            return Err(RotateError::Input(
+                "give exactly one of --from-file FILE or --generate BYTES".into(),
+            )
+            .into());
         }
     };
     let target = RotateTarget {
