@@ -6,6 +6,7 @@
 mod audit_log;
 mod cache;
 mod emulator;
+mod emulator_cli;
 mod keyvault;
 mod launch;
 mod lifecycle;
