@@ -116,35 +116,118 @@ fn records(files: &[PathBuf]) -> Result<Vec<(AuditRecord, String)>, QueryError> 
     Ok(out)
 }
 
+/// The columns of `query` and `tail`; `RIGHT` marks the numeric ones.
+const COLUMNS: [&str; 8] =
+    ["TIME", "EVENT", "OUTCOME", "UID", "PID", "EXE / UNIT", "SECRET", "RULE / REASON"];
+const RIGHT: [bool; 8] = [false, false, false, true, true, false, false, false];
+/// `tail` streams, so it cannot measure its rows: these widths fit the usual values, and a
+/// longer one shifts only the columns to its right. `query` measures every row instead.
+const TAIL_WIDTHS: [usize; 7] = [27, 22, 8, 6, 7, 24, 28];
+
+/// One record as printed: every field escaped, so a caller's exe path (or a tampered log)
+/// cannot send terminal control sequences.
+fn cells(r: &AuditRecord) -> [String; 8] {
+    let (uid, pid, who) = match &r.peer {
+        Some(p) => {
+            (p.uid.to_string(), p.pid.to_string(), p.unit.as_deref().or(p.exe.as_deref()).unwrap_or("-"))
+        }
+        None => ("-".into(), "-".into(), "-"),
+    };
+    let secret = r.secret.as_ref().map_or_else(|| "-".to_owned(), |s| format!("{}/{}", s.vault, s.name));
+    [
+        escape(&r.ts),
+        r.event.as_str().to_owned(),
+        r.outcome.map_or("-", Outcome::as_str).to_owned(),
+        uid,
+        pid,
+        escape(who),
+        escape(&secret),
+        escape(&why(r)),
+    ]
+}
+
+/// The last column: the rule that allowed a read; for a denial the policy's reason (its code
+/// is always `PermissionDenied`); for an error its code and message, e.g.
+/// `SecretNotFound: secret db in vault default not found`. A denial or error record also names
+/// the rule that allowed the read before it failed, but the reason is what a reader wants.
+fn why(r: &AuditRecord) -> String {
+    let failed = matches!(r.outcome, Some(Outcome::Denied | Outcome::Error));
+    if !failed {
+        return r.rule.clone().or_else(|| r.reason.clone()).unwrap_or_else(|| "-".into());
+    }
+    match (r.error, &r.reason) {
+        (Some(kvbroker_proto::ErrorCode::PermissionDenied) | None, Some(reason)) => reason.clone(),
+        (Some(code), Some(reason)) => format!("{code}: {reason}"),
+        (Some(code), None) => code.to_string(),
+        (None, None) => r.rule.clone().unwrap_or_else(|| "-".into()),
+    }
+}
+
+/// Makes an untrusted string safe for a terminal: every `char::is_control` character (ESC,
+/// CR, BEL, DEL, C1 controls) and every bidirectional override or isolate (which can make
+/// text read in another order) becomes `\u{…}`, and a backslash becomes `\\`, so an
+/// escape sequence already in the text cannot pass for one of ours.
+pub(crate) fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        {
+            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+        } else if c == '\\' {
+            out.push_str("\\\\");
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// An aligned, borderless table: columns as wide as their widest cell, two spaces apart.
+fn table<const N: usize>(
+    header: [&str; N],
+    right: [bool; N],
+    rows: impl IntoIterator<Item = [String; N]>,
+) -> String {
+    use comfy_table::{CellAlignment, Table, presets};
+    let mut t = Table::new();
+    t.load_preset(presets::NOTHING);
+    t.set_header(header);
+    t.add_rows(rows);
+    for (i, col) in t.column_iter_mut().enumerate() {
+        col.set_padding((0, 2));
+        if right[i] {
+            col.set_cell_alignment(CellAlignment::Right);
+        }
+    }
+    let mut out = String::new();
+    for line in t.lines() {
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// One `tail` line, padded to `TAIL_WIDTHS`.
+fn tail_line(cells: &[&str; 8]) -> String {
+    let mut out = String::new();
+    for (i, w) in TAIL_WIDTHS.iter().enumerate() {
+        let c = cells[i];
+        let _ = if RIGHT[i] { write!(out, "{c:>w$}  ") } else { write!(out, "{c:<w$}  ") };
+    }
+    out.push_str(cells[7]);
+    out.truncate(out.trim_end().len());
+    out.push('\n');
+    out
+}
+
 fn header() -> String {
-    format!(
-        "{:<27} {:<22} {:<8} {:>6} {:>7}  {:<24} {:<28} {}\n",
-        "TIME", "EVENT", "OUTCOME", "UID", "PID", "EXE / UNIT", "SECRET", "RULE / REASON"
-    )
+    tail_line(&COLUMNS)
 }
 
 fn row(r: &AuditRecord) -> String {
-    let (uid, pid, who) = match &r.peer {
-        Some(p) => (
-            p.uid.to_string(),
-            p.pid.to_string(),
-            p.unit.clone().or_else(|| p.exe.clone()).unwrap_or_else(|| "-".into()),
-        ),
-        None => ("-".into(), "-".into(), "-".into()),
-    };
-    let secret = r.secret.as_ref().map_or_else(|| "-".to_owned(), |s| format!("{}/{}", s.vault, s.name));
-    let why = r.rule.clone().or_else(|| r.reason.clone()).unwrap_or_else(|| "-".into());
-    format!(
-        "{:<27} {:<22} {:<8} {:>6} {:>7}  {:<24} {:<28} {}\n",
-        r.ts,
-        r.event.as_str(),
-        r.outcome.map_or("-", Outcome::as_str),
-        uid,
-        pid,
-        who,
-        secret,
-        why
-    )
+    let c = cells(r);
+    tail_line(&[&c[0], &c[1], &c[2], &c[3], &c[4], &c[5], &c[6], &c[7]])
 }
 
 /// `audit query`: a table, JSON lines (`json`), or a summary (`summary`).
@@ -155,34 +238,35 @@ pub fn query(files: &[PathBuf], filter: &Filter, json: bool, summary: bool) -> R
     let mut out = String::new();
     if summary {
         // (secret, uid, unit or exe) → (allowed, denied, errors)
-        let mut table: BTreeMap<(String, u32, String), (u64, u64, u64)> = BTreeMap::new();
+        let mut counts: BTreeMap<(String, u32, String), (u64, u64, u64)> = BTreeMap::new();
         for (r, _) in selected.iter().filter(|(r, _)| r.event == kvbroker_proto::Event::SecretRead) {
             let secret =
                 r.secret.as_ref().map_or_else(|| "-".to_owned(), |s| format!("{}/{}", s.vault, s.name));
             let (uid, who) = r.peer.as_ref().map_or((u32::MAX, "-".to_owned()), |p| {
                 (p.uid, p.unit.clone().or_else(|| p.exe.clone()).unwrap_or_else(|| "-".into()))
             });
-            let e = table.entry((secret, uid, who)).or_default();
+            let e = counts.entry((secret, uid, who)).or_default();
             match r.outcome {
                 Some(Outcome::Allowed) => e.0 += 1,
                 Some(Outcome::Denied) => e.1 += 1,
                 _ => e.2 += 1,
             }
         }
-        let _ = writeln!(
-            out,
-            "{:<28} {:>6}  {:<32} {:>8} {:>7} {:>7}",
-            "SECRET", "UID", "UNIT / EXE", "ALLOWED", "DENIED", "ERRORS"
-        );
-        for ((secret, uid, who), (a, d, e)) in &table {
-            let _ = writeln!(out, "{secret:<28} {uid:>6}  {who:<32} {a:>8} {d:>7} {e:>7}");
-        }
-        let denials: u64 = table.values().map(|v| v.1).sum();
+        let rows = counts.iter().map(|((secret, uid, who), (a, d, e))| {
+            let uid = if *uid == u32::MAX { "-".to_owned() } else { uid.to_string() };
+            [escape(secret), uid, escape(who), a.to_string(), d.to_string(), e.to_string()]
+        });
+        out.push_str(&table(
+            ["SECRET", "UID", "UNIT / EXE", "ALLOWED", "DENIED", "ERRORS"],
+            [false, true, false, true, true, true],
+            rows,
+        ));
+        let denials: u64 = counts.values().map(|v| v.1).sum();
         let _ = writeln!(
             out,
             "\n{} read(s) by {} caller/secret pair(s); {denials} denied",
-            table.values().map(|v| v.0 + v.1 + v.2).sum::<u64>(),
-            table.len()
+            counts.values().map(|v| v.0 + v.1 + v.2).sum::<u64>(),
+            counts.len()
         );
         return Ok(out);
     }
@@ -193,10 +277,7 @@ pub fn query(files: &[PathBuf], filter: &Filter, json: bool, summary: bool) -> R
         }
         return Ok(out);
     }
-    out.push_str(&header());
-    for (r, _) in &selected {
-        out.push_str(&row(r));
-    }
+    out.push_str(&table(COLUMNS, RIGHT, selected.iter().map(|(r, _)| cells(r))));
     Ok(out)
 }
 
@@ -226,15 +307,15 @@ pub fn tail(
     loop {
         std::thread::sleep(Duration::from_millis(200));
         // Rotated or replaced: finish the old file, then start on the new one from its top.
-        if let Ok(m) = std::fs::metadata(path) {
-            if m.ino() != ino {
-                if !drain(&mut file, &mut pos, &mut pending, json, &mut emit) {
-                    return Ok(());
-                }
-                file = std::fs::File::open(path).map_err(read_err)?;
-                ino = m.ino();
-                pos = 0;
+        if let Ok(m) = std::fs::metadata(path)
+            && m.ino() != ino
+        {
+            if !drain(&mut file, &mut pos, &mut pending, json, &mut emit) {
+                return Ok(());
             }
+            file = std::fs::File::open(path).map_err(read_err)?;
+            ino = m.ino();
+            pos = 0;
         }
         if !drain(&mut file, &mut pos, &mut pending, json, &mut emit) {
             return Ok(());
@@ -270,6 +351,116 @@ fn emit_line(line: &str, json: bool, emit: &mut impl FnMut(&str) -> bool) -> boo
     }
     match serde_json::from_str::<AuditRecord>(line) {
         Ok(r) => emit(&row(&r)),
-        Err(_) => emit(&format!("(unreadable line) {}\n", line.chars().take(80).collect::<String>())),
+        Err(_) => {
+            emit(&format!("(unreadable line) {}\n", escape(&line.chars().take(80).collect::<String>())))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvbroker_proto::{ErrorCode, Event, PeerInfo, SecretRef};
+
+    fn read(uid: u32, exe: &str, secret: &str, outcome: Outcome) -> AuditRecord {
+        let mut r = AuditRecord::new(Event::SecretRead);
+        r.ts = "2026-11-22T10:00:00.123456Z".into();
+        r.outcome = Some(outcome);
+        r.peer = Some(PeerInfo { pid: 4242, uid, gid: uid, exe: Some(exe.into()), ..PeerInfo::default() });
+        r.secret = Some(SecretRef {
+            vault: "default".into(),
+            name: secret.into(),
+            version: None,
+            previous_version: None,
+        });
+        r.rule = Some("train-jobs".into());
+        r
+    }
+
+    /// Writes `records` to a fresh log and runs `audit query` on it.
+    fn query_of(records: &[AuditRecord], summary: bool) -> String {
+        let path = std::env::temp_dir().join(format!("kvb-query-{}.jsonl", fastrand::u64(..)));
+        let text: String = records.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect();
+        std::fs::write(&path, text).unwrap();
+        let out = query(std::slice::from_ref(&path), &Filter::default(), false, summary);
+        let _ = std::fs::remove_file(&path);
+        out.unwrap()
+    }
+
+    /// Issue 11: a long exe path pushed every later column of its row out of line.
+    #[test]
+    fn table_stays_aligned_with_a_long_exe_path() {
+        let long = format!("/opt/conda/envs/{}/bin/python3.11", "very-long-environment-name".repeat(3));
+        let out = query_of(
+            &[
+                read(1000, "/usr/bin/python3", "db", Outcome::Allowed),
+                read(7, &long, "api-token", Outcome::Allowed),
+            ],
+            false,
+        );
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        let col = |line: &str, text: &str| line.find(text).unwrap_or_else(|| panic!("{text} not in {line}"));
+        let secret_at = col(lines[0], "SECRET");
+        assert_eq!(col(lines[1], "default/db"), secret_at, "{out}");
+        assert_eq!(col(lines[2], "default/api-token"), secret_at, "{out}");
+        assert_eq!(col(lines[2], &long), col(lines[0], "EXE / UNIT"), "{out}");
+        // Numbers stay right-aligned: the UID column ends where its header ends.
+        let uid_end = col(lines[0], "UID") + 3;
+        assert_eq!(col(lines[1], "1000") + 4, uid_end, "{out}");
+        assert_eq!(col(lines[2], " 7 ") + 2, uid_end, "{out}");
+        let summary = query_of(&[read(7, &long, "api-token", Outcome::Allowed)], true);
+        let s: Vec<&str> = summary.lines().collect();
+        assert_eq!(s[1].find(&long), s[0].find("UNIT / EXE"), "{summary}");
+        assert_eq!(s[1].find("     1"), s[0].find("ALLOWED").map(|i| i + 1), "{summary}");
+    }
+
+    /// Issue 11: a denied or failed read showed the rule name, hiding why it failed.
+    #[test]
+    fn denials_and_errors_show_the_reason_not_the_rule() {
+        let mut denied = read(65534, "/usr/bin/curl", "db", Outcome::Denied);
+        (denied.rule, denied.error, denied.reason) =
+            (None, Some(ErrorCode::PermissionDenied), Some("no rule matches".into()));
+        let mut missing = read(1000, "/usr/bin/python3", "gone", Outcome::Error);
+        missing.error = Some(ErrorCode::SecretNotFound);
+        missing.reason = Some("secret gone not found in vault default".into());
+        let out = query_of(&[read(1000, "/usr/bin/python3", "db", Outcome::Allowed), denied, missing], false);
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(lines[1].ends_with("  train-jobs"), "{out}");
+        assert!(lines[2].ends_with("  no rule matches"), "{out}");
+        assert!(lines[3].ends_with("  SecretNotFound: secret gone not found in vault default"), "{out}");
+        assert!(!lines[3].contains("train-jobs"), "{out}");
+    }
+
+    /// SECURITY: the exe path is the caller's choice; printed raw, `\x1b]…` or `\r` could
+    /// rewrite the operator's terminal or hide the row.
+    #[test]
+    fn control_characters_are_escaped_in_query_and_tail() {
+        let evil = "/tmp/\u{1b}[2J\u{1b}]0;owned\u{7}\rok\u{202e}fdp.exe\\u{1b}";
+        let mut r = read(1000, evil, "db", Outcome::Denied);
+        r.reason = Some("no rule matches\n\u{9b}31m".into());
+        let want = r"/tmp/\u{1b}[2J\u{1b}]0;owned\u{7}\u{d}ok\u{202e}fdp.exe\\u{1b}";
+        for out in
+            [query_of(std::slice::from_ref(&r), false), query_of(std::slice::from_ref(&r), true), row(&r)]
+        {
+            let raw = |l: &str| l.chars().any(|c| c.is_control() || c == '\u{202e}');
+            assert!(!out.lines().any(raw), "{out:?}");
+            assert!(out.contains(want), "{out}");
+        }
+        assert!(row(&r).contains(r"no rule matches\u{a}\u{9b}31m"));
+        let mut lines = Vec::new();
+        emit_line("{\"not\u{1b}json", false, &mut |s: &str| {
+            lines.push(s.to_owned());
+            true
+        });
+        assert_eq!(lines, ["(unreadable line) {\"not\\u{1b}json\n"]);
+    }
+
+    #[test]
+    fn tail_rows_line_up_with_the_header() {
+        let out = row(&read(1000, "/usr/bin/python3", "db", Outcome::Allowed));
+        let h = header();
+        assert_eq!(out.find("default/db"), h.find("SECRET"), "{h}{out}");
+        assert_eq!(out.find("/usr/bin/python3"), h.find("EXE / UNIT"), "{h}{out}");
     }
 }

@@ -11,6 +11,7 @@
 //! Both bind 127.0.0.1 only. Clients reach the vault's name through a `connect_to` entry,
 //! so TLS and Key Vault's challenge verification run as they would against Azure.
 
+pub mod agent_config;
 mod identity;
 mod keyvault;
 pub mod tls;
@@ -40,6 +41,8 @@ pub struct EmulatorInfo {
     pub connect_to: Vec<String>,
     pub ca_file: PathBuf,
     pub control_url: String,
+    /// `DIR/agent.toml`: a config for `kvbroker run` against this emulator.
+    pub agent_config: PathBuf,
     /// Per identity source: the environment the agent needs, and extra settings.
     pub identity: HashMap<String, IdentityInfo>,
 }
@@ -131,10 +134,13 @@ pub struct Emulator {
 }
 
 impl Emulator {
-    /// Starts both servers on 127.0.0.1 and writes `DIR/ca.pem` and `DIR/emulator.json`.
-    /// `secrets` are loaded as each secret's first version.
+    /// Starts both servers on 127.0.0.1 and writes `DIR/ca.pem`, `DIR/emulator.json`, and an
+    /// agent config (`DIR/agent.toml`, `DIR/policy.toml`). `secrets` are loaded as each
+    /// secret's first version.
     pub async fn start(dir: &Path, secrets: Vec<(String, String)>) -> Result<Emulator, String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        // Absolute, so every path written (and the agent config) works from any directory.
+        let dir = &dir.canonicalize().map_err(|e| format!("{}: {e}", dir.display()))?;
         let tls = tls::generate()?;
         let ca_file = dir.join("ca.pem");
         std::fs::write(&ca_file, &tls.ca_pem).map_err(|e| format!("{}: {e}", ca_file.display()))?;
@@ -171,10 +177,12 @@ impl Emulator {
             ],
             ca_file,
             control_url: format!("{http_base}/control"),
+            agent_config: dir.join(agent_config::CONFIG),
             identity: identity::info(&state.secrets_cfg, &http_base, tls_port, &imds_map),
         };
         let json = serde_json::to_string(&info).map_err(|e| e.to_string())?;
         std::fs::write(dir.join("emulator.json"), &json).map_err(|e| e.to_string())?;
+        agent_config::write(dir, &info)?;
 
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.server);
         let s = Arc::clone(&state);
@@ -266,12 +274,13 @@ pub(crate) fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+        {
+            out.push(v);
+            i += 3;
+            continue;
         }
         out.push(if b[i] == b'+' { b' ' } else { b[i] });
         i += 1;

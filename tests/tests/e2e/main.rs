@@ -6,6 +6,7 @@
 mod audit_log;
 mod cache;
 mod emulator;
+mod emulator_cli;
 mod first_hour;
 mod keyvault;
 mod launch;
