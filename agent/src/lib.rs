@@ -4,7 +4,8 @@
 //! else lives here so tests drive the same code. Modules, lowest first (an arrow only ever
 //! points down this list; docs/architecture.md draws it):
 //!
-//! - `sys`: every `unsafe` syscall wrapper. `shutdown`: signals.
+//! - `sys`: every `unsafe` syscall wrapper. `shutdown`: signals. `terminal`: escaping and
+//!   tables for what commands print.
 //! - `peer`: kernel-attested caller facts. [`config`]: TOML → validated `Config`.
 //! - `policy`: deciding. `identity`: managed identity credentials, over `transport` (rustls,
 //!   connect_to overrides, loopback-only guard).
@@ -31,6 +32,7 @@ mod server;
 mod shutdown;
 mod state;
 mod sys;
+mod terminal;
 mod transport;
 mod vault;
 
@@ -84,7 +86,7 @@ mod layering {
 
     /// Lowest first. A module may use modules on its own layer or below.
     const LAYERS: &[&[&str]] = &[
-        &["sys", "shutdown", "transport", "rate"],
+        &["sys", "shutdown", "transport", "rate", "terminal"],
         &["peer", "config"],
         &["policy", "identity"],
         &["vault", "audit"],

@@ -1,4 +1,4 @@
-//! `kvbroker ctl`'s side of the admin socket: one request, and the status table.
+//! `kvbroker ctl`'s side of the admin socket: one request, its JSON answer.
 
 use std::path::{Path, PathBuf};
 
@@ -51,44 +51,4 @@ pub(crate) async fn call(
         return Err(CtlError::RootOnly { path: socket.to_owned() });
     }
     Ok((status, json))
-}
-
-/// `kvbroker ctl status` as a table.
-pub(crate) fn render_status(v: &serde_json::Value) -> String {
-    let mut out = format!(
-        "agent {} (pid {}, up {}s)  audit {} ({})  policy {} ({} rule(s))\n",
-        v["agent"]["version"].as_str().unwrap_or("?"),
-        v["agent"]["pid"],
-        v["agent"]["uptime_secs"],
-        v["audit"]["path"].as_str().unwrap_or("?"),
-        if v["audit"]["healthy"].as_bool() == Some(true) { "ok" } else { "NOT WRITABLE" },
-        v["policy"]["file"].as_str().unwrap_or("?"),
-        v["policy"]["rules"],
-    );
-    let secrets = v["secrets"].as_array().cloned().unwrap_or_default();
-    if secrets.is_empty() {
-        out.push_str("no secrets cached\n");
-        return out;
-    }
-    out.push_str(&format!(
-        "{:<12} {:<32} {:<32} {:>6} {:>6}  {}\n",
-        "VAULT", "NAME", "VERSION", "AGE", "IDLE", "STATE"
-    ));
-    for s in secrets {
-        let state = match (s["stale"].as_bool(), s["last_error"].as_str()) {
-            (Some(true), Some(e)) => format!("stale: {e}"),
-            (_, Some(e)) => format!("error: {e}"),
-            _ => "fresh".to_owned(),
-        };
-        out.push_str(&format!(
-            "{:<12} {:<32} {:<32} {:>5}s {:>5}s  {}\n",
-            s["vault"].as_str().unwrap_or("?"),
-            s["name"].as_str().unwrap_or("?"),
-            s["version"].as_str().unwrap_or("-"),
-            s["age_secs"],
-            s["idle_secs"],
-            state
-        ));
-    }
-    out
 }

@@ -2,6 +2,7 @@
 //! Reads only the records (never writes); prints names, uids, units and reasons — the log
 //! holds no values, so neither does this output.
 
+use crate::terminal::{escape, table};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Seek, SeekFrom};
@@ -161,51 +162,6 @@ fn why(r: &AuditRecord) -> String {
         (Some(code), None) => code.to_string(),
         (None, None) => r.rule.clone().unwrap_or_else(|| "-".into()),
     }
-}
-
-/// Makes an untrusted string safe for a terminal: every `char::is_control` character (ESC,
-/// CR, BEL, DEL, C1 controls) and every bidirectional override or isolate (which can make
-/// text read in another order) becomes `\u{…}`, and a backslash becomes `\\`, so an
-/// escape sequence already in the text cannot pass for one of ours.
-pub(crate) fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control()
-            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-        {
-            let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
-        } else if c == '\\' {
-            out.push_str("\\\\");
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// An aligned, borderless table: columns as wide as their widest cell, two spaces apart.
-fn table<const N: usize>(
-    header: [&str; N],
-    right: [bool; N],
-    rows: impl IntoIterator<Item = [String; N]>,
-) -> String {
-    use comfy_table::{CellAlignment, Table, presets};
-    let mut t = Table::new();
-    t.load_preset(presets::NOTHING);
-    t.set_header(header);
-    t.add_rows(rows);
-    for (i, col) in t.column_iter_mut().enumerate() {
-        col.set_padding((0, 2));
-        if right[i] {
-            col.set_cell_alignment(CellAlignment::Right);
-        }
-    }
-    let mut out = String::new();
-    for line in t.lines() {
-        out.push_str(line.trim_end());
-        out.push('\n');
-    }
-    out
 }
 
 /// One `tail` line, padded to `TAIL_WIDTHS`.

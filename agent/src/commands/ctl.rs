@@ -10,6 +10,7 @@ use crate::Error;
 use crate::admin::client::{self, CtlError};
 use crate::cli::CtlCommand;
 use crate::config::Config;
+use crate::terminal::{escape, table};
 
 /// Where the admin socket is, as the user said it (first given wins, in this order).
 pub(crate) struct Target {
@@ -45,7 +46,7 @@ pub(crate) fn ctl(target: Target, command: CtlCommand) -> Result<ExitCode, Error
                 if json {
                     println!("{v}");
                 } else {
-                    print!("{}", client::render_status(&v));
+                    print!("{}", render_status(&v));
                 }
             }
             CtlCommand::Refresh { name, vault } => {
@@ -76,4 +77,72 @@ pub(crate) fn ctl(target: Target, command: CtlCommand) -> Result<ExitCode, Error
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// `kvbroker ctl status` as text: a summary line, then one aligned row per cached secret.
+/// Every string from the agent is escaped (names and errors can come from Key Vault).
+fn render_status(v: &serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| escape(v.as_str().unwrap_or("?"));
+    let mut out = format!(
+        "agent {} (pid {}, up {}s)  audit {} ({})  policy {} ({} rule(s))\n",
+        text(&v["agent"]["version"]),
+        v["agent"]["pid"],
+        v["agent"]["uptime_secs"],
+        text(&v["audit"]["path"]),
+        if v["audit"]["healthy"].as_bool() == Some(true) { "ok" } else { "NOT WRITABLE" },
+        text(&v["policy"]["file"]),
+        v["policy"]["rules"],
+    );
+    let secrets = v["secrets"].as_array().map(Vec::as_slice).unwrap_or_default();
+    if secrets.is_empty() {
+        out.push_str("no secrets cached\n");
+        return out;
+    }
+    let secs = |v: &serde_json::Value| v.as_u64().map_or_else(|| "-".to_owned(), |n| format!("{n}s"));
+    let rows = secrets.iter().map(|s| {
+        let state = match (s["stale"].as_bool(), s["last_error"].as_str()) {
+            (Some(true), Some(e)) => format!("stale: {}", escape(e)),
+            (_, Some(e)) => format!("error: {}", escape(e)),
+            _ => "fresh".to_owned(),
+        };
+        let version = s["version"].as_str().map_or_else(|| "-".to_owned(), escape);
+        [text(&s["vault"]), text(&s["name"]), version, secs(&s["age_secs"]), secs(&s["idle_secs"]), state]
+    });
+    out.push('\n');
+    out.push_str(&table(
+        ["VAULT", "NAME", "VERSION", "AGE", "IDLE", "STATE"],
+        [false, false, false, true, true, false],
+        rows,
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_table_lines_up_and_escapes() {
+        let v = serde_json::json!({
+            "agent": {"version": "0.1.0", "pid": 7, "uptime_secs": 3},
+            "audit": {"path": "/var/log/a.jsonl", "healthy": true},
+            "policy": {"file": "/etc/p.toml", "rules": 2},
+            "secrets": [
+                {"vault": "default", "name": "db-password", "version": "ab", "age_secs": 5, "idle_secs": 125},
+                {"vault": "a-much-longer-alias", "name": "x", "version": null, "age_secs": 12345,
+                 "idle_secs": 1, "stale": true, "last_error": "vault said \u{1b}[2J"},
+            ],
+        });
+        let out = render_status(&v);
+        let rows: Vec<&str> = out.lines().skip(2).collect();
+        assert_eq!(rows.len(), 3, "{out}");
+        assert!(rows[0].starts_with("VAULT  ") && rows[1].starts_with("default  "), "{out}");
+        let name_col = rows[0].find("NAME").unwrap();
+        assert_eq!(rows[1].find("db-password"), Some(name_col), "{out}");
+        assert_eq!(rows[2].find("x "), Some(name_col), "{out}");
+        let idle_col = rows[0].find("IDLE").unwrap() + "IDLE".len();
+        assert_eq!(&rows[1][..idle_col].trim_end()[idle_col - 4..], "125s", "IDLE is right-aligned: {out}");
+        assert!(rows[2].ends_with("stale: vault said \\u{1b}[2J"), "{out}");
+        assert!(!out.contains('\u{1b}'), "no raw escape reaches the terminal");
+    }
 }
