@@ -7,10 +7,11 @@ use http::{Method, Request, Response, header};
 use kvbroker_proto::{AuditRecord, CacheState, Event, Outcome, SecretName, SecretQuery, SecretRef};
 
 use super::Ctx;
-use super::response::{self, Body, Failure, Served};
+use super::response::{self, Body, DeniedRead, Failure, Served};
 use crate::config::RateKey;
 use crate::peer::{ConnPeer, PeerError};
 use crate::policy::Decision;
+use crate::vault::VaultError;
 
 pub(crate) async fn handle<B>(ctx: &Ctx, peer: &ConnPeer, over_cap: bool, req: Request<B>) -> Response<Body> {
     let request_id = new_request_id();
@@ -72,7 +73,7 @@ async fn read_secret<B>(
             });
             rec.error = Some(f.code());
             rec.reason = Some(match f {
-                Failure::Denied { reason } | Failure::Reconnect { reason } => reason.clone(),
+                Failure::Denied { reason, .. } | Failure::Reconnect { reason } => reason.clone(),
                 other => other.message(),
             });
         }
@@ -149,7 +150,7 @@ async fn decide_and_fetch<B>(
 
     let facts = peer.facts().map_err(|e| match e {
         PeerError::ExeChanged => Failure::Reconnect { reason: e.to_string() },
-        e => Failure::Denied { reason: e.to_string() },
+        e => Failure::Denied { reason: e.to_string(), caller: None },
     })?;
     rec.peer = Some(facts.info());
     if let Some(root) = &ctx.launch_root {
@@ -158,10 +159,14 @@ async fn decide_and_fetch<B>(
             Some(_) => {
                 return Err(Failure::Denied {
                     reason: "not the launched command or one of its descendants".into(),
+                    caller: None,
                 });
             }
             None => {
-                return Err(Failure::Denied { reason: "the launched command has not started yet".into() });
+                return Err(Failure::Denied {
+                    reason: "the launched command has not started yet".into(),
+                    caller: None,
+                });
             }
         }
     }
@@ -172,7 +177,18 @@ async fn decide_and_fetch<B>(
             }
             rec.rule = Some(rule);
         }
-        Decision::Deny { reason } => return Err(Failure::Denied { reason }),
+        Decision::Deny { reason } => {
+            let caller = DeniedRead {
+                uid: facts.uid,
+                gid: facts.gid,
+                groups: facts.groups.clone(),
+                exe: facts.exe.clone(),
+                cgroup: facts.cgroup.clone(),
+                vault: vault.clone(),
+                name: name.clone(),
+            };
+            return Err(Failure::Denied { reason, caller: Some(Box::new(caller)) });
+        }
     }
     // Facts the decision computed (the exe hash) go to the audit record too.
     rec.peer = Some(facts.info());
@@ -189,7 +205,12 @@ async fn decide_and_fetch<B>(
         Ok(None) => return Ok(None),
         Err(e) => {
             rec.upstream_request_id = e.upstream_request_id().map(str::to_owned);
-            return Err(Failure::Vault(e));
+            return Err(match (e, &query.version) {
+                (VaultError::NotFound { .. }, Some(version)) => {
+                    Failure::VersionNotFound { vault, name, version: version.clone() }
+                }
+                (e, _) => Failure::Vault(e),
+            });
         }
     };
     let fetched = looked_up.fetched;

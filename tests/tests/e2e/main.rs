@@ -5,6 +5,7 @@
 
 mod audit_log;
 mod cache;
+mod cli_errors;
 mod emulator;
 mod keyvault;
 mod launch;
