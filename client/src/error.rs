@@ -1,4 +1,5 @@
-//! The client's error type: one variant per agent error code, plus "agent not reachable".
+//! The client's error type: one variant per agent error code, plus "agent not reachable"
+//! and "not allowed to open the socket".
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,6 +21,61 @@ impl std::fmt::Display for ApiError {
     }
 }
 
+/// A file's group: its name when this machine can resolve it, else its number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    /// The numeric gid.
+    pub gid: u32,
+    /// The name from `/etc/group`, if listed there.
+    pub name: Option<String>,
+}
+
+impl std::fmt::Display for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(n) => f.write_str(n),
+            None => write!(f, "{}", self.gid),
+        }
+    }
+}
+
+impl Group {
+    /// Looks `gid` up in `/etc/group`. Groups served only by NSS modules (LDAP, sssd) are
+    /// not found and are shown by number: this crate reads files, it does not link libc's resolver.
+    pub(crate) fn lookup(gid: u32) -> Group {
+        let name = std::fs::read_to_string("/etc/group").ok().and_then(|t| group_name(&t, gid));
+        Group { gid, name }
+    }
+}
+
+/// The name of `gid` in `/etc/group`-format text.
+fn group_name(text: &str, gid: u32) -> Option<String> {
+    text.lines().find_map(|line| {
+        let mut f = line.split(':');
+        let (name, _, id) = (f.next()?, f.next()?, f.next()?);
+        (id.parse() == Ok(gid) && !name.is_empty()).then(|| name.to_owned())
+    })
+}
+
+/// What a user refused by file permissions can do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Remedy {
+    /// The file's group has the access this user lacks.
+    JoinGroup,
+    /// Its group has no access either: only the operator can change that.
+    AskOperator,
+}
+
+impl std::fmt::Display for Remedy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Remedy::JoinGroup => "join that group or ask the operator",
+            Remedy::AskOperator => "its group has no access either; ask the operator",
+        })
+    }
+}
+
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -35,6 +91,20 @@ pub enum Error {
         /// What connecting said.
         source: std::io::Error,
     },
+    /// Connecting was refused by file permissions (`EACCES`): this user may not open the
+    /// socket, or may not enter a directory on its path. `path` is the file or directory
+    /// that refused, with its mode and group, so the message can say which group to join.
+    #[error("your user cannot open {path} (mode {mode:04o}, group {group}): {remedy}")]
+    NoAccess {
+        /// The socket, or the directory above it that refused.
+        path: PathBuf,
+        /// Its permission bits (`0o660`).
+        mode: u32,
+        /// Its group.
+        group: Group,
+        /// Whether joining the group would help.
+        remedy: Remedy,
+    },
     /// 400: bad name, version, vault alias or parameter.
     #[error("invalid request: {0}")]
     InvalidRequest(ApiError),
@@ -42,13 +112,13 @@ pub enum Error {
     #[error("{0}")]
     PermissionDenied(ApiError),
     /// 404: the vault has no such secret or version.
-    #[error("secret not found: {0}")]
+    #[error("{0}")]
     SecretNotFound(ApiError),
     /// 422: disabled, not yet valid, or expired.
     #[error("{0}")]
     SecretNotUsable(ApiError),
     /// 429: this caller is over its rate limit.
-    #[error("too many requests: {error}")]
+    #[error("rate limited by the agent: {error}")]
     TooManyRequests {
         /// What the agent said.
         error: ApiError,
@@ -97,7 +167,7 @@ impl Error {
             Error::RequestTimeout(_) => ErrorCode::RequestTimeout,
             Error::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
             Error::HeadersTooLarge(_) => ErrorCode::HeadersTooLarge,
-            Error::Unreachable { .. } | Error::Protocol(_) => return None,
+            Error::Unreachable { .. } | Error::NoAccess { .. } | Error::Protocol(_) => return None,
         })
     }
 
@@ -123,6 +193,30 @@ impl Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_names_come_from_etc_group_format() {
+        let text = "root:x:0:\nmljobs:x:2000:alice,bob\n# comment\nbad line\n";
+        assert_eq!(group_name(text, 2000).as_deref(), Some("mljobs"));
+        assert_eq!(group_name(text, 0).as_deref(), Some("root"));
+        assert_eq!(group_name(text, 2001), None);
+        let unnamed = Group { gid: 2001, name: None };
+        assert_eq!(unnamed.to_string(), "2001");
+    }
+
+    #[test]
+    fn no_access_says_what_to_do() {
+        let e = Error::NoAccess {
+            path: "/run/kvbroker/agent.sock".into(),
+            mode: 0o660,
+            group: Group { gid: 2000, name: Some("mljobs".into()) },
+            remedy: Remedy::JoinGroup,
+        };
+        assert_eq!(
+            e.to_string(),
+            "your user cannot open /run/kvbroker/agent.sock (mode 0660, group mljobs): join that group or ask the operator"
+        );
+    }
 
     #[test]
     fn every_code_has_its_own_variant() {

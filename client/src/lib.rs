@@ -27,7 +27,7 @@ use std::time::Duration;
 use kvbroker_proto::api::headers;
 use kvbroker_proto::{ErrorBody, Health, SecretName, SecretQuery, SecretResponse, VaultAlias, VersionId};
 
-pub use error::{ApiError, Error};
+pub use error::{ApiError, Error, Group, Remedy};
 pub use kvbroker_proto::{ErrorCode, SecretValue};
 
 use transport::{Answer, Transport};

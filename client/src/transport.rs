@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use zeroize::Zeroizing;
 
 use crate::Error;
+use crate::error::{Group, Remedy};
 
 /// Idle connections kept for reuse.
 const MAX_IDLE: usize = 16;
@@ -87,9 +88,14 @@ impl Transport {
                 None => break,
             }
         }
-        let stream = tokio::net::UnixStream::connect(&self.socket)
-            .await
-            .map_err(|source| Error::Unreachable { path: self.socket.clone(), source })?;
+        let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|source| {
+            if source.kind() == std::io::ErrorKind::PermissionDenied {
+                if let Some(e) = no_access(&self.socket) {
+                    return e;
+                }
+            }
+            Error::Unreachable { path: self.socket.clone(), source }
+        })?;
         let (sender, conn) =
             http1::handshake(TokioIo::new(stream)).await.map_err(|e| Error::Protocol(e.to_string()))?;
         tokio::spawn(async move {
@@ -107,4 +113,19 @@ impl Transport {
             idle.push(sender);
         }
     }
+}
+
+/// Which file refused a connect with `EACCES`: the socket itself if this user can stat it
+/// (write permission on it is missing), else the nearest directory above it that it can
+/// stat (search permission below it is missing). `None` if nothing on the path can be read.
+fn no_access(socket: &Path) -> Option<Error> {
+    use std::os::unix::fs::MetadataExt;
+    socket.ancestors().find_map(|p| {
+        let m = std::fs::metadata(p).ok()?;
+        let mode = m.mode() & 0o7777;
+        // Connecting needs write on the socket; reaching it needs search on each directory.
+        let group_bit = if m.is_dir() { 0o010 } else { 0o020 };
+        let remedy = if mode & group_bit != 0 { Remedy::JoinGroup } else { Remedy::AskOperator };
+        Some(Error::NoAccess { path: p.to_owned(), mode, group: Group::lookup(m.gid()), remedy })
+    })
 }

@@ -26,13 +26,23 @@ pub(crate) type Body = Full<Bytes>;
 pub(crate) enum Failure {
     BadRequest(String),
     Denied {
+        /// For the audit record.
         reason: String,
+        /// Set when the policy said no: the caller's own facts, repeated in its answer so it
+        /// can see what to change. Telling a caller about itself leaks nothing.
+        caller: Option<Box<DeniedRead>>,
     },
     /// Denied, and the connection must close (the peer's exe changed).
     Reconnect {
         reason: String,
     },
     Vault(VaultError),
+    /// A version asked for by id that the vault does not have.
+    VersionNotFound {
+        vault: VaultAlias,
+        name: SecretName,
+        version: VersionId,
+    },
     NotUsable(String),
     Audit,
     TooMany {
@@ -49,7 +59,9 @@ impl Failure {
         match self {
             Failure::BadRequest(_) => ErrorCode::InvalidRequest,
             Failure::Denied { .. } | Failure::Reconnect { .. } => ErrorCode::PermissionDenied,
-            Failure::Vault(VaultError::NotFound { .. }) => ErrorCode::SecretNotFound,
+            Failure::Vault(VaultError::NotFound { .. }) | Failure::VersionNotFound { .. } => {
+                ErrorCode::SecretNotFound
+            }
             Failure::Vault(VaultError::Disabled { .. }) | Failure::NotUsable(_) => ErrorCode::SecretNotUsable,
             Failure::Vault(VaultError::Unavailable { .. }) => ErrorCode::UpstreamUnavailable,
             Failure::Audit => ErrorCode::AuditUnavailable,
@@ -64,8 +76,12 @@ impl Failure {
     pub(crate) fn message(&self) -> String {
         match self {
             Failure::BadRequest(m) => m.clone(),
-            Failure::Denied { reason } | Failure::Reconnect { reason } => {
+            Failure::Denied { caller: Some(c), .. } => c.to_string(),
+            Failure::Denied { reason, caller: None } | Failure::Reconnect { reason } => {
                 format!("permission denied: {reason}")
+            }
+            Failure::VersionNotFound { vault, name, version } => {
+                format!("version {version} of {name} not found in vault {vault}")
             }
             Failure::Vault(VaultError::Disabled { vault, name, .. }) => {
                 format!("secret {name} in vault {vault} is not usable: disabled")
@@ -80,6 +96,62 @@ impl Failure {
             Failure::Method => "method not allowed: use GET".into(),
             Failure::BodyTooLarge => "requests to the agent carry no body".into(),
         }
+    }
+}
+
+/// A read the policy refused, told back to the caller in its own terms.
+#[derive(Debug)]
+pub(crate) struct DeniedRead {
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) groups: Vec<u32>,
+    pub(crate) exe: Option<String>,
+    pub(crate) cgroup: Option<String>,
+    pub(crate) vault: VaultAlias,
+    pub(crate) name: SecretName,
+}
+
+impl std::fmt::Display for DeniedRead {
+    /// Names the caller's facts and the `policy explain` command that replays this decision
+    /// without the process (which may have exited). Never says whether the secret exists.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self { uid, gid, groups, exe, cgroup, vault, name } = self;
+        let exe_shown = exe.as_deref().unwrap_or("unknown");
+        write!(f, "no rule allows uid {uid} (exe {}) to read {vault}/{name}", exe_shown.escape_debug())?;
+        write!(f, "; to see why, run: kvbroker policy explain --config CONFIG --uid {uid} --gid {gid}")?;
+        if !groups.is_empty() {
+            let list: Vec<String> = groups.iter().map(ToString::to_string).collect();
+            write!(f, " --groups {}", list.join(","))?;
+        }
+        if let Some(e) = exe {
+            write!(f, " --exe {}", ShellWord(e))?;
+        }
+        if let Some(c) = cgroup {
+            write!(f, " --cgroup {}", ShellWord(c))?;
+        }
+        write!(f, " {vault}/{name}")
+    }
+}
+
+/// A path as one shell word: bare if it holds only safe characters, else single-quoted
+/// (control characters escaped, since the caller chose the path).
+struct ShellWord<'a>(&'a str);
+
+impl std::fmt::Display for ShellWord<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+,:=@%".contains(c);
+        if !self.0.is_empty() && self.0.chars().all(safe) {
+            return f.write_str(self.0);
+        }
+        f.write_str("'")?;
+        for c in self.0.chars() {
+            match c {
+                '\'' => f.write_str("'\\''")?,
+                c if c.is_control() => write!(f, "{}", c.escape_default())?,
+                c => write!(f, "{c}")?,
+            }
+        }
+        f.write_str("'")
     }
 }
 
@@ -235,4 +307,18 @@ pub(crate) fn finish(mut r: Response<Body>, request_id: &str) -> Response<Body> 
     }
     hs.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ShellWord;
+
+    #[test]
+    fn paths_in_the_suggested_command_are_one_shell_word() {
+        assert_eq!(ShellWord("/usr/bin/python3.11").to_string(), "/usr/bin/python3.11");
+        assert_eq!(ShellWord("/opt/my job/run").to_string(), "'/opt/my job/run'");
+        assert_eq!(ShellWord("/tmp/it's").to_string(), r"'/tmp/it'\''s'");
+        assert_eq!(ShellWord("/tmp/\x1b[2J").to_string(), r"'/tmp/\u{1b}[2J'");
+        assert_eq!(ShellWord("").to_string(), "''");
+    }
 }

@@ -6,11 +6,12 @@ use std::time::{Duration, SystemTime};
 use http::{Method, Request, Response, header};
 use kvbroker_proto::{AuditRecord, CacheState, Event, Outcome, SecretName, SecretQuery, SecretRef};
 
-use super::response::{self, Body, Failure, Served};
+use super::response::{self, Body, DeniedRead, Failure, Served};
 use crate::config::{RateKey, UnknownVault};
 use crate::peer::{ConnPeer, PeerError};
 use crate::policy::Decision;
 use crate::state::State;
+use crate::vault::VaultError;
 
 pub(crate) async fn handle<B>(
     ctx: &State,
@@ -77,7 +78,7 @@ async fn read_secret<B>(
             });
             rec.error = Some(f.code());
             rec.reason = Some(match f {
-                Failure::Denied { reason } | Failure::Reconnect { reason } => reason.clone(),
+                Failure::Denied { reason, .. } | Failure::Reconnect { reason } => reason.clone(),
                 other => other.message(),
             });
         }
@@ -155,7 +156,7 @@ async fn decide_and_fetch<B>(
 
     let facts = peer.facts().map_err(|e| match e {
         PeerError::ExeChanged => Failure::Reconnect { reason: e.to_string() },
-        e => Failure::Denied { reason: e.to_string() },
+        e => Failure::Denied { reason: e.to_string(), caller: None },
     })?;
     rec.peer = Some(facts.info());
     if let Some(root) = &ctx.launch_root {
@@ -164,10 +165,14 @@ async fn decide_and_fetch<B>(
             Some(_) => {
                 return Err(Failure::Denied {
                     reason: "not the launched command or one of its descendants".into(),
+                    caller: None,
                 });
             }
             None => {
-                return Err(Failure::Denied { reason: "the launched command has not started yet".into() });
+                return Err(Failure::Denied {
+                    reason: "the launched command has not started yet".into(),
+                    caller: None,
+                });
             }
         }
     }
@@ -178,7 +183,18 @@ async fn decide_and_fetch<B>(
             }
             rec.rule = Some(rule);
         }
-        Decision::Deny { reason } => return Err(Failure::Denied { reason }),
+        Decision::Deny { reason } => {
+            let caller = DeniedRead {
+                uid: facts.uid,
+                gid: facts.gid,
+                groups: facts.groups.clone(),
+                exe: facts.exe.clone(),
+                cgroup: facts.cgroup.clone(),
+                vault: vault.clone(),
+                name: name.clone(),
+            };
+            return Err(Failure::Denied { reason, caller: Some(Box::new(caller)) });
+        }
     }
     // Facts the decision computed (the exe hash) go to the audit record too.
     rec.peer = Some(facts.info());
@@ -195,7 +211,12 @@ async fn decide_and_fetch<B>(
         Ok(None) => return Ok(None),
         Err(e) => {
             rec.upstream_request_id = e.upstream_request_id().map(str::to_owned);
-            return Err(Failure::Vault(e));
+            return Err(match (e, &query.version) {
+                (VaultError::NotFound { .. }, Some(version)) => {
+                    Failure::VersionNotFound { vault, name, version: version.clone() }
+                }
+                (e, _) => Failure::Vault(e),
+            });
         }
     };
     let fetched = looked_up.fetched;

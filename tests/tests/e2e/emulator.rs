@@ -130,5 +130,8 @@ fn agent_reads_a_pinned_version_from_key_vault() {
     let missing = "0".repeat(32);
     let (code, _, err) = run(kvb(&agent.socket, None).args(["get", "s", "--version", &missing]));
     assert_eq!(code, 1);
-    assert!(err.contains("secret not found"), "{err}");
+    assert!(
+        err.starts_with(&format!("kvb: version {missing} of s not found in vault default (request ")),
+        "{err}"
+    );
 }

@@ -173,8 +173,14 @@ fn socket_mode_and_group_gate_who_can_connect() {
     // uid 65534 / gid 65534 is in the group: it connects, and policy denies it (exit 3).
     let (code, _, err) = run(kvb(&agent.socket, Some(65534)).args(["get", "s"]));
     assert_eq!(code, 3, "{err}");
-    // uid/gid 4242 is not: it cannot even connect (exit 1, naming the socket).
+    // uid/gid 4242 is not: it cannot even connect (exit 1, naming the socket and the group).
     let (code, _, err) = run(kvb(&agent.socket, Some(4242)).args(["get", "s"]));
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("not reachable") && err.contains("Permission denied"), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "kvb: your user cannot open {} (mode 0660, group nogroup): join that group or ask the operator\n",
+            agent.socket.display()
+        )
+    );
 }

@@ -5,6 +5,7 @@
 
 mod audit_log;
 mod cache;
+mod cli_errors;
 mod emulator;
 mod emulator_cli;
 mod first_hour;

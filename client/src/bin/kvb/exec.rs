@@ -25,7 +25,7 @@ pub(crate) fn run(client: &Client, env: &[String], vault: Option<&str>, command:
         if !valid_var {
             return Failure::Usage(format!("--env {spec:?}: {var:?} is not an environment variable name"));
         }
-        match client.get_with(name, &opts) {
+        match crate::get_retrying(client, name, &opts) {
             Ok(s) => {
                 let value = s.into_value();
                 if value.expose_secret().contains(&0) {
@@ -36,7 +36,7 @@ pub(crate) fn run(client: &Client, env: &[String], vault: Option<&str>, command:
                 }
                 pairs.push((var, value));
             }
-            Err(e) => return Failure::from(e),
+            Err(f) => return f,
         }
     }
     let Some((program, args)) = command.split_first() else {
@@ -48,6 +48,30 @@ pub(crate) fn run(client: &Client, env: &[String], vault: Option<&str>, command:
         cmd.env(var, OsStr::from_bytes(value.expose_secret()));
     }
     // Only returns on failure.
-    let err = cmd.exec();
-    Failure::Other(format!("cannot run {program}: {err}"))
+    exec_failure(program, &cmd.exec())
+}
+
+/// What a shell would say and exit with when it cannot start `program`: 127 if there is no
+/// such command, 126 if it exists but cannot be executed.
+fn exec_failure(program: &str, err: &std::io::Error) -> Failure {
+    match err.kind() {
+        std::io::ErrorKind::NotFound if program.contains('/') => {
+            Failure::Exec(127, format!("{program}: no such file or directory"))
+        }
+        std::io::ErrorKind::NotFound => Failure::Exec(127, format!("{program}: command not found in PATH")),
+        std::io::ErrorKind::PermissionDenied => Failure::Exec(
+            126,
+            format!("{program}: permission denied (is it a directory, or missing the execute bit?)"),
+        ),
+        _ => Failure::Exec(126, format!("{program}: cannot execute: {}", io_reason(err))),
+    }
+}
+
+/// An I/O error's reason without Rust's " (os error N)" suffix.
+fn io_reason(err: &std::io::Error) -> String {
+    let text = err.to_string();
+    match text.rsplit_once(" (os error ") {
+        Some((reason, _)) => reason.to_owned(),
+        None => text,
+    }
 }

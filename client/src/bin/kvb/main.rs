@@ -1,6 +1,8 @@
 //! `kvb`: read secrets from the local kvbroker agent, for shell scripts and non-Rust jobs.
 //!
-//! Exit codes: 0 success; 1 a failure the message explains; 2 bad usage; 3 denied by policy.
+//! Exit codes: 0 success; 1 a failure the message explains; 2 bad usage; 3 denied by policy;
+//! from `kvb exec`, 126 when the command cannot be executed and 127 when it is not found
+//! (as a shell does).
 
 mod cli;
 mod exec;
@@ -9,9 +11,10 @@ use std::io::{IsTerminal, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use kvbroker_client::{Error, GetOptions, blocking::Client};
+use kvbroker_client::{Error, GetOptions, Secret, blocking::Client};
 
 use cli::{Cli, Command};
 
@@ -20,6 +23,8 @@ pub(crate) enum Failure {
     Usage(String),
     Denied(String),
     Other(String),
+    /// `kvb exec` could not start the command: 126 or 127, like a shell.
+    Exec(u8, String),
 }
 
 impl From<Error> for Failure {
@@ -53,6 +58,10 @@ fn main() -> ExitCode {
             eprintln!("kvb: {m}");
             ExitCode::from(1)
         }
+        Err(Failure::Exec(code, m)) => {
+            eprintln!("kvb: {m}");
+            ExitCode::from(code)
+        }
     }
 }
 
@@ -66,7 +75,7 @@ fn run(client: &Client, command: Command) -> Result<(), Failure> {
             if let Some(v) = version {
                 opts = opts.version(v);
             }
-            let secret = client.get_with(&name, &opts)?;
+            let secret = get_retrying(client, &name, &opts)?;
             match output {
                 Some(path) => write_private(&path, secret.expose_secret())
                     .map_err(|e| Failure::Other(format!("cannot write {}: {e}", path.display()))),
@@ -95,6 +104,35 @@ fn run(client: &Client, command: Command) -> Result<(), Failure> {
     }
 }
 
+/// Retries after a 429 at most this many times.
+const MAX_RETRIES: u32 = 3;
+/// Never waits longer than this for one retry, whatever `Retry-After` says.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
+
+/// Reads a secret, waiting out the agent's rate limit a few times (`Retry-After`, capped)
+/// before giving up with a message that says so.
+pub(crate) fn get_retrying(client: &Client, name: &str, opts: &GetOptions) -> Result<Secret, Failure> {
+    let mut retries = 0;
+    loop {
+        match client.get_with(name, opts) {
+            Err(Error::TooManyRequests { retry_after, .. }) if retries < MAX_RETRIES => {
+                retries += 1;
+                std::thread::sleep(retry_wait(retry_after));
+            }
+            Err(e @ Error::TooManyRequests { .. }) => {
+                return Err(Failure::Other(format!("gave up after {MAX_RETRIES} retries: {e}")));
+            }
+            other => return other.map_err(Failure::from),
+        }
+    }
+}
+
+/// How long to wait before retrying: `Retry-After` (1 s if absent or zero), at most
+/// [`MAX_RETRY_WAIT`].
+fn retry_wait(retry_after: Option<Duration>) -> Duration {
+    retry_after.filter(|d| !d.is_zero()).unwrap_or(Duration::from_secs(1)).min(MAX_RETRY_WAIT)
+}
+
 /// Writes `bytes` to `path` with mode 0600: into a new file beside it, then renamed over,
 /// so no reader ever sees a partial value or a wider mode.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -107,4 +145,17 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     written
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_waits_follow_retry_after_within_the_cap() {
+        assert_eq!(retry_wait(Some(Duration::from_secs(2))), Duration::from_secs(2));
+        assert_eq!(retry_wait(Some(Duration::from_secs(3600))), MAX_RETRY_WAIT);
+        assert_eq!(retry_wait(Some(Duration::ZERO)), Duration::from_secs(1));
+        assert_eq!(retry_wait(None), Duration::from_secs(1));
+    }
 }
