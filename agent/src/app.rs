@@ -63,6 +63,22 @@ where
     let (listener, socket_file) =
         server::bind(&config.agent.socket, config.agent.socket_mode, config.agent.socket_group.as_deref())?;
     let (admin_listener, admin_file) = server::bind(&config.agent.admin_socket, 0o600, None)?;
+    // Every byte on the agent socket is labelled with its sender (accepted sockets inherit
+    // the options): requests are decided as the process that wrote them.
+    match crate::sys::pass_sender_credentials(std::os::fd::AsFd::as_fd(&listener)) {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            "this kernel has no SO_PASSPIDFD (Linux 6.5+): senders are pinned by pid and start time"
+        ),
+        Err(e) => {
+            return Err(server::SocketError::Io {
+                path: config.agent.socket.clone(),
+                what: "cannot enable sender credentials (SO_PASSCRED)",
+                source: e,
+            }
+            .into());
+        }
+    }
 
     let agent = AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -74,6 +90,7 @@ where
     start.outcome = Some(Outcome::Ok);
     start.agent = Some(agent.clone());
     start.reason = resumed.note;
+    start.policy_sha256 = Some(policy.sha256().to_owned());
     auditor.append(start).await?;
     tracing::info!(
         socket = %config.agent.socket.display(),

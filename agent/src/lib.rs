@@ -34,6 +34,7 @@ mod state;
 mod sys;
 mod terminal;
 mod transport;
+mod trust;
 mod vault;
 
 pub use cli::{AuditCommand, Cli, Command, CtlCommand, PolicyCommand};
@@ -44,6 +45,7 @@ pub use commands::launch::LaunchError;
 pub use commands::rotate::RotateError;
 pub use config::Config;
 pub use sys::ZeroOnFree;
+pub use trust::Untrusted;
 
 /// Everything that can stop a command. Each message says what failed and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +88,7 @@ mod layering {
 
     /// Lowest first. A module may use modules on its own layer or below.
     const LAYERS: &[&[&str]] = &[
-        &["sys", "shutdown", "transport", "rate", "terminal"],
+        &["sys", "shutdown", "transport", "rate", "terminal", "trust"],
         &["peer", "config"],
         &["policy", "identity"],
         &["vault", "audit"],

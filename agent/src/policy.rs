@@ -11,7 +11,6 @@
 //! exe and cgroup from `/proc`, and what the cgroup path names (systemd unit, container).
 //! Never `cmdline` or `environ`.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -22,6 +21,8 @@ use crate::peer::PeerFacts;
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Policy {
     rules: Vec<Rule>,
+    /// SHA-256 of the file's text, for the audit record of its loading.
+    sha256: String,
 }
 
 #[derive(Debug, Clone)]
@@ -71,11 +72,8 @@ impl RuleVerdict {
 pub enum PolicyError {
     #[error("{path}: cannot read policy: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error(
-        "{path}: policy is writable by group or others (mode {mode:04o}): \
-         run chmod go-w on it"
-    )]
-    Permissions { path: PathBuf, mode: u32 },
+    #[error(transparent)]
+    Untrusted(#[from] crate::trust::Untrusted),
     #[error("{path}:{line}: {message}")]
     At { path: PathBuf, line: usize, message: String },
 }
@@ -108,13 +106,14 @@ impl Policy {
     /// Loads a policy file, refusing one that group or others can write.
     pub(crate) fn load(path: &Path) -> Result<Policy, PolicyError> {
         let read_err = |source| PolicyError::Read { path: path.to_owned(), source };
-        let meta = std::fs::metadata(path).map_err(read_err)?;
-        let mode = meta.mode() & 0o777;
-        if mode & 0o022 != 0 {
-            return Err(PolicyError::Permissions { path: path.to_owned(), mode });
-        }
+        crate::trust::check_file(path, "policy file")?;
         let text = std::fs::read_to_string(path).map_err(read_err)?;
         Policy::from_toml(path, &text)
+    }
+
+    /// SHA-256 (hex) of the text this policy was loaded from.
+    pub(crate) fn sha256(&self) -> &str {
+        &self.sha256
     }
 
     /// Parses and validates policy text.
@@ -186,7 +185,11 @@ impl Policy {
             }
             rules.push(Rule { name: r.name, selectors, secrets });
         }
-        Ok(Policy { rules })
+        let sha256 = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(text.as_bytes()))
+        };
+        Ok(Policy { rules, sha256 })
     }
 
     /// Decides whether `facts` may read `vault/name` (`name` in lowercase). Stops at the
@@ -284,6 +287,11 @@ impl Selector {
             },
             None => Err(format!("caller has no {what}")),
         };
+        if let Some(why) = &f.exe_unverified
+            && matches!(self, Selector::Exe(_) | Selector::ExeSha256(_) | Selector::AncestorExe(_))
+        {
+            return Err(format!("exe unverified: {why}"));
+        }
         match self {
             Selector::Uids(uids) => {
                 if uids.contains(&f.uid) {
@@ -344,7 +352,11 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
-/// A glob where `*` matches any run of characters (including `/`) and `?` any one.
+/// A glob that behaves like a shell's: `*` matches any run of characters but `/`, `?` any
+/// one character but `/`, and `**` any run including `/` (`**/` also matches no directory
+/// at all, so `/opt/**/python3` fits `/opt/python3`). Hand-written rather than taken from a
+/// crate: it is twenty lines, allocation-free on the hot path, and its exact semantics are
+/// part of the policy contract (docs/config.md), which a dependency could change under us.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Glob(String);
 
@@ -354,31 +366,70 @@ impl Glob {
     }
 
     pub(crate) fn matches(&self, text: &str) -> bool {
-        let (p, t) = (self.0.as_bytes(), text.as_bytes());
-        let (mut pi, mut ti) = (0, 0);
-        // Where the last `*` was, and the text position it is currently standing for.
-        let mut star: Option<(usize, usize)> = None;
-        while ti < t.len() {
-            match p.get(pi) {
-                Some(b'*') => {
-                    star = Some((pi, ti));
-                    pi += 1;
+        glob_match(self.0.as_bytes(), text.as_bytes())
+    }
+}
+
+/// Backtracking over the last `*` and the last `**` only: linear for patterns without `**`,
+/// and at most (text length)² steps with it — patterns and paths are short.
+fn glob_match(p: &[u8], t: &[u8]) -> bool {
+    let (mut pi, mut ti) = (0, 0);
+    // The last single `*`: (pattern index after it, text index it stands up to).
+    let mut star: Option<(usize, usize)> = None;
+    // The last `**`: (pattern index after it, text index it stands up to, whether it was
+    // `**/` and so must stand for whole directories: a run that ends with `/`).
+    let mut globstar: Option<(usize, usize, bool)> = None;
+    loop {
+        if pi < p.len() && p[pi] == b'*' {
+            if p.get(pi + 1) == Some(&b'*') {
+                let mut after = pi + 2;
+                // `**/` may stand for no directory at all: try that first.
+                let dirs = p.get(after) == Some(&b'/') && (pi == 0 || p[pi - 1] == b'/');
+                if dirs {
+                    after += 1;
                 }
-                Some(&c) if c == b'?' || c == t[ti] => {
-                    pi += 1;
-                    ti += 1;
-                }
-                _ => match star {
-                    Some((sp, st)) => {
-                        pi = sp + 1;
-                        ti = st + 1;
-                        star = Some((sp, st + 1));
-                    }
-                    None => return false,
-                },
+                globstar = Some((after, ti, dirs));
+                star = None;
+                pi = after;
+            } else {
+                star = Some((pi + 1, ti));
+                pi += 1;
+            }
+            continue;
+        }
+        if ti == t.len() {
+            if pi == p.len() {
+                return true;
+            }
+        } else if pi < p.len() && (p[pi] == t[ti] || (p[pi] == b'?' && t[ti] != b'/')) {
+            pi += 1;
+            ti += 1;
+            continue;
+        }
+        // Mismatch: let the last `*` take one more character (never a `/`), else the last
+        // `**` (any character), else fail.
+        if let Some((sp, st)) = star
+            && st < t.len()
+            && t[st] != b'/'
+        {
+            star = Some((sp, st + 1));
+            pi = sp;
+            ti = st + 1;
+            continue;
+        }
+        if let Some((gp, gt, dirs)) = globstar {
+            // `**/` resumes only just after a `/`; plain `**` after any character.
+            let next =
+                if dirs { t[gt..].iter().position(|&c| c == b'/').map(|i| gt + i + 1) } else { Some(gt + 1) };
+            if let Some(next) = next.filter(|&n| n <= t.len()) {
+                globstar = Some((gp, next, dirs));
+                star = None;
+                pi = gp;
+                ti = next;
+                continue;
             }
         }
-        p[pi..].iter().all(|&c| c == b'*')
+        return false;
     }
 }
 

@@ -1,6 +1,8 @@
 //! The agent's only `unsafe` code: syscalls that have no safe wrapper in std or tokio.
 //!
-//! - `getsockopt(SO_PEERPIDFD)`: a pidfd for the peer of a Unix socket (Linux 6.5+).
+//! - `setsockopt(SO_PASSCRED, SO_PASSPIDFD)` and `recvmsg`: who wrote each run of bytes on a
+//!   Unix stream socket (`SCM_CREDENTIALS`, and `SCM_PIDFD` on Linux 6.5+).
+//! - `fstat` of a pidfd: its pidfs inode, unique per process for the whole boot (Linux 6.9+).
 //! - `pidfd_send_signal(fd, 0)`: is the process behind a pidfd still alive?
 //! - `getgrnam_r`: a group name to its gid (through NSS, so LDAP groups work too).
 //! - `mlock` + `madvise(MADV_DONTDUMP)`: keep cached secret values out of swap and core
@@ -17,29 +19,152 @@ use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-/// A pidfd for the process at the other end of a connected Unix socket.
-pub(crate) fn peer_pidfd(sock: BorrowedFd<'_>) -> io::Result<OwnedFd> {
-    let mut fd: libc::c_int = -1;
-    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `sock` is a valid open descriptor for the duration of the call; `fd` and `len`
-    // are live stack locals of the sizes the kernel writes (an int and its length).
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERPIDFD,
-            (&raw mut fd).cast(),
-            &raw mut len,
-        )
+/// `SCM_PIDFD`: the control message type `SO_PASSPIDFD` adds (not yet in the libc crate).
+const SCM_PIDFD: libc::c_int = 0x04;
+
+/// Asks the kernel to label every message received on `sock` (and on every socket accepted
+/// from it, which inherit the options) with its sender: `SO_PASSCRED` always, `SO_PASSPIDFD`
+/// where the kernel has it. Returns whether pidfds will come (Linux 6.5+).
+pub(crate) fn pass_sender_credentials(sock: BorrowedFd<'_>) -> io::Result<bool> {
+    let set = |opt: libc::c_int| {
+        let on: libc::c_int = 1;
+        // SAFETY: `sock` is valid for the call; the option value is a live int of the size
+        // passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const on).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
     };
+    set(libc::SO_PASSCRED)?;
+    match set(libc::SO_PASSPIDFD) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Who sent the bytes one `recvmsg` returned.
+#[derive(Debug, Default)]
+pub(crate) struct Sender {
+    /// pid, uid, gid from `SCM_CREDENTIALS` (pid 0: the sender is in a pid namespace we
+    /// cannot see into). `None`: the bytes came unlabelled.
+    pub(crate) cred: Option<(u32, u32, u32)>,
+    /// A pidfd of that exact process (`SCM_PIDFD`), if the kernel sent one.
+    pub(crate) pidfd: Option<OwnedFd>,
+    /// How many bytes this call read (0: end of stream).
+    pub(crate) len: usize,
+}
+
+/// Reads from a Unix stream socket into `buf`'s unfilled part, advancing it, and says who
+/// sent those bytes. The kernel never returns bytes of two senders in one call while
+/// `SO_PASSCRED` is set. File descriptors a caller sends us (`SCM_RIGHTS`) are closed at
+/// once: nobody can make the agent hold their descriptors.
+pub(crate) fn recv_labelled(sock: BorrowedFd<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> io::Result<Sender> {
+    // Room for credentials, one pidfd, and a few stray descriptors (closed below); anything
+    // that does not fit is discarded by the kernel (MSG_CTRUNC), which closes those fds.
+    const CONTROL: usize = 128;
+    #[repr(C, align(8))]
+    struct Control([u8; CONTROL]);
+    let mut control = Control([0; CONTROL]);
+    // SAFETY: `unfilled_mut` is memory we may write (not necessarily initialized); the
+    // kernel writes at most its length and we only mark as filled what it reports.
+    let unfilled = unsafe { buf.unfilled_mut() };
+    let mut iov = libc::iovec { iov_base: unfilled.as_mut_ptr().cast(), iov_len: unfilled.len() };
+    // SAFETY: an all-zero msghdr is a valid empty header.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &raw mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.0.as_mut_ptr().cast();
+    msg.msg_controllen = CONTROL as _;
+    // SAFETY: `msg` points at live stack buffers (iov into `buf`, control) of the lengths it
+    // states, valid for the duration of the call.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &raw mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    let mut sender = Sender { len: n, ..Sender::default() };
+    // SAFETY: the kernel wrote `msg_controllen` bytes of well-formed control messages into
+    // `control`; CMSG_FIRSTHDR/NXTHDR stay within that length, and each payload is read
+    // unaligned with the size its type defines.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            let data = libc::CMSG_DATA(cmsg);
+            let len = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
+            match ((*cmsg).cmsg_level, (*cmsg).cmsg_type) {
+                (libc::SOL_SOCKET, libc::SCM_CREDENTIALS) if len >= size_of::<libc::ucred>() => {
+                    let c = std::ptr::read_unaligned(data.cast::<libc::ucred>());
+                    sender.cred = Some((u32::try_from(c.pid).unwrap_or(0), c.uid, c.gid));
+                }
+                (libc::SOL_SOCKET, SCM_PIDFD) if len >= size_of::<libc::c_int>() => {
+                    let fd = std::ptr::read_unaligned(data.cast::<libc::c_int>());
+                    if fd >= 0 {
+                        sender.pidfd = Some(OwnedFd::from_raw_fd(fd));
+                    }
+                }
+                (libc::SOL_SOCKET, libc::SCM_RIGHTS) => {
+                    for i in 0..len / size_of::<libc::c_int>() {
+                        let fd = std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i));
+                        if fd >= 0 {
+                            drop(OwnedFd::from_raw_fd(fd));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+        // SAFETY (assume_init): the kernel initialized the first `n` bytes it returned.
+        buf.assume_init(n);
+    }
+    buf.advance(n);
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 && sender.cred.is_none() {
+        // Credentials did not fit: the bytes stay unlabelled, and are refused as such.
+        sender.pidfd = None;
+    }
+    Ok(sender)
+}
+
+/// Whether pidfds live on pidfs (Linux 6.9+), where each process has its own inode number:
+/// checked once on a pidfd of the agent itself.
+pub(crate) fn pidfds_have_unique_inodes() -> io::Result<bool> {
+    /// `PID_FS_MAGIC` from linux/magic.h.
+    const PIDFS_MAGIC: i64 = 0x5049_4446;
+    // SAFETY: a plain syscall taking a pid and flags.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the kernel returned a new descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    // SAFETY: an all-zero statfs is a valid buffer for fstatfs to fill.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a live buffer for the duration of the call.
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &raw mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64 == PIDFS_MAGIC)
+}
+
+/// The pidfs inode of a pidfd: the same number for every pidfd of one process and never
+/// reused during a boot (Linux 6.9+, where pidfds live on pidfs; older kernels give every
+/// pidfd one shared anonymous inode, so callers must not rely on it there).
+pub(crate) fn pidfd_inode(pidfd: BorrowedFd<'_>) -> io::Result<u64> {
+    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a live stat buffer for the duration of the call.
+    let rc = unsafe { libc::fstat(pidfd.as_raw_fd(), &raw mut st) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    if fd < 0 {
-        return Err(io::Error::other("kernel returned no pidfd"));
-    }
-    // SAFETY: on success the kernel gave us a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(st.st_ino)
 }
 
 /// Whether the process a pidfd refers to is still running (not exited, not reaped).
@@ -208,14 +333,70 @@ mod tests {
         assert_eq!(group_id("no-such-group-kvb").unwrap(), None);
     }
 
-    #[test]
-    fn pidfd_of_socket_pair_names_ourselves() {
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        use std::os::fd::AsFd;
-        match peer_pidfd(a.as_fd()) {
-            Ok(fd) => assert!(pidfd_alive(fd.as_fd()).unwrap()),
-            // Kernels before 6.5 lack SO_PEERPIDFD; the agent falls back to start times.
-            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ENOPROTOOPT), "{e}"),
+    fn fd_count() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    /// Sends `bytes` on `sock` with `fd` attached as SCM_RIGHTS, as a hostile caller would.
+    fn send_with_fd(sock: BorrowedFd<'_>, bytes: &[u8], fd: BorrowedFd<'_>) {
+        #[repr(C, align(8))]
+        struct Control([u8; 64]);
+        let mut control = Control([0; 64]);
+        let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut _, iov_len: bytes.len() };
+        // SAFETY: test code; all pointers are to live locals of the stated sizes.
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &raw mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.0.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as _;
+            std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd.as_raw_fd());
+            assert_eq!(libc::sendmsg(sock.as_raw_fd(), &raw const msg, 0), bytes.len() as isize);
         }
+    }
+
+    #[test]
+    fn received_bytes_carry_their_sender_and_passed_fds_are_closed() {
+        use std::io::Write;
+        use std::os::fd::AsFd;
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let pidfds = pass_sender_credentials(a.as_fd()).unwrap();
+        b.write_all(b"hello").unwrap();
+        let mut storage = [0u8; 16];
+        let mut buf = tokio::io::ReadBuf::new(&mut storage);
+        let got = recv_labelled(a.as_fd(), &mut buf).unwrap();
+        assert_eq!(buf.filled(), b"hello");
+        assert_eq!(got.len, 5);
+        let me = std::process::id();
+        assert_eq!(got.cred.map(|c| c.0), Some(me));
+        if pidfds {
+            let fd = got.pidfd.as_ref().expect("SO_PASSPIDFD gives a pidfd");
+            assert!(pidfd_alive(fd.as_fd()).unwrap());
+            if pidfds_have_unique_inodes().unwrap() {
+                let again = {
+                    b.write_all(b"x").unwrap();
+                    let mut storage = [0u8; 4];
+                    let mut buf = tokio::io::ReadBuf::new(&mut storage);
+                    recv_labelled(a.as_fd(), &mut buf).unwrap().pidfd.unwrap()
+                };
+                assert_eq!(pidfd_inode(fd.as_fd()).unwrap(), pidfd_inode(again.as_fd()).unwrap());
+            }
+        }
+        drop(got);
+        // A file descriptor sent along with request bytes never stays open in the agent.
+        let before = fd_count();
+        let file = std::fs::File::open("/proc/self/stat").unwrap();
+        send_with_fd(b.as_fd(), b"GET", file.as_fd());
+        drop(file);
+        let mut storage = [0u8; 16];
+        let mut buf = tokio::io::ReadBuf::new(&mut storage);
+        let got = recv_labelled(a.as_fd(), &mut buf).unwrap();
+        assert_eq!(buf.filled(), b"GET");
+        drop(got);
+        assert_eq!(fd_count(), before, "the passed descriptor was closed");
     }
 }

@@ -47,6 +47,9 @@ pub struct AuditRecord {
     /// For `agent.start` / `agent.stop`: facts about the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentInfo>,
+    /// For `agent.start` and `policy.reload`: SHA-256 of the policy file that was loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_sha256: Option<String>,
     /// The `hash` of the record before this one (64 zeros for the first of a chain).
     pub prev: String,
     /// This record's hash; see docs/audit.md. Always the last field of the line.
@@ -72,6 +75,7 @@ impl AuditRecord {
             cache: None,
             upstream_request_id: None,
             agent: None,
+            policy_sha256: None,
             prev: String::new(),
             hash: None,
         }
@@ -166,11 +170,12 @@ pub enum CacheState {
 /// Kernel-attested facts about a caller, as recorded.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
-    /// Process id as the agent sees it (0: another PID namespace).
+    /// Process id, as the agent sees it, of the process that wrote the request (0: another
+    /// PID namespace).
     pub pid: u32,
-    /// Effective uid at `connect()`.
+    /// Its effective uid.
     pub uid: u32,
-    /// Effective gid at `connect()`.
+    /// Its effective gid.
     pub gid: u32,
     /// Supplementary groups.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -178,6 +183,13 @@ pub struct PeerInfo {
     /// Resolved executable path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exe: Option<String>,
+    /// Why `exe` could not be verified (the path, seen from the agent's mount namespace, is
+    /// not the file the process runs): then no exe, exe_sha256 or ancestor_exe selector fits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe_unverified: Option<String>,
+    /// The process that called `connect()`, when it is not the one that wrote the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_pid: Option<u32>,
     /// SHA-256 of the executable, when a rule needed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exe_sha256: Option<String>,

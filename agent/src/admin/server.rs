@@ -13,7 +13,6 @@ use kvbroker_proto::{SecretName, SecretQuery};
 use serde_json::json;
 use tokio::net::UnixStream;
 
-use crate::peer::ConnPeer;
 use crate::server::Handler;
 use crate::state::State;
 
@@ -28,9 +27,12 @@ pub(crate) struct AdminSocket {
 impl Handler for AdminSocket {
     /// Whether the caller is root (or the agent's own user).
     type Conn = bool;
+    type Io = UnixStream;
 
-    fn accept(&self, stream: &UnixStream) -> Option<bool> {
-        Some(ConnPeer::of(stream).is_ok_and(|p| p.uid == 0 || p.uid == crate::sys::effective_uid()))
+    fn accept(&self, stream: UnixStream) -> Option<(bool, UnixStream)> {
+        let uid = stream.peer_cred().ok().map(|c| c.uid());
+        let allowed = uid.is_some_and(|u| u == 0 || u == crate::sys::effective_uid());
+        Some((allowed, stream))
     }
 
     fn span(&self, root: &bool) -> tracing::Span {

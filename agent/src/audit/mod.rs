@@ -35,6 +35,8 @@ use crate::config::AuditConfig;
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuditError {
+    #[error(transparent)]
+    Untrusted(#[from] crate::trust::Untrusted),
     #[error("{path}: cannot open audit log: {reason}")]
     Open { path: PathBuf, reason: String },
     #[error("{path}: cannot write audit record: {reason}")]
@@ -162,6 +164,7 @@ impl Auditor {
 /// Reads an HMAC key file, refusing one that group or others can read.
 pub(crate) fn read_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, AuditError> {
     let key_err = |reason: String| AuditError::Key { path: path.to_owned(), reason };
+    crate::trust::check_file(path, "HMAC key file")?;
     let meta = std::fs::metadata(path).map_err(|e| key_err(e.to_string()))?;
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(key_err("readable by group or others: run chmod 600 on it".into()));

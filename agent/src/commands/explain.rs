@@ -65,7 +65,12 @@ pub(crate) fn render(policy: &Policy, facts: &PeerFacts, vault: &str, name: &str
     row(&mut out, "gid", &facts.gid.to_string());
     let groups: Vec<String> = facts.groups.iter().map(ToString::to_string).collect();
     row(&mut out, "groups", &if groups.is_empty() { "-".to_owned() } else { groups.join(" ") });
-    row(&mut out, "exe", facts.exe.as_deref().unwrap_or("-"));
+    match &facts.exe_unverified {
+        None => row(&mut out, "exe", facts.exe.as_deref().unwrap_or("-")),
+        Some(why) => {
+            row(&mut out, "exe", &format!("{} (UNVERIFIED: {why})", facts.exe.as_deref().unwrap_or("-")))
+        }
+    }
     if policy.uses_exe_sha256() {
         let h = match facts.exe_sha256() {
             Ok(h) => h.to_owned(),
@@ -74,8 +79,16 @@ pub(crate) fn render(policy: &Policy, facts: &PeerFacts, vault: &str, name: &str
         row(&mut out, "exe_sha256", &h);
     }
     row(&mut out, "cgroup", facts.cgroup.as_deref().unwrap_or("-"));
-    row(&mut out, "systemd_unit", facts.systemd_unit().unwrap_or("-"));
-    row(&mut out, "container_id", facts.container_id().unwrap_or("-"));
+    let names = facts.cgroup_names();
+    let named = |n: &Option<peer::cgroup::Named>| match n {
+        Some(n) => format!("{} (cgroup segment {})", n.name, n.segment),
+        None => "-".to_owned(),
+    };
+    row(&mut out, "systemd_unit", &named(&names.unit));
+    row(&mut out, "container_id", &named(&names.container));
+    if let Some(why) = &names.refused {
+        row(&mut out, "cgroup names", &format!("not used: {why}"));
+    }
     let _ = writeln!(out, "secret: {vault}/{name}\n");
     if verdicts.is_empty() {
         let _ = writeln!(out, "(the policy has no rules)");

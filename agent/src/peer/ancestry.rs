@@ -24,7 +24,12 @@ pub(crate) fn ancestors(pid: u32) -> Result<Vec<Ancestor>, PeerError> {
             // recycled. The chain ends here.
             break;
         }
-        out.push(Ancestor { pid: ppid, start, exe: proc::exe(ppid).ok().flatten() });
+        // An ancestor's exe counts only if verified like the caller's own.
+        let exe = match proc::exe_checked(ppid) {
+            Ok((Some(exe), None)) => Some(exe),
+            _ => None,
+        };
+        out.push(Ancestor { pid: ppid, start, exe });
         child_start = start;
         ppid = grand;
     }

@@ -1,7 +1,8 @@
 //! SHA-256 of a caller's executable, for `exe_sha256` rules: computed only when a rule uses
 //! it, from the file the process is actually running (`/proc/PID/exe`, so a replaced or
-//! deleted path does not matter), and cached by (device, inode, size, mtime) so a busy
-//! interpreter is hashed once. Files over [`MAX_HASH_BYTES`] are not hashed and match no
+//! deleted path does not matter), and cached by (device, inode, size, mtime, ctime) so a
+//! busy interpreter is hashed once — and a file patched in place is hashed again even when
+//! its mtime is restored (ctime cannot be set back but by root). Files over [`MAX_HASH_BYTES`] are not hashed and match no
 //! `exe_sha256` rule.
 
 use std::collections::HashMap;
@@ -14,7 +15,9 @@ use sha2::{Digest, Sha256};
 /// Executables larger than this are not hashed.
 pub(crate) const MAX_HASH_BYTES: u64 = 512 << 20;
 
-type FileId = (u64, u64, u64, i64, i64);
+/// (device, inode, size, mtime, ctime): ctime too, because the owner of a file can patch
+/// it in place at the same size and set mtime back, but only root can set ctime back.
+type FileId = (u64, u64, u64, (i64, i64), (i64, i64));
 
 static CACHE: LazyLock<Mutex<HashMap<FileId, String>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
@@ -26,7 +29,7 @@ pub(crate) fn sha256_of(path: &str) -> Result<String, String> {
     if m.len() > MAX_HASH_BYTES {
         return Err(format!("executable is {} bytes, over the {MAX_HASH_BYTES}-byte hashing limit", m.len()));
     }
-    let id = (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec());
+    let id = (m.dev(), m.ino(), m.len(), (m.mtime(), m.mtime_nsec()), (m.ctime(), m.ctime_nsec()));
     let cache = || CACHE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(h) = cache().get(&id) {
         return Ok(h.clone());

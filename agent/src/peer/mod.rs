@@ -18,22 +18,26 @@ pub(crate) mod ancestry;
 pub(crate) mod cgroup;
 pub(crate) mod exe_hash;
 mod proc;
+pub(crate) mod sender;
 
-use std::os::fd::{AsFd, OwnedFd};
-
-use crate::sys;
-use std::sync::OnceLock;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use kvbroker_proto::PeerInfo;
 
-/// What the kernel told us at `accept()`.
+use crate::sys;
+use sender::{NotOneWriter, SenderLog, Writer};
+
+/// One connection's caller: who connected (`SO_PEERCRED` at `accept()`, for connection caps
+/// and logs) and who writes on it (per-message credentials, for every decision).
 pub(crate) struct ConnPeer {
+    /// The process that called `connect()`, as of then.
     pub(crate) pid: u32,
     pub(crate) uid: u32,
     pub(crate) gid: u32,
-    pidfd: Option<OwnedFd>,
-    /// The facts of this connection's first request.
-    bound: std::sync::Mutex<Option<std::sync::Arc<PeerFacts>>>,
+    senders: Arc<SenderLog>,
+    /// The facts of this connection's writer, read at its first request.
+    bound: Mutex<Option<Arc<PeerFacts>>>,
 }
 
 /// Facts about a caller, read for one request.
@@ -44,6 +48,10 @@ pub(crate) struct PeerFacts {
     pub(crate) gid: u32,
     pub(crate) groups: Vec<u32>,
     pub(crate) exe: Option<String>,
+    /// Why `exe` is not trusted (see `proc::exe_checked`); `None` when it is verified.
+    pub(crate) exe_unverified: Option<String>,
+    /// The process that called `connect()`, when another one wrote the request.
+    pub(crate) connected_pid: Option<u32>,
     pub(crate) cgroup: Option<String>,
     /// The file to hash for `exe_sha256` (`/proc/PID/exe` for a live caller).
     pub(crate) exe_file: Option<String>,
@@ -51,6 +59,8 @@ pub(crate) struct PeerFacts {
     exe_sha256: OnceLock<Result<String, String>>,
     /// Verified ancestors, walked on first use.
     ancestors: OnceLock<Vec<ancestry::Ancestor>>,
+    /// Unit and container from the cgroup path, checked on first use.
+    cgroup_names: OnceLock<cgroup::CgroupNames>,
 }
 
 /// Why a caller's facts could not be established. Each is a denial reason.
@@ -62,81 +72,108 @@ pub(crate) enum PeerError {
     Exited,
     #[error("peer executable changed since this connection's first request: reconnect")]
     ExeChanged,
+    #[error(
+        "process {other} wrote on a connection process {first} was using: each process must \
+         open its own connection"
+    )]
+    SecondWriter { first: u32, other: u32 },
+    #[error("request bytes arrived without sender credentials")]
+    Unlabelled,
     #[error("peer facts unreadable: {0}")]
     Unreadable(String),
 }
 
 impl ConnPeer {
-    /// Takes the peer credentials of an accepted connection.
-    pub(crate) fn of(stream: &tokio::net::UnixStream) -> std::io::Result<Self> {
+    /// Takes the connector's credentials of an accepted connection; `senders` is filled in
+    /// by the connection's [`sender::LabelledStream`].
+    pub(crate) fn of(stream: &tokio::net::UnixStream, senders: Arc<SenderLog>) -> std::io::Result<Self> {
         let cred = stream.peer_cred()?;
         let pid = cred.pid().map_or(0, |p| u32::try_from(p).unwrap_or(0));
-        // Without SO_PEERPIDFD (kernels before 6.5) the start-time check still guards reuse.
-        let pidfd = sys::peer_pidfd(stream.as_fd()).ok();
-        Ok(Self { pid, uid: cred.uid(), gid: cred.gid(), pidfd, bound: std::sync::Mutex::new(None) })
+        Ok(Self { pid, uid: cred.uid(), gid: cred.gid(), senders, bound: Mutex::new(None) })
     }
 
-    /// Reads the caller's facts now, and checks the process is the one that connected.
-    pub(crate) fn facts(&self) -> Result<std::sync::Arc<PeerFacts>, PeerError> {
-        if self.pid == 0 {
+    /// The facts of the process that wrote this request, read at the connection's first
+    /// request and re-checked (alive, same exe) at each later one.
+    pub(crate) fn facts(&self) -> Result<Arc<PeerFacts>, PeerError> {
+        let writer = self.senders.writer().map_err(|e| match e {
+            NotOneWriter::Mixed { first, other } => {
+                PeerError::SecondWriter { first: first.pid, other: other.pid }
+            }
+            NotOneWriter::Unlabelled | NotOneWriter::Nothing => PeerError::Unlabelled,
+        })?;
+        if writer.pid == 0 {
             return Err(PeerError::OtherNamespace);
         }
-        let bound = self.bound.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner).clone();
         if let Some(facts) = bound {
-            // A later request on this connection: same process, same exe?
-            self.check_alive()?;
-            if proc::exe(self.pid)? != facts.exe {
+            // A later request from the same writer: still alive, same exe?
+            check_alive(&writer)?;
+            if proc::exe(writer.pid)? != facts.exe {
                 return Err(PeerError::ExeChanged);
             }
             return Ok(facts);
         }
-        let facts = std::sync::Arc::new(self.read_facts()?);
-        *self.bound.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some(std::sync::Arc::clone(&facts));
+        let mut facts = read_facts(&writer)?;
+        facts.connected_pid = (self.pid != writer.pid).then_some(self.pid);
+        let facts = Arc::new(facts);
+        *self.bound.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&facts));
         Ok(facts)
     }
 
-    /// The process that connected is still alive (so `/proc/PID` is still it).
-    fn check_alive(&self) -> Result<(), PeerError> {
-        match &self.pidfd {
-            Some(fd) => match sys::pidfd_alive(fd.as_fd()) {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(PeerError::Exited),
-                Err(e) => Err(PeerError::Unreadable(format!("pidfd: {e}"))),
-            },
-            None => Ok(()),
-        }
-    }
-
-    fn read_facts(&self) -> Result<PeerFacts, PeerError> {
-        // Without a pidfd, the start time read before and after must agree.
-        let before = if self.pidfd.is_none() { Some(proc::start_time(self.pid)?) } else { None };
-        let status = proc::status(self.pid)?;
-        let exe = proc::exe(self.pid)?;
-        let cgroup = proc::cgroup(self.pid)?;
-        if let Some(before) = before
-            && proc::start_time(self.pid)? != before
-        {
-            return Err(PeerError::Exited);
-        }
-        self.check_alive()?;
-        Ok(PeerFacts {
-            pid: self.pid,
-            uid: self.uid,
-            gid: self.gid,
-            groups: status.groups,
-            exe,
-            cgroup,
-            exe_file: Some(format!("/proc/{}/exe", self.pid)),
-            exe_sha256: OnceLock::new(),
-            ancestors: OnceLock::new(),
-        })
-    }
-
-    /// What we can record about a caller whose facts could not be read.
+    /// What the audit record says about the caller when [`facts`](Self::facts) failed: the
+    /// process that wrote last if a second one did (read afresh, best effort), else the
+    /// connector.
     pub(crate) fn info(&self) -> PeerInfo {
+        if let Err(NotOneWriter::Mixed { other, .. }) = self.senders.writer()
+            && let Ok(f) = read_facts(&other)
+        {
+            return f.info();
+        }
         PeerInfo { pid: self.pid, uid: self.uid, gid: self.gid, ..PeerInfo::default() }
     }
+}
+
+/// The writer is still alive (so `/proc/PID` is still it).
+fn check_alive(w: &Writer) -> Result<(), PeerError> {
+    match w.pidfd.as_ref().map(|fd| sys::pidfd_alive(fd.as_fd())) {
+        Some(Ok(true)) => Ok(()),
+        Some(Ok(false)) => Err(PeerError::Exited),
+        Some(Err(e)) => Err(PeerError::Unreadable(format!("pidfd: {e}"))),
+        None => Ok(()),
+    }
+}
+
+/// Reads a writer's facts from `/proc/PID`, confirming afterwards through its pidfd (or,
+/// without one, its start time before and after) that the pid named it the whole time.
+fn read_facts(w: &Writer) -> Result<PeerFacts, PeerError> {
+    let pidfd: Option<BorrowedFd<'_>> = w.pidfd.as_ref().map(AsFd::as_fd);
+    let before = if pidfd.is_none() { Some(proc::start_time(w.pid)?) } else { None };
+    let status = proc::status(w.pid)?;
+    let (exe, exe_unverified) = proc::exe_checked(w.pid)?;
+    let cgroup = proc::cgroup(w.pid)?;
+    if let Some(before) = before
+        && proc::start_time(w.pid)? != before
+    {
+        return Err(PeerError::Exited);
+    }
+    check_alive(w)?;
+    let (Some(uid), Some(gid)) = (status.uid, status.gid) else {
+        return Err(PeerError::Unreadable("status: no Uid/Gid".into()));
+    };
+    Ok(PeerFacts {
+        pid: w.pid,
+        uid,
+        gid,
+        groups: status.groups,
+        exe,
+        exe_unverified,
+        connected_pid: None,
+        cgroup,
+        exe_file: Some(format!("/proc/{}/exe", w.pid)),
+        exe_sha256: OnceLock::new(),
+        ancestors: OnceLock::new(),
+        cgroup_names: OnceLock::new(),
+    })
 }
 
 /// A process's start time (clock ticks since boot), to pin a pid to one process.
@@ -151,16 +188,20 @@ pub(crate) fn facts_of_pid(pid: u32) -> Result<PeerFacts, PeerError> {
     let (Some(uid), Some(gid)) = (status.uid, status.gid) else {
         return Err(PeerError::Unreadable("status: no Uid/Gid".into()));
     };
+    let (exe, exe_unverified) = proc::exe_checked(pid)?;
     Ok(PeerFacts {
         pid,
         uid,
         gid,
         groups: status.groups,
-        exe: proc::exe(pid)?,
+        exe,
+        exe_unverified,
+        connected_pid: None,
         cgroup: proc::cgroup(pid)?,
         exe_file: Some(format!("/proc/{pid}/exe")),
         exe_sha256: OnceLock::new(),
         ancestors: OnceLock::new(),
+        cgroup_names: OnceLock::new(),
     })
 }
 
@@ -180,10 +221,13 @@ impl PeerFacts {
             gid,
             groups,
             exe,
+            exe_unverified: None,
+            connected_pid: None,
             cgroup,
             exe_file,
             exe_sha256: OnceLock::new(),
             ancestors: OnceLock::new(),
+            cgroup_names: OnceLock::new(),
         }
     }
 
@@ -213,12 +257,30 @@ impl PeerFacts {
         self.ancestors().iter().any(|a| a.pid == pid && a.start == start)
     }
 
+    /// Sets the cgroup path, taking every directory on it as root's (tests of policy logic,
+    /// where the paths do not exist on the test machine).
+    #[cfg(test)]
+    pub(crate) fn set_cgroup_trusted(&mut self, path: &str) {
+        self.cgroup = Some(path.to_owned());
+        self.cgroup_names = OnceLock::from(cgroup::names_with(path, &|_| Ok(())));
+    }
+
+    /// What the cgroup path names (unit, container), anchored and ownership-checked once.
+    pub(crate) fn cgroup_names(&self) -> &cgroup::CgroupNames {
+        self.cgroup_names.get_or_init(|| match (&self.cgroup, self.pid) {
+            (None, _) => cgroup::CgroupNames::default(),
+            // Facts given by hand: the path may not exist on this node.
+            (Some(path), 0) => cgroup::names_hypothetical(path),
+            (Some(path), _) => cgroup::names(path),
+        })
+    }
+
     pub(crate) fn systemd_unit(&self) -> Option<&str> {
-        self.cgroup.as_deref().and_then(cgroup::systemd_unit)
+        self.cgroup_names().unit.as_ref().map(|n| n.name.as_str())
     }
 
     pub(crate) fn container_id(&self) -> Option<&str> {
-        self.cgroup.as_deref().and_then(cgroup::container_id)
+        self.cgroup_names().container.as_ref().map(|n| n.name.as_str())
     }
 
     /// The facts as written to the audit record (the hash only if a rule needed it).
@@ -229,6 +291,8 @@ impl PeerFacts {
             gid: self.gid,
             groups: self.groups.clone(),
             exe: self.exe.clone(),
+            exe_unverified: self.exe_unverified.clone(),
+            connected_pid: self.connected_pid,
             exe_sha256: self.exe_sha256.get().and_then(|r| r.as_ref().ok()).cloned(),
             cgroup: self.cgroup.clone(),
             unit: self.systemd_unit().map(str::to_owned),
@@ -242,11 +306,20 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn facts_of_ourselves() {
-        let (a, _b) = tokio::net::UnixStream::pair().unwrap();
-        let peer = ConnPeer::of(&a).unwrap();
+    async fn facts_of_the_writer() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        assert!(sys::pass_sender_credentials(a.as_fd()).is_ok());
+        let log = Arc::new(SenderLog::default());
+        let peer = ConnPeer::of(&a, Arc::clone(&log)).unwrap();
         assert_eq!(peer.pid, std::process::id());
+        assert!(matches!(peer.facts(), Err(PeerError::Unlabelled)), "nothing written yet");
+        b.write_all(b"GET").await.unwrap();
+        let mut stream = sender::LabelledStream::new(a, log);
+        let mut got = [0u8; 3];
+        stream.read_exact(&mut got).await.unwrap();
         let f = peer.facts().unwrap();
+        assert_eq!(f.pid, std::process::id());
         let me = std::fs::read_link("/proc/self/exe").unwrap();
         assert_eq!(f.exe.as_deref(), me.to_str());
         assert!(f.cgroup.as_deref().is_some_and(|c| c.starts_with('/')));
@@ -256,7 +329,14 @@ mod tests {
 
     #[test]
     fn pid_zero_is_another_namespace() {
-        let p = ConnPeer { pid: 0, uid: 0, gid: 0, pidfd: None, bound: std::sync::Mutex::new(None) };
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let _guard = rt.enter();
+        let a = tokio::net::UnixStream::from_std(a).unwrap();
+        let log = Arc::new(SenderLog::default());
+        log.record(sys::Sender { cred: Some((0, 1000, 1000)), pidfd: None, len: 1 });
+        let p = ConnPeer::of(&a, log).unwrap();
         assert!(matches!(p.facts(), Err(PeerError::OtherNamespace)));
     }
 }

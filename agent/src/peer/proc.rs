@@ -66,6 +66,24 @@ pub(super) fn exe(pid: u32) -> Result<Option<String>, PeerError> {
     }
 }
 
+/// The exe path and, if it cannot be trusted, why: the path must name, in the agent's own
+/// mount namespace, the very file (device and inode) the process runs. A caller in its own
+/// mount namespace can bind-mount anything over an allowed path, and `/proc/PID/exe` then
+/// reads as that path.
+pub(super) fn exe_checked(pid: u32) -> Result<(Option<String>, Option<String>), PeerError> {
+    use std::os::unix::fs::MetadataExt;
+    let Some(path) = exe(pid)? else { return Ok((None, None)) };
+    let running = std::fs::File::open(format!("/proc/{pid}/exe"))
+        .and_then(|f| f.metadata())
+        .map_err(|e| gone_or(e, "exe"))?;
+    let why = match std::fs::metadata(&path) {
+        Ok(named) if (named.dev(), named.ino()) == (running.dev(), running.ino()) => None,
+        Ok(_) => Some(format!("{path} is, in the agent's mount namespace, not the file the process runs")),
+        Err(e) => Some(format!("{path} cannot be opened in the agent's mount namespace ({e})")),
+    };
+    Ok((Some(path), why))
+}
+
 fn proc_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }

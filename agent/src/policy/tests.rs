@@ -1,13 +1,9 @@
 use super::*;
 
 fn facts(uid: u32, gid: u32, groups: &[u32]) -> PeerFacts {
-    PeerFacts::given(
-        uid,
-        gid,
-        groups.to_vec(),
-        Some("/opt/conda/bin/python3.11".into()),
-        Some("/system.slice/azureml-job.service".into()),
-    )
+    let mut f = PeerFacts::given(uid, gid, groups.to_vec(), Some("/opt/conda/bin/python3.11".into()), None);
+    f.set_cgroup_trusted("/system.slice/azureml-job.service");
+    f
 }
 
 fn policy(text: &str) -> Policy {
@@ -103,7 +99,18 @@ fn bad_secret_pattern_and_empty_lists_are_refused() {
 fn glob_matching() {
     let g = |p: &str, t: &str| Glob::new(p).matches(t);
     assert!(g("*", ""));
-    assert!(g("/a/*", "/a/b/c"));
+    assert!(g("/a/*", "/a/b"));
+    // Like a shell: `*` and `?` stop at `/` (issue 12: `*/torchrun` fitted /tmp/x/torchrun).
+    assert!(!g("/a/*", "/a/b/c"));
+    assert!(!g("*/torchrun", "/tmp/x/torchrun"));
+    assert!(!g("/a?b", "/a/b"));
+    assert!(g("/a/**", "/a/b/c"));
+    assert!(g("/opt/**/python3", "/opt/python3"));
+    assert!(g("/opt/**/python3", "/opt/a/b/python3"));
+    assert!(!g("/opt/**/python3", "/opt/apython3"));
+    assert!(!g("/opt/**/python3", "/optx/python3"));
+    assert!(g("/opt/**/bin/python3*", "/opt/conda/envs/x/bin/python3.11"));
+    assert!(!g("/opt/**/bin/python3*", "/opt/conda/envs/x/bin/python3/evil"));
     assert!(g("a?c", "abc"));
     assert!(!g("a?c", "ac"));
     assert!(g("*b*b*", "abxbc"));
@@ -117,7 +124,7 @@ fn glob_matching() {
 fn example_policy_loads() {
     let p = policy(include_str!("../../../deploy/policy.example.toml"));
     let mut f = facts(1000, 1000, &[]);
-    f.cgroup = Some("/system.slice/azureml-train.service".into());
+    f.set_cgroup_trusted("/system.slice/azureml-train.service");
     assert_eq!(p.decide(&f, "default", "storage-key1"), Decision::Allow { rule: "train-jobs".into() });
     assert!(matches!(p.decide(&f, "default", "api-token-x"), Decision::Deny { .. }));
     assert_eq!(
@@ -136,7 +143,7 @@ fn systemd_unit_and_container_id_selectors() {
     ));
     assert_eq!(p.decide(&facts(1, 1, &[]), "v", "a"), Decision::Allow { rule: "unit".into() });
     let mut f = facts(1, 1, &[]);
-    f.cgroup = Some(format!("/kubepods.slice/kubepods-pod1.slice/cri-containerd-{id}.scope"));
+    f.set_cgroup_trusted(&format!("/kubepods.slice/kubepods-pod1.slice/cri-containerd-{id}.scope"));
     assert_eq!(p.decide(&f, "v", "b"), Decision::Allow { rule: "ctr".into() });
     assert!(matches!(p.decide(&facts(1, 1, &[]), "v", "b"), Decision::Deny { .. }));
 }
@@ -179,4 +186,57 @@ fn explain_gives_every_reason() {
     assert!(!verdicts[0].allows());
     assert_eq!(verdicts[1].checks[0], ("gids", true, "supplementary group 7".to_owned()));
     assert_eq!(verdicts[1].checks[1], ("secrets", true, "v/s fits \"v/*\"".to_owned()));
+}
+
+/// The reference semantics, written the slow obvious way: every way of splitting the text.
+/// Byte 1 stands for a `**/` that does not start a segment (plain `**`, then a literal `/`).
+fn reference(p: &[u8], t: &[u8]) -> bool {
+    match p {
+        [] => t.is_empty(),
+        [1, rest @ ..] => (0..=t.len()).any(|i| reference(&[&[b'/'], rest].concat(), &t[i..])),
+        [b'*', b'*', b'/', rest @ ..] => {
+            reference(rest, t) || (0..t.len()).any(|i| t[i] == b'/' && reference(rest, &t[i + 1..]))
+        }
+        [b'*', b'*', rest @ ..] => (0..=t.len()).any(|i| reference(rest, &t[i..])),
+        [b'*', rest @ ..] => {
+            (0..=t.len()).take_while(|&i| i == 0 || t[i - 1] != b'/').any(|i| reference(rest, &t[i..]))
+        }
+        [b'?', rest @ ..] => t.first().is_some_and(|&c| c != b'/') && reference(rest, &t[1..]),
+        [c, rest @ ..] => t.first() == Some(c) && reference(rest, &t[1..]),
+    }
+}
+
+/// Property: the matcher agrees with [`reference`] on random patterns and paths over a small
+/// alphabet (so that matches and near misses are both common).
+#[test]
+fn glob_agrees_with_the_reference() {
+    let mut rng = fastrand::Rng::with_seed(12);
+    let pick = |rng: &mut fastrand::Rng, set: &[&str], n: usize| -> String {
+        (0..n).map(|_| set[rng.usize(..set.len())]).collect()
+    };
+    for _ in 0..20_000 {
+        let (pn, tn) = (rng.usize(0..7), rng.usize(0..9));
+        let p = pick(&mut rng, &["a", "b", "/", "*", "?", "**", "**/"], pn);
+        let t = pick(&mut rng, &["a", "b", "/"], tn);
+        // Mark the `**/`s that do not start a segment, as the matcher treats them.
+        let mut q = Vec::new();
+        let mut i = 0;
+        let pb = p.as_bytes();
+        while i < pb.len() {
+            if pb[i..].starts_with(b"**") {
+                let dirs = pb.get(i + 2) == Some(&b'/') && (i == 0 || pb[i - 1] == b'/');
+                if pb.get(i + 2) == Some(&b'/') && !dirs {
+                    q.push(1);
+                    i += 3;
+                } else {
+                    q.extend_from_slice(b"**");
+                    i += 2;
+                }
+            } else {
+                q.push(pb[i]);
+                i += 1;
+            }
+        }
+        assert_eq!(Glob::new(&p).matches(&t), reference(&q, t.as_bytes()), "pattern {p:?} text {t:?}");
+    }
 }

@@ -9,7 +9,7 @@ mod routes;
 
 use std::convert::Infallible;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +23,7 @@ use tokio::net::UnixListener;
 use tracing::Instrument;
 
 use crate::peer::ConnPeer;
+use crate::peer::sender::{LabelledStream, SenderLog};
 use crate::state::State;
 use crate::state::limits::ConnSlot;
 
@@ -34,11 +35,8 @@ pub enum SocketError {
     InUse { path: PathBuf },
     #[error("{path}: exists and is not a socket; remove it or choose another [agent] socket")]
     NotASocket { path: PathBuf },
-    #[error(
-        "{dir}: the socket's directory is writable by others (mode {mode:04o}), so anyone could \
-         replace the socket: use a directory only root (or the agent's user) can write"
-    )]
-    UnsafeDir { dir: PathBuf, mode: u32 },
+    #[error(transparent)]
+    Untrusted(#[from] crate::trust::Untrusted),
     #[error("socket_group {group:?}: no such group")]
     NoGroup { group: String },
     #[error("{path}: {what}: {source}")]
@@ -70,10 +68,7 @@ pub(crate) fn bind(
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
             .map_err(|e| io_err("cannot set directory mode", e))?;
     }
-    let dmode = std::fs::metadata(dir).map_err(|e| io_err("cannot inspect directory", e))?.mode();
-    if dmode & 0o002 != 0 {
-        return Err(SocketError::UnsafeDir { dir: dir.to_owned(), mode: dmode & 0o7777 });
-    }
+    crate::trust::check_dir_chain(dir, "the socket's directory")?;
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => match std::os::unix::net::UnixStream::connect(path) {
             Ok(_) => {
@@ -122,8 +117,10 @@ pub(crate) trait Handler: Send + Sync + 'static {
     /// What is learned at accept (the caller's kernel credentials) and kept while the
     /// connection lives; dropped when it closes.
     type Conn: Send + Sync + 'static;
-    /// Facts for a new connection, or `None` to close it at once.
-    fn accept(&self, stream: &tokio::net::UnixStream) -> Option<Self::Conn>;
+    /// What hyper reads and writes (the stream itself, or a wrapper that labels reads).
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    /// Facts for a new connection and its I/O, or `None` to close it at once.
+    fn accept(&self, stream: tokio::net::UnixStream) -> Option<(Self::Conn, Self::Io)>;
     /// The tracing span every event of the connection is recorded in.
     fn span(&self, conn: &Self::Conn) -> tracing::Span;
     /// Answers one request.
@@ -156,7 +153,7 @@ pub(crate) async fn serve<H: Handler, T>(
                 }
             },
         };
-        let Some(conn) = handler.accept(&stream) else { continue };
+        let Some((conn, io)) = handler.accept(stream) else { continue };
         let conn = Arc::new(conn);
         let span = handler.span(&conn);
         let h = Arc::clone(&handler);
@@ -168,7 +165,7 @@ pub(crate) async fn serve<H: Handler, T>(
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
             .max_buf_size(MAX_HEAD_BYTES)
-            .serve_connection(TokioIo::new(stream), svc);
+            .serve_connection(TokioIo::new(io), svc);
         let conn = graceful.watch(conn);
         tokio::spawn(
             async move {
@@ -205,12 +202,14 @@ pub(crate) struct AgentConn {
 
 impl Handler for AgentSocket {
     type Conn = AgentConn;
+    type Io = LabelledStream;
 
-    fn accept(&self, stream: &tokio::net::UnixStream) -> Option<AgentConn> {
-        match ConnPeer::of(stream) {
+    fn accept(&self, stream: tokio::net::UnixStream) -> Option<(AgentConn, LabelledStream)> {
+        let senders = Arc::new(SenderLog::default());
+        match ConnPeer::of(&stream, Arc::clone(&senders)) {
             Ok(peer) => {
                 let slot = self.0.limits.open(peer.uid);
-                Some(AgentConn { peer, slot })
+                Some((AgentConn { peer, slot }, LabelledStream::new(stream, senders)))
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read peer credentials: closing connection");

@@ -155,7 +155,9 @@ async fn decide_and_fetch<B>(
     }
 
     let facts = peer.facts().map_err(|e| match e {
-        PeerError::ExeChanged => Failure::Reconnect { reason: e.to_string() },
+        PeerError::ExeChanged | PeerError::SecondWriter { .. } => {
+            Failure::Reconnect { reason: e.to_string() }
+        }
         e => Failure::Denied { reason: e.to_string(), caller: None },
     })?;
     rec.peer = Some(facts.info());

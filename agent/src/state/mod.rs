@@ -66,6 +66,7 @@ impl State {
         let (ok, message) = match Policy::load(path) {
             Ok(p) => {
                 let m = format!("{} rule(s) in force", p.len());
+                rec.policy_sha256 = Some(p.sha256().to_owned());
                 self.set_policy(p);
                 tracing::info!("policy reloaded");
                 (true, m)

@@ -44,6 +44,8 @@ struct Attrs {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LocalError {
+    #[error(transparent)]
+    Untrusted(#[from] crate::trust::Untrusted),
     #[error("{path}: cannot read secrets file: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error(
@@ -69,6 +71,7 @@ impl LocalBackend {
         let read_err = |source| LocalError::Read { path: path.to_owned(), source };
         let meta = std::fs::metadata(path).map_err(read_err)?;
         let mode = meta.mode() & 0o777;
+        crate::trust::check_file(path, "local vault file")?;
         if mode & 0o077 != 0 {
             return Err(LocalError::Permissions { path: path.to_owned(), mode });
         }

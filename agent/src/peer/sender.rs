@@ -1,0 +1,231 @@
+//! Who wrote each request: the kernel labels every run of bytes on the agent socket with its
+//! sender (`SO_PASSCRED` → `SCM_CREDENTIALS`, `SO_PASSPIDFD` → `SCM_PIDFD`, both set on the
+//! listening socket so accepted sockets inherit them and no byte arrives unlabelled), and
+//! never returns bytes of two senders in one `recvmsg`.
+//!
+//! [`LabelledStream`] reads the socket with `recvmsg` and records each sender in the
+//! connection's [`SenderLog`]. A connection serves exactly one writing process: the first
+//! process whose bytes arrive is the one every request is decided as — not the process that
+//! called `connect()`, which may have handed the socket on (fork, `SCM_RIGHTS`). Bytes from
+//! any second process poison the connection: that request and every later one is refused and
+//! audited as the intruder, and the connection is closed. (A request is dispatched only when
+//! its whole head has been read, so a refused-or-not verdict taken at dispatch covers every
+//! byte of that request.)
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::UnixStream;
+
+use crate::sys;
+
+/// One process that wrote on a connection.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    pub(crate) pid: u32,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    /// The sender's pidfd from its first message: it names exactly that process, so `/proc`
+    /// facts read by pid can be confirmed against it.
+    pub(crate) pidfd: Option<OwnedFd>,
+    /// pidfs inode (unique per process for the boot), when the kernel's pidfds have one.
+    id: Option<u64>,
+}
+
+impl Writer {
+    fn from_label(s: sys::Sender) -> Option<Writer> {
+        let (pid, uid, gid) = s.cred?;
+        let id = s.pidfd.as_ref().and_then(|fd| pidfs_inode(fd));
+        Some(Writer { pid, uid, gid, pidfd: s.pidfd, id })
+    }
+
+    /// Whether a newly labelled message came from this same process.
+    fn same_process(&self, cred: (u32, u32, u32), id: Option<u64>) -> bool {
+        if (self.pid, self.uid, self.gid) != cred {
+            return false;
+        }
+        match (self.id, id) {
+            (Some(a), Some(b)) => a == b,
+            // Without unique pidfd inodes: same pid, and the first writer is still alive, so
+            // the pid has not been recycled to the new sender.
+            _ => self.pidfd.as_ref().is_some_and(|fd| sys::pidfd_alive(fd.as_fd()).unwrap_or(false)),
+        }
+    }
+}
+
+/// The pidfs inode of a pidfd, if this kernel gives pidfds a per-process inode (Linux 6.9+).
+fn pidfs_inode(fd: &OwnedFd) -> Option<u64> {
+    static UNIQUE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let unique = *UNIQUE.get_or_init(|| sys::pidfds_have_unique_inodes().unwrap_or(false));
+    if !unique {
+        return None;
+    }
+    sys::pidfd_inode(fd.as_fd()).ok()
+}
+
+/// What has been seen on one connection so far.
+#[derive(Debug, Default)]
+enum Seen {
+    #[default]
+    Nothing,
+    One(Arc<Writer>),
+    /// A second process wrote: `other` is the first that did.
+    Mixed {
+        first: Arc<Writer>,
+        other: Arc<Writer>,
+    },
+    /// Bytes arrived without credentials (should not happen with the options set on the
+    /// listener; refused rather than guessed).
+    Unlabelled,
+}
+
+/// The senders of one connection's bytes.
+#[derive(Debug, Default)]
+pub(crate) struct SenderLog(Mutex<Seen>);
+
+/// Why a connection's requests cannot be attributed to one process.
+#[derive(Debug, Clone)]
+pub(crate) enum NotOneWriter {
+    /// `other` wrote on a connection `first` had been writing on.
+    Mixed {
+        first: Arc<Writer>,
+        other: Arc<Writer>,
+    },
+    Unlabelled,
+    /// No byte has been read (cannot happen for a dispatched request).
+    Nothing,
+}
+
+impl SenderLog {
+    pub(crate) fn record(&self, label: sys::Sender) {
+        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = match std::mem::take(&mut *seen) {
+            Seen::Nothing => match Writer::from_label(label) {
+                Some(w) => Seen::One(Arc::new(w)),
+                None => Seen::Unlabelled,
+            },
+            Seen::One(first) => match label.cred {
+                Some(cred) => {
+                    let id = label.pidfd.as_ref().and_then(pidfs_inode);
+                    if first.same_process(cred, id) {
+                        // The new pidfd (one per message) is closed here.
+                        Seen::One(first)
+                    } else {
+                        match Writer::from_label(label) {
+                            Some(other) => Seen::Mixed { first, other: Arc::new(other) },
+                            None => Seen::Unlabelled,
+                        }
+                    }
+                }
+                None => Seen::Unlabelled,
+            },
+            // Poisoned for good.
+            done => done,
+        };
+        *seen = next;
+    }
+
+    /// The one process that has written on this connection.
+    pub(crate) fn writer(&self) -> Result<Arc<Writer>, NotOneWriter> {
+        match &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
+            Seen::One(w) => Ok(Arc::clone(w)),
+            Seen::Mixed { first, other } => {
+                Err(NotOneWriter::Mixed { first: Arc::clone(first), other: Arc::clone(other) })
+            }
+            Seen::Unlabelled => Err(NotOneWriter::Unlabelled),
+            Seen::Nothing => Err(NotOneWriter::Nothing),
+        }
+    }
+}
+
+/// The agent socket's connection as hyper sees it: reads go through `recvmsg` and label the
+/// connection's [`SenderLog`]; writes go straight through.
+pub(crate) struct LabelledStream {
+    inner: UnixStream,
+    log: Arc<SenderLog>,
+}
+
+impl LabelledStream {
+    pub(crate) fn new(inner: UnixStream, log: Arc<SenderLog>) -> Self {
+        Self { inner, log }
+    }
+}
+
+impl AsyncRead for LabelledStream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            ready!(this.inner.poll_read_ready(cx))?;
+            let fd = this.inner.as_fd();
+            match this.inner.try_io(Interest::READABLE, || sys::recv_labelled(fd, buf)) {
+                Ok(label) => {
+                    if label.len > 0 {
+                        this.log.record(label);
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl AsyncWrite for LabelledStream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn label(pid: u32) -> sys::Sender {
+        sys::Sender { cred: Some((pid, 1000, 1000)), pidfd: None, len: 1 }
+    }
+
+    #[test]
+    fn one_writer_then_a_second_poisons_for_good() {
+        let log = SenderLog::default();
+        assert!(matches!(log.writer(), Err(NotOneWriter::Nothing)));
+        log.record(label(u32::MAX - 1));
+        // No pidfd to prove the first writer alive: the same pid is still not trusted to be
+        // the same process.
+        log.record(label(u32::MAX - 1));
+        assert!(matches!(log.writer(), Err(NotOneWriter::Mixed { .. })));
+        log.record(label(u32::MAX - 1));
+        assert!(matches!(log.writer(), Err(NotOneWriter::Mixed { .. })), "stays poisoned");
+    }
+
+    #[test]
+    fn unlabelled_bytes_are_refused() {
+        let log = SenderLog::default();
+        log.record(sys::Sender { cred: None, pidfd: None, len: 3 });
+        assert!(matches!(log.writer(), Err(NotOneWriter::Unlabelled)));
+    }
+}
