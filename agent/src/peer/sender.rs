@@ -39,7 +39,7 @@ pub(crate) struct Writer {
 impl Writer {
     fn from_label(s: sys::Sender) -> Option<Writer> {
         let (pid, uid, gid) = s.cred?;
-        let id = s.pidfd.as_ref().and_then(|fd| pidfs_inode(fd));
+        let id = s.pidfd.as_ref().and_then(pidfs_inode);
         Some(Writer { pid, uid, gid, pidfd: s.pidfd, id })
     }
 

@@ -193,7 +193,7 @@ fn explain_gives_every_reason() {
 fn reference(p: &[u8], t: &[u8]) -> bool {
     match p {
         [] => t.is_empty(),
-        [1, rest @ ..] => (0..=t.len()).any(|i| reference(&[&[b'/'], rest].concat(), &t[i..])),
+        [1, rest @ ..] => (0..=t.len()).any(|i| reference(&[b"/", rest].concat(), &t[i..])),
         [b'*', b'*', b'/', rest @ ..] => {
             reference(rest, t) || (0..t.len()).any(|i| t[i] == b'/' && reference(rest, &t[i + 1..]))
         }
