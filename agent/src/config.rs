@@ -7,7 +7,7 @@ use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kvbroker_proto::VaultAlias;
+use kvbroker_proto::{SecretName, SecretPath, VaultAlias};
 use serde::Deserialize;
 
 pub use crate::transport::ConnectTo;
@@ -177,7 +177,7 @@ pub struct AuditConfig {
     /// Keyed mode: the chain uses HMAC-SHA-256 with this key.
     pub hmac_key_file: Option<PathBuf>,
     /// Keyed mode, the key being a secret (`VAULT/NAME`) read through the agent's vault.
-    pub hmac_key_secret: Option<(VaultAlias, kvbroker_proto::SecretName)>,
+    pub hmac_key_secret: Option<(VaultAlias, SecretName)>,
 }
 
 #[derive(Debug, Clone)]
@@ -473,13 +473,15 @@ impl Config {
             hmac_key_secret: match audit.hmac_key_secret {
                 None => None,
                 Some(s) => {
-                    let bad = || {
+                    let bad = |why: String| {
                         invalid(format!(
-                            "[audit] hmac_key_secret {s:?}: write VAULT/NAME, like \"default/audit-key\""
+                            "[audit] hmac_key_secret {s:?}: {why}; write VAULT/NAME, like \"default/audit-key\""
                         ))
                     };
-                    let (v, n) = s.split_once('/').ok_or_else(bad)?;
-                    Some((v.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?))
+                    match s.parse::<SecretPath>().map_err(|e| bad(e.to_string()))?.into_parts() {
+                        (Some(vault), name) => Some((vault, name)),
+                        (None, _) => return Err(bad("no vault given".into())),
+                    }
                 }
             },
         };

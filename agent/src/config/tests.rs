@@ -180,3 +180,22 @@ fn key_vault_keys_parse_and_are_checked() {
     let local_ca = GOOD.replace("file = \"secrets.toml\"", "file = \"secrets.toml\"\nca_file = \"ca.pem\"");
     assert!(load(&local_ca).unwrap_err().to_string().contains("only for Key Vault"));
 }
+
+#[test]
+fn hmac_key_secret_needs_vault_and_name() {
+    let with = |v: &str| GOOD.replace("durability = \"fsync\"", &format!("hmac_key_secret = {v:?}"));
+    let c = load(&with("default/Audit-Key")).unwrap();
+    let (vault, name) = c.audit.hmac_key_secret.unwrap();
+    assert_eq!((vault.as_str(), name.as_str()), ("default", "Audit-Key"));
+    let e = load(&with("audit-key")).unwrap_err().to_string();
+    assert!(
+        e.ends_with(
+            "hmac_key_secret \"audit-key\": no vault given; write VAULT/NAME, like \"default/audit-key\""
+        ),
+        "{e}"
+    );
+    let e = load(&with("default/audit_key")).unwrap_err().to_string();
+    assert!(e.contains("\"default/audit_key\": invalid secret name"), "{e}");
+    let e = load(&with("de.fault/audit-key")).unwrap_err().to_string();
+    assert!(e.contains("\"de.fault/audit-key\": invalid vault alias"), "{e}");
+}
