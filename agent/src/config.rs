@@ -92,8 +92,9 @@ pub struct AgentConfig {
     pub loopback_only: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// `[identity] source` and `kvbroker rotate --identity`. Each name is written once, in
+/// [`IdentitySource::as_str`]; parsing, messages and the config all go through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdentitySource {
     Auto,
     Imds,
@@ -102,6 +103,62 @@ pub enum IdentitySource {
     WorkloadIdentity,
     AzureArc,
     AzureCli,
+}
+
+impl IdentitySource {
+    /// Every source, in the order messages list them.
+    pub const ALL: [IdentitySource; 7] = [
+        Self::Auto,
+        Self::Imds,
+        Self::AppService,
+        Self::AzureMl,
+        Self::WorkloadIdentity,
+        Self::AzureArc,
+        Self::AzureCli,
+    ];
+
+    /// The name as written in the config and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Imds => "imds",
+            Self::AppService => "app-service",
+            Self::AzureMl => "azure-ml",
+            Self::WorkloadIdentity => "workload-identity",
+            Self::AzureArc => "azure-arc",
+            Self::AzureCli => "azure-cli",
+        }
+    }
+}
+
+/// A name that is not one of [`IdentitySource::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown identity source {0:?}: use one of {names}", names = source_names())]
+pub struct UnknownIdentitySource(String);
+
+fn source_names() -> String {
+    IdentitySource::ALL.map(IdentitySource::as_str).join(", ")
+}
+
+impl std::str::FromStr for IdentitySource {
+    type Err = UnknownIdentitySource;
+
+    fn from_str(s: &str) -> Result<Self, UnknownIdentitySource> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s).ok_or_else(|| UnknownIdentitySource(s.to_owned()))
+    }
+}
+
+impl std::fmt::Display for IdentitySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for IdentitySource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -98,6 +98,24 @@ fn missing_sections_say_what_to_add() {
 fn unknown_identity_source_is_refused() {
     let e = load(&GOOD.replace("azure-ml", "azureml")).unwrap_err().to_string();
     assert!(e.contains(":8: key `source`"), "{e}");
+    assert!(
+        e.contains(
+            "unknown identity source \"azureml\": use one of auto, imds, app-service, azure-ml, \
+             workload-identity, azure-arc, azure-cli"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn identity_source_names_round_trip() {
+    for s in IdentitySource::ALL {
+        assert_eq!(s.as_str().parse::<IdentitySource>(), Ok(s));
+        let c = load(&GOOD.replace("azure-ml", s.as_str())).unwrap();
+        assert_eq!(c.identity.source, s);
+    }
+    assert!("Azure-ML".parse::<IdentitySource>().is_err(), "names are exact");
+    assert!("".parse::<IdentitySource>().is_err());
 }
 
 /// Drift test: the shipped example parses, and its values are the documented defaults.
