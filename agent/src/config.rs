@@ -579,14 +579,20 @@ pub(crate) fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> Config
     let Some(span) = e.span() else {
         return ConfigError::Invalid { path: path.to_owned(), message };
     };
-    let start = span.start.min(text.len());
-    let line = text[..start].bytes().filter(|&b| b == b'\n').count() + 1;
+    let line = line_at(text, span.start);
     let line_text = text.lines().nth(line - 1).unwrap_or("");
     let message = match key_of_line(line_text) {
         Some(key) if !message.contains(&format!("`{key}`")) => format!("key `{key}`: {message}"),
         _ => message,
     };
     ConfigError::At { path: path.to_owned(), line, message }
+}
+
+/// The 1-based line holding byte `offset` of `text` (an offset past the end counts as the
+/// last line), for TOML spans in config, policy and local-vault errors.
+pub(crate) fn line_at(text: &str, offset: usize) -> usize {
+    let before = text.as_bytes().get(..offset).unwrap_or(text.as_bytes());
+    before.iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 fn key_of_line(line: &str) -> Option<&str> {

@@ -217,3 +217,15 @@ fn hmac_key_secret_needs_vault_and_name() {
     let e = load(&with("de.fault/audit-key")).unwrap_err().to_string();
     assert!(e.contains("\"de.fault/audit-key\": invalid vault alias"), "{e}");
 }
+
+#[test]
+fn line_at_counts_lines_from_one() {
+    let text = "a = 1\nb = 2\n\nc = 3";
+    assert_eq!(line_at(text, 0), 1);
+    assert_eq!(line_at(text, 5), 1, "the newline itself ends line 1");
+    assert_eq!(line_at(text, 6), 2);
+    assert_eq!(line_at(text, 12), 3);
+    assert_eq!(line_at(text, 13), 4);
+    assert_eq!(line_at(text, 10_000), 4, "past the end is the last line");
+    assert_eq!(line_at("", 3), 1);
+}
