@@ -25,6 +25,7 @@ mod identity;
 pub mod launch;
 pub(crate) mod peer;
 mod policy;
+mod rate;
 pub mod rotate;
 mod server;
 mod shutdown;

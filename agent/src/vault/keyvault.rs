@@ -24,6 +24,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::{Backend, BoxFuture, Fetched, VaultError};
 use crate::identity::Identity;
+use crate::rate::TokenBucket;
 use crate::transport::HyperTransport;
 
 pub(crate) struct KeyVaultBackend {
@@ -39,38 +40,25 @@ pub(crate) struct KeyVaultBackend {
 /// second's worth), and no call at all while a 429's `Retry-After` runs. Every call to this
 /// vault — misses, refreshes, retries — passes here, so many failing secrets cannot storm it.
 struct Pace {
-    rate: f64,
     state: std::sync::Mutex<PaceState>,
 }
 
 struct PaceState {
-    tokens: f64,
-    last: Instant,
+    bucket: TokenBucket,
     blocked_until: Option<Instant>,
 }
 
 impl Pace {
     fn new(rate: u32) -> Self {
-        let rate = f64::from(rate.max(1));
-        Self {
-            rate,
-            state: std::sync::Mutex::new(PaceState {
-                tokens: rate,
-                last: Instant::now(),
-                blocked_until: None,
-            }),
-        }
+        let bucket = TokenBucket::full(rate, rate, Instant::now());
+        Self { state: std::sync::Mutex::new(PaceState { bucket, blocked_until: None }) }
     }
 
     /// Reserves the next call; returns how long to wait before making it.
     fn reserve(&self) -> Duration {
         let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
-        s.tokens = (s.tokens + now.duration_since(s.last).as_secs_f64() * self.rate).min(self.rate);
-        s.last = now;
-        s.tokens -= 1.0;
-        let mut wait =
-            if s.tokens < 0.0 { Duration::from_secs_f64(-s.tokens / self.rate) } else { Duration::ZERO };
+        let mut wait = s.bucket.reserve(now);
         if let Some(until) = s.blocked_until {
             wait = wait.max(until.saturating_duration_since(now));
         }
