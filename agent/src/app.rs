@@ -159,11 +159,8 @@ async fn audit_key_from_vault(
     };
     let backend = vaults.get(vault).ok_or_else(|| key_err(format!("no vault with alias {vault}")))?;
     let fetched = backend.get(name, None).await.map_err(|e| key_err(e.to_string()))?;
-    let mut key = zeroize::Zeroizing::new(fetched.value.expose_secret().to_vec());
-    while key.last().is_some_and(u8::is_ascii_whitespace) {
-        key.pop();
-    }
-    Ok(key)
+    let key = zeroize::Zeroizing::new(fetched.value.expose_secret().to_vec());
+    crate::audit::key_from_bytes(key).map_err(|e| key_err(e.to_string()))
 }
 
 /// How long admin requests in flight (a `ctl refresh` waiting on Key Vault) may run on at

@@ -99,7 +99,7 @@ pub struct RotateArgs {
     #[arg(long, value_name = "BYTES")]
     pub generate: Option<usize>,
     /// Whose credential: azure-cli (default) or the environment's identity (auto, …).
-    #[arg(long, value_name = "SOURCE", default_value = "azure-cli", value_parser = parse_source)]
+    #[arg(long, value_name = "SOURCE", default_value = "azure-cli", value_parser = str::parse::<crate::config::IdentitySource>)]
     pub identity: crate::config::IdentitySource,
     /// A user-assigned identity's client id.
     #[arg(long, value_name = "ID")]
@@ -185,24 +185,6 @@ pub enum CtlCommand {
     },
     /// Reload the policy file (like SIGHUP); the old policy stays if the new one is bad.
     Reload,
-}
-
-fn parse_source(s: &str) -> Result<crate::config::IdentitySource, String> {
-    use crate::config::IdentitySource as S;
-    Ok(match s {
-        "auto" => S::Auto,
-        "imds" => S::Imds,
-        "app-service" => S::AppService,
-        "azure-ml" => S::AzureMl,
-        "workload-identity" => S::WorkloadIdentity,
-        "azure-arc" => S::AzureArc,
-        "azure-cli" => S::AzureCli,
-        _ => {
-            return Err(
-                "one of auto, imds, app-service, azure-ml, workload-identity, azure-arc, azure-cli".into()
-            );
-        }
-    })
 }
 
 fn parse_connect_to(s: &str) -> Result<crate::config::ConnectTo, String> {

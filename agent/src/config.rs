@@ -7,7 +7,7 @@ use std::num::NonZeroU64;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use kvbroker_proto::VaultAlias;
+use kvbroker_proto::{SecretName, SecretPath, VaultAlias};
 use serde::Deserialize;
 
 pub use crate::transport::ConnectTo;
@@ -92,8 +92,9 @@ pub struct AgentConfig {
     pub loopback_only: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// `[identity] source` and `kvbroker rotate --identity`. Each name is written once, in
+/// [`IdentitySource::as_str`]; parsing, messages and the config all go through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IdentitySource {
     Auto,
     Imds,
@@ -102,6 +103,62 @@ pub enum IdentitySource {
     WorkloadIdentity,
     AzureArc,
     AzureCli,
+}
+
+impl IdentitySource {
+    /// Every source, in the order messages list them.
+    pub const ALL: [IdentitySource; 7] = [
+        Self::Auto,
+        Self::Imds,
+        Self::AppService,
+        Self::AzureMl,
+        Self::WorkloadIdentity,
+        Self::AzureArc,
+        Self::AzureCli,
+    ];
+
+    /// The name as written in the config and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Imds => "imds",
+            Self::AppService => "app-service",
+            Self::AzureMl => "azure-ml",
+            Self::WorkloadIdentity => "workload-identity",
+            Self::AzureArc => "azure-arc",
+            Self::AzureCli => "azure-cli",
+        }
+    }
+}
+
+/// A name that is not one of [`IdentitySource::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown identity source {0:?}: use one of {names}", names = source_names())]
+pub struct UnknownIdentitySource(String);
+
+fn source_names() -> String {
+    IdentitySource::ALL.map(IdentitySource::as_str).join(", ")
+}
+
+impl std::str::FromStr for IdentitySource {
+    type Err = UnknownIdentitySource;
+
+    fn from_str(s: &str) -> Result<Self, UnknownIdentitySource> {
+        Self::ALL.into_iter().find(|v| v.as_str() == s).ok_or_else(|| UnknownIdentitySource(s.to_owned()))
+    }
+}
+
+impl std::fmt::Display for IdentitySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for IdentitySource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -177,7 +234,7 @@ pub struct AuditConfig {
     /// Keyed mode: the chain uses HMAC-SHA-256 with this key.
     pub hmac_key_file: Option<PathBuf>,
     /// Keyed mode, the key being a secret (`VAULT/NAME`) read through the agent's vault.
-    pub hmac_key_secret: Option<(VaultAlias, kvbroker_proto::SecretName)>,
+    pub hmac_key_secret: Option<(VaultAlias, SecretName)>,
 }
 
 #[derive(Debug, Clone)]
@@ -473,13 +530,15 @@ impl Config {
             hmac_key_secret: match audit.hmac_key_secret {
                 None => None,
                 Some(s) => {
-                    let bad = || {
+                    let bad = |why: String| {
                         invalid(format!(
-                            "[audit] hmac_key_secret {s:?}: write VAULT/NAME, like \"default/audit-key\""
+                            "[audit] hmac_key_secret {s:?}: {why}; write VAULT/NAME, like \"default/audit-key\""
                         ))
                     };
-                    let (v, n) = s.split_once('/').ok_or_else(bad)?;
-                    Some((v.parse().map_err(|_| bad())?, n.parse().map_err(|_| bad())?))
+                    match s.parse::<SecretPath>().map_err(|e| bad(e.to_string()))?.into_parts() {
+                        (Some(vault), name) => Some((vault, name)),
+                        (None, _) => return Err(bad("no vault given".into())),
+                    }
                 }
             },
         };
@@ -542,14 +601,20 @@ pub(crate) fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> Config
     let Some(span) = e.span() else {
         return ConfigError::Invalid { path: path.to_owned(), message };
     };
-    let start = span.start.min(text.len());
-    let line = text[..start].bytes().filter(|&b| b == b'\n').count() + 1;
+    let line = line_at(text, span.start);
     let line_text = text.lines().nth(line - 1).unwrap_or("");
     let message = match key_of_line(line_text) {
         Some(key) if !message.contains(&format!("`{key}`")) => format!("key `{key}`: {message}"),
         _ => message,
     };
     ConfigError::At { path: path.to_owned(), line, message }
+}
+
+/// The 1-based line holding byte `offset` of `text` (an offset past the end counts as the
+/// last line), for TOML spans in config, policy and local-vault errors.
+pub(crate) fn line_at(text: &str, offset: usize) -> usize {
+    let before = text.as_bytes().get(..offset).unwrap_or(text.as_bytes());
+    before.iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 fn key_of_line(line: &str) -> Option<&str> {

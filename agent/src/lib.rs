@@ -28,6 +28,7 @@ pub mod config;
 mod identity;
 mod peer;
 mod policy;
+mod rate;
 mod server;
 mod shutdown;
 mod state;

@@ -126,7 +126,7 @@ impl Policy {
             })?;
         let mut rules = Vec::with_capacity(raw.rule.len());
         for spanned in raw.rule {
-            let line = line_of(text, spanned.span().start);
+            let line = crate::config::line_at(text, spanned.span().start);
             let r = spanned.into_inner();
             let rule_at = |m: &str| at(line, format!("rule {:?}: {m}", r.name));
             if r.name.trim().is_empty() {
@@ -346,10 +346,6 @@ fn secret_pattern(s: &str) -> Result<Glob, String> {
     }
     // Secret names are case-insensitive: match the lowercase form. Aliases are exact.
     Ok(Glob::new(&format!("{vault}/{}", name.to_ascii_lowercase())))
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
 }
 
 /// A glob that behaves like a shell's: `*` matches any run of characters but `/`, `?` any

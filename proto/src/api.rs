@@ -187,29 +187,22 @@ fn set_once<T>(slot: &mut Option<T>, name: &'static str, v: T) -> Result<(), Que
     Ok(())
 }
 
+/// Decodes a query value: `+` is a space, `%XX` a byte, and the result must be UTF-8.
+/// `percent_decode_str` passes a `%` without two hex digits through as text; here that is
+/// malformed, so it is checked first (which also refuses `%+f`, that a radix parse accepts).
 fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                let hex = std::str::from_utf8(hex).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
+    let b = s.as_bytes();
+    let escapes_ok = b
+        .iter()
+        .enumerate()
+        .filter(|&(_, &c)| c == b'%')
+        .all(|(i, _)| b.get(i + 1..i + 3).is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)));
+    if !escapes_ok {
+        return None;
     }
-    String::from_utf8(out).ok()
+    // A literal `+` is a space; an encoded one (`%2B`) is decoded after, so it stays a `+`.
+    let spaced = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&spaced).decode_utf8().ok().map(std::borrow::Cow::into_owned)
 }
 
 #[cfg(test)]
@@ -235,5 +228,18 @@ mod tests {
         assert_eq!(SecretQuery::parse("vault=%zz"), Err(QueryError::Malformed));
         assert_eq!(SecretQuery::parse("vault=%2"), Err(QueryError::Malformed));
         assert!(SecretQuery::parse("vault=a%2Db").is_ok());
+    }
+
+    /// `%+f` once decoded to 0x0f: a radix parse takes `+f` as a signed hex number.
+    #[test]
+    fn refuses_escapes_that_are_not_two_hex_digits() {
+        for bad in ["vault=%+f", "vault=a%-1", "vault=%", "vault=a%4", "wait=%g0", "vault=%ff"] {
+            assert_eq!(SecretQuery::parse(bad), Err(QueryError::Malformed), "{bad}");
+        }
+        assert_eq!(percent_decode("%+f"), None);
+        assert_eq!(percent_decode("a%2Db%5f").as_deref(), Some("a-b_"));
+        assert_eq!(percent_decode("a+b%2B").as_deref(), Some("a b+"));
+        assert_eq!(percent_decode("%C3%A9").as_deref(), Some("é"));
+        assert_eq!(SecretQuery::parse("vault=my%5Fvault").unwrap().vault.unwrap().as_str(), "my_vault");
     }
 }

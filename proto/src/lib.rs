@@ -20,7 +20,7 @@ pub mod value;
 pub use api::{Health, SecretQuery, SecretResponse};
 pub use audit::{AgentInfo, AuditRecord, CacheState, Event, Outcome, PeerInfo, SecretRef};
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
-pub use name::{NameError, SecretName, VaultAlias, VersionId};
+pub use name::{NameError, SecretName, SecretPath, VaultAlias, VersionId};
 pub use value::SecretValue;
 
 /// The default agent socket path, used when `KVBROKER_SOCKET` is not set.

@@ -1,4 +1,4 @@
-//! Validated names: secret names, version ids and vault aliases.
+//! Validated names: secret names, version ids, vault aliases, and `VAULT/NAME` paths.
 //!
 //! Every constructor parses; the fields are private, so a value of these types is always
 //! valid. Secret names keep the caller's spelling for display and compare by their
@@ -177,6 +177,76 @@ impl fmt::Debug for VaultAlias {
     }
 }
 
+/// A secret as operators write it: `VAULT/NAME`, or `NAME` for the default vault.
+///
+/// The one parser of that form, so every command and config key that takes a secret
+/// refuses the same inputs with the same messages.
+///
+/// ```
+/// use kvbroker_proto::SecretPath;
+/// let p: SecretPath = "prod/DB-Password".parse().unwrap();
+/// assert_eq!(p.vault().map(|v| v.as_str()), Some("prod"));
+/// assert_eq!(p.name().as_str(), "DB-Password");
+/// assert_eq!(p.to_string(), "prod/DB-Password");
+/// let bare: SecretPath = "db-password".parse().unwrap();
+/// assert!(bare.vault().is_none());
+/// assert!("prod/db_password".parse::<SecretPath>().is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SecretPath {
+    vault: Option<VaultAlias>,
+    name: SecretName,
+}
+
+impl SecretPath {
+    /// A path from parts already parsed.
+    pub fn new(vault: Option<VaultAlias>, name: SecretName) -> Self {
+        Self { vault, name }
+    }
+
+    /// The vault alias, if one was written.
+    pub fn vault(&self) -> Option<&VaultAlias> {
+        self.vault.as_ref()
+    }
+
+    /// The secret name.
+    pub fn name(&self) -> &SecretName {
+        &self.name
+    }
+
+    /// The alias (if written) and the name, by value.
+    pub fn into_parts(self) -> (Option<VaultAlias>, SecretName) {
+        (self.vault, self.name)
+    }
+}
+
+impl std::str::FromStr for SecretPath {
+    type Err = NameError;
+
+    /// Splits at the first `/`: a second `/` lands in the name, which refuses it.
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        match s.split_once('/') {
+            Some((vault, name)) => Ok(Self { vault: Some(vault.parse()?), name: name.parse()? }),
+            None => Ok(Self { vault: None, name: s.parse()? }),
+        }
+    }
+}
+
+impl fmt::Display for SecretPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.vault {
+            Some(v) => write!(f, "{v}/{}", self.name),
+            None => f.write_str(self.name.as_str()),
+        }
+    }
+}
+
+impl fmt::Debug for SecretPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretPath({self})")
+    }
+}
+
 macro_rules! serde_as_str {
     ($($t:ty),*) => {$(
         impl Serialize for $t {
@@ -232,5 +302,35 @@ mod tests {
         assert!(n.is_err());
         let n: SecretName = serde_json::from_str("\"Good-Name\"").unwrap();
         assert_eq!(serde_json::to_string(&n).unwrap(), "\"Good-Name\"");
+    }
+
+    #[test]
+    fn secret_path_round_trips() {
+        for text in ["db", "Db-Password", "prod/db", "my_vault-2/DB-pw", "a/b"] {
+            let p: SecretPath = text.parse().unwrap();
+            assert_eq!(p.to_string(), text);
+            assert_eq!(p.to_string().parse::<SecretPath>().unwrap(), p);
+        }
+        let p: SecretPath = "prod/Db".parse().unwrap();
+        assert_eq!(p.vault(), Some(&"prod".parse().unwrap()));
+        assert_eq!(p.name().as_str(), "Db");
+        let bare: SecretPath = "Db".parse().unwrap();
+        assert_eq!(bare.vault(), None);
+        assert_eq!(bare, SecretPath::new(None, "db".parse().unwrap()), "names compare case-insensitively");
+        assert_ne!(bare, p, "a written vault is part of the path");
+    }
+
+    #[test]
+    fn secret_path_names_the_bad_part() {
+        for bad_vault in ["/db", "pr od/db", "a.b/db", &format!("{}/db", "v".repeat(65))] {
+            assert_eq!(bad_vault.parse::<SecretPath>(), Err(NameError::VaultAlias), "{bad_vault}");
+        }
+        for bad_name in ["", "prod/", "prod/db_pw", "prod/a/b", "db pw", "prod/../x"] {
+            assert_eq!(bad_name.parse::<SecretPath>(), Err(NameError::SecretName), "{bad_name}");
+        }
+        let e = "prod/db_pw".parse::<SecretPath>().unwrap_err().to_string();
+        assert!(e.starts_with("invalid secret name"), "{e}");
+        let e = "a.b/db".parse::<SecretPath>().unwrap_err().to_string();
+        assert!(e.starts_with("invalid vault alias"), "{e}");
     }
 }

@@ -30,6 +30,7 @@ use std::fmt;
 
 use secrecy::{ExposeSecret, SecretBox};
 use serde::{Deserializer, Serializer};
+use subtle::ConstantTimeEq;
 use zeroize::Zeroize;
 
 /// Secret bytes, zeroized on drop, never printed.
@@ -80,11 +81,7 @@ impl SecretValue {
 
     /// Compares two values in constant time (for a given length).
     pub fn ct_eq(&self, other: &SecretValue) -> bool {
-        let (a, b) = (self.expose_secret(), other.expose_secret());
-        if a.len() != b.len() {
-            return false;
-        }
-        a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        self.expose_secret().ct_eq(other.expose_secret()).into()
     }
 }
 

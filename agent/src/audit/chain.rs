@@ -10,6 +10,7 @@
 //! someone who can write the log but not read the key cannot recompute the chain.
 
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// `prev` of the first record of a chain.
 pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -71,9 +72,9 @@ fn hmac_sha256(key: &[u8], msg: &[u8]) -> [u8; 32] {
     out.into()
 }
 
-/// Compares hex digests in constant time.
+/// Compares hex digests in constant time (for equal lengths; a length is not secret).
 pub(crate) fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
 #[cfg(test)]
@@ -99,6 +100,17 @@ mod tests {
         let long_key = [0xaau8; 131];
         let mac = hmac_sha256(&long_key, b"Test Using Larger Than Block-Size Key - Hash Key First");
         assert_eq!(hex::encode(mac), "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
+    }
+
+    #[test]
+    fn same_compares_whole_digests() {
+        let h = hash_of(b"{}", None);
+        assert!(same(&h, &h.clone()));
+        let mut other = h.clone().into_bytes();
+        other[63] = if other[63] == b'0' { b'1' } else { b'0' };
+        assert!(!same(&h, std::str::from_utf8(&other).unwrap()));
+        assert!(!same(&h, &h[..63]), "a prefix is not the same digest");
+        assert!(!same(&h, ""));
     }
 
     #[test]

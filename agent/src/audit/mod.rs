@@ -49,7 +49,7 @@ pub enum AuditError {
     Timeout(std::time::Duration),
     #[error("audit writer has stopped")]
     Stopped,
-    #[error("{path}: cannot use HMAC key file: {reason}")]
+    #[error("{path}: cannot use the audit HMAC key: {reason}")]
     Key { path: PathBuf, reason: String },
 }
 
@@ -89,12 +89,11 @@ impl Auditor {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(open_err)?;
         }
-        if key.as_ref().is_some_and(|k| k.len() < 16) {
-            return Err(AuditError::Key {
-                path: path.clone(),
-                reason: "the HMAC key is shorter than 16 bytes".into(),
-            });
-        }
+        // Every key passes here, wherever it was read from; trimming twice changes nothing.
+        let key = key
+            .map(key_from_bytes)
+            .transpose()
+            .map_err(|e| AuditError::Key { path: path.clone(), reason: e.to_string() })?;
         let mut resumed = Resumed::default();
         let mut file = open_append(&path).map_err(open_err)?;
         let (seq, prev, len) =
@@ -171,11 +170,26 @@ pub(crate) fn read_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, AuditError> {
     }
     let mut key = Zeroizing::new(Vec::new());
     File::open(path).and_then(|mut f| f.read_to_end(&mut key)).map_err(|e| key_err(e.to_string()))?;
+    key_from_bytes(key).map_err(|e| key_err(e.to_string()))
+}
+
+/// The shortest HMAC key accepted, in bytes (after trimming).
+const MIN_KEY_BYTES: usize = 16;
+
+/// An HMAC key read from a file or a vault was too short to protect the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the HMAC key is shorter than {MIN_KEY_BYTES} bytes: use at least {MIN_KEY_BYTES} random bytes")]
+pub(crate) struct KeyTooShort;
+
+/// Makes raw key bytes (a key file's contents, a vault secret) into the chain key: trailing
+/// whitespace is dropped (editors and `echo` add a newline), and a short key is refused.
+/// The key's bytes are never copied, so the one zeroizing buffer is all there is.
+pub(crate) fn key_from_bytes(mut key: Zeroizing<Vec<u8>>) -> Result<Zeroizing<Vec<u8>>, KeyTooShort> {
     while key.last().is_some_and(u8::is_ascii_whitespace) {
         key.pop();
     }
-    if key.len() < 16 {
-        return Err(key_err("key is shorter than 16 bytes".into()));
+    if key.len() < MIN_KEY_BYTES {
+        return Err(KeyTooShort);
     }
     Ok(key)
 }

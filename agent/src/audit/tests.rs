@@ -301,3 +301,27 @@ async fn checkpoints_carry_the_chain_head() {
     assert!(cp.contains(&format!("seq 2 hash {}", second.hash.unwrap())), "{cp}");
     verify(&one(&c.path), None).unwrap();
 }
+
+#[test]
+fn key_from_bytes_trims_the_end_and_needs_16_bytes() {
+    let key = |b: &[u8]| key_from_bytes(Zeroizing::new(b.to_vec()));
+    assert_eq!(key(b"0123456789abcdef\r\n \t").unwrap().as_slice(), b"0123456789abcdef");
+    assert_eq!(
+        key(b" 0123456789 abcdef").unwrap().as_slice(),
+        b" 0123456789 abcdef",
+        "only the end is trimmed"
+    );
+    assert_eq!(key(b"0123456789abcde\n"), Err(KeyTooShort));
+    assert_eq!(key(b"\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n"), Err(KeyTooShort));
+    assert_eq!(key(b""), Err(KeyTooShort));
+}
+
+/// A key handed in from a vault goes through the same check as a key file.
+#[test]
+fn open_with_key_refuses_a_short_key() {
+    let d = TempDir::new();
+    let short = Zeroizing::new(b"0123456789abcde\n".to_vec());
+    let e = Auditor::open_with_key(&cfg(&d), Some(short)).err().unwrap();
+    assert!(matches!(&e, AuditError::Key { .. }), "{e}");
+    assert!(e.to_string().contains("shorter than 16 bytes"), "{e}");
+}

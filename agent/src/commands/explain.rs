@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use kvbroker_proto::{NameError, SecretName, VaultAlias};
+use kvbroker_proto::{NameError, SecretPath};
 
 use crate::Error;
 use crate::cli::ExplainArgs;
@@ -37,13 +37,10 @@ pub(crate) fn command(a: ExplainArgs) -> Result<(), Error> {
         (None, Some(uid)) => PeerFacts::given(uid, a.gid.unwrap_or(uid), a.groups, a.exe, a.cgroup),
         _ => return Err(ExplainError::NoCaller.into()),
     };
-    let bad = |source| ExplainError::BadSecret { secret: a.secret.clone(), source };
-    let (asked, name) = match a.secret.split_once('/') {
-        Some((v, n)) => (Some(v.parse::<VaultAlias>().map_err(bad)?), n),
-        None => (None, a.secret.as_str()),
-    };
-    let name: SecretName = name.parse().map_err(bad)?;
-    let vault = config.resolve_vault(asked.as_ref()).map_err(ExplainError::Vault)?;
+    let path: SecretPath =
+        a.secret.parse().map_err(|source| ExplainError::BadSecret { secret: a.secret.clone(), source })?;
+    let vault = config.resolve_vault(path.vault()).map_err(ExplainError::Vault)?;
+    let name = path.name();
     let (text, _) = render(&policy, &facts, vault.as_str(), name.as_str());
     print!("{text}");
     Ok(())

@@ -17,7 +17,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use kvbroker_proto::{SecretName, VaultAlias};
+use kvbroker_proto::SecretPath;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::app::{self, RunInfo};
@@ -172,13 +172,8 @@ fn config_for(args: &LaunchArgs, dir: &Path, audit_dir: &Path) -> Result<Config,
 /// `min_validity`.
 async fn prefetch(ctx: &State, names: &[String], min_validity: Duration) -> Result<(), LaunchError> {
     for spec in names {
-        let (alias, name) = match spec.split_once('/') {
-            Some((v, n)) => (Some(v), n),
-            None => (None, spec.as_str()),
-        };
         let bad = |reason: String| LaunchError::Prefetch { secret: spec.clone(), reason };
-        let name: SecretName = name.parse().map_err(|e| bad(format!("{e}")))?;
-        let asked: Option<VaultAlias> = alias.map(str::parse).transpose().map_err(|e| bad(format!("{e}")))?;
+        let (asked, name) = spec.parse::<SecretPath>().map_err(|e| bad(e.to_string()))?.into_parts();
         let vault =
             ctx.cache.vaults().resolve(asked.as_ref()).cloned().ok_or_else(|| bad("no such vault".into()))?;
         let got = ctx.cache.get(&vault, &name, None).await.map_err(|e| bad(e.to_string()))?;

@@ -139,20 +139,28 @@ pub(crate) async fn rotate(target: RotateTarget, value: NewValue) -> Result<Stri
 fn generate(n: usize) -> std::io::Result<Zeroizing<String>> {
     let mut raw = Zeroizing::new(vec![0u8; n]);
     std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
-    Ok(base64url(&raw))
+    base64url(&raw)
 }
 
-fn base64url(bytes: &[u8]) -> Zeroizing<String> {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = Zeroizing::new(String::with_capacity(bytes.len().div_ceil(3) * 4));
-    for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            out.push(char::from(A[((n >> (18 - 6 * i)) & 63) as usize]));
+/// Unpadded base64url, written straight into a zeroizing buffer of the exact size:
+/// `encode_slice` uses no buffer of its own (unlike `encode_string`'s stack chunks), and the
+/// `String` takes over the same allocation, so no copy of the text is left behind.
+fn base64url(bytes: &[u8]) -> std::io::Result<Zeroizing<String>> {
+    use base64::Engine as _;
+    let too_long = || std::io::Error::other("too many bytes to encode");
+    let mut out = Zeroizing::new(vec![0u8; base64::encoded_len(bytes.len(), false).ok_or_else(too_long)?]);
+    let written = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode_slice(bytes, &mut out)
+        .map_err(|_| too_long())?;
+    out.truncate(written);
+    match String::from_utf8(std::mem::take(&mut *out)) {
+        Ok(text) => Ok(Zeroizing::new(text)),
+        Err(e) => {
+            // Not reached (base64 is ASCII); wipe the bytes all the same.
+            drop(Zeroizing::new(e.into_bytes()));
+            Err(std::io::Error::other("base64 output was not text"))
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -161,11 +169,14 @@ mod tests {
 
     #[test]
     fn base64url_matches_known_vectors() {
-        assert_eq!(base64url(b"").as_str(), "");
-        assert_eq!(base64url(b"f").as_str(), "Zg");
-        assert_eq!(base64url(b"fo").as_str(), "Zm8");
-        assert_eq!(base64url(b"foo").as_str(), "Zm9v");
-        assert_eq!(base64url(&[0xfb, 0xff]).as_str(), "-_8");
+        let b64 = |b: &[u8]| base64url(b).unwrap();
+        assert_eq!(b64(b"").as_str(), "");
+        assert_eq!(b64(b"f").as_str(), "Zg");
+        assert_eq!(b64(b"fo").as_str(), "Zm8");
+        assert_eq!(b64(b"foo").as_str(), "Zm9v");
+        assert_eq!(b64(&[0xfb, 0xff]).as_str(), "-_8");
+        // The buffer is exactly the text: no slack left over to reallocate into.
+        assert_eq!(b64(b"foob").capacity(), "Zm9vYg".len());
         assert_eq!(generate(32).unwrap().len(), 43);
     }
 }

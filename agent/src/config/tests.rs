@@ -98,6 +98,24 @@ fn missing_sections_say_what_to_add() {
 fn unknown_identity_source_is_refused() {
     let e = load(&GOOD.replace("azure-ml", "azureml")).unwrap_err().to_string();
     assert!(e.contains(":8: key `source`"), "{e}");
+    assert!(
+        e.contains(
+            "unknown identity source \"azureml\": use one of auto, imds, app-service, azure-ml, \
+             workload-identity, azure-arc, azure-cli"
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn identity_source_names_round_trip() {
+    for s in IdentitySource::ALL {
+        assert_eq!(s.as_str().parse::<IdentitySource>(), Ok(s));
+        let c = load(&GOOD.replace("azure-ml", s.as_str())).unwrap();
+        assert_eq!(c.identity.source, s);
+    }
+    assert!("Azure-ML".parse::<IdentitySource>().is_err(), "names are exact");
+    assert!("".parse::<IdentitySource>().is_err());
 }
 
 /// Drift test: the shipped example parses, and its values are the documented defaults.
@@ -179,4 +197,35 @@ fn key_vault_keys_parse_and_are_checked() {
     assert!(load(&http).unwrap_err().to_string().contains("must start with https://"));
     let local_ca = GOOD.replace("file = \"secrets.toml\"", "file = \"secrets.toml\"\nca_file = \"ca.pem\"");
     assert!(load(&local_ca).unwrap_err().to_string().contains("only for Key Vault"));
+}
+
+#[test]
+fn hmac_key_secret_needs_vault_and_name() {
+    let with = |v: &str| GOOD.replace("durability = \"fsync\"", &format!("hmac_key_secret = {v:?}"));
+    let c = load(&with("default/Audit-Key")).unwrap();
+    let (vault, name) = c.audit.hmac_key_secret.unwrap();
+    assert_eq!((vault.as_str(), name.as_str()), ("default", "Audit-Key"));
+    let e = load(&with("audit-key")).unwrap_err().to_string();
+    assert!(
+        e.ends_with(
+            "hmac_key_secret \"audit-key\": no vault given; write VAULT/NAME, like \"default/audit-key\""
+        ),
+        "{e}"
+    );
+    let e = load(&with("default/audit_key")).unwrap_err().to_string();
+    assert!(e.contains("\"default/audit_key\": invalid secret name"), "{e}");
+    let e = load(&with("de.fault/audit-key")).unwrap_err().to_string();
+    assert!(e.contains("\"de.fault/audit-key\": invalid vault alias"), "{e}");
+}
+
+#[test]
+fn line_at_counts_lines_from_one() {
+    let text = "a = 1\nb = 2\n\nc = 3";
+    assert_eq!(line_at(text, 0), 1);
+    assert_eq!(line_at(text, 5), 1, "the newline itself ends line 1");
+    assert_eq!(line_at(text, 6), 2);
+    assert_eq!(line_at(text, 12), 3);
+    assert_eq!(line_at(text, 13), 4);
+    assert_eq!(line_at(text, 10_000), 4, "past the end is the last line");
+    assert_eq!(line_at("", 3), 1);
 }

@@ -115,18 +115,6 @@ pub(crate) fn detect(env: &IdentityEnv) -> Result<IdentitySource, IdentityError>
     Ok(IdentitySource::Imds)
 }
 
-pub(crate) fn source_name(s: IdentitySource) -> &'static str {
-    match s {
-        IdentitySource::Auto => "auto",
-        IdentitySource::Imds => "imds",
-        IdentitySource::AppService => "app-service",
-        IdentitySource::AzureMl => "azure-ml",
-        IdentitySource::WorkloadIdentity => "workload-identity",
-        IdentitySource::AzureArc => "azure-arc",
-        IdentitySource::AzureCli => "azure-cli",
-    }
-}
-
 /// Builds the credential `cfg` asks for, sending every request through `http`.
 pub(crate) fn build(
     cfg: &IdentityConfig,
@@ -137,7 +125,7 @@ pub(crate) fn build(
         IdentitySource::Auto => detect(env)?,
         s => s,
     };
-    let name = source_name(source);
+    let name = source.as_str();
     let sdk = |e: azure_core::Error| IdentityError::Sdk { source_name: name, reason: e.to_string() };
     let client_options = ClientOptions {
         transport: Some(Transport::new(http.clone())),

@@ -40,8 +40,9 @@ pub(crate) async fn handle<B>(
     response::finish(r, &request_id)
 }
 
+/// 32 lowercase hex digits (a v4 UUID without hyphens), as in SPEC's examples.
 fn new_request_id() -> String {
-    format!("{:032x}", fastrand::u128(..))
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 async fn read_secret<B>(
@@ -256,4 +257,17 @@ fn has_body<B>(req: &Request<B>) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     matches!(len, Some(n) if n > 0) || req.headers().contains_key(header::TRANSFER_ENCODING)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_32_lowercase_hex_and_fresh() {
+        let id = new_request_id();
+        assert_eq!(id.len(), 32);
+        assert!(id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id}");
+        assert_ne!(new_request_id(), id);
+    }
 }

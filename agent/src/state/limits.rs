@@ -7,16 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{LimitsConfig, RateKey};
+use crate::rate::TokenBucket;
 
 pub(crate) struct Limits {
     cfg: LimitsConfig,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<HashMap<String, TokenBucket>>,
     conns: Mutex<HashMap<u32, usize>>,
-}
-
-struct Bucket {
-    tokens: f64,
-    last: Instant,
 }
 
 /// Held while a connection is open; releases its slot when dropped.
@@ -59,23 +55,16 @@ impl Limits {
 
     /// Takes one read from `key`'s bucket; `Err(retry_after)` when it is empty.
     pub(crate) fn take(&self, key: &str) -> Result<(), Duration> {
-        let rate = f64::from(self.cfg.rate_per_second);
-        let burst = f64::from(self.cfg.burst);
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if buckets.len() > 65_536 {
             // Forget idle callers rather than grow without bound.
-            buckets.retain(|_, b| now.duration_since(b.last) < Duration::from_secs(60));
+            buckets.retain(|_, b| now.duration_since(b.last_used()) < Duration::from_secs(60));
         }
-        let b = buckets.entry(key.to_owned()).or_insert(Bucket { tokens: burst, last: now });
-        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(burst);
-        b.last = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64((1.0 - b.tokens) / rate))
-        }
+        buckets
+            .entry(key.to_owned())
+            .or_insert_with(|| TokenBucket::full(self.cfg.rate_per_second, self.cfg.burst, now))
+            .try_take(now)
     }
 }
 

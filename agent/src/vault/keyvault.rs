@@ -24,6 +24,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 use super::{Backend, BoxFuture, Fetched, VaultError};
 use crate::identity::Identity;
+use crate::rate::TokenBucket;
 use crate::transport::HyperTransport;
 
 pub(crate) struct KeyVaultBackend {
@@ -39,38 +40,25 @@ pub(crate) struct KeyVaultBackend {
 /// second's worth), and no call at all while a 429's `Retry-After` runs. Every call to this
 /// vault — misses, refreshes, retries — passes here, so many failing secrets cannot storm it.
 struct Pace {
-    rate: f64,
     state: std::sync::Mutex<PaceState>,
 }
 
 struct PaceState {
-    tokens: f64,
-    last: Instant,
+    bucket: TokenBucket,
     blocked_until: Option<Instant>,
 }
 
 impl Pace {
     fn new(rate: u32) -> Self {
-        let rate = f64::from(rate.max(1));
-        Self {
-            rate,
-            state: std::sync::Mutex::new(PaceState {
-                tokens: rate,
-                last: Instant::now(),
-                blocked_until: None,
-            }),
-        }
+        let bucket = TokenBucket::full(rate, rate, Instant::now());
+        Self { state: std::sync::Mutex::new(PaceState { bucket, blocked_until: None }) }
     }
 
     /// Reserves the next call; returns how long to wait before making it.
     fn reserve(&self) -> Duration {
         let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = Instant::now();
-        s.tokens = (s.tokens + now.duration_since(s.last).as_secs_f64() * self.rate).min(self.rate);
-        s.last = now;
-        s.tokens -= 1.0;
-        let mut wait =
-            if s.tokens < 0.0 { Duration::from_secs_f64(-s.tokens / self.rate) } else { Duration::ZERO };
+        let mut wait = s.bucket.reserve(now);
         if let Some(until) = s.blocked_until {
             wait = wait.max(until.saturating_duration_since(now));
         }
@@ -300,7 +288,7 @@ impl Backend for KeyVaultBackend {
         version: Option<&'a VersionId>,
     ) -> BoxFuture<'a, Result<Fetched, VaultError>> {
         Box::pin(async move {
-            let rid = uuid_v4();
+            let rid = client_request_id();
             match tokio::time::timeout(self.deadline, self.fetch(name, version, &rid)).await {
                 Ok(r) => r,
                 Err(_) => Err(VaultError::Unavailable {
@@ -369,6 +357,11 @@ fn inner_code(body: &[u8]) -> Option<String> {
 
 /// Unescapes a JSON string literal (with its quotes) into a zeroizing buffer sized so it
 /// never reallocates.
+///
+/// Hand-written on purpose: serde_json (and every JSON crate we know) unescapes into a
+/// `String` it grows as it goes, leaving freed copies of the value that nothing wipes. Here
+/// the output is never larger than the literal, so one zeroizing buffer of that size holds
+/// every byte the value ever occupies. The unit test checks it agrees with serde_json.
 pub(crate) fn unescape_json_string(lit: &str) -> Option<SecretValue> {
     let inner = lit.strip_prefix('"')?.strip_suffix('"')?.as_bytes();
     let mut out = Zeroizing::new(Vec::with_capacity(inner.len()));
@@ -424,12 +417,8 @@ fn hex4(h: &[u8]) -> Option<u32> {
 }
 
 /// A random UUID (v4) string, the form Key Vault expects for `x-ms-client-request-id`.
-pub(crate) fn uuid_v4() -> String {
-    let mut b = fastrand::u128(..).to_be_bytes();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h = hex::encode(b);
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+fn client_request_id() -> String {
+    uuid::Uuid::new_v4().hyphenated().to_string()
 }
 
 #[cfg(test)]
@@ -475,9 +464,12 @@ mod tests {
     }
 
     #[test]
-    fn uuids_look_like_uuids() {
-        let u = uuid_v4();
+    fn client_request_ids_are_fresh_v4_uuids() {
+        let u = client_request_id();
         assert_eq!(u.len(), 36);
-        assert_eq!(&u[14..15], "4");
+        let parsed = uuid::Uuid::parse_str(&u).unwrap();
+        assert_eq!(parsed.get_version_num(), 4);
+        assert_eq!(parsed.hyphenated().to_string(), u, "lowercase, hyphenated");
+        assert_ne!(client_request_id(), u);
     }
 }

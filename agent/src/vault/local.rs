@@ -78,9 +78,7 @@ impl LocalBackend {
         let mut text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(read_err)?);
         let parsed: Result<toml::Table, _> = toml::from_str(&text);
         let mut table = parsed.map_err(|e| {
-            let line = e
-                .span()
-                .map_or(0, |s| text[..s.start.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1);
+            let line = e.span().map_or(0, |s| crate::config::line_at(&text, s.start));
             // The parser's message can quote the text around the error: give only the line.
             LocalError::Parse {
                 path: path.to_owned(),

@@ -33,8 +33,7 @@ fn rand_hex() -> String {
 }
 
 fn guid() -> String {
-    let h = rand_hex();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    uuid::Uuid::new_v4().to_string()
 }
 
 impl Secrets {

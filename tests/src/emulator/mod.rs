@@ -269,23 +269,10 @@ pub(crate) fn query(req: &Request<Bytes>) -> HashMap<String, String> {
         .collect()
 }
 
+/// A query or form value: `+` is a space, `%XX` a byte. Lenient like a real server (a bad
+/// escape stays as text), since the emulator only checks what it is sent.
 pub(crate) fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(&s.replace('+', " ")).decode_utf8_lossy().into_owned()
 }
 
 pub(crate) fn header<'a>(req: &'a Request<Bytes>, name: &str) -> Option<&'a str> {
