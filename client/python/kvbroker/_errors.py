@@ -2,7 +2,9 @@
 
 When azure-core is importable, `SecretNotFound` is also an
 `azure.core.exceptions.ResourceNotFoundError` and the other agent errors are
-`HttpResponseError`s, so `except` clauses written for azure-keyvault-secrets keep working.
+`HttpResponseError`s, and `AgentUnreachable` is a `ServiceRequestError` (what azure-core raises
+when it cannot reach a service), so `except` clauses written for azure-keyvault-secrets keep
+working.
 Messages come from the agent (names, versions, reasons) and never hold a value.
 """
 
@@ -14,12 +16,15 @@ from typing import Dict, Optional, Tuple, Type
 try:  # pragma: no cover - depends on the environment
     from azure.core.exceptions import HttpResponseError as _AzureHttpError
     from azure.core.exceptions import ResourceNotFoundError as _AzureNotFound
+    from azure.core.exceptions import ServiceRequestError as _AzureRequestError
 
     _HTTP_BASES: Tuple[type, ...] = (_AzureHttpError,)
     _NOT_FOUND_BASES: Tuple[type, ...] = (_AzureNotFound,)
+    _REQUEST_BASES: Tuple[type, ...] = (_AzureRequestError,)
 except ImportError:  # pragma: no cover
     _HTTP_BASES = ()
     _NOT_FOUND_BASES = ()
+    _REQUEST_BASES = ()
 
 __all__ = [
     "KvbrokerError",
@@ -74,7 +79,7 @@ def _rebuild(cls: Type[KvbrokerError], message: str, code: Optional[str], reques
     return cls(message, code=code, request_id=request_id, status_code=status_code, reason=reason)
 
 
-class AgentUnreachable(KvbrokerError):
+class AgentUnreachable(KvbrokerError, *_REQUEST_BASES):  # type: ignore[misc]
     """The agent's socket could not be opened or the connection failed; `socket` names it."""
 
     socket: str
