@@ -7,7 +7,7 @@ import os
 import socket as _socket
 import threading
 import time
-from typing import Iterator, Optional, Union
+from typing import Dict, Iterator, Optional, Union
 
 from . import _http
 from ._errors import AgentUnreachable, KvbrokerError, TooManyRequests, from_response
@@ -58,7 +58,7 @@ class _Connection:
             finally:
                 self._sock = None
 
-    def request(self, path: str, timeout: float, headers: Optional[dict] = None) -> _http.Response:
+    def request(self, path: str, timeout: float, headers: Optional[Dict[str, str]] = None) -> _http.Response:
         """One GET. A kept-alive connection the agent closed (it restarted, or timed the idle
         connection out) is reopened and the GET sent again, once, if no answer byte came back."""
         data = _http.request_bytes(path, headers)

@@ -14,9 +14,9 @@ import json
 from typing import Dict, Optional, Tuple, Type
 
 try:  # pragma: no cover - depends on the environment
-    from azure.core.exceptions import HttpResponseError as _AzureHttpError
-    from azure.core.exceptions import ResourceNotFoundError as _AzureNotFound
-    from azure.core.exceptions import ServiceRequestError as _AzureRequestError
+    from azure.core.exceptions import HttpResponseError as _AzureHttpError  # type: ignore[import-not-found,unused-ignore]
+    from azure.core.exceptions import ResourceNotFoundError as _AzureNotFound  # type: ignore[import-not-found,unused-ignore]
+    from azure.core.exceptions import ServiceRequestError as _AzureRequestError  # type: ignore[import-not-found,unused-ignore]
 
     _HTTP_BASES: Tuple[type, ...] = (_AzureHttpError,)
     _NOT_FOUND_BASES: Tuple[type, ...] = (_AzureNotFound,)

@@ -307,13 +307,15 @@ def stack() -> Iterator[Stack]:
     """A shared stack for read-only tests. Policy allows every name but `payroll-*`."""
     d = Path(tempfile.mkdtemp(prefix="kvbpy-", dir="/tmp"))
     values = {"db-password": canary("db"), "api-token": canary("api"), "payroll-key": canary("payroll")}
-    s = Stack(d, values, allow=["default/db-*", "default/api-*", "default/field-*", "default/off-*",
-                                "default/old-*", "default/later-*", "default/nowhere-*", "default/rot-*"])
     try:
-        yield s
-        s.assert_no_canary()
+        s = Stack(d, values, allow=["default/db-*", "default/api-*", "default/field-*", "default/off-*",
+                                    "default/old-*", "default/later-*", "default/nowhere-*", "default/rot-*"])
+        try:
+            yield s
+            s.assert_no_canary()
+        finally:
+            s.stop()
     finally:
-        s.stop()
         shutil.rmtree(d, ignore_errors=True)
 
 
