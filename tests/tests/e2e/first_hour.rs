@@ -176,8 +176,11 @@ fn readme_commands_work_against_kvbroker_dev() {
                 dev.run_lines(&origin, &all);
             }
             "python" => {
+                // The README's Python uses the `kvbroker` package: pure Python, importable
+                // from the source tree as if `pip install ./client/python` had run.
+                let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../client/python");
                 let mut cmd = Command::new("python3");
-                cmd.arg("-c").arg(&lines[0]).env("KVBROKER_SOCKET", dev.socket());
+                cmd.arg("-c").arg(&lines[0]).env("KVBROKER_SOCKET", dev.socket()).env("PYTHONPATH", package);
                 let (code, out, err) = run(&mut cmd);
                 assert_eq!(code, 0, "{origin} failed\nstdout: {} bytes\nstderr: {err}", out.len());
             }
