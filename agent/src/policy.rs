@@ -246,6 +246,16 @@ impl Policy {
         self.rules.len()
     }
 
+    /// Whether any rule reads the caller's cgroup (cgroup, systemd_unit, container_id): then
+    /// a kept-alive connection's cgroup is re-read at every request.
+    pub(crate) fn uses_cgroup(&self) -> bool {
+        self.rules.iter().any(|r| {
+            r.selectors.iter().any(|s| {
+                matches!(s, Selector::Cgroup(_) | Selector::SystemdUnit(_) | Selector::ContainerId(_))
+            })
+        })
+    }
+
     /// Whether any rule needs the exe hash (so `explain` knows to show it).
     pub(crate) fn uses_exe_sha256(&self) -> bool {
         self.rules.iter().any(|r| r.selectors.iter().any(|s| matches!(s, Selector::ExeSha256(_))))

@@ -72,6 +72,8 @@ pub(crate) enum PeerError {
     Exited,
     #[error("peer executable changed since this connection's first request: reconnect")]
     ExeChanged,
+    #[error("peer moved to another cgroup since this connection's first request: reconnect")]
+    CgroupChanged,
     #[error(
         "process {other} wrote on a connection process {first} was using: each process must \
          open its own connection"
@@ -93,8 +95,10 @@ impl ConnPeer {
     }
 
     /// The facts of the process that wrote this request, read at the connection's first
-    /// request and re-checked (alive, same exe) at each later one.
-    pub(crate) fn facts(&self) -> Result<Arc<PeerFacts>, PeerError> {
+    /// request and re-checked at each later one: alive, same exe, and — when the policy
+    /// reads cgroups (`recheck_cgroup`) — same cgroup, since a process can move itself into
+    /// any cgroup it owns.
+    pub(crate) fn facts(&self, recheck_cgroup: bool) -> Result<Arc<PeerFacts>, PeerError> {
         let writer = self.senders.writer().map_err(|e| match e {
             NotOneWriter::Mixed { first, other } => {
                 PeerError::SecondWriter { first: first.pid, other: other.pid }
@@ -110,6 +114,9 @@ impl ConnPeer {
             check_alive(&writer)?;
             if proc::exe(writer.pid)? != facts.exe {
                 return Err(PeerError::ExeChanged);
+            }
+            if recheck_cgroup && proc::cgroup(writer.pid)? != facts.cgroup {
+                return Err(PeerError::CgroupChanged);
             }
             return Ok(facts);
         }
@@ -313,12 +320,12 @@ mod tests {
         let log = Arc::new(SenderLog::default());
         let peer = ConnPeer::of(&a, Arc::clone(&log)).unwrap();
         assert_eq!(peer.pid, std::process::id());
-        assert!(matches!(peer.facts(), Err(PeerError::Unlabelled)), "nothing written yet");
+        assert!(matches!(peer.facts(true), Err(PeerError::Unlabelled)), "nothing written yet");
         b.write_all(b"GET").await.unwrap();
         let mut stream = sender::LabelledStream::new(a, log);
         let mut got = [0u8; 3];
         stream.read_exact(&mut got).await.unwrap();
-        let f = peer.facts().unwrap();
+        let f = peer.facts(true).unwrap();
         assert_eq!(f.pid, std::process::id());
         let me = std::fs::read_link("/proc/self/exe").unwrap();
         assert_eq!(f.exe.as_deref(), me.to_str());

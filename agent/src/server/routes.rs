@@ -155,8 +155,9 @@ async fn decide_and_fetch<B>(
         limited(&peer.uid.to_string(), format!("uid {}", peer.uid))?;
     }
 
-    let facts = peer.facts().map_err(|e| match e {
-        PeerError::ExeChanged | PeerError::SecondWriter { .. } => {
+    let policy = ctx.policy();
+    let facts = peer.facts(policy.uses_cgroup()).map_err(|e| match e {
+        PeerError::ExeChanged | PeerError::CgroupChanged | PeerError::SecondWriter { .. } => {
             Failure::Reconnect { reason: e.to_string() }
         }
         e => Failure::Denied { reason: e.to_string(), caller: None },
@@ -179,7 +180,7 @@ async fn decide_and_fetch<B>(
             }
         }
     }
-    match ctx.policy().decide(&facts, vault.as_str(), name.key()) {
+    match policy.decide(&facts, vault.as_str(), name.key()) {
         Decision::Allow { rule } => {
             if ctx.limits.key() == RateKey::Rule {
                 limited(&rule, format!("rule {rule:?}"))?;
