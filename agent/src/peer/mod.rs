@@ -344,6 +344,6 @@ mod tests {
         let log = Arc::new(SenderLog::default());
         log.record(sys::Sender { cred: Some((0, 1000, 1000)), pidfd: None, len: 1 });
         let p = ConnPeer::of(&a, log).unwrap();
-        assert!(matches!(p.facts(), Err(PeerError::OtherNamespace)));
+        assert!(matches!(p.facts(true), Err(PeerError::OtherNamespace)));
     }
 }
