@@ -89,6 +89,12 @@ pub(crate) fn bind(
     let std_listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| io_err("cannot bind", e))?;
     // From here on the file is ours: removed if anything below fails.
     let file = SocketFile(path.to_owned());
+    // The directory is trusted (no one else can swap the path); still, never chmod through
+    // a symlink.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {}
+        _ => return Err(SocketError::NotASocket { path: path.to_owned() }),
+    }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| io_err("cannot set socket mode", e))?;
     if let Some(g) = group {
@@ -98,7 +104,7 @@ pub(crate) fn bind(
                 .map_err(|e| io_err("cannot look up socket_group", e))?
                 .ok_or_else(|| SocketError::NoGroup { group: g.to_owned() })?,
         };
-        std::os::unix::fs::chown(path, None, Some(gid)).map_err(|e| io_err("cannot set socket group", e))?;
+        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|e| io_err("cannot set socket group", e))?;
     }
     std_listener.set_nonblocking(true).map_err(|e| io_err("cannot set non-blocking", e))?;
     let listener = UnixListener::from_std(std_listener).map_err(|e| io_err("cannot register", e))?;
