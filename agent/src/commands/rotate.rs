@@ -37,10 +37,20 @@ pub(crate) struct RotateTarget {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RotateError {
-    #[error("{0}")]
-    Input(String),
-    #[error("cannot set up: {0}")]
-    Setup(String),
+    #[error("give exactly one of --from-file FILE or --generate BYTES")]
+    OneValueSource,
+    #[error("{name:?}: {source}")]
+    Name { name: String, source: kvbroker_proto::NameError },
+    #[error("--vault {url}: must start with https://")]
+    NotHttps { url: String },
+    #[error("{path}: {source} (the value must be UTF-8 text)")]
+    File { path: PathBuf, source: std::io::Error },
+    #[error("--generate {bytes}: choose 16 to 4096 bytes")]
+    GenerateSize { bytes: usize },
+    #[error("the value must be 1 byte to 25 KB (Key Vault's limit)")]
+    ValueSize,
+    #[error("cannot set up {what}: {reason}")]
+    Setup { what: &'static str, reason: String },
     #[error("Key Vault refused the new version of {name}: {reason}")]
     Vault { name: String, reason: String },
 }
@@ -50,12 +60,7 @@ pub(crate) fn command(a: crate::cli::RotateArgs) -> Result<(), crate::Error> {
     let value = match (a.from_file, a.generate) {
         (Some(f), None) => NewValue::File(f),
         (None, Some(n)) => NewValue::Generate(n),
-        _ => {
-            return Err(RotateError::Input(
-                "give exactly one of --from-file FILE or --generate BYTES".into(),
-            )
-            .into());
-        }
+        _ => return Err(RotateError::OneValueSource.into()),
     };
     let target = RotateTarget {
         vault_url: a.vault,
@@ -73,27 +78,27 @@ pub(crate) fn command(a: crate::cli::RotateArgs) -> Result<(), crate::Error> {
 
 /// Writes the new version; returns its id.
 pub(crate) async fn rotate(target: RotateTarget, value: NewValue) -> Result<String, RotateError> {
-    let name: SecretName = target.name.parse().map_err(|e| RotateError::Input(format!("{e}")))?;
+    let name: SecretName =
+        target.name.parse().map_err(|source| RotateError::Name { name: target.name.clone(), source })?;
     if !target.vault_url.starts_with("https://") {
-        return Err(RotateError::Input(format!("--vault {}: must start with https://", target.vault_url)));
+        return Err(RotateError::NotHttps { url: target.vault_url });
     }
     let value = match value {
         NewValue::File(path) => {
             let mut s = Zeroizing::new(String::new());
-            std::fs::File::open(&path).and_then(|mut f| f.read_to_string(&mut s)).map_err(|e| {
-                RotateError::Input(format!("{}: {e} (the value must be UTF-8 text)", path.display()))
-            })?;
+            std::fs::File::open(&path)
+                .and_then(|mut f| f.read_to_string(&mut s))
+                .map_err(|source| RotateError::File { path, source })?;
             s
         }
-        NewValue::Generate(n) if (16..=4096).contains(&n) => {
-            generate(n).map_err(|e| RotateError::Setup(e.to_string()))?
-        }
+        NewValue::Generate(n) if (16..=4096).contains(&n) => generate(n)
+            .map_err(|e| RotateError::Setup { what: "the random source", reason: e.to_string() })?,
         NewValue::Generate(n) => {
-            return Err(RotateError::Input(format!("--generate {n}: choose 16 to 4096 bytes")));
+            return Err(RotateError::GenerateSize { bytes: n });
         }
     };
     if value.is_empty() || value.len() > 25 * 1024 {
-        return Err(RotateError::Input("the value must be 1 byte to 25 KB (Key Vault's limit)".into()));
+        return Err(RotateError::ValueSize);
     }
     let http = HyperTransport::new(TransportConfig {
         ca_file: target.ca_file.clone(),
@@ -102,7 +107,7 @@ pub(crate) async fn rotate(target: RotateTarget, value: NewValue) -> Result<Stri
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(30),
     })
-    .map_err(|e| RotateError::Setup(e.to_string()))?;
+    .map_err(|e| RotateError::Setup { what: "the HTTP transport", reason: e.to_string() })?;
     let id_cfg = IdentityConfig {
         source: target.source,
         client_id: target.client_id.clone(),
@@ -111,12 +116,13 @@ pub(crate) async fn rotate(target: RotateTarget, value: NewValue) -> Result<Stri
         arc_token_dir: None,
     };
     let identity = identity::build(&id_cfg, &IdentityEnv::from_process(), Arc::clone(&http))
-        .map_err(|e| RotateError::Setup(e.to_string()))?;
+        .map_err(|e| RotateError::Setup { what: "the identity", reason: e.to_string() })?;
     let client = crate::vault::secret_client(&target.vault_url, &identity.credential, http)
-        .map_err(|e| RotateError::Setup(e.to_string()))?;
+        .map_err(|e| RotateError::Setup { what: "the Key Vault client", reason: e.to_string() })?;
     let params = SetSecretParameters { value: Some(value.to_string()), ..Default::default() };
-    let content: RequestContent<SetSecretParameters> =
-        params.try_into().map_err(|e: azure_core::Error| RotateError::Setup(e.to_string()))?;
+    let content: RequestContent<SetSecretParameters> = params
+        .try_into()
+        .map_err(|e: azure_core::Error| RotateError::Setup { what: "the request", reason: e.to_string() })?;
     let resp = client.set_secret(name.as_str(), content, None).await.map_err(|e| RotateError::Vault {
         name: name.to_string(),
         reason: format!("{e} (as {})", identity.description),
