@@ -155,32 +155,14 @@ fn check_alive(w: &Writer) -> Result<(), PeerError> {
 fn read_facts(w: &Writer) -> Result<PeerFacts, PeerError> {
     let pidfd: Option<BorrowedFd<'_>> = w.pidfd.as_ref().map(AsFd::as_fd);
     let before = if pidfd.is_none() { Some(proc::start_time(w.pid)?) } else { None };
-    let status = proc::status(w.pid)?;
-    let (exe, exe_unverified) = proc::exe_checked(w.pid)?;
-    let cgroup = proc::cgroup(w.pid)?;
+    let facts = facts_of_pid(w.pid)?;
     if let Some(before) = before
         && proc::start_time(w.pid)? != before
     {
         return Err(PeerError::Exited);
     }
     check_alive(w)?;
-    let (Some(uid), Some(gid)) = (status.uid, status.gid) else {
-        return Err(PeerError::Unreadable("status: no Uid/Gid".into()));
-    };
-    Ok(PeerFacts {
-        pid: w.pid,
-        uid,
-        gid,
-        groups: status.groups,
-        exe,
-        exe_unverified,
-        connected_pid: None,
-        cgroup,
-        exe_file: Some(format!("/proc/{}/exe", w.pid)),
-        exe_sha256: OnceLock::new(),
-        ancestors: OnceLock::new(),
-        cgroup_names: OnceLock::new(),
-    })
+    Ok(facts)
 }
 
 /// A process's start time (clock ticks since boot), to pin a pid to one process.
@@ -188,8 +170,9 @@ pub(crate) fn start_time_of(pid: u32) -> Result<u64, PeerError> {
     proc::start_time(pid)
 }
 
-/// Facts of a running process by pid, read from `/proc` (`kvbroker policy explain --pid`).
-/// uid and gid are the effective ones from `/proc/PID/status`.
+/// Facts of a running process by pid, read from `/proc` (for a caller: by [`read_facts`],
+/// which pins the pid to the writer; for `kvbroker policy explain --pid`: as is). uid and
+/// gid are the effective ones from `/proc/PID/status`.
 pub(crate) fn facts_of_pid(pid: u32) -> Result<PeerFacts, PeerError> {
     let status = proc::status(pid)?;
     let (Some(uid), Some(gid)) = (status.uid, status.gid) else {
