@@ -50,6 +50,11 @@ class _Connection:
     def __init__(self, path: str) -> None:
         self.path = path
         self._sock: Optional[_socket.socket] = None
+        # The process that opened `_sock`. The agent serves a connection to exactly one
+        # writing process (a second writer is refused as a borrowed connection), so a child
+        # forked after a read — a PyTorch DataLoader worker, a multiprocessing pool — must
+        # open its own connection instead of writing on the inherited one.
+        self._pid = 0
 
     def close(self) -> None:
         if self._sock is not None:
@@ -62,6 +67,9 @@ class _Connection:
         """One GET. A kept-alive connection the agent closed (it restarted, or timed the idle
         connection out) is reopened and the GET sent again, once, if no answer byte came back."""
         data = _http.request_bytes(path, headers)
+        if self._sock is not None and self._pid != os.getpid():
+            # Inherited across fork: closing our copy of the fd leaves the parent's open.
+            self.close()
         for attempt in (0, 1):
             if self._sock is None:
                 self._open(timeout)
@@ -103,6 +111,7 @@ class _Connection:
             sock.close()
             raise unreachable(self.path, e) from None
         self._sock = sock
+        self._pid = os.getpid()
 
 
 class SecretClient:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import time
@@ -136,6 +137,29 @@ def test_keeps_one_connection_alive_across_reads(stack: Stack) -> None:
             client.get_secret("nowhere-else")
         client.get_secret("db-password")
         assert client._conn._sock is first
+
+
+def test_a_forked_child_opens_its_own_connection(stack: Stack) -> None:
+    """The agent refuses a second process writing on a connection (a borrowed connection);
+    a child forked after the parent's read (DataLoader workers, multiprocessing) must not
+    reuse the inherited socket, and the parent's connection must survive the child."""
+    with kvbroker.SecretClient(stack.socket) as client:
+        client.get_secret("db-password")
+        first = client._conn._sock
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                client.get_secret("db-password")
+                if client._conn._sock is first:
+                    code = 3
+            except BaseException:
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        client.get_secret("db-password")
+        assert client._conn._sock is first, "the parent keeps its own connection"
 
 
 def test_reconnects_transparently_after_an_agent_restart(workdir) -> None:  # type: ignore[no-untyped-def]
