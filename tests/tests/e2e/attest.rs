@@ -457,3 +457,227 @@ print(after.st_size == st.st_size, after.st_mtime_ns == st.st_mtime_ns, after.st
     assert_eq!(recs[1]["peer"]["exe"], copy.to_str().unwrap());
     agent.assert_no_canary(&[&value], &[]);
 }
+
+/// Cgroups made for a test below the cgroup v2 root, removed deepest first when dropped.
+struct Cgroups(Vec<PathBuf>);
+
+impl Cgroups {
+    /// Makes the cgroup `rel` (e.g. `/x.slice/train.service`), owned by `uid`.
+    fn make(&mut self, rel: &str, uid: u32) -> PathBuf {
+        let p = cgroup2_root().join(rel.trim_start_matches('/'));
+        std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        self.0.push(p.clone());
+        if uid != 0 {
+            std::os::unix::fs::chown(&p, Some(uid), Some(uid)).unwrap();
+        }
+        p
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            // A process that just exited may still be leaving it.
+            for _ in 0..100 {
+                if std::fs::remove_dir(p).is_ok() || !p.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+/// `kvb get name`, run after moving itself into the cgroup at `dir`: kvb's exit code.
+fn kvb_in_cgroup(dir: &Path, socket: &Path, name: &str) -> i32 {
+    let script = r#"echo $$ > "$1/cgroup.procs" && exec "$2" get "$3" >/dev/null"#;
+    let (code, _, err) = run(Command::new("sh")
+        .args(["-c", script, "sh"])
+        .arg(dir)
+        .arg(bin("kvb"))
+        .arg(name)
+        .env("KVBROKER_SOCKET", socket));
+    assert!(code == 0 || code == 3, "kvb: {code} {err}");
+    code
+}
+
+/// Unit and container names from a delegated subtree (issue 12, attack 4): `train.service`
+/// and `docker-<id>.scope` right under a slice, but owned by nobody (as systemd, Slurm or a
+/// runtime hands a subtree to a user), name no unit or container; the same names in
+/// root-owned cgroups do. A `train.service` below another unit is not `train.service`.
+#[test]
+fn unit_and_container_names_in_a_delegated_subtree_do_not_count() {
+    let value = canary("cgnames");
+    let tag = format!("kvbtest-{:x}", std::process::id());
+    let id = format!("{:016x}", u64::from(std::process::id()) | 0xabc0_0000_0000_0000).repeat(4);
+    let mut cgs = Cgroups(Vec::new());
+    let (delegated, genuine) = (format!("/{tag}-delegated.slice"), format!("/{tag}-root.slice"));
+    cgs.make(&delegated, 0);
+    let d_unit = cgs.make(&format!("{delegated}/train.service"), 65534);
+    let d_ctr = cgs.make(&format!("{delegated}/docker-{id}.scope"), 65534);
+    cgs.make(&genuine, 0);
+    let r_unit = cgs.make(&format!("{genuine}/train.service"), 0);
+    let r_ctr = cgs.make(&format!("{genuine}/docker-{id}.scope"), 0);
+    cgs.make(&format!("{genuine}/user.service"), 0);
+    let deeper = cgs.make(&format!("{genuine}/user.service/train.service"), 0);
+    let agent = Agent::builder("attest-cgnames")
+        .secret("unit", &value)
+        .secret("ctr", &value)
+        .rule("name = \"unit\"\nsystemd_unit = [\"train.service\"]\nsecrets = [\"default/unit\"]")
+        .rule(&format!("name = \"container\"\ncontainer_id = [\"{id}\"]\nsecrets = [\"default/ctr\"]"))
+        .start();
+    assert_eq!(kvb_in_cgroup(&d_unit, &agent.socket, "unit"), 3, "delegated train.service");
+    assert_eq!(kvb_in_cgroup(&d_ctr, &agent.socket, "ctr"), 3, "delegated docker scope");
+    assert_eq!(kvb_in_cgroup(&deeper, &agent.socket, "unit"), 3, "train.service below user.service");
+    assert_eq!(kvb_in_cgroup(&r_unit, &agent.socket, "unit"), 0, "control: a root-owned unit");
+    assert_eq!(kvb_in_cgroup(&r_ctr, &agent.socket, "ctr"), 0, "control: a root-owned container scope");
+
+    let recs = reads(&agent);
+    assert_eq!(recs.len(), 5, "{recs:?}");
+    let expect = [
+        (format!("{delegated}/train.service"), "denied", None, None),
+        (format!("{delegated}/docker-{id}.scope"), "denied", None, None),
+        (format!("{genuine}/user.service/train.service"), "denied", Some("user.service".to_owned()), None),
+        (format!("{genuine}/train.service"), "allowed", Some("train.service".to_owned()), None),
+        (format!("{genuine}/docker-{id}.scope"), "allowed", Some(format!("docker-{id}.scope")), Some(id.clone())),
+    ];
+    for (rec, (cgroup, outcome, unit, ctr)) in recs.iter().zip(expect) {
+        assert_eq!(rec["peer"]["cgroup"], cgroup.as_str(), "{rec}");
+        assert_eq!(rec["outcome"], outcome, "{rec}");
+        assert_eq!(rec["peer"]["unit"].as_str(), unit.as_deref(), "{rec}");
+        assert_eq!(rec["peer"]["container_id"].as_str(), ctr.as_deref(), "{rec}");
+    }
+
+    // `policy explain` says which segment named the unit, and why a delegated one did not.
+    let explain = |cgroup: &str| {
+        let (code, out, err) = run(Command::new(bin("kvbroker"))
+            .args(["policy", "explain", "--config"])
+            .arg(&agent.config)
+            .args(["--uid", "0", "--cgroup", cgroup, "default/unit"]));
+        assert_eq!((code, err.as_str()), (0, ""));
+        out
+    };
+    let out = explain(&format!("{genuine}/train.service"));
+    assert!(out.contains("\n  systemd_unit  train.service (cgroup segment 2)\n"), "{out}");
+    let out = explain(&format!("{delegated}/train.service"));
+    assert!(out.contains("\n  systemd_unit  -\n"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "\n  cgroup names  not used: cgroup {delegated}/train.service is owned by uid 65534 (a delegated subtree): its names do not count\n"
+        )),
+        "{out}"
+    );
+    drop(agent);
+    drop(cgs);
+}
+
+/// `*` and `?` stop at `/` (issue 12: the docs' `*/torchrun` fitted any `/tmp/x/torchrun`):
+/// a perl one directory deeper than `DIR/*/perl` is denied; `DIR/**/perl` allows it.
+#[test]
+fn star_does_not_cross_a_slash_and_double_star_does() {
+    let value = canary("glob");
+    let dir = TempDir::new("attest-glob");
+    let d = dir.path().display();
+    let (shallow, deep) = (dir.path().join("x/perl"), dir.path().join("x/y/perl"));
+    cp(&perl(), &shallow);
+    cp(&perl(), &deep);
+    let agent = Agent::builder("attest-glob")
+        .secret("one", &value)
+        .secret("any", &value)
+        .rule(&format!("name = \"one-level\"\nexe = [\"{d}/*/perl\", \"{d}/x?y/perl\"]\nsecrets = [\"default/one\"]"))
+        .rule(&format!("name = \"any-depth\"\nexe = [\"{d}/**/perl\"]\nsecrets = [\"default/any\"]"))
+        .start();
+    assert_eq!(perl_ask(&shallow, &agent.socket, "one"), "HTTP/1.1 200 OK", "control: one level down");
+    assert_eq!(perl_ask(&deep, &agent.socket, "one"), "HTTP/1.1 403 Forbidden", "* and ? stop at /");
+    assert_eq!(perl_ask(&deep, &agent.socket, "any"), "HTTP/1.1 200 OK", "** crosses /");
+    let recs = reads(&agent);
+    let outcomes: Vec<(&str, &str)> =
+        recs.iter().map(|r| (r["peer"]["exe"].as_str().unwrap(), r["outcome"].as_str().unwrap())).collect();
+    assert_eq!(
+        outcomes,
+        [
+            (shallow.to_str().unwrap(), "allowed"),
+            (deep.to_str().unwrap(), "denied"),
+            (deep.to_str().unwrap(), "allowed")
+        ]
+    );
+    agent.assert_no_canary(&[&value], &[]);
+}
+
+/// A cgroup move on a kept-alive connection (issue 12): a process allowed by its cgroup moves
+/// itself to another one and asks again on the same connection: refused with "reconnect" and
+/// the connection closed; reconnecting, it is decided as where it is now.
+#[test]
+fn cgroup_move_on_a_kept_alive_connection_is_refused_and_closes_it() {
+    let value = canary("cgmove");
+    let tag = format!("kvbtest-{:x}-move", std::process::id());
+    let mut cgs = Cgroups(Vec::new());
+    let allowed = cgs.make(&format!("/{tag}-a"), 0);
+    let other = cgs.make(&format!("/{tag}-b"), 0);
+    let agent = Agent::builder("attest-cgmove")
+        .secret("s", &value)
+        .rule(&format!("name = \"cg\"\ncgroup = [\"/{tag}-a\"]\nsecrets = [\"default/s\"]"))
+        .start();
+    let script = format!(
+        r#"{PY_READ_RESPONSE}
+import os, socket, sys
+path, a, b = sys.argv[1:4]
+REQ = b"GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\n\r\n"
+def move(cg):
+    with open(cg + "/cgroup.procs", "w") as f:
+        f.write(str(os.getpid()))
+def show(who, r):
+    if r is None:
+        print(who, "closed", flush=True)
+    elif r[0].startswith("HTTP/1.1 200"):
+        print(who, r[0], flush=True)
+    else:
+        print(who, r[0], "close" if "connection: close" in r[1] else "keep-alive", r[2], flush=True)
+move(a)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(path)
+for who in ["first", "again"]:
+    s.sendall(REQ)
+    show(who, read_response(s))
+move(b)
+s.sendall(REQ)
+show("moved", read_response(s))
+show("after", read_response(s))
+t = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+t.connect(path)
+t.sendall(REQ)
+show("reconnected", read_response(t))
+print("pid", os.getpid())
+"#
+    );
+    let (code, out, err) =
+        run(Command::new("python3").args(["-c", &script]).arg(&agent.socket).arg(&allowed).arg(&other));
+    assert_eq!(code, 0, "{err}");
+    let line = |who: &str| -> String {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{who} ")))
+            .unwrap_or_else(|| panic!("no {who} line in {out}"))
+            .to_owned()
+    };
+    assert_eq!(line("first"), "HTTP/1.1 200 OK");
+    assert_eq!(line("again"), "HTTP/1.1 200 OK", "control: no move, the connection serves on");
+    let moved = line("moved");
+    assert!(moved.starts_with("HTTP/1.1 403 Forbidden close "), "{moved}");
+    let body: Value = serde_json::from_str(moved.splitn(5, ' ').nth(4).unwrap()).unwrap();
+    let reason = "peer moved to another cgroup since this connection's first request: reconnect";
+    assert_eq!(body["error"]["message"], format!("permission denied: {reason}"));
+    assert_eq!(line("after"), "closed");
+    assert!(line("reconnected").starts_with("HTTP/1.1 403 Forbidden keep-alive "), "{out}");
+    let pid: u64 = line("pid").parse().unwrap();
+
+    let recs = reads(&agent);
+    assert_eq!(recs.len(), 4, "{recs:?}");
+    assert_eq!(recs[2]["outcome"], "denied");
+    assert_eq!(recs[2]["reason"], reason);
+    assert_eq!(recs[2]["peer"]["pid"], pid);
+    assert_eq!(recs[3]["reason"], "no rule matches");
+    assert_eq!(recs[3]["peer"]["cgroup"], format!("/{tag}-b"));
+    agent.assert_no_canary(&[&value], &[&out]);
+    drop(agent);
+    drop(cgs);
+}
