@@ -6,7 +6,7 @@
 //! Scripts print only status lines and error bodies, never a 200's body, so no value reaches
 //! the test's output even when a defence is broken.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -145,8 +145,7 @@ if ($kid == 0) {
 close STDOUT;   # the child reports; the parent's python only waits for it
 exec $python, "-c", "import os; os.wait()";
 "#;
-    let (code, out, err) =
-        run(Command::new(perl()).args(["-e", script]).arg(&agent.socket).arg(&python));
+    let (code, out, err) = run(Command::new(perl()).args(["-e", script]).arg(&agent.socket).arg(&python));
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], format!("parent-exe {}", python.display()), "the parent had become python");
@@ -217,14 +216,14 @@ receiver.wait()
 print("connector", os.getpid())
 "#
     );
-    let (code, out, err) =
-        run(Command::new(&python).args(["-c", &sender]).arg(&agent.socket).arg(&receiver));
+    let (code, out, err) = run(Command::new(&python).args(["-c", &sender]).arg(&agent.socket).arg(&receiver));
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "sender HTTP/1.1 200 OK", "control: the allowed process itself");
     let receiver: Vec<&str> = lines[1].split(' ').collect();
     assert_eq!(receiver[..4], ["receiver", "HTTP/1.1", "403", "Forbidden"], "{out}");
-    let (receiver_pid, receiver_uid): (u64, u64) = (receiver[4].parse().unwrap(), receiver[5].parse().unwrap());
+    let (receiver_pid, receiver_uid): (u64, u64) =
+        (receiver[4].parse().unwrap(), receiver[5].parse().unwrap());
     assert_eq!(receiver_uid, 65534);
     let connector: u64 = lines[2].strip_prefix("connector ").unwrap().parse().unwrap();
 
@@ -379,7 +378,8 @@ fn exe_bind_mounted_in_a_user_namespace_is_unverified_and_denied() {
         .arg(&agent.config)
         .args(["--pid", &pid, "default/s"]));
     assert_eq!((code, err.as_str()), (0, ""));
-    let why = format!("{} is, in the agent's mount namespace, not the file the process runs", kvb_path.display());
+    let why =
+        format!("{} is, in the agent's mount namespace, not the file the process runs", kvb_path.display());
     assert!(
         explained.contains(&format!("\n  exe           {} (UNVERIFIED: {why})\n", kvb_path.display())),
         "{explained}"
@@ -539,7 +539,12 @@ fn unit_and_container_names_in_a_delegated_subtree_do_not_count() {
         (format!("{delegated}/docker-{id}.scope"), "denied", None, None),
         (format!("{genuine}/user.service/train.service"), "denied", Some("user.service".to_owned()), None),
         (format!("{genuine}/train.service"), "allowed", Some("train.service".to_owned()), None),
-        (format!("{genuine}/docker-{id}.scope"), "allowed", Some(format!("docker-{id}.scope")), Some(id.clone())),
+        (
+            format!("{genuine}/docker-{id}.scope"),
+            "allowed",
+            Some(format!("docker-{id}.scope")),
+            Some(id.clone()),
+        ),
     ];
     for (rec, (cgroup, outcome, unit, ctr)) in recs.iter().zip(expect) {
         assert_eq!(rec["peer"]["cgroup"], cgroup.as_str(), "{rec}");
@@ -584,7 +589,9 @@ fn star_does_not_cross_a_slash_and_double_star_does() {
     let agent = Agent::builder("attest-glob")
         .secret("one", &value)
         .secret("any", &value)
-        .rule(&format!("name = \"one-level\"\nexe = [\"{d}/*/perl\", \"{d}/x?y/perl\"]\nsecrets = [\"default/one\"]"))
+        .rule(&format!(
+            "name = \"one-level\"\nexe = [\"{d}/*/perl\", \"{d}/x?y/perl\"]\nsecrets = [\"default/one\"]"
+        ))
         .rule(&format!("name = \"any-depth\"\nexe = [\"{d}/**/perl\"]\nsecrets = [\"default/any\"]"))
         .start();
     assert_eq!(perl_ask(&shallow, &agent.socket, "one"), "HTTP/1.1 200 OK", "control: one level down");
@@ -680,4 +687,175 @@ print("pid", os.getpid())
     agent.assert_no_canary(&[&value], &[&out]);
     drop(agent);
     drop(cgs);
+}
+
+/// Starts `kvbroker run` on `config` and waits until `socket` answers health.
+fn start_on(config: &Path, socket: &Path) -> Proc {
+    let mut agent = Proc::spawn(
+        Command::new(bin("kvbroker"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    for _ in 0..500 {
+        assert!(agent.wait_timeout(Duration::ZERO).is_none(), "the agent exited");
+        if let Ok((200, _)) = kvbroker_tests::raw_get(socket, "/v1/health", &[]) {
+            return agent;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("the agent did not become ready");
+}
+
+/// Files that decide access (issue 12): a socket directory (or a directory above it), policy,
+/// local vault or HMAC key file that a non-root user owns, or a policy that its group can
+/// write, stops `kvbroker run` with exit 1 and a message naming the path and the fix — and
+/// after that fix, run as the message says, the agent starts.
+#[test]
+fn refuses_to_start_on_a_file_a_non_root_user_could_change() {
+    let owned = |path: &Path, what: &str| {
+        format!(
+            "kvbroker: {0}: {what} is owned by uid 65534, so that user could change it: run `chown root {0}` (or run the agent as that user)",
+            path.display()
+        )
+    };
+    let chown = |p: &Path| std::os::unix::fs::chown(p, Some(65534), Some(65534)).unwrap();
+    let mut failures = Vec::new();
+    for case in ["socket dir", "dir above", "policy owner", "policy mode", "vault", "hmac key"] {
+        let b = Agent::builder("attest-trust").secret("s", "v").allow_uid(0);
+        let config = b.write();
+        let dir = b.into_dir();
+        let d = dir.path();
+        let mut socket = d.join("agent.sock");
+        let policy = d.join("policy.toml");
+        let expected = match case {
+            "socket dir" => {
+                chown(d);
+                owned(d, "the socket's directory")
+            }
+            "dir above" => {
+                let sub = d.join("sub");
+                std::fs::create_dir(&sub).unwrap();
+                let text = std::fs::read_to_string(&config).unwrap();
+                std::fs::write(
+                    &config,
+                    text.replace(
+                        &format!("{}\"", socket.display()),
+                        &format!("{}\"", sub.join("agent.sock").display()),
+                    ),
+                )
+                .unwrap();
+                socket = sub.join("agent.sock");
+                chown(d);
+                owned(d, "a directory above it")
+            }
+            "policy owner" => {
+                chown(&policy);
+                owned(&policy, "policy file")
+            }
+            "policy mode" => {
+                std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o664)).unwrap();
+                format!(
+                    "kvbroker: {0}: policy file is writable by group or others (mode 0664): run `chmod go-w {0}`",
+                    policy.display()
+                )
+            }
+            "vault" => {
+                let vault = d.join("secrets.toml");
+                chown(&vault);
+                owned(&vault, "local vault file")
+            }
+            "hmac key" => {
+                let key = d.join("hmac.key");
+                kvbroker_tests::write_mode(&key, "0123456789abcdef0123456789abcdef", 0o600);
+                let text = std::fs::read_to_string(&config).unwrap();
+                let keyed =
+                    text.replace("[audit]\n", &format!("[audit]\nhmac_key_file = \"{}\"\n", key.display()));
+                assert_ne!(keyed, text);
+                std::fs::write(&config, keyed).unwrap();
+                chown(&key);
+                owned(&key, "HMAC key file")
+            }
+            _ => unreachable!(),
+        };
+        let (code, err) = run_refused(&config, d);
+        if (code, err.trim_end()) != (Some(1), expected.as_str()) {
+            failures.push(format!("{case}: exit {code:?}, stderr {err:?}, expected {expected:?}"));
+            continue;
+        }
+        assert!(!socket.exists(), "{case}: no socket was made");
+
+        // The fix the message names.
+        let fix = expected.split('`').nth(1).unwrap();
+        let (code, _, err) = run(Command::new("sh").args(["-c", fix]));
+        assert_eq!(code, 0, "{case}: {fix}: {err}");
+        drop(start_on(&config, &socket));
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// `kvbroker run` expected to refuse to start: (exit code, stderr). An agent still running
+/// after 10 s did start: it is killed and the exit code is None.
+fn run_refused(config: &Path, dir: &Path) -> (Option<i32>, String) {
+    let stderr = dir.join("refused.stderr");
+    let mut agent = Proc::spawn(
+        Command::new(bin("kvbroker"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap()),
+    );
+    let status = agent.wait_timeout(Duration::from_secs(10));
+    drop(agent);
+    (status.map(|s| s.code().unwrap_or(-1)), std::fs::read_to_string(&stderr).unwrap_or_default())
+}
+
+/// A SIGHUP reload of a policy file that a non-root user now owns is refused: the old policy
+/// stays in force and `policy.reload` says failed. `agent.start` and a successful reload carry
+/// the loaded file's SHA-256.
+#[test]
+fn reload_refuses_a_policy_a_non_root_user_owns() {
+    let value = canary("reload");
+    let agent = Agent::builder("attest-reload").secret("s", &value).allow_uid(0).start();
+    let start = agent.audit_records().into_iter().find(|r| r["event"] == "agent.start").unwrap();
+    assert_eq!(start["policy_sha256"], sha256_file(&agent.policy).as_str(), "{start}");
+
+    // A policy that would no longer allow uid 0, owned by nobody.
+    std::fs::write(&agent.policy, "[[rule]]\nname = \"other\"\nuids = [4242]\nsecrets = [\"default/*\"]\n")
+        .unwrap();
+    std::os::unix::fs::chown(&agent.policy, Some(65534), Some(65534)).unwrap();
+    let reload = |n: usize| {
+        agent.proc.signal(libc::SIGHUP);
+        for _ in 0..250 {
+            let recs: Vec<Value> =
+                agent.audit_records().into_iter().filter(|r| r["event"] == "policy.reload").collect();
+            if recs.len() == n {
+                return recs[n - 1].clone();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no policy.reload record #{n}");
+    };
+    let failed = reload(1);
+    assert_eq!(failed["outcome"], "failed", "{failed}");
+    assert_eq!(
+        failed["reason"],
+        format!(
+            "{0}: policy file is owned by uid 65534, so that user could change it: run `chown root {0}` (or run the agent as that user); the previous policy stays in force",
+            agent.policy.display()
+        )
+    );
+    assert!(failed["policy_sha256"].is_null(), "{failed}");
+    assert_eq!(run(kvb(&agent.socket, None).args(["get", "s"])).0, 0, "the old policy still allows uid 0");
+
+    // Control: owned by root again, the same file loads, and uid 0 is denied by it.
+    std::os::unix::fs::chown(&agent.policy, Some(0), Some(0)).unwrap();
+    let loaded = reload(2);
+    assert_eq!(loaded["outcome"], "ok", "{loaded}");
+    assert_eq!(loaded["policy_sha256"], sha256_file(&agent.policy).as_str(), "{loaded}");
+    assert_eq!(run(kvb(&agent.socket, None).args(["get", "s"])).0, 3, "the new policy is in force");
+    agent.assert_no_canary(&[&value], &[]);
 }
