@@ -3,6 +3,7 @@
 //! setpriv and mount a tmpfs, and clean up on drop.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
+mod attest;
 mod audit_log;
 mod cache;
 mod cli_errors;

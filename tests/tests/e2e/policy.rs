@@ -100,7 +100,7 @@ fn exe_glob_and_exe_sha256() {
 }
 
 /// The cgroup v2 hierarchy's mount point (pure v2 hosts: /sys/fs/cgroup; hybrid: …/unified).
-fn cgroup2_root() -> PathBuf {
+pub(super) fn cgroup2_root() -> PathBuf {
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
     let line =
         mounts.lines().find(|l| l.split_whitespace().nth(2) == Some("cgroup2")).expect("a cgroup2 mount");
