@@ -131,12 +131,28 @@ impl ConnPeer {
     /// process that wrote last if a second one did (read afresh, best effort), else the
     /// connector.
     pub(crate) fn info(&self) -> PeerInfo {
-        if let Err(NotOneWriter::Mixed { other, .. }) = self.senders.writer()
-            && let Ok(f) = read_facts(&other)
-        {
-            return f.info();
+        let connected_pid = |pid: u32| (pid != self.pid).then_some(self.pid);
+        match self.senders.writer() {
+            Err(NotOneWriter::Mixed { other, .. }) => match read_facts(&other) {
+                Ok(f) => PeerInfo { connected_pid: connected_pid(other.pid), ..f.info() },
+                // Gone already: what the kernel said about it with its bytes still stands.
+                Err(_) => PeerInfo {
+                    pid: other.pid,
+                    uid: other.uid,
+                    gid: other.gid,
+                    connected_pid: connected_pid(other.pid),
+                    ..PeerInfo::default()
+                },
+            },
+            Ok(w) => PeerInfo {
+                pid: w.pid,
+                uid: w.uid,
+                gid: w.gid,
+                connected_pid: connected_pid(w.pid),
+                ..PeerInfo::default()
+            },
+            Err(_) => PeerInfo { pid: self.pid, uid: self.uid, gid: self.gid, ..PeerInfo::default() },
         }
-        PeerInfo { pid: self.pid, uid: self.uid, gid: self.gid, ..PeerInfo::default() }
     }
 }
 

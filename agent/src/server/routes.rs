@@ -188,6 +188,8 @@ async fn decide_and_fetch<B>(
             rec.rule = Some(rule);
         }
         Decision::Deny { reason } => {
+            // Facts the decision computed (an exe hash) are recorded for denials too.
+            rec.peer = Some(facts.info());
             let caller = DeniedRead {
                 uid: facts.uid,
                 gid: facts.gid,
