@@ -89,10 +89,10 @@ impl Transport {
             }
         }
         let stream = tokio::net::UnixStream::connect(&self.socket).await.map_err(|source| {
-            if source.kind() == std::io::ErrorKind::PermissionDenied {
-                if let Some(e) = no_access(&self.socket) {
-                    return e;
-                }
+            if source.kind() == std::io::ErrorKind::PermissionDenied
+                && let Some(e) = no_access(&self.socket)
+            {
+                return e;
             }
             Error::Unreachable { path: self.socket.clone(), source }
         })?;
