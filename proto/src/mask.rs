@@ -102,6 +102,9 @@ pub struct MaskSet {
     automaton: Option<AhoCorasick>,
     /// Whether some pattern starts with this byte: most positions fail here, cheaply.
     first: [bool; 256],
+    /// Whether some pattern contains this byte: a tail holding any other byte (a newline,
+    /// usually) cannot grow into a match, so nothing before it is held.
+    used: [bool; 256],
     max_len: usize,
 }
 
@@ -113,7 +116,7 @@ impl fmt::Debug for MaskSet {
 
 impl MaskSet {
     fn empty() -> Self {
-        Self { patterns: Vec::new(), automaton: None, first: [false; 256], max_len: 0 }
+        Self { patterns: Vec::new(), automaton: None, first: [false; 256], used: [false; 256], max_len: 0 }
     }
 
     fn build(mut patterns: Vec<Zeroizing<Vec<u8>>>) -> Self {
@@ -121,8 +124,12 @@ impl MaskSet {
         patterns.sort_unstable_by(|a, b| a.as_slice().cmp(b.as_slice()));
         patterns.dedup_by(|a, b| a.as_slice() == b.as_slice());
         let mut first = [false; 256];
+        let mut used = [false; 256];
         for p in &patterns {
             first[usize::from(p[0])] = true;
+            for &b in p.iter() {
+                used[usize::from(b)] = true;
+            }
         }
         let max_len = patterns.iter().map(|p| p.len()).max().unwrap_or(0);
         // Standard semantics: overlapping search reports every occurrence of every pattern,
@@ -138,7 +145,7 @@ impl MaskSet {
                 .build(patterns.iter().map(|p| p.as_slice()))
                 .ok()
         };
-        Self { patterns, automaton, first, max_len }
+        Self { patterns, automaton, first, used, max_len }
     }
 
     /// How many patterns (every value times its encodings).
@@ -284,7 +291,10 @@ impl Masker {
 
     /// The first position whose suffix could still grow into a match.
     fn hold_from(&self, p: &[u8]) -> usize {
-        let from = p.len().saturating_sub(self.set.max_len.saturating_sub(1));
+        let mut from = p.len().saturating_sub(self.set.max_len.saturating_sub(1));
+        if let Some(last_unused) = p[from..].iter().rposition(|&b| !self.set.used[usize::from(b)]) {
+            from += last_unused + 1;
+        }
         (from..p.len())
             .find(|&q| self.set.first[usize::from(p[q])] && self.set.could_start(&p[q..]))
             .unwrap_or(p.len())
