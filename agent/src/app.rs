@@ -8,6 +8,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kvbroker_proto::mask::MaskValues;
 use kvbroker_proto::{AgentInfo, AuditRecord, Event, Outcome};
 
 use crate::Error;
@@ -25,6 +26,11 @@ use crate::vault::Vaults;
 #[derive(Debug, Default, Clone)]
 pub(crate) struct RunInfo {
     pub(crate) run_id: Option<String>,
+    /// Launch mode: the job's output masker, taught every value as it is served; `None` with
+    /// `--no-mask` (and for a node agent).
+    pub(crate) mask: Option<Arc<MaskValues>>,
+    /// Launch mode: whether output masking is on, for `agent.start`.
+    pub(crate) output_masking: Option<bool>,
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
@@ -85,11 +91,20 @@ where
         pid: std::process::id(),
         config: Some(config.path.display().to_string()),
         run_id: info.run_id,
+        output_masking: info.output_masking,
     };
     let mut start = AuditRecord::new(Event::AgentStart);
     start.outcome = Some(Outcome::Ok);
     start.agent = Some(agent.clone());
-    start.reason = resumed.note;
+    start.reason = match (resumed.note, info.output_masking) {
+        (note, Some(false)) => Some(
+            note.into_iter()
+                .chain(["job output masking is off (--no-mask): values the job prints reach its log".into()])
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        (note, _) => note,
+    };
     start.policy_sha256 = Some(policy.sha256().to_owned());
     auditor.append(start).await?;
     tracing::info!(
@@ -105,7 +120,7 @@ where
     let cache = Cache::new(config.cache.clone(), vaults, Arc::clone(&auditor));
     let refresher = cache.spawn_refresher();
     let limits = Limits::new(config.limits.clone());
-    let state = Arc::new(State::new(launch, cache.clone(), limits, policy, Arc::clone(&auditor)));
+    let state = Arc::new(State::new(launch, info.mask, cache.clone(), limits, policy, Arc::clone(&auditor)));
     let reload = tokio::spawn(reload_on_hangup(Arc::clone(&state), config.policy.file.clone()));
     let admin_socket = AdminSocket {
         state: Arc::clone(&state),

@@ -134,6 +134,11 @@ pub struct LaunchArgs {
     /// Where the audit log goes (Azure ML uploads ./outputs with the run).
     #[arg(long, value_name = "DIR", default_value = "outputs/kvbroker")]
     pub audit_dir: PathBuf,
+    /// Do not mask served values in the command's stdout and stderr (recorded in the audit
+    /// log's agent.start). By default every value served to the job, and its JSON, base64 and
+    /// URL encodings, becomes *** before it reaches the job's log.
+    #[arg(long)]
+    pub no_mask: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<String>,

@@ -232,6 +232,10 @@ pub struct AgentInfo {
     /// The Azure ML run id (`AZUREML_RUN_ID`), when launched for a job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_id: Option<String>,
+    /// `kvbroker launch` only: whether the job's stdout and stderr are masked (`false` after
+    /// `--no-mask`). Absent for a node agent, which does not run the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_masking: Option<bool>,
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 pub mod api;
 pub mod audit;
 pub mod error;
+pub mod mask;
 pub mod name;
 pub mod value;
 

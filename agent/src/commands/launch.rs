@@ -9,6 +9,12 @@
 //! to the command; when it exits, the cache is wiped, `agent.stop` written, the socket and
 //! directory removed, and the launcher exits with the command's status (128 + signal if it
 //! was killed).
+//!
+//! Unless `--no-mask`, the command's stdout and stderr are pipes the launcher copies to its
+//! own through a `proto::mask::Masker` each: the server teaches the masker every value just
+//! before it answers with it, so whatever the job prints of it (as is, JSON/repr-escaped,
+//! base64, URL-encoded) reaches the log as `***`. Each stream keeps its order and every masked
+//! chunk is flushed at once.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
@@ -18,7 +24,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use kvbroker_proto::SecretPath;
+use kvbroker_proto::mask::{MaskValues, Masker};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::signal::unix::{SignalKind, signal};
+use zeroize::Zeroizing;
 
 use crate::app::{self, RunInfo};
 use crate::config::Config;
@@ -56,6 +65,7 @@ struct LaunchArgs {
     prefetch: Vec<String>,
     min_validity: Duration,
     audit_dir: PathBuf,
+    mask: bool,
     command: Vec<String>,
 }
 
@@ -74,6 +84,7 @@ pub(crate) fn command(a: cli::LaunchArgs) -> Result<ExitCode, Error> {
         prefetch: a.prefetch,
         min_validity,
         audit_dir: a.audit_dir,
+        mask: !a.no_mask,
         command: a.command,
     })
 }
@@ -89,7 +100,12 @@ fn launch(args: LaunchArgs) -> Result<ExitCode, Error> {
     let audit_dir = args.audit_dir.canonicalize().unwrap_or_else(|_| args.audit_dir.clone());
     let config = config_for(&args, &dir.0, &audit_dir)?;
     let socket = config.agent.socket.clone();
-    let info = RunInfo { run_id: std::env::var("AZUREML_RUN_ID").ok().filter(|v| !v.is_empty()) };
+    let mask = args.mask.then(|| Arc::new(MaskValues::new()));
+    let info = RunInfo {
+        run_id: std::env::var("AZUREML_RUN_ID").ok().filter(|v| !v.is_empty()),
+        mask: mask.clone(),
+        output_masking: Some(args.mask),
+    };
     let root: LaunchRoot = Arc::new(std::sync::OnceLock::new());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -98,7 +114,7 @@ fn launch(args: LaunchArgs) -> Result<ExitCode, Error> {
         .map_err(Error::Runtime)?;
     let code = rt.block_on(app::run_until(config, info, Some(Arc::clone(&root)), |ctx| async move {
         prefetch(&ctx, &args.prefetch, args.min_validity).await?;
-        run_command(&args.command, &socket, &root).await
+        run_command(&args.command, &socket, &root, mask).await
     }))?;
     drop(dir);
     Ok(ExitCode::from(code))
@@ -202,14 +218,23 @@ async fn run_command(
     command: &[String],
     socket: &Path,
     root: &LaunchRoot,
+    mask: Option<Arc<MaskValues>>,
 ) -> Result<(u8, &'static str), Error> {
     let mut term = signal(SignalKind::terminate()).map_err(Error::Runtime)?;
     let mut int = signal(SignalKind::interrupt()).map_err(Error::Runtime)?;
-    let mut child = tokio::process::Command::new(&command[0])
-        .args(&command[1..])
-        .env(kvbroker_proto::SOCKET_ENV, socket)
-        .spawn()
-        .map_err(|source| LaunchError::Spawn { command: command[0].clone(), source })?;
+    let mut cmd = tokio::process::Command::new(&command[0]);
+    cmd.args(&command[1..]).env(kvbroker_proto::SOCKET_ENV, socket);
+    if mask.is_some() {
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    }
+    let mut child =
+        cmd.spawn().map_err(|source| LaunchError::Spawn { command: command[0].clone(), source })?;
+    let pumps = mask.map(|m| {
+        [
+            child.stdout.take().map(|o| tokio::spawn(pump(o, tokio::io::stdout(), Arc::clone(&m)))),
+            child.stderr.take().map(|e| tokio::spawn(pump(e, tokio::io::stderr(), Arc::clone(&m)))),
+        ]
+    });
     let pid = child.id().ok_or_else(|| LaunchError::Watch {
         what: "the command exited before it could be watched",
         source: "no pid".into(),
@@ -225,12 +250,55 @@ async fn run_command(
             _ = int.recv() => forward(pid, libc::SIGINT),
         }
     };
+    // Let the output drain (a background process the command left may hold the pipes open:
+    // wait for it a little, not forever).
+    if let Some(pumps) = pumps {
+        let _ = tokio::time::timeout(DRAIN_GRACE, async {
+            for p in pumps.into_iter().flatten() {
+                let _ = p.await;
+            }
+        })
+        .await;
+    }
     let code = match (status.code(), status.signal()) {
         (Some(c), _) => u8::try_from(c).unwrap_or(1),
         (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(255),
         (None, None) => 1,
     };
     Ok((code, "the launched command exited"))
+}
+
+/// After the command exits, how long its masked output may still drain.
+const DRAIN_GRACE: Duration = Duration::from_secs(2);
+
+/// Copies `from` to `to` through a masker, flushing each masked chunk. If `to` fails (the
+/// reader went away), the rest is read and dropped so the command never blocks on a full
+/// pipe.
+async fn pump<R, W>(mut from: R, mut to: W, values: Arc<MaskValues>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut masker = Masker::new(values);
+    // What the command wrote may hold a value: both buffers are wiped when dropped.
+    let mut buf = Zeroizing::new(vec![0u8; 64 * 1024]);
+    let mut out = Zeroizing::new(Vec::with_capacity(64 * 1024 + 1024));
+    let mut writable = true;
+    loop {
+        out.clear();
+        let n = from.read(&mut buf).await.unwrap_or(0);
+        if n == 0 {
+            masker.finish(&mut out);
+        } else {
+            masker.push(&buf[..n], &mut out);
+        }
+        if writable && !out.is_empty() {
+            writable = to.write_all(&out).await.is_ok() && to.flush().await.is_ok();
+        }
+        if n == 0 {
+            return;
+        }
+    }
 }
 
 fn forward(pid: u32, sig: libc::c_int) {
@@ -254,6 +322,7 @@ mod tests {
             prefetch: vec![],
             min_validity: Duration::ZERO,
             audit_dir: dir.0.join("audit"),
+            mask: true,
             command: vec!["true".into()],
         };
         let c = config_for(&args, &dir.0, &dir.0.join("audit")).unwrap();

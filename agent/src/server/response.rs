@@ -1,5 +1,6 @@
 //! Building answers. The one place that maps failures to [`ErrorCode`]s, and one of the
-//! three places a secret value is exposed (to put it in the answer body).
+//! three places a secret value is exposed (to put it in the answer body, and, in
+//! `kvbroker launch`, to teach the job's output masker the value being sent).
 //!
 //! Bodies that carry a value are backed by memory that is wiped when hyper drops them.
 //! Error messages never contain a value: they are built from names, codes and reasons.
@@ -245,6 +246,11 @@ impl AsRef<[u8]> for Exposed {
     fn as_ref(&self) -> &[u8] {
         self.0.expose_secret()
     }
+}
+
+/// `kvbroker launch`: the job's output masker learns a value about to be served.
+pub(crate) fn teach_mask(mask: &kvbroker_proto::mask::MaskValues, s: &Served) {
+    mask.learn(s.fetched.value.expose_secret());
 }
 
 pub(crate) fn secret(s: &Served, raw: bool) -> Result<Response<Body>, Failure> {

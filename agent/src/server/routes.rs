@@ -60,6 +60,11 @@ async fn read_secret<B>(
     let raw = wants_raw(req);
     let answer = result.and_then(|served| match served {
         Some(served) => {
+            if let Some(mask) = &ctx.mask {
+                // Before the answer exists: no output can hold the value before the masker
+                // knows it.
+                response::teach_mask(mask, &served);
+            }
             let r = response::secret(&served, raw)?;
             rec.cache = Some(served.state);
             Ok(r)

@@ -9,6 +9,7 @@ pub(crate) mod limits;
 use std::path::Path;
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
+use kvbroker_proto::mask::MaskValues;
 use kvbroker_proto::{AuditRecord, Event, Outcome};
 
 use crate::audit::Auditor;
@@ -24,6 +25,8 @@ pub(crate) type LaunchRoot = Arc<OnceLock<(u32, u64)>>;
 /// Shared state of a running agent.
 pub(crate) struct State {
     pub(crate) launch_root: Option<LaunchRoot>,
+    /// In `kvbroker launch`: the job's output masker, taught each value before it is sent.
+    pub(crate) mask: Option<Arc<MaskValues>>,
     pub(crate) cache: Cache,
     pub(crate) limits: Arc<Limits>,
     policy: RwLock<Arc<Policy>>,
@@ -33,12 +36,13 @@ pub(crate) struct State {
 impl State {
     pub(crate) fn new(
         launch_root: Option<LaunchRoot>,
+        mask: Option<Arc<MaskValues>>,
         cache: Cache,
         limits: Arc<Limits>,
         policy: Policy,
         auditor: Arc<Auditor>,
     ) -> Self {
-        Self { launch_root, cache, limits, policy: RwLock::new(Arc::new(policy)), auditor }
+        Self { launch_root, mask, cache, limits, policy: RwLock::new(Arc::new(policy)), auditor }
     }
 
     /// The policy in force now (a reload swaps it; requests in flight keep the one they took).

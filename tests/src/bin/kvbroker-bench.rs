@@ -3,7 +3,8 @@
 //! real client crate, and runs the same load against a bare hyper server on a Unix socket
 //! in this process (no attestation, policy or audit) to report ratios.
 //!
-//! Scenarios: `cached` (with `floor`), `cold`, `scale`, `audit`. Default: all.
+//! Scenarios: `cached` (with `floor`), `cold`, `scale`, `audit`, `mask` (job-output masker
+//! throughput in process, and added latency per line through `kvb exec`). Default: all.
 //! Build with `--release` first: `cargo run --release -p kvbroker-tests --bin kvbroker-bench`.
 #![allow(
     clippy::unwrap_used,
@@ -373,6 +374,119 @@ fn audit(rt: &tokio::runtime::Runtime, o: &Opts, rows: &mut Vec<Value>) {
     }
 }
 
+/// 50 values of 24 to 72 characters, as Key Vault secrets tend to be.
+fn mask_values() -> Vec<String> {
+    (0usize..50)
+        .map(|i| {
+            let len = 24 + (i * 7) % 49;
+            (0..len).map(|_| fastrand::alphanumeric()).collect::<String>()
+                + if i.is_multiple_of(5) { "/+=" } else { "" }
+        })
+        .collect()
+}
+
+/// Job-like output: training-log lines, one in 1000 carrying a value.
+fn job_output(values: &[String], bytes: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes + 256);
+    let mut i = 0usize;
+    while out.len() < bytes {
+        i += 1;
+        let line = if i.is_multiple_of(1000) {
+            format!(
+                "2026-11-22T10:00:00.123Z WARN config dump: password={} retrying\n",
+                values[i % values.len()]
+            )
+        } else {
+            format!(
+                "2026-11-22T10:00:00.123Z INFO epoch {} step {i} loss={:.4} lr=3e-4 grad_norm={:.3} tokens/s={}\n",
+                i / 5000,
+                1.0 / (i as f64).sqrt(),
+                (i % 97) as f64 / 10.0,
+                31_000 + i % 977
+            )
+        };
+        out.extend_from_slice(line.as_bytes());
+    }
+    out
+}
+
+/// The masker alone (MB/s of job output, in 64 KiB reads and in one write per line), then
+/// the added latency per line through the real `kvb exec`, masked vs `--no-mask`.
+fn mask(o: &Opts, rows: &mut Vec<Value>) {
+    use kvbroker_proto::mask::{MaskValues, Masker};
+    let values = mask_values();
+    let set = Arc::new(MaskValues::new());
+    for v in &values {
+        set.learn(v.as_bytes());
+    }
+    let patterns = set.snapshot().1.len();
+    let text = job_output(&values, if o.quick { 8 << 20 } else { 64 << 20 });
+    let lines: Vec<&[u8]> = text.split_inclusive(|&b| b == b'\n').collect();
+    for (chunking, chunks) in [("64KiB", text.chunks(64 * 1024).collect::<Vec<_>>()), ("line", lines)] {
+        let mut m = Masker::new(Arc::clone(&set));
+        let mut out = Vec::with_capacity(128 * 1024);
+        let start = Instant::now();
+        for c in &chunks {
+            out.clear();
+            m.push(c, &mut out);
+        }
+        m.finish(&mut out);
+        let secs = start.elapsed().as_secs_f64();
+        let mbps = text.len() as f64 / secs / 1e6;
+        println!(
+            "mask throughput, {chunking} writes: {mbps:.0} MB/s ({} values, {patterns} patterns)",
+            values.len()
+        );
+        rows.push(json!({"scenario": "mask", "chunking": chunking, "values": values.len(), "patterns": patterns, "mb_per_sec": mbps}));
+    }
+
+    let mut b = Agent::builder("bench-mask").allow_uid(0);
+    for (i, v) in values.iter().enumerate() {
+        b = b.secret(&format!("s{i}"), v);
+    }
+    let agent = b.start();
+    let lines = if o.quick { 200 } else { 1000 };
+    // The child stamps each line with the wall clock as it writes it; we stamp it as it
+    // arrives. Same clock, same machine.
+    let child = format!(
+        "import sys, time\nfor i in range({lines}):\n    sys.stdout.write(f'{{time.time_ns()}} epoch 1 step {{i}} loss=0.25\\n'); sys.stdout.flush(); time.sleep(0.002)\n"
+    );
+    let mut base_p50 = 0.0;
+    for masked in [false, true] {
+        let mut cmd = std::process::Command::new(kvbroker_tests::bin("kvb"));
+        cmd.env("KVBROKER_SOCKET", &agent.socket).arg("exec");
+        if !masked {
+            cmd.arg("--no-mask");
+        }
+        for i in 0..values.len() {
+            cmd.arg("--env").arg(format!("S{i}=s{i}"));
+        }
+        cmd.args(["--", "python3", "-c", &child]).stdout(std::process::Stdio::piped());
+        let mut proc = cmd.spawn().unwrap();
+        let reader = std::io::BufReader::new(proc.stdout.take().unwrap());
+        let mut lat: Vec<u64> = Vec::with_capacity(lines);
+        for line in std::io::BufRead::lines(reader) {
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+            let line = line.unwrap();
+            let sent: u64 = line.split(' ').next().unwrap().parse().unwrap();
+            lat.push(now.saturating_sub(sent));
+        }
+        assert!(proc.wait().unwrap().success());
+        assert_eq!(lat.len(), lines, "every line arrived");
+        lat.sort_unstable();
+        let (p50, p99, max) = (pct(&lat, 0.5), pct(&lat, 0.99), *lat.last().unwrap() as f64 / 1000.0);
+        let mode = if masked { "masked" } else { "--no-mask" };
+        if !masked {
+            base_p50 = p50;
+        }
+        println!(
+            "kvb exec {mode}: line latency p50 {p50:.0} us, p99 {p99:.0} us, max {max:.0} us ({lines} lines)"
+        );
+        rows.push(json!({"scenario": "mask-latency", "mode": mode, "lines": lines, "p50_us": p50, "p99_us": p99, "max_us": max, "added_p50_us": p50 - base_p50}));
+    }
+}
+
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -382,7 +496,7 @@ fn main() {
         args.drain(i..=i + 1);
     }
     args.retain(|a| a != "--quick");
-    let all = ["cached", "cold", "scale", "audit"];
+    let all = ["cached", "cold", "scale", "audit", "mask"];
     let chosen: Vec<&str> =
         if args.is_empty() { all.to_vec() } else { args.iter().map(String::as_str).collect() };
     for c in &chosen {
@@ -405,6 +519,7 @@ fn main() {
             "cold" => cold(&rt, &o, &mut rows),
             "scale" => scale(&rt, &o, &mut rows),
             "audit" => audit(&rt, &o, &mut rows),
+            "mask" => mask(&o, &mut rows),
             _ => {}
         }
     }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kvbroker_tests::{Agent, EmulatorProc, Proc, TempDir, bin, canary, kvb, run};
 use serde_json::json;
 
-struct Job {
+pub(crate) struct Job {
     emu: EmulatorProc,
     dir: TempDir,
     config: PathBuf,
@@ -16,19 +16,19 @@ struct Job {
 }
 
 impl Job {
-    fn new(tag: &str, secrets: &[(&str, &str)]) -> Job {
+    pub(crate) fn new(tag: &str, secrets: &[(&str, &str)]) -> Job {
         let emu = EmulatorProc::start(secrets);
         let b = Agent::builder(tag).keyvault(&emu, "azure-ml").allow_uid(0);
         let config = b.write();
         Job { emu, dir: TempDir::new(tag), config, _agent_dir: b.into_dir() }
     }
 
-    fn out(&self) -> PathBuf {
+    pub(crate) fn out(&self) -> PathBuf {
         self.dir.path().to_owned()
     }
 
     /// `kvbroker launch --config … [extra] -- sh -c SCRIPT`, with kvb on PATH and $OUT set.
-    fn command(&self, extra: &[&str], script: &str) -> Command {
+    pub(crate) fn command(&self, extra: &[&str], script: &str) -> Command {
         let mut c = Command::new(bin("kvbroker"));
         c.arg("launch").arg("--config").arg(&self.config).arg("--audit-dir").arg(self.out().join("audit"));
         c.args(extra).args(["--", "sh", "-c", script]);
@@ -43,11 +43,11 @@ impl Job {
         c
     }
 
-    fn audit(&self) -> PathBuf {
+    pub(crate) fn audit(&self) -> PathBuf {
         self.out().join("audit/audit.jsonl")
     }
 
-    fn records(&self) -> Vec<serde_json::Value> {
+    pub(crate) fn records(&self) -> Vec<serde_json::Value> {
         kvbroker_tests::read_records(&self.audit())
     }
 }

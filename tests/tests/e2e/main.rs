@@ -13,5 +13,6 @@ mod first_hour;
 mod keyvault;
 mod launch;
 mod lifecycle;
+mod mask;
 mod policy;
 mod read;

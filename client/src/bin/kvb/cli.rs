@@ -47,6 +47,10 @@ pub(crate) enum Command {
         /// The vault alias (default: the agent's default vault).
         #[arg(long)]
         vault: Option<String>,
+        /// Do not mask the values in the command's output (by default, each value kvb handed
+        /// over, and its JSON, base64 and URL encodings, becomes *** in stdout and stderr).
+        #[arg(long)]
+        no_mask: bool,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "CMD")]
         command: Vec<String>,

@@ -25,6 +25,8 @@ pub(crate) enum Failure {
     Other(String),
     /// `kvb exec` could not start the command: 126 or 127, like a shell.
     Exec(u8, String),
+    /// `kvb exec` ran the command (masking its output): exit with its status, say nothing.
+    Exit(u8),
 }
 
 impl From<Error> for Failure {
@@ -62,6 +64,7 @@ fn main() -> ExitCode {
             eprintln!("kvb: {m}");
             ExitCode::from(code)
         }
+        Err(Failure::Exit(code)) => ExitCode::from(code),
     }
 }
 
@@ -100,7 +103,9 @@ fn run(client: &Client, command: Command) -> Result<(), Failure> {
             })?;
             Ok(())
         }
-        Command::Exec { env, vault, command } => Err(exec::run(client, &env, vault.as_deref(), &command)),
+        Command::Exec { env, vault, no_mask, command } => {
+            Err(exec::run(client, &env, vault.as_deref(), !no_mask, &command))
+        }
     }
 }
 
