@@ -229,6 +229,13 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// Skips the first read: the caller already has `version`, so [`next`](Self::next)
+    /// waits for the first version after it.
+    pub fn after_version(mut self, version: &str) -> Watch {
+        self.last = Some(version.to_owned());
+        self
+    }
+
     /// The current version first, then each new version as it is cached.
     pub async fn next(&mut self) -> Result<Secret, Error> {
         let Some(last) = self.last.clone() else {

@@ -113,3 +113,37 @@ fn launch_no_mask_passes_values_through_and_is_audited() {
     let audit = std::fs::read_to_string(job.audit()).unwrap();
     assert_no_value(&value, &[("the audit log", &audit)]);
 }
+
+/// A version rotated while the command runs, which the command reads for itself from the
+/// socket, is masked too: `kvb exec` follows the secrets it handed over.
+#[test]
+fn kvb_exec_masks_a_version_rotated_while_the_command_runs() {
+    use kvbroker_tests::EmulatorProc;
+    use serde_json::json;
+    let (old, new) = (canary("mask-rot-old"), canary("mask-rot-new"));
+    let emu = EmulatorProc::start(&[("db-password", &old)]);
+    let agent = Agent::builder("mask-rotate")
+        .keyvault(&emu, "azure-ml")
+        .allow_uid(0)
+        .cache("refresh_interval = \"1s\"\nversion_grace = \"1h\"")
+        .start();
+    let kvb_bin = kvbroker_tests::bin("kvb");
+    // The job waits for the rotation, reads the new value itself, and prints it.
+    let script = format!(
+        "for i in $(seq 1 100); do v=\"$({kvb} get db-password)\"; [ \"$v\" != \"$P\" ] && break; sleep 0.1; done\n\
+         sleep 0.5\necho \"new: $v\"\necho \"old: $P\"\n",
+        kvb = kvb_bin.display()
+    );
+    let mut cmd = kvb(&agent.socket, None);
+    cmd.args(["exec", "--env", "P=db-password", "--", "sh", "-c", &script]);
+    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    emu.set_secret("db-password", &new, json!({}));
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(stdout == "new: ***\nold: ***\n", "stdout is not the masked text");
+    assert!(!stdout.contains(&new) && !stderr.contains(&new), "the rotated value reached the output");
+    agent.assert_no_canary(&[&old, &new], &[]);
+}

@@ -35,6 +35,8 @@ pub(crate) fn run(
     command: &[String],
 ) -> Failure {
     let mut pairs: Vec<(&str, SecretValue)> = Vec::with_capacity(env.len());
+    // (name, version) of each value handed over: the masker follows their rotations.
+    let mut served: Vec<(String, String)> = Vec::with_capacity(env.len());
     let mut opts = GetOptions::default();
     if let Some(v) = vault {
         opts = opts.vault(v);
@@ -51,6 +53,7 @@ pub(crate) fn run(
         }
         match crate::get_retrying(client, name, &opts) {
             Ok(s) => {
+                served.push((name.to_owned(), s.version().to_owned()));
                 let value = s.into_value();
                 if value.expose_secret().contains(&0) {
                     return Failure::Other(format!(
@@ -84,11 +87,63 @@ pub(crate) fn run(
         Ok(rt) => rt,
         Err(e) => return Failure::Other(format!("cannot start the output masker: {e}")),
     };
-    rt.block_on(run_masked(program, cmd, values))
+    let follow = Follow {
+        client: kvbroker_client::Client::builder().socket(client.socket_path()).build(),
+        opts,
+        served,
+    };
+    rt.block_on(run_masked(program, cmd, values, follow))
 }
 
+/// The secrets handed to the command, followed while it runs so that a new version the
+/// command reads for itself (a rotation) is masked too.
+struct Follow {
+    client: kvbroker_client::Client,
+    opts: GetOptions,
+    served: Vec<(String, String)>,
+}
+
+impl Follow {
+    /// One long poll per secret; each new version's value is taught to the masker. Passing
+    /// errors (agent restarting, vault failing) are retried after a pause; a denial or a
+    /// deleted secret ends that follow. Masking what is known goes on regardless.
+    fn spawn(self, values: &Arc<MaskValues>) -> Vec<tokio::task::JoinHandle<()>> {
+        self.served
+            .into_iter()
+            .map(|(name, version)| {
+                let mut watch = self.client.watch_with(&name, &self.opts).after_version(&version);
+                let values = Arc::clone(values);
+                tokio::spawn(async move {
+                    loop {
+                        match watch.next().await {
+                            Ok(secret) => {
+                                values.learn(secret.expose_secret());
+                            }
+                            // No longer ours to read (policy changed, secret deleted): stop.
+                            Err(
+                                kvbroker_client::Error::PermissionDenied(_)
+                                | kvbroker_client::Error::SecretNotFound(_)
+                                | kvbroker_client::Error::InvalidRequest(_),
+                            ) => return,
+                            Err(_) => tokio::time::sleep(FOLLOW_RETRY).await,
+                        }
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+/// How long a failed follow of a rotation waits before asking again.
+const FOLLOW_RETRY: Duration = Duration::from_secs(2);
+
 /// Runs the command with its output masked; the command's status as a shell reports it.
-async fn run_masked(program: &str, cmd: std::process::Command, values: Arc<MaskValues>) -> Failure {
+async fn run_masked(
+    program: &str,
+    cmd: std::process::Command,
+    values: Arc<MaskValues>,
+    follow: Follow,
+) -> Failure {
     let signals = [SignalKind::terminate(), SignalKind::interrupt(), SignalKind::hangup()]
         .map(|kind| signal(kind).map(|s| (kind.as_raw_value(), s)));
     let mut signals = match signals.into_iter().collect::<Result<Vec<_>, _>>() {
@@ -102,6 +157,7 @@ async fn run_masked(program: &str, cmd: std::process::Command, values: Arc<MaskV
         Err(e) => return exec_failure(program, &e),
     };
     let pid = child.id();
+    let followers = follow.spawn(&values);
     let pumps = [
         child.stdout.take().map(|o| tokio::spawn(pump(o, tokio::io::stdout(), Arc::clone(&values)))),
         child.stderr.take().map(|e| tokio::spawn(pump(e, tokio::io::stderr(), Arc::clone(&values)))),
@@ -123,6 +179,9 @@ async fn run_masked(program: &str, cmd: std::process::Command, values: Arc<MaskV
         }
     });
     let _ = drained.await;
+    for f in followers {
+        f.abort();
+    }
     match status {
         Ok(s) => Failure::Exit(exit_code(s)),
         Err(e) => Failure::Other(format!("lost track of {program}: {}", io_reason(&e))),
