@@ -49,6 +49,23 @@ pub(crate) fn pass_sender_credentials(sock: BorrowedFd<'_>) -> io::Result<bool> 
     }
 }
 
+/// Stops `SO_PASSPIDFD` on one connection (its first writer's pidfd is in hand; later
+/// messages carry credentials only).
+pub(crate) fn stop_passing_pidfds(sock: BorrowedFd<'_>) -> io::Result<()> {
+    let off: libc::c_int = 0;
+    // SAFETY: `sock` is valid for the call; the option value is a live int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PASSPIDFD,
+            (&raw const off).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 /// Who sent the bytes one `recvmsg` returned.
 #[derive(Debug, Default)]
 pub(crate) struct Sender {
@@ -130,41 +147,6 @@ pub(crate) fn recv_labelled(sock: BorrowedFd<'_>, buf: &mut tokio::io::ReadBuf<'
         sender.pidfd = None;
     }
     Ok(sender)
-}
-
-/// Whether pidfds live on pidfs (Linux 6.9+), where each process has its own inode number:
-/// checked once on a pidfd of the agent itself.
-pub(crate) fn pidfds_have_unique_inodes() -> io::Result<bool> {
-    /// `PID_FS_MAGIC` from linux/magic.h.
-    const PIDFS_MAGIC: i64 = 0x5049_4446;
-    // SAFETY: a plain syscall taking a pid and flags.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: on success the kernel returned a new descriptor nobody else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
-    // SAFETY: an all-zero statfs is a valid buffer for fstatfs to fill.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid descriptor and a live buffer for the duration of the call.
-    if unsafe { libc::fstatfs(fd.as_raw_fd(), &raw mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.f_type as i64 == PIDFS_MAGIC)
-}
-
-/// The pidfs inode of a pidfd: the same number for every pidfd of one process and never
-/// reused during a boot (Linux 6.9+, where pidfds live on pidfs; older kernels give every
-/// pidfd one shared anonymous inode, so callers must not rely on it there).
-pub(crate) fn pidfd_inode(pidfd: BorrowedFd<'_>) -> io::Result<u64> {
-    // SAFETY: an all-zero stat is a valid buffer for fstat to fill.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid descriptor and a live stat buffer for the duration of the call.
-    let rc = unsafe { libc::fstat(pidfd.as_raw_fd(), &raw mut st) };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(st.st_ino)
 }
 
 /// Whether the process a pidfd refers to is still running (not exited, not reaped).
@@ -376,15 +358,14 @@ mod tests {
         if pidfds {
             let fd = got.pidfd.as_ref().expect("SO_PASSPIDFD gives a pidfd");
             assert!(pidfd_alive(fd.as_fd()).unwrap());
-            if pidfds_have_unique_inodes().unwrap() {
-                let again = {
-                    b.write_all(b"x").unwrap();
-                    let mut storage = [0u8; 4];
-                    let mut buf = tokio::io::ReadBuf::new(&mut storage);
-                    recv_labelled(a.as_fd(), &mut buf).unwrap().pidfd.unwrap()
-                };
-                assert_eq!(pidfd_inode(fd.as_fd()).unwrap(), pidfd_inode(again.as_fd()).unwrap());
-            }
+            // After the first message, pidfds can be turned off: credentials still come.
+            stop_passing_pidfds(a.as_fd()).unwrap();
+            b.write_all(b"x").unwrap();
+            let mut storage = [0u8; 4];
+            let mut buf = tokio::io::ReadBuf::new(&mut storage);
+            let again = recv_labelled(a.as_fd(), &mut buf).unwrap();
+            assert_eq!(again.cred.map(|c| c.0), Some(me));
+            assert!(again.pidfd.is_none());
         }
         drop(got);
         // A file descriptor sent along with request bytes never stays open in the agent.

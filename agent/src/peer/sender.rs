@@ -30,41 +30,16 @@ pub(crate) struct Writer {
     pub(crate) uid: u32,
     pub(crate) gid: u32,
     /// The sender's pidfd from its first message: it names exactly that process, so `/proc`
-    /// facts read by pid can be confirmed against it.
+    /// facts read by pid can be confirmed against it — and while it is alive, no other
+    /// process can have its pid.
     pub(crate) pidfd: Option<OwnedFd>,
-    /// pidfs inode (unique per process for the boot), when the kernel's pidfds have one.
-    id: Option<u64>,
 }
 
 impl Writer {
     fn from_label(s: sys::Sender) -> Option<Writer> {
         let (pid, uid, gid) = s.cred?;
-        let id = s.pidfd.as_ref().and_then(pidfs_inode);
-        Some(Writer { pid, uid, gid, pidfd: s.pidfd, id })
+        Some(Writer { pid, uid, gid, pidfd: s.pidfd })
     }
-
-    /// Whether a newly labelled message came from this same process.
-    fn same_process(&self, cred: (u32, u32, u32), id: Option<u64>) -> bool {
-        if (self.pid, self.uid, self.gid) != cred {
-            return false;
-        }
-        match (self.id, id) {
-            (Some(a), Some(b)) => a == b,
-            // Without unique pidfd inodes: same pid, and the first writer is still alive, so
-            // the pid has not been recycled to the new sender.
-            _ => self.pidfd.as_ref().is_some_and(|fd| sys::pidfd_alive(fd.as_fd()).unwrap_or(false)),
-        }
-    }
-}
-
-/// The pidfs inode of a pidfd, if this kernel gives pidfds a per-process inode (Linux 6.9+).
-fn pidfs_inode(fd: &OwnedFd) -> Option<u64> {
-    static UNIQUE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let unique = *UNIQUE.get_or_init(|| sys::pidfds_have_unique_inodes().unwrap_or(false));
-    if !unique {
-        return None;
-    }
-    sys::pidfd_inode(fd.as_fd()).ok()
 }
 
 /// What has been seen on one connection so far.
@@ -101,8 +76,10 @@ pub(crate) enum NotOneWriter {
 }
 
 impl SenderLog {
-    pub(crate) fn record(&self, label: sys::Sender) {
+    /// Records who sent a run of bytes; returns whether this was the connection's first.
+    pub(crate) fn record(&self, label: sys::Sender) -> bool {
         let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let first_label = matches!(*seen, Seen::Nothing);
         let next = match std::mem::take(&mut *seen) {
             Seen::Nothing => match Writer::from_label(label) {
                 Some(w) => Seen::One(Arc::new(w)),
@@ -110,9 +87,10 @@ impl SenderLog {
             },
             Seen::One(first) => match label.cred {
                 Some(cred) => {
-                    let id = label.pidfd.as_ref().and_then(pidfs_inode);
-                    if first.same_process(cred, id) {
-                        // The new pidfd (one per message) is closed here.
+                    // Same pid, uid and gid: the same process, as long as the first writer
+                    // is alive (a live process's pid cannot be another's) — which every
+                    // request checks through its pidfd before it is decided.
+                    if (first.pid, first.uid, first.gid) == cred {
                         Seen::One(first)
                     } else {
                         match Writer::from_label(label) {
@@ -127,6 +105,7 @@ impl SenderLog {
             done => done,
         };
         *seen = next;
+        first_label
     }
 
     /// The one process that has written on this connection.
@@ -163,8 +142,13 @@ impl AsyncRead for LabelledStream {
             let fd = this.inner.as_fd();
             match this.inner.try_io(Interest::READABLE, || sys::recv_labelled(fd, buf)) {
                 Ok(label) => {
-                    if label.len > 0 {
-                        this.log.record(label);
+                    if label.len > 0 && this.log.record(label) {
+                        // The first writer's pidfd is kept; later messages need only their
+                        // credentials (compared by pid while that pidfd proves the process
+                        // alive), so the kernel need not make a pidfd for each one.
+                        if let Err(e) = sys::stop_passing_pidfds(fd) {
+                            tracing::debug!(error = %e, "cannot turn off SO_PASSPIDFD on a connection");
+                        }
                     }
                     return Poll::Ready(Ok(()));
                 }
@@ -213,10 +197,10 @@ mod tests {
     fn one_writer_then_a_second_poisons_for_good() {
         let log = SenderLog::default();
         assert!(matches!(log.writer(), Err(NotOneWriter::Nothing)));
-        log.record(label(u32::MAX - 1));
-        // No pidfd to prove the first writer alive: the same pid is still not trusted to be
-        // the same process.
-        log.record(label(u32::MAX - 1));
+        assert!(log.record(label(u32::MAX - 1)), "the first label");
+        assert!(!log.record(label(u32::MAX - 1)));
+        assert_eq!(log.writer().map(|w| w.pid).ok(), Some(u32::MAX - 1), "same credentials: one writer");
+        log.record(label(u32::MAX - 2));
         assert!(matches!(log.writer(), Err(NotOneWriter::Mixed { .. })));
         log.record(label(u32::MAX - 1));
         assert!(matches!(log.writer(), Err(NotOneWriter::Mixed { .. })), "stays poisoned");
