@@ -123,6 +123,11 @@ impl SenderLog {
 
 /// The agent socket's connection as hyper sees it: reads go through `recvmsg` and label the
 /// connection's [`SenderLog`]; writes go straight through.
+///
+/// Unlike tokio's own stream, a read shorter than the buffer does not mean the socket is
+/// drained: `recvmsg` stops at a change of sender, and the other sender's bytes may already
+/// be queued (with edge-triggered readiness, no new event would come for them). So readiness
+/// is cleared only by `EAGAIN` — one more `recvmsg` per request than a plain read loop.
 pub(crate) struct LabelledStream {
     inner: UnixStream,
     log: Arc<SenderLog>,
