@@ -1,5 +1,8 @@
 //! A token cache for our own credentials: one request in flight at a time, and a token is
 //! renewed before it expires, so callers never race to the endpoint or use a stale token.
+//! Like MSAL, a long-lived token (2 h or more) is renewed at half its life, so an endpoint
+//! outage near the end of its life does not leave the agent without one; a short one five
+//! minutes before expiry.
 
 use std::time::Duration;
 
@@ -7,8 +10,16 @@ use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions}
 use azure_core::time::OffsetDateTime;
 use serde::Deserialize;
 
-/// Renew this long before expiry.
+/// Renew this long before expiry (short-lived tokens).
 const RENEW_BEFORE: Duration = Duration::from_secs(300);
+/// Tokens living at least this long are renewed at half-life.
+const LONG_LIVED: Duration = Duration::from_secs(2 * 3600);
+
+/// When a token obtained at `obtained` and expiring at `expires` should be renewed.
+fn renew_at(obtained: OffsetDateTime, expires: OffsetDateTime) -> OffsetDateTime {
+    let life = expires - obtained;
+    if life >= LONG_LIVED { obtained + life / 2 } else { expires - RENEW_BEFORE }
+}
 
 /// Something that can fetch a fresh token for one resource.
 #[async_trait::async_trait]
@@ -19,8 +30,8 @@ pub(super) trait Fetch: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub(super) struct Cached<F> {
     fetch: F,
-    /// Resource → token. The lock is held across a fetch: that is the single flight.
-    tokens: tokio::sync::Mutex<Vec<(String, AccessToken)>>,
+    /// Resource → (token, renew at). The lock is held across a fetch: the single flight.
+    tokens: tokio::sync::Mutex<Vec<(String, AccessToken, OffsetDateTime)>>,
 }
 
 impl<F> Cached<F> {
@@ -38,13 +49,14 @@ impl<F: Fetch> TokenCredential for Cached<F> {
     ) -> azure_core::Result<AccessToken> {
         let resource = resource_of(scopes)?;
         let mut tokens = self.tokens.lock().await;
-        let fresh_until = OffsetDateTime::now_utc() + RENEW_BEFORE;
-        if let Some((_, t)) = tokens.iter().find(|(r, t)| *r == resource && t.expires_on > fresh_until) {
+        let now = OffsetDateTime::now_utc();
+        if let Some((_, t, _)) = tokens.iter().find(|(r, _, at)| *r == resource && *at > now) {
             return Ok(t.clone());
         }
         let token = self.fetch.fetch(&resource).await?;
-        tokens.retain(|(r, _)| *r != resource);
-        tokens.push((resource, token.clone()));
+        let at = renew_at(now, token.expires_on);
+        tokens.retain(|(r, _, _)| *r != resource);
+        tokens.push((resource, token.clone(), at));
         Ok(token)
     }
 }
@@ -156,5 +168,15 @@ mod tests {
         cached.get_token(&["r/.default"], None).await.unwrap();
         cached.get_token(&["r/.default"], None).await.unwrap();
         assert_eq!(short.0.load(Ordering::SeqCst), 2);
+    }
+
+    /// MSAL renews long-lived tokens at half-life; we renewed only 5 min before expiry.
+    #[test]
+    fn long_lived_tokens_renew_at_half_life_short_ones_five_minutes_early() {
+        let t0 = OffsetDateTime::from_unix_timestamp(1_000_000).unwrap();
+        let h = |n: u64| Duration::from_secs(n * 3600);
+        assert_eq!(renew_at(t0, t0 + h(24)), t0 + h(12));
+        assert_eq!(renew_at(t0, t0 + h(2)), t0 + h(1));
+        assert_eq!(renew_at(t0, t0 + h(1)), t0 + h(1) - RENEW_BEFORE);
     }
 }

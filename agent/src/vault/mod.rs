@@ -5,6 +5,7 @@
 //! ([`VaultError`]) carry names, statuses and ids only.
 
 mod keyvault;
+mod kv_error;
 mod local;
 
 use std::collections::HashMap;

@@ -170,6 +170,27 @@ pub(crate) fn handle(state: &State, req: &Request<Bytes>) -> Answer {
     let s = &state.secrets_cfg;
     let known = |id: &str| id == s.user_assigned_client_id;
     let path = req.uri().path();
+    let source = match path {
+        "/metadata/identity/oauth2/token" => Some("imds"),
+        "/msi/token" => Some("app_service"),
+        "/azureml/token" => Some("azure_ml"),
+        "/arc/token" => Some("azure_arc"),
+        _ => None,
+    };
+    if let Some(f) = source.and_then(|src| state.take_identity_fault(src)) {
+        if f.drop {
+            state.count("identity_fault_drop");
+            return None;
+        }
+        let (status, code, _, msg) = f.answer();
+        state.count(&format!("identity_fault_{status}"));
+        let mut r = json(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            &json!({"error": code, "error_description": msg}),
+        );
+        f.headers(&mut r);
+        return Some(r);
+    }
     Some(match path {
         "/metadata/identity/oauth2/token" => {
             if header(req, "metadata") != Some("true") {

@@ -203,17 +203,12 @@ pub(crate) async fn handle(state: &State, req: &Request<Bytes>) -> Answer {
             state.count("fault_drop");
             return None;
         }
-        if let Some(status) = f.status {
+        if f.status.is_some() || f.kind.is_some() {
+            let (status, code, inner, msg) = f.answer();
             state.count(&format!("fault_{status}"));
             let st = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let (code, msg) = match status {
-                429 => ("Throttled", "Request was not processed because too many requests were received."),
-                _ => ("InternalServerError", "The service encountered an internal error (injected)."),
-            };
-            let mut r = kv_error(st, code, msg, None);
-            if let Some(ra) = f.retry_after {
-                r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(ra));
-            }
+            let mut r = kv_error(st, code, msg, inner);
+            f.headers(&mut r);
             return Some(r);
         }
     }

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests")]
 
 mod audit_log;
+mod azure_edges;
 mod cache;
 mod cli_errors;
 mod emulator;
