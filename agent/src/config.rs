@@ -39,6 +39,17 @@ pub struct Config {
     pub audit: AuditConfig,
     pub policy: PolicyConfig,
     pub limits: LimitsConfig,
+    pub network: NetworkConfig,
+}
+
+/// `[network]`: the HTTP proxy for Key Vault and Entra ID (the environment's
+/// `HTTPS_PROXY`/`NO_PROXY` apply when `proxy` is absent; see `transport::Proxy`).
+#[derive(Debug, Clone, Default)]
+pub struct NetworkConfig {
+    /// `http://[user:pass@]host:port`; validated at load.
+    pub proxy: Option<String>,
+    /// Hosts that go direct, added to `NO_PROXY`.
+    pub no_proxy: Vec<String>,
 }
 
 #[cfg(test)]
@@ -259,6 +270,15 @@ struct Raw {
     policy: Option<RawPolicy>,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    network: RawNetwork,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    proxy: Option<String>,
+    no_proxy: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -556,7 +576,14 @@ impl Config {
             rate_key: raw.limits.rate_key.unwrap_or(RateKey::Uid),
             connections_per_uid: raw.limits.connections_per_uid.map_or(256, |n| n.get() as usize),
         };
-        Ok(Config { path: path.to_owned(), agent, identity, vaults, cache, audit, policy, limits })
+        if let Some(p) = &raw.network.proxy {
+            crate::transport::Proxy::from_settings(Some(p), &[], &|_| None).map_err(|why| {
+                invalid(format!("{why} (the URL's password, if any, is not shown)").replace(p, "…"))
+            })?;
+        }
+        let network =
+            NetworkConfig { proxy: raw.network.proxy, no_proxy: raw.network.no_proxy.unwrap_or_default() };
+        Ok(Config { path: path.to_owned(), agent, identity, vaults, cache, audit, policy, limits, network })
     }
 
     /// The vault used when a request names none: the one marked `default`, else the only

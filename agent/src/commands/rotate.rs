@@ -106,6 +106,8 @@ pub(crate) async fn rotate(target: RotateTarget, value: NewValue) -> Result<Stri
         loopback_only: target.loopback_only,
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(30),
+        proxy: crate::transport::Proxy::from_settings(None, &[], &|k| std::env::var(k).ok())
+            .map_err(|reason| RotateError::Setup { what: "the proxy", reason })?,
     })
     .map_err(|e| RotateError::Setup { what: "the HTTP transport", reason: e.to_string() })?;
     let id_cfg = IdentityConfig {

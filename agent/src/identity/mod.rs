@@ -327,6 +327,7 @@ mod tests {
             loopback_only: true,
             connect_timeout: std::time::Duration::from_secs(1),
             request_timeout: std::time::Duration::from_secs(1),
+            proxy: None,
         })
         .unwrap();
         let e = build(&cfg, &env, http.clone()).unwrap_err().to_string();

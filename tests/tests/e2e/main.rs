@@ -14,4 +14,5 @@ mod keyvault;
 mod launch;
 mod lifecycle;
 mod policy;
+mod proxy;
 mod read;
