@@ -34,7 +34,7 @@ pub(crate) fn proxy(config: &Config) -> Result<Option<Proxy>, VaultSetupError> {
 }
 
 /// The node identity every Key Vault of this agent uses, with its own transport.
-fn build_identity(config: &Config) -> Result<Identity, VaultSetupError> {
+pub(crate) fn build_identity(config: &Config) -> Result<Identity, VaultSetupError> {
     let id = &config.identity;
     let http = HyperTransport::new(TransportConfig {
         ca_file: id.ca_file.clone(),

@@ -7,6 +7,7 @@ mod audit_log;
 mod azure_edges;
 mod cache;
 mod cli_errors;
+mod doctor;
 mod emulator;
 mod emulator_cli;
 mod first_hour;
