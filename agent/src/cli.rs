@@ -133,6 +133,16 @@ pub struct RotateArgs {
     /// Refuse any address outside loopback (tests).
     #[arg(long)]
     pub loopback_only: bool,
+    /// The new version's content type (default: the current version's).
+    #[arg(long, value_name = "TYPE")]
+    pub content_type: Option<String>,
+    /// The new version's expiry, RFC 3339 (`2027-01-01T00:00:00Z`), or `never` (default:
+    /// the current version's).
+    #[arg(long, value_name = "TIME|never")]
+    pub expires: Option<String>,
+    /// Set a tag on the new version (repeatable; the current version's tags are kept).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub tag: Vec<String>,
 }
 
 /// `kvbroker launch`.

@@ -24,6 +24,7 @@ use crate::identity::{self, Identity, IdentityEnv};
 use crate::transport::{HyperTransport, Proxy, TransportConfig};
 use keyvault::KeyVaultBackend;
 pub(crate) use keyvault::secret_client;
+pub(crate) use kv_error::KvError;
 
 /// The proxy for Key Vault and Entra: `[network]` first, then the environment.
 pub(crate) fn proxy(config: &Config) -> Result<Option<Proxy>, VaultSetupError> {

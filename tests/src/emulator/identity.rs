@@ -293,6 +293,8 @@ struct SetSecret {
     value: String,
     #[serde(default)]
     content_type: Option<String>,
+    #[serde(default)]
+    tags: Option<serde_json::Value>,
     #[serde(flatten)]
     attrs: Attrs,
 }
@@ -322,11 +324,25 @@ fn control(state: &State, req: &Request<Bytes>, path: &str) -> Response<Body> {
         }
         (Method::POST, "/secrets") => match serde_json::from_slice::<SetSecret>(req.body()) {
             Ok(b) => {
-                let id = lock(&state.secrets).set(&b.name, b.value, b.content_type, b.attrs);
+                let tags = b.tags.unwrap_or_else(|| json!({}));
+                let id = lock(&state.secrets).set_tagged(&b.name, b.value, b.content_type, b.attrs, tags);
                 json(StatusCode::OK, &json!({ "version": id }))
             }
             Err(e) => refuse(StatusCode::BAD_REQUEST, &e.to_string()),
         },
+        (Method::GET, p) if p.starts_with("/secrets/") => {
+            match lock(&state.secrets).metadata(&state.vault_url, &p["/secrets/".len()..]) {
+                Some(m) => json(StatusCode::OK, &m),
+                None => refuse(StatusCode::NOT_FOUND, "no such secret"),
+            }
+        }
+        (Method::DELETE, p) if p.starts_with("/secrets/") => {
+            if lock(&state.secrets).soft_delete(&p["/secrets/".len()..]) {
+                json(StatusCode::OK, &json!({}))
+            } else {
+                refuse(StatusCode::NOT_FOUND, "no such secret")
+            }
+        }
         (Method::PATCH, p) if p.starts_with("/secrets/") => match serde_json::from_slice::<Attrs>(req.body())
         {
             Ok(a) => {

@@ -17,3 +17,4 @@ mod lifecycle;
 mod policy;
 mod proxy;
 mod read;
+mod rotate;
