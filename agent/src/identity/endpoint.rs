@@ -38,6 +38,9 @@ impl std::fmt::Display for IdentityFailure {
         let (who, at) = (self.source_name, &self.endpoint);
         match self.status {
             Some(s) => write!(f, "the {who} identity endpoint {at} answered HTTP {s}: {}", self.message)?,
+            None if self.permanent => {
+                write!(f, "the {who} identity endpoint {at} refused: {}", self.message)?
+            }
             None => write!(f, "cannot reach the {who} identity endpoint {at}: {}", self.message)?,
         }
         if let Some(advice) = self.advice() {
@@ -71,6 +74,11 @@ impl IdentityFailure {
             message: one_line(&e.to_string()),
             permanent,
         }
+    }
+
+    pub(crate) fn with_permanent(mut self, permanent: bool) -> Self {
+        self.permanent = permanent;
+        self
     }
 
     pub(crate) fn into_error(self) -> azure_core::Error {

@@ -267,7 +267,11 @@ pub(crate) fn build(
             )
         }
         IdentitySource::AzureCli => {
-            (AzureCliCredential::new(None).map_err(sdk)?, "the Azure CLI's signed-in account".to_owned())
+            let inner = AzureCliCredential::new(None).map_err(sdk)?;
+            (
+                Arc::new(sdk_credential::Labelled::new(inner, "Azure CLI", "az account get-access-token")),
+                "the Azure CLI's signed-in account".to_owned(),
+            )
         }
         IdentitySource::Auto => unreachable_auto(),
     };

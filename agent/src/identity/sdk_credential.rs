@@ -22,6 +22,36 @@ impl<C: ?Sized> Labelled<C> {
     }
 }
 
+/// Whether an I/O or connection error lies under `e`.
+fn network_cause(e: &azure_core::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        if let Some(inner) = c.downcast_ref::<azure_core::Error>()
+            && matches!(inner.kind(), ErrorKind::Io | ErrorKind::Connection)
+        {
+            return true;
+        }
+        if c.is::<std::io::Error>() {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
+}
+
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !out.contains(&m) {
+            out = format!("{out}: {m}");
+        }
+        cur = c.source();
+    }
+    out
+}
+
 #[async_trait::async_trait]
 impl<C: TokenCredential + ?Sized> TokenCredential for Labelled<C> {
     async fn get_token(
@@ -52,6 +82,12 @@ impl<C: ?Sized> Labelled<C> {
                 failure(Some(code), message, !transient_status(code))
             }
             ErrorKind::Io | ErrorKind::Connection => failure(None, one_line(&e.to_string()), false),
+            // The SDK wraps Entra's refusals (AADSTS…), a missing `az` or token file as
+            // Credential errors: permanent, unless a network error lies underneath.
+            ErrorKind::Credential => {
+                let network = network_cause(&e);
+                failure(None, one_line(&chain(&e)), false).with_permanent(!network)
+            }
             _ => return e,
         };
         f.into_error()

@@ -14,6 +14,9 @@ use super::{Answer, Body, State, json, lock, query, sleep_ms};
 
 pub(crate) const RESOURCE: &str = "https://vault.azure.net";
 
+/// The secrets api-versions the emulator accepts; anything else is a 400, as on Azure.
+const API_VERSIONS: [&str; 4] = ["7.4", "7.5", "7.6", "2025-07-01"];
+
 #[derive(Default)]
 pub(crate) struct Store {
     /// Keyed by lowercase name.
@@ -253,8 +256,22 @@ pub(crate) async fn handle(state: &State, req: &Request<Bytes>) -> Answer {
             return Some(r);
         }
     }
-    if !query(req).contains_key("api-version") {
-        return Some(kv_error(StatusCode::BAD_REQUEST, "BadParameter", "api-version is required", None));
+    match query(req).get("api-version").map(String::as_str) {
+        None => {
+            return Some(kv_error(StatusCode::BAD_REQUEST, "BadParameter", "api-version is required", None));
+        }
+        // Strict, as Key Vault is: the versions kvbroker and its SDK may send (FACTS.md: 7.4+).
+        Some(v) if !API_VERSIONS.contains(&v) => {
+            return Some(kv_error(
+                StatusCode::BAD_REQUEST,
+                "BadParameter",
+                &format!(
+                    "The specified version ({v}) is not recognized. Consider using the latest supported version (2025-07-01)."
+                ),
+                None,
+            ));
+        }
+        Some(_) => {}
     }
     let base = &state.vault_url;
     let not_found = |name: &str| {

@@ -255,3 +255,55 @@ fn azure_ml_clientid_literal_is_refused_at_start() {
     );
     assert!(emu.tokens().is_empty());
 }
+
+/// Entra's refusal of workload identity's exchange (AADSTS…) is permanent: answered at once
+/// with Entra's message, not retried for the whole deadline.
+#[test]
+fn entra_refusal_is_not_retried_and_keeps_its_message() {
+    let emu = EmulatorProc::start(&[("s", "v")]);
+    let agent = Agent::builder("aadsts")
+        .keyvault(&emu, "workload-identity")
+        .env("AZURE_CLIENT_ID", "00000000-0000-0000-0000-000000000000")
+        .allow_uid(0)
+        .start();
+    let t = Instant::now();
+    let (s, m) = read(&agent, "s");
+    let took = t.elapsed();
+    assert_eq!(s, 502, "{m}");
+    assert!(m.contains("AADSTS700211"), "{m}");
+    assert!(took < Duration::from_secs(2), "{took:?}: {m}");
+}
+
+/// The emulator checks api-version strictly, as Key Vault does: an unknown one is a 400
+/// with Key Vault's message; the SDK's own version is accepted (every read above).
+#[test]
+fn the_emulator_refuses_an_unknown_api_version_like_key_vault() {
+    let emu = EmulatorProc::start(&[("s", "v")]);
+    let base = emu.info.control_url.trim_end_matches("/control");
+    let tok = Command::new("curl")
+        .args(["-s", "-H", "Metadata: true"])
+        .arg(format!(
+            "{base}/metadata/identity/oauth2/token?api-version=2018-02-01&resource=https://vault.azure.net"
+        ))
+        .output()
+        .unwrap();
+    let tok: Value = serde_json::from_slice(&tok.stdout).unwrap();
+    let auth = format!("Authorization: Bearer {}", tok["access_token"].as_str().unwrap());
+    let get = |version: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-w", "\n%{http_code}", "-H", &auth, "--cacert"])
+            .arg(&emu.info.ca_file)
+            .args(["--connect-to", &emu.info.connect_to[0]])
+            .arg(format!("{}/secrets/s?api-version={version}", emu.info.vault_url))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.to_owned(), body.to_owned())
+    };
+    let (code, body) = get("7.9");
+    assert_eq!(code, "400");
+    assert!(body.contains("The specified version (7.9) is not recognized"), "{body}");
+    assert_eq!(get("7.5").0, "200");
+    assert_eq!(get("2025-07-01").0, "200");
+}
