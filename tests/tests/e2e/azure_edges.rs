@@ -90,6 +90,12 @@ fn permanent_imds_400_answers_502_within_a_second() {
     assert!(!m.contains("cannot reach Key Vault"), "{m}");
     assert_eq!(emu.count("identity_fault_400"), 1, "not retried");
     assert_eq!(emu.count("get"), 0);
+    // More cold reads right after are answered from the remembered refusal: the endpoint
+    // is not hammered (IMDS allows 20 requests per second per VM).
+    for _ in 0..3 {
+        assert_eq!(read(&agent, "s").0, 502);
+    }
+    assert_eq!(emu.count("identity_fault_400"), 1, "refusal remembered");
 }
 
 /// IMDS answers 410 while it updates and 404/429 when busy: those are retried (Microsoft's
