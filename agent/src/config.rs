@@ -181,6 +181,11 @@ pub struct IdentityConfig {
     pub connect_to: Vec<ConnectTo>,
     /// Where an Arc challenge file may live (default `/var/opt/azcmagent/tokens`).
     pub arc_token_dir: Option<PathBuf>,
+    /// Azure ML's token endpoint given explicitly (a compute instance's systemd agent does
+    /// not see `MSI_ENDPOINT`); with `azure_ml_secret_file`.
+    pub azure_ml_endpoint: Option<String>,
+    /// A file (0600, owned by root or the agent) holding `MSI_SECRET`.
+    pub azure_ml_secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -309,6 +314,8 @@ struct RawIdentity {
     ca_file: Option<PathBuf>,
     connect_to: Option<Vec<ConnectToEntry>>,
     arc_token_dir: Option<PathBuf>,
+    azure_ml_endpoint: Option<String>,
+    azure_ml_secret_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -450,7 +457,14 @@ impl Config {
             ca_file: raw.identity.ca_file.map(&resolve),
             connect_to: connect_to(raw.identity.connect_to),
             arc_token_dir: raw.identity.arc_token_dir.map(&resolve),
+            azure_ml_endpoint: raw.identity.azure_ml_endpoint,
+            azure_ml_secret_file: raw.identity.azure_ml_secret_file.map(&resolve),
         };
+        if identity.azure_ml_endpoint.is_some() != identity.azure_ml_secret_file.is_some() {
+            return Err(invalid(
+                "[identity]: give azure_ml_endpoint and azure_ml_secret_file together (the endpoint needs its secret)".into(),
+            ));
+        }
 
         if raw.vault.is_empty() {
             return Err(invalid(

@@ -163,6 +163,8 @@ pub(crate) async fn rotate(target: RotateTarget, value: NewValue) -> Result<Stri
         ca_file: target.ca_file.clone(),
         connect_to: target.connect_to.clone(),
         arc_token_dir: None,
+        azure_ml_endpoint: None,
+        azure_ml_secret_file: None,
     };
     let identity = identity::build(&id_cfg, &IdentityEnv::from_process(), Arc::clone(&http))
         .map_err(|e| RotateError::Setup { what: "the identity", reason: e.to_string() })?;

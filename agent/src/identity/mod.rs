@@ -58,6 +58,8 @@ pub enum IdentityError {
     ServiceFabric,
     #[error("identity source {source_name}: {from} is {value:?}, not a client id (a GUID){why}")]
     NotAGuid { source_name: &'static str, from: &'static str, value: String, why: &'static str },
+    #[error("[identity] azure_ml_secret_file {}: {reason}", path.display())]
+    SecretFile { path: PathBuf, reason: String },
 }
 
 /// The identity-related environment, read once at startup (the SDK reads the same
@@ -140,6 +142,24 @@ pub(crate) fn set_vars(env: &IdentityEnv) -> Vec<&'static str> {
     VARS.iter().copied().filter(|k| env.has(k)).collect()
 }
 
+/// `MSI_SECRET` from a file the agent alone can read (it grants tokens of the compute's
+/// identity): owned by root or the agent, not readable by others. Trimmed; wiped on drop.
+fn read_secret_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<String>, IdentityError> {
+    use std::os::unix::fs::MetadataExt;
+    let bad = |reason: String| IdentityError::SecretFile { path: path.to_owned(), reason };
+    crate::trust::check_file(path, "the Azure ML secret file").map_err(|e| bad(e.to_string()))?;
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if meta.mode() & 0o044 != 0 {
+        return Err(bad(format!("mode {:04o} lets others read it: chmod 0600", meta.mode() & 0o7777)));
+    }
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?);
+    let trimmed = zeroize::Zeroizing::new(text.trim().to_owned());
+    if trimmed.is_empty() {
+        return Err(bad("is empty".into()));
+    }
+    Ok(trimmed)
+}
+
 /// A client id must be a GUID. Azure ML without an assigned identity sets
 /// `DEFAULT_IDENTITY_CLIENT_ID` to the literal `clientid`, and its endpoint then answers
 /// with a *user* token: refuse rather than act as someone else.
@@ -164,6 +184,13 @@ pub(crate) fn build(
     http: Arc<HyperTransport>,
 ) -> Result<Identity, IdentityError> {
     let source = match cfg.source {
+        IdentitySource::Auto if cfg.azure_ml_endpoint.is_some() => {
+            tracing::info!(
+                source = "azure-ml",
+                "identity source auto chose azure-ml: [identity] azure_ml_endpoint is set"
+            );
+            IdentitySource::AzureMl
+        }
         IdentitySource::Auto => {
             let (s, why) = detect(env)?;
             tracing::info!(source = s.as_str(), "identity source auto chose {}: {why}", s.as_str());
@@ -222,16 +249,26 @@ pub(crate) fn build(
             )
         }
         IdentitySource::AzureMl => {
-            let endpoint = env.get("MSI_ENDPOINT").ok_or(IdentityError::Missing {
-                source_name: name,
-                missing: "MSI_ENDPOINT",
-                hint: "Azure ML compute sets it for every job process",
-            })?;
-            let secret = env.get("MSI_SECRET").ok_or(IdentityError::Missing {
-                source_name: name,
-                missing: "MSI_SECRET",
-                hint: "Azure ML compute sets it for every job process",
-            })?;
+            // Config first: a compute instance's systemd agent does not see the job's variables.
+            let endpoint = cfg.azure_ml_endpoint.as_deref().or(env.get("MSI_ENDPOINT")).ok_or(
+                IdentityError::Missing {
+                    source_name: name,
+                    missing: "MSI_ENDPOINT (or [identity] azure_ml_endpoint)",
+                    hint: "Azure ML compute sets it for every job process; a node agent gets it from the config",
+                },
+            )?;
+            let from_file = match &cfg.azure_ml_secret_file {
+                Some(path) => Some(read_secret_file(path)?),
+                None => None,
+            };
+            let secret = match from_file.as_deref() {
+                Some(s) => s.as_str(),
+                None => env.get("MSI_SECRET").ok_or(IdentityError::Missing {
+                    source_name: name,
+                    missing: "MSI_SECRET (or [identity] azure_ml_secret_file)",
+                    hint: "Azure ML compute sets it for every job process; a node agent reads it from a file",
+                })?,
+            };
             // `clientid` is required even for the system-assigned identity.
             let client_id = cfg.client_id.as_deref().or(env.get("DEFAULT_IDENTITY_CLIENT_ID")).ok_or(
                 IdentityError::Missing {
@@ -324,6 +361,8 @@ mod tests {
             ca_file: None,
             connect_to: Vec::new(),
             arc_token_dir: None,
+            azure_ml_endpoint: None,
+            azure_ml_secret_file: None,
         };
         let http = HyperTransport::new(crate::transport::TransportConfig {
             ca_file: None,

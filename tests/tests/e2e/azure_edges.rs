@@ -313,3 +313,44 @@ fn the_emulator_refuses_an_unknown_api_version_like_key_vault() {
     assert_eq!(get("7.5").0, "200");
     assert_eq!(get("2025-07-01").0, "200");
 }
+
+/// Azure ML compute instances: a systemd agent does not see the job's MSI_ENDPOINT and
+/// MSI_SECRET. `[identity] azure_ml_endpoint` + `azure_ml_secret_file` give them explicitly
+/// (docs/deploy.md), and `auto` picks Azure ML from them. A secret file others can read is
+/// refused at start.
+#[test]
+fn compute_instance_agent_takes_the_azure_ml_endpoint_from_config() {
+    use std::os::unix::fs::PermissionsExt;
+    let value = canary("ci");
+    let emu = EmulatorProc::start(&[("s", &value)]);
+    let aml = emu.info.identity["azure-ml"].env.clone();
+    // No identity variables in the agent's environment at all.
+    let b = Agent::builder("ci").keyvault(&emu, "imds").allow_uid(0);
+    let cfg = b.write();
+    let secret_file = cfg.with_file_name("msi-secret");
+    std::fs::write(&secret_file, format!("{}\n", aml["MSI_SECRET"])).unwrap();
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "[identity]\nsource = \"imds\"\n",
+        &format!(
+            "[identity]\nsource = \"auto\"\nazure_ml_endpoint = {:?}\nazure_ml_secret_file = {:?}\nclient_id = {:?}\n",
+            aml["MSI_ENDPOINT"],
+            secret_file.display().to_string(),
+            aml["DEFAULT_IDENTITY_CLIENT_ID"]
+        ),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let agent = b.start_written();
+    let (code, out, err) = run(kvb(&agent.socket, None).args(["get", "s"]));
+    assert_eq!((code, out.as_str(), err.as_str()), (0, value.as_str(), ""), "{}", agent.output());
+    assert_eq!(emu.tokens()[0]["source"], "azure_ml");
+    assert!(
+        agent.output().contains("identity source auto chose azure-ml: [identity] azure_ml_endpoint is set")
+    );
+    agent.assert_no_canary(&[&value, &aml["MSI_SECRET"]], &[]);
+
+    std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (code, _, err) = agent.run_again();
+    assert_eq!(code, 1);
+    assert!(err.contains("azure_ml_secret_file") && err.contains("lets others read it: chmod 0600"), "{err}");
+}
