@@ -269,7 +269,8 @@ impl KeyVaultBackend {
                         "{} could not get a token for Key Vault {}: {why}",
                         self.identity, self.url
                     )),
-                    (!permanent).then_some(Duration::ZERO),
+                    // Microsoft's IMDS guidance: retry transient answers after at least 1 s.
+                    (!permanent).then_some(Duration::from_secs(1)),
                 )
             }
             ErrorKind::Io | ErrorKind::Connection => (
