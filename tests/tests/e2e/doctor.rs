@@ -121,3 +121,28 @@ fn doctor_fails_missing_and_soon_expiring_secrets() {
         "{out}"
     );
 }
+
+/// A proxy that cannot be reached fails the vault check with proxy advice; the identity
+/// endpoint (plain http on the node) never goes through it, so the token check passes.
+#[test]
+fn doctor_fails_an_unreachable_proxy_at_the_vault_check() {
+    let emu = EmulatorProc::start(&[("db-password", "v")]);
+    let (_dir, cfg) = setup(&emu, "doctor-proxy", "azure-ml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut cmd = Command::new(bin("kvbroker"));
+    cmd.arg("doctor").arg("--config").arg(&cfg).arg("--json").env_remove("RUST_LOG");
+    cmd.envs(&emu.info.identity["azure-ml"].env);
+    cmd.env("HTTPS_PROXY", format!("http://u:pw-not-shown@127.0.0.1:{port}"));
+    let (code, out, err) = run(&mut cmd);
+    assert_eq!(code, 1, "{out}");
+    let checks = lines(&out);
+    let by =
+        |name: &str| checks.iter().find(|c| c["check"] == name).unwrap_or_else(|| panic!("{name}: {out}"));
+    assert_eq!(by("token")["ok"], json!(true), "the identity endpoint is not proxied");
+    let vault = by("vault default");
+    assert_eq!(vault["ok"], json!(false));
+    let detail = vault["detail"].as_str().unwrap();
+    assert!(detail.contains(&format!("through proxy http://127.0.0.1:{port}")), "{detail}");
+    assert!(vault["fix"].as_str().unwrap().contains("check the proxy URL"), "{vault}");
+    assert!(!out.contains("pw-not-shown") && !err.contains("pw-not-shown"), "proxy password never shown");
+}
