@@ -50,6 +50,10 @@ pub enum Command {
     /// Write a new version of a secret to Key Vault with the operator's credential; prints
     /// the new version id (never the value).
     Rotate(RotateArgs),
+    /// Check a node: config and policy, identity and token, each vault's reach (DNS, TCP,
+    /// proxy, TLS, bearer challenge), the secrets policy rules name, and file permissions.
+    /// Prints each check as it runs; exit 0 only if all pass. Never prints a value or token.
+    Doctor(DoctorArgs),
     /// Run a command under a private broker for its process tree (Azure ML jobs); exits with
     /// the command's status.
     Launch(LaunchArgs),
@@ -79,9 +83,25 @@ impl Command {
     pub fn default_log_level(&self) -> &'static str {
         match self {
             Command::Run { .. } | Command::Dev { .. } | Command::Launch(_) => "info",
+            // Doctor reports every failure itself.
+            Command::Doctor(_) => "error",
             _ => "warn",
         }
     }
+}
+
+/// `kvbroker doctor`.
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The agent's config file.
+    #[arg(long, value_name = "FILE", default_value = "/etc/kvbroker/config.toml")]
+    pub config: PathBuf,
+    /// One JSON object per check, one per line, as each runs.
+    #[arg(long)]
+    pub json: bool,
+    /// Each secret a rule names must stay valid (before its `exp`) at least this long.
+    #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = humantime::parse_duration)]
+    pub min_validity: std::time::Duration,
 }
 
 /// `kvbroker rotate`.
@@ -113,6 +133,16 @@ pub struct RotateArgs {
     /// Refuse any address outside loopback (tests).
     #[arg(long)]
     pub loopback_only: bool,
+    /// The new version's content type (default: the current version's).
+    #[arg(long, value_name = "TYPE")]
+    pub content_type: Option<String>,
+    /// The new version's expiry, RFC 3339 (`2027-01-01T00:00:00Z`), or `never` (default:
+    /// the current version's).
+    #[arg(long, value_name = "TIME|never")]
+    pub expires: Option<String>,
+    /// Set a tag on the new version (repeatable; the current version's tags are kept).
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub tag: Vec<String>,
 }
 
 /// `kvbroker launch`.

@@ -39,6 +39,17 @@ pub struct Config {
     pub audit: AuditConfig,
     pub policy: PolicyConfig,
     pub limits: LimitsConfig,
+    pub network: NetworkConfig,
+}
+
+/// `[network]`: the HTTP proxy for Key Vault and Entra ID (the environment's
+/// `HTTPS_PROXY`/`NO_PROXY` apply when `proxy` is absent; see `transport::Proxy`).
+#[derive(Debug, Clone, Default)]
+pub struct NetworkConfig {
+    /// `http://[user:pass@]host:port`; validated at load.
+    pub proxy: Option<String>,
+    /// Hosts that go direct, added to `NO_PROXY`.
+    pub no_proxy: Vec<String>,
 }
 
 #[cfg(test)]
@@ -170,6 +181,11 @@ pub struct IdentityConfig {
     pub connect_to: Vec<ConnectTo>,
     /// Where an Arc challenge file may live (default `/var/opt/azcmagent/tokens`).
     pub arc_token_dir: Option<PathBuf>,
+    /// Azure ML's token endpoint given explicitly (a compute instance's systemd agent does
+    /// not see `MSI_ENDPOINT`); with `azure_ml_secret_file`.
+    pub azure_ml_endpoint: Option<String>,
+    /// A file (0600, owned by root or the agent) holding `MSI_SECRET`.
+    pub azure_ml_secret_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -259,6 +275,15 @@ struct Raw {
     policy: Option<RawPolicy>,
     #[serde(default)]
     limits: RawLimits,
+    #[serde(default)]
+    network: RawNetwork,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    proxy: Option<String>,
+    no_proxy: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -289,6 +314,8 @@ struct RawIdentity {
     ca_file: Option<PathBuf>,
     connect_to: Option<Vec<ConnectToEntry>>,
     arc_token_dir: Option<PathBuf>,
+    azure_ml_endpoint: Option<String>,
+    azure_ml_secret_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -430,7 +457,14 @@ impl Config {
             ca_file: raw.identity.ca_file.map(&resolve),
             connect_to: connect_to(raw.identity.connect_to),
             arc_token_dir: raw.identity.arc_token_dir.map(&resolve),
+            azure_ml_endpoint: raw.identity.azure_ml_endpoint,
+            azure_ml_secret_file: raw.identity.azure_ml_secret_file.map(&resolve),
         };
+        if identity.azure_ml_endpoint.is_some() != identity.azure_ml_secret_file.is_some() {
+            return Err(invalid(
+                "[identity]: give azure_ml_endpoint and azure_ml_secret_file together (the endpoint needs its secret)".into(),
+            ));
+        }
 
         if raw.vault.is_empty() {
             return Err(invalid(
@@ -556,7 +590,14 @@ impl Config {
             rate_key: raw.limits.rate_key.unwrap_or(RateKey::Uid),
             connections_per_uid: raw.limits.connections_per_uid.map_or(256, |n| n.get() as usize),
         };
-        Ok(Config { path: path.to_owned(), agent, identity, vaults, cache, audit, policy, limits })
+        if let Some(p) = &raw.network.proxy {
+            crate::transport::Proxy::from_settings(Some(p), &[], &|_| None).map_err(|why| {
+                invalid(format!("{why} (the URL's password, if any, is not shown)").replace(p, "…"))
+            })?;
+        }
+        let network =
+            NetworkConfig { proxy: raw.network.proxy, no_proxy: raw.network.no_proxy.unwrap_or_default() };
+        Ok(Config { path: path.to_owned(), agent, identity, vaults, cache, audit, policy, limits, network })
     }
 
     /// The vault used when a request names none: the one marked `default`, else the only

@@ -246,6 +246,20 @@ impl Policy {
         self.rules.len()
     }
 
+    /// `(rule, VAULT/NAME)` for every secret pattern with no wildcard: what `doctor` can
+    /// check exists.
+    pub(crate) fn exact_secrets(&self) -> Vec<(&str, &str)> {
+        let mut out: Vec<(&str, &str)> = Vec::new();
+        for r in &self.rules {
+            for g in &r.secrets {
+                if !g.0.contains(['*', '?', '[']) && !out.iter().any(|(_, s)| s.eq_ignore_ascii_case(&g.0)) {
+                    out.push((&r.name, &g.0));
+                }
+            }
+        }
+        out
+    }
+
     /// Whether any rule reads the caller's cgroup (cgroup, systemd_unit, container_id): then
     /// a kept-alive connection's cgroup is re-read at every request.
     pub(crate) fn uses_cgroup(&self) -> bool {

@@ -9,7 +9,10 @@
 //!   `--connect-to`); TLS still verifies the URL's host name, so an emulator can answer for
 //!   `*.vault.azure.net` with challenge verification on.
 //! - **Loopback only**: when on (tests, `kvbroker dev`), any address outside 127.0.0.0/8 and
-//!   ::1 is refused before a socket is opened.
+//!   ::1 is refused before a socket is opened. Through a proxy, the target must still map to
+//!   loopback and the proxy must be on loopback.
+//! - **Proxy**: `https` targets through an HTTP CONNECT tunnel ([`Proxy`]); identity
+//!   endpoints, loopback and link-local never.
 //!
 //! Connections are not reused: each request opens its own, so no pooled buffer keeps a
 //! secret between fetches (the cache makes fetches rare; the cost is one handshake each).
@@ -27,6 +30,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use rustls_pki_types::pem::PemObject;
+
+mod proxy;
+
+pub(crate) use proxy::Proxy;
 
 /// One `connect_to` entry: requests for `host:port` go to `addr` instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +73,8 @@ pub(crate) struct TransportConfig {
     pub loopback_only: bool,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// HTTP CONNECT proxy for `https` targets.
+    pub proxy: Option<Proxy>,
 }
 
 /// Why a transport could not be built.
@@ -180,8 +189,36 @@ impl HyperTransport {
         };
         let host = url.host_str().ok_or_else(|| io_error("URL has no host".into()))?.to_owned();
         let port = url.port_or_known_default().unwrap_or(if https { 443 } else { 80 });
-        let addrs = self.resolve(&host, port).await?;
-        let tcp = self.connect(&addrs, &host).await?;
+        let tcp = match self.cfg.proxy.as_ref().filter(|p| https && p.applies(&host, port)) {
+            Some(proxy) => {
+                if self.cfg.loopback_only {
+                    // The guard judges the target too, though the proxy resolves it.
+                    self.resolve(&host, port).await?;
+                }
+                let addrs = self.resolve(proxy.host(), proxy.port()).await?;
+                let mut tcp = self.connect(&addrs, proxy.host()).await.map_err(|e| {
+                    azure_core::Error::with_message(
+                        azure_core::error::ErrorKind::Connection,
+                        format!("proxy {}: {e}", proxy.shown()),
+                    )
+                })?;
+                proxy.connect(&mut tcp, &host, port).await.map_err(|(m, permanent)| {
+                    // Other, like the loopback guard: retrying a refusal spends the deadline.
+                    let kind = if permanent {
+                        azure_core::error::ErrorKind::Other
+                    } else {
+                        azure_core::error::ErrorKind::Connection
+                    };
+                    azure_core::Error::with_message(kind, m)
+                })?;
+                tracing::debug!(proxy = %proxy.shown(), target = %host, port, "tunnel open");
+                tcp
+            }
+            None => {
+                let addrs = self.resolve(&host, port).await?;
+                self.connect(&addrs, &host).await?
+            }
+        };
 
         let mut path = url.path().to_owned();
         if let Some(q) = url.query() {
@@ -323,6 +360,7 @@ mod tests {
             loopback_only,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(2),
+            proxy: None,
         })
         .unwrap()
     }
@@ -355,5 +393,25 @@ mod tests {
         // A mapping to a non-loopback address is refused too.
         let escape = transport(true, vec!["a:1:10.1.1.1:1".parse().unwrap()]);
         assert!(escape.resolve("a", 1).await.is_err());
+    }
+
+    /// Through a proxy the guard still judges the target: an unmapped Azure host is refused
+    /// before the proxy is even contacted.
+    #[tokio::test]
+    async fn loopback_only_refuses_unmapped_targets_through_a_proxy() {
+        let proxy = Proxy::from_settings(Some("http://127.0.0.1:9"), &[], &|_| None).unwrap();
+        let t = HyperTransport::new(TransportConfig {
+            ca_file: None,
+            connect_to: vec![],
+            loopback_only: true,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(2),
+            proxy,
+        })
+        .unwrap();
+        let url = azure_core::http::Url::parse("https://myvault.vault.azure.net/secrets/s").unwrap();
+        let req = Request::new(url, azure_core::http::Method::Get);
+        let e = t.execute_request(&req).await.unwrap_err().to_string();
+        assert!(e.contains("loopback-only mode refused myvault.vault.azure.net:443"), "{e}");
     }
 }

@@ -605,6 +605,16 @@ impl EmulatorProc {
         self.control("POST", "/faults", &serde_json::to_string(f).unwrap());
     }
 
+    /// The current version's metadata (id, attributes, contentType, tags; never the value).
+    pub fn secret_metadata(&self, name: &str) -> serde_json::Value {
+        self.control("GET", &format!("/secrets/{name}"), "")
+    }
+
+    /// Soft-deletes a secret: its name then answers 409 to a PUT.
+    pub fn soft_delete(&self, name: &str) {
+        self.control("DELETE", &format!("/secrets/{name}"), "");
+    }
+
     pub fn clear_faults(&self) {
         self.control("DELETE", "/faults", "");
     }

@@ -5,6 +5,7 @@ pub(crate) mod audit;
 pub(crate) mod check_config;
 pub(crate) mod ctl;
 pub(crate) mod dev;
+pub(crate) mod doctor;
 pub(crate) mod explain;
 pub(crate) mod launch;
 pub(crate) mod rotate;
@@ -25,6 +26,7 @@ pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
             return ctl::ctl(ctl::Target { socket, config, dir }, command);
         }
         Command::Rotate(args) => rotate::command(args)?,
+        Command::Doctor(args) => return doctor::command(&args),
         Command::Launch(args) => return launch::command(args),
         Command::Policy { command: PolicyCommand::Explain(args) } => explain::command(args)?,
         Command::Audit { command } => audit::command(command)?,

@@ -11,6 +11,7 @@ use azure_core::credentials::AccessToken;
 use azure_core::http::{HttpClient, Method, Request, Url};
 use zeroize::Zeroizing;
 
+use super::endpoint::IdentityFailure;
 use super::token::{Fetch, TokenAnswer};
 use crate::transport::HyperTransport;
 
@@ -78,12 +79,15 @@ impl ArcCredential {
 #[async_trait::async_trait]
 impl Fetch for ArcCredential {
     async fn fetch(&self, resource: &str) -> azure_core::Result<AccessToken> {
-        let first = self.http.execute_request(&self.request(resource)).await?;
+        let first = self
+            .http
+            .execute_request(&self.request(resource))
+            .await
+            .map_err(|e| IdentityFailure::unreachable("Arc", &self.endpoint, &e).into_error())?;
         let status = u16::from(first.status());
         if status != 401 {
-            return Err(cred_err(format!(
-                "Arc identity endpoint answered HTTP {status} to the challenge request (expected 401)"
-            )));
+            let body = first.into_body().collect().await?;
+            return Err(IdentityFailure::answered("Arc", &self.endpoint, status, &body).into_error());
         }
         let realm = first
             .headers()
@@ -94,13 +98,15 @@ impl Fetch for ArcCredential {
         let key = self.read_key(&realm)?;
         let mut req = self.request(resource);
         req.insert_header("authorization", format!("Basic {}", key.as_str()));
-        let resp = self.http.execute_request(&req).await?;
+        let resp = self
+            .http
+            .execute_request(&req)
+            .await
+            .map_err(|e| IdentityFailure::unreachable("Arc", &self.endpoint, &e).into_error())?;
         let status = u16::from(resp.status());
         let body = resp.into_body().collect().await?;
         if status != 200 {
-            return Err(cred_err(format!(
-                "Arc identity endpoint answered HTTP {status} after the challenge"
-            )));
+            return Err(IdentityFailure::answered("Arc", &self.endpoint, status, &body).into_error());
         }
         TokenAnswer::parse(&body, "Arc identity endpoint")
     }

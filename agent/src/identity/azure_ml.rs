@@ -6,8 +6,9 @@
 use std::sync::Arc;
 
 use azure_core::credentials::{AccessToken, Secret};
-use azure_core::http::{HttpClient, Method, Request, Url};
+use azure_core::http::{Method, Request, Url};
 
+use super::endpoint::get_token_body;
 use super::token::{Fetch, TokenAnswer};
 use crate::transport::HyperTransport;
 
@@ -39,23 +40,18 @@ impl AzureMlCredential {
 #[async_trait::async_trait]
 impl Fetch for AzureMlCredential {
     async fn fetch(&self, resource: &str) -> azure_core::Result<AccessToken> {
-        let mut url = self.endpoint.clone();
-        url.query_pairs_mut()
-            .append_pair("api-version", "2017-09-01")
-            .append_pair("resource", resource)
-            .append_pair("clientid", &self.client_id);
-        let mut req = Request::new(url, Method::Get);
-        req.insert_header("secret", self.secret.secret().to_owned());
-        req.insert_header("metadata", "true");
-        let resp = self.http.execute_request(&req).await?;
-        let status = u16::from(resp.status());
-        let body = resp.into_body().collect().await?;
-        if status != 200 {
-            return Err(azure_core::Error::with_message(
-                azure_core::error::ErrorKind::Credential,
-                format!("Azure ML identity endpoint answered HTTP {status} for client id {}", self.client_id),
-            ));
-        }
+        let req = {
+            let mut url = self.endpoint.clone();
+            url.query_pairs_mut()
+                .append_pair("api-version", "2017-09-01")
+                .append_pair("resource", resource)
+                .append_pair("clientid", &self.client_id);
+            let mut req = Request::new(url, Method::Get);
+            req.insert_header("secret", self.secret.secret().to_owned());
+            req.insert_header("metadata", "true");
+            req
+        };
+        let body = get_token_body(&self.http, "Azure ML", &self.endpoint, &req).await?;
         TokenAnswer::parse(&body, "Azure ML identity endpoint")
     }
 }

@@ -1,16 +1,25 @@
 //! Where the agent's Key Vault tokens come from: the node's managed identity.
 //!
-//! `[identity] source` picks one; `auto` follows the Azure SDKs' environment order
-//! (FACTS.md): App Service → Azure ML → Azure Arc → workload identity → IMDS. App Service,
-//! IMDS, workload identity and the Azure CLI go through `azure_identity`; Azure ML (which the
-//! SDK refuses) and Arc (whose challenge-file protocol the SDK 1.0 refuses) are our own
-//! credentials ([`azure_ml`], [`arc`]) behind one token cache ([`token`]).
+//! `[identity] source` picks one, and a named source is the one used; `auto` follows the
+//! Azure SDKs' environment order (FACTS.md): App Service → Azure ML → Azure Arc → workload
+//! identity → IMDS, and logs which it chose and from which variables. IMDS, Azure ML (which
+//! the SDK refuses) and Arc (whose challenge-file protocol the SDK 1.0 refuses) are our own
+//! credentials ([`imds`], [`azure_ml`], [`arc`]) behind one token cache ([`token`]): the
+//! SDK's `ManagedIdentityCredential` re-detects the environment, so `source = "imds"` with
+//! Azure ML's `MSI_ENDPOINT` set would not use IMDS. App Service, workload identity and the
+//! Azure CLI go through `azure_identity`, wrapped so their failures name the endpoint too.
+//! Every failure reaches the vault layer as an [`IdentityFailure`].
 //!
 //! Tokens are `azure_core` secrets: never logged, never in an error or audit record.
 
 mod arc;
 mod azure_ml;
+mod endpoint;
+mod imds;
+mod sdk_credential;
 mod token;
+
+pub(crate) use endpoint::{IdentityFailure, one_line};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -47,6 +56,10 @@ pub enum IdentityError {
          set [identity] source explicitly"
     )]
     ServiceFabric,
+    #[error("identity source {source_name}: {from} is {value:?}, not a client id (a GUID){why}")]
+    NotAGuid { source_name: &'static str, from: &'static str, value: String, why: &'static str },
+    #[error("[identity] azure_ml_secret_file {}: {reason}", path.display())]
+    SecretFile { path: PathBuf, reason: String },
 }
 
 /// The identity-related environment, read once at startup (the SDK reads the same
@@ -95,24 +108,73 @@ impl IdentityEnv {
     }
 }
 
-/// `auto`: the SDKs' order.
-pub(crate) fn detect(env: &IdentityEnv) -> Result<IdentitySource, IdentityError> {
+/// `auto`: the SDKs' order, with the reason (which variables decided) for the log.
+pub(crate) fn detect(env: &IdentityEnv) -> Result<(IdentitySource, String), IdentityError> {
     if env.has("IDENTITY_ENDPOINT") && env.has("IDENTITY_HEADER") {
         if env.has("IDENTITY_SERVER_THUMBPRINT") {
             return Err(IdentityError::ServiceFabric);
         }
-        return Ok(IdentitySource::AppService);
+        return Ok((IdentitySource::AppService, "IDENTITY_ENDPOINT and IDENTITY_HEADER are set".into()));
     }
     if env.has("MSI_ENDPOINT") && env.has("MSI_SECRET") {
-        return Ok(IdentitySource::AzureMl);
+        return Ok((IdentitySource::AzureMl, "MSI_ENDPOINT and MSI_SECRET are set".into()));
     }
-    if (env.has("IDENTITY_ENDPOINT") && env.has("IMDS_ENDPOINT")) || env.arc_agent_installed {
-        return Ok(IdentitySource::AzureArc);
+    if env.has("IDENTITY_ENDPOINT") && env.has("IMDS_ENDPOINT") {
+        return Ok((IdentitySource::AzureArc, "IDENTITY_ENDPOINT and IMDS_ENDPOINT are set".into()));
+    }
+    if env.arc_agent_installed {
+        return Ok((
+            IdentitySource::AzureArc,
+            "the Arc agent is installed (/opt/azcmagent/bin/himds)".into(),
+        ));
     }
     if env.has("AZURE_FEDERATED_TOKEN_FILE") && env.has("AZURE_CLIENT_ID") && env.has("AZURE_TENANT_ID") {
-        return Ok(IdentitySource::WorkloadIdentity);
+        return Ok((
+            IdentitySource::WorkloadIdentity,
+            "AZURE_FEDERATED_TOKEN_FILE, AZURE_CLIENT_ID and AZURE_TENANT_ID are set".into(),
+        ));
     }
-    Ok(IdentitySource::Imds)
+    Ok((IdentitySource::Imds, "no App Service, Azure ML, Arc or workload identity variables are set".into()))
+}
+
+/// The identity variables that are set, for messages (names only: values can be secrets).
+pub(crate) fn set_vars(env: &IdentityEnv) -> Vec<&'static str> {
+    VARS.iter().copied().filter(|k| env.has(k)).collect()
+}
+
+/// `MSI_SECRET` from a file the agent alone can read (it grants tokens of the compute's
+/// identity): owned by root or the agent, not readable by others. Trimmed; wiped on drop.
+fn read_secret_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<String>, IdentityError> {
+    use std::os::unix::fs::MetadataExt;
+    let bad = |reason: String| IdentityError::SecretFile { path: path.to_owned(), reason };
+    crate::trust::check_file(path, "the Azure ML secret file").map_err(|e| bad(e.to_string()))?;
+    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+    if meta.mode() & 0o044 != 0 {
+        return Err(bad(format!("mode {:04o} lets others read it: chmod 0600", meta.mode() & 0o7777)));
+    }
+    let text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?);
+    let trimmed = zeroize::Zeroizing::new(text.trim().to_owned());
+    if trimmed.is_empty() {
+        return Err(bad("is empty".into()));
+    }
+    Ok(trimmed)
+}
+
+/// A client id must be a GUID. Azure ML without an assigned identity sets
+/// `DEFAULT_IDENTITY_CLIENT_ID` to the literal `clientid`, and its endpoint then answers
+/// with a *user* token: refuse rather than act as someone else.
+fn check_guid(source_name: &'static str, from: &'static str, value: &str) -> Result<(), IdentityError> {
+    if uuid::Uuid::parse_str(value).is_ok() && value.len() == 36 {
+        return Ok(());
+    }
+    let why = if from == "DEFAULT_IDENTITY_CLIENT_ID" {
+        ": Azure ML sets it to the literal \"clientid\" when no managed identity is assigned to the \
+         compute; assign a system- or user-assigned identity to the compute (and set [identity] \
+         client_id for a user-assigned one)"
+    } else {
+        ": write the managed identity's client id (az identity show --query clientId)"
+    };
+    Err(IdentityError::NotAGuid { source_name, from, value: one_line(value), why })
 }
 
 /// Builds the credential `cfg` asks for, sending every request through `http`.
@@ -122,10 +184,37 @@ pub(crate) fn build(
     http: Arc<HyperTransport>,
 ) -> Result<Identity, IdentityError> {
     let source = match cfg.source {
-        IdentitySource::Auto => detect(env)?,
+        IdentitySource::Auto if cfg.azure_ml_endpoint.is_some() => {
+            tracing::info!(
+                source = "azure-ml",
+                "identity source auto chose azure-ml: [identity] azure_ml_endpoint is set"
+            );
+            IdentitySource::AzureMl
+        }
+        IdentitySource::Auto => {
+            let (s, why) = detect(env)?;
+            tracing::info!(source = s.as_str(), "identity source auto chose {}: {why}", s.as_str());
+            s
+        }
+        IdentitySource::Imds => {
+            let others: Vec<_> = set_vars(env)
+                .into_iter()
+                .filter(|v| !matches!(*v, "AZURE_AUTHORITY_HOST" | "AZURE_CLIENT_ID" | "AZURE_TENANT_ID"))
+                .collect();
+            if !others.is_empty() {
+                tracing::warn!(
+                    "identity source imds is configured: using IMDS (169.254.169.254) and ignoring {}",
+                    others.join(", ")
+                );
+            }
+            IdentitySource::Imds
+        }
         s => s,
     };
     let name = source.as_str();
+    if let Some(id) = cfg.client_id.as_deref() {
+        check_guid(name, "[identity] client_id", id)?;
+    }
     let sdk = |e: azure_core::Error| IdentityError::Sdk { source_name: name, reason: e.to_string() };
     let client_options = ClientOptions {
         transport: Some(Transport::new(http.clone())),
@@ -137,33 +226,49 @@ pub(crate) fn build(
         None => format!("{name} managed identity (system-assigned)"),
     };
     let (credential, description): (Arc<dyn TokenCredential>, String) = match source {
-        IdentitySource::Imds | IdentitySource::AppService => {
-            if source == IdentitySource::AppService
-                && !(env.has("IDENTITY_ENDPOINT") && env.has("IDENTITY_HEADER"))
-            {
+        IdentitySource::Imds => {
+            let cred = imds::ImdsCredential::new(cfg.client_id.clone(), http).map_err(sdk)?;
+            (Arc::new(token::Cached::new(cred)), who(cfg.client_id.as_deref()))
+        }
+        IdentitySource::AppService => {
+            let (Some(endpoint), true) = (env.get("IDENTITY_ENDPOINT"), env.has("IDENTITY_HEADER")) else {
                 return Err(IdentityError::Missing {
                     source_name: name,
                     missing: "IDENTITY_ENDPOINT or IDENTITY_HEADER",
                     hint: "App Service, Functions and Container Apps set both",
                 });
-            }
+            };
             let options = ManagedIdentityCredentialOptions {
                 user_assigned_id: cfg.client_id.clone().map(UserAssignedId::ClientId),
                 client_options,
             };
-            (ManagedIdentityCredential::new(Some(options)).map_err(sdk)?, who(cfg.client_id.as_deref()))
+            let inner = ManagedIdentityCredential::new(Some(options)).map_err(sdk)?;
+            (
+                Arc::new(sdk_credential::Labelled::new(inner, "App Service", endpoint)),
+                who(cfg.client_id.as_deref()),
+            )
         }
         IdentitySource::AzureMl => {
-            let endpoint = env.get("MSI_ENDPOINT").ok_or(IdentityError::Missing {
-                source_name: name,
-                missing: "MSI_ENDPOINT",
-                hint: "Azure ML compute sets it for every job process",
-            })?;
-            let secret = env.get("MSI_SECRET").ok_or(IdentityError::Missing {
-                source_name: name,
-                missing: "MSI_SECRET",
-                hint: "Azure ML compute sets it for every job process",
-            })?;
+            // Config first: a compute instance's systemd agent does not see the job's variables.
+            let endpoint = cfg.azure_ml_endpoint.as_deref().or(env.get("MSI_ENDPOINT")).ok_or(
+                IdentityError::Missing {
+                    source_name: name,
+                    missing: "MSI_ENDPOINT (or [identity] azure_ml_endpoint)",
+                    hint: "Azure ML compute sets it for every job process; a node agent gets it from the config",
+                },
+            )?;
+            let from_file = match &cfg.azure_ml_secret_file {
+                Some(path) => Some(read_secret_file(path)?),
+                None => None,
+            };
+            let secret = match from_file.as_deref() {
+                Some(s) => s.as_str(),
+                None => env.get("MSI_SECRET").ok_or(IdentityError::Missing {
+                    source_name: name,
+                    missing: "MSI_SECRET (or [identity] azure_ml_secret_file)",
+                    hint: "Azure ML compute sets it for every job process; a node agent reads it from a file",
+                })?,
+            };
             // `clientid` is required even for the system-assigned identity.
             let client_id = cfg.client_id.as_deref().or(env.get("DEFAULT_IDENTITY_CLIENT_ID")).ok_or(
                 IdentityError::Missing {
@@ -172,6 +277,9 @@ pub(crate) fn build(
                     hint: "Azure ML needs a client id even for the compute's system-assigned identity",
                 },
             )?;
+            if cfg.client_id.is_none() {
+                check_guid(name, "DEFAULT_IDENTITY_CLIENT_ID", client_id)?;
+            }
             let cred = azure_ml::AzureMlCredential::new(endpoint, secret, client_id, http).map_err(sdk)?;
             (Arc::new(token::Cached::new(cred)), who(Some(client_id)))
         }
@@ -188,13 +296,19 @@ pub(crate) fn build(
                 ..Default::default()
             };
             let id = cfg.client_id.as_deref().or(env.get("AZURE_CLIENT_ID")).map(str::to_owned);
+            let authority = env.get("AZURE_AUTHORITY_HOST").unwrap_or("https://login.microsoftonline.com");
+            let inner = WorkloadIdentityCredential::new(Some(options)).map_err(sdk)?;
             (
-                WorkloadIdentityCredential::new(Some(options)).map_err(sdk)?,
+                Arc::new(sdk_credential::Labelled::new(inner, "Entra ID (workload identity)", authority)),
                 format!("workload identity (client id {})", id.as_deref().unwrap_or("?")),
             )
         }
         IdentitySource::AzureCli => {
-            (AzureCliCredential::new(None).map_err(sdk)?, "the Azure CLI's signed-in account".to_owned())
+            let inner = AzureCliCredential::new(None).map_err(sdk)?;
+            (
+                Arc::new(sdk_credential::Labelled::new(inner, "Azure CLI", "az account get-access-token")),
+                "the Azure CLI's signed-in account".to_owned(),
+            )
         }
         IdentitySource::Auto => unreachable_auto(),
     };
@@ -212,7 +326,7 @@ mod tests {
 
     #[test]
     fn auto_follows_the_sdk_order() {
-        let d = |pairs: &[(&'static str, &str)]| detect(&IdentityEnv::from_pairs(pairs)).unwrap();
+        let d = |pairs: &[(&'static str, &str)]| detect(&IdentityEnv::from_pairs(pairs)).unwrap().0;
         assert_eq!(d(&[]), IdentitySource::Imds);
         assert_eq!(d(&[("IDENTITY_ENDPOINT", "x"), ("IDENTITY_HEADER", "y")]), IdentitySource::AppService);
         assert_eq!(
@@ -230,5 +344,46 @@ mod tests {
             ("IDENTITY_SERVER_THUMBPRINT", "z"),
         ]));
         assert!(matches!(sf, Err(IdentityError::ServiceFabric)));
+    }
+
+    /// Azure ML without an assigned identity sets DEFAULT_IDENTITY_CLIENT_ID=clientid; the
+    /// endpoint then hands out a user token. Refused at start with the explanation.
+    #[test]
+    fn a_non_guid_default_identity_client_id_is_refused_with_the_reason() {
+        let env = IdentityEnv::from_pairs(&[
+            ("MSI_ENDPOINT", "http://127.0.0.1:1/token"),
+            ("MSI_SECRET", "s"),
+            ("DEFAULT_IDENTITY_CLIENT_ID", "clientid"),
+        ]);
+        let cfg = IdentityConfig {
+            source: IdentitySource::Auto,
+            client_id: None,
+            ca_file: None,
+            connect_to: Vec::new(),
+            arc_token_dir: None,
+            azure_ml_endpoint: None,
+            azure_ml_secret_file: None,
+        };
+        let http = HyperTransport::new(crate::transport::TransportConfig {
+            ca_file: None,
+            connect_to: Vec::new(),
+            loopback_only: true,
+            connect_timeout: std::time::Duration::from_secs(1),
+            request_timeout: std::time::Duration::from_secs(1),
+            proxy: None,
+        })
+        .unwrap();
+        let e = build(&cfg, &env, http.clone()).unwrap_err().to_string();
+        assert!(e.starts_with("identity source azure-ml: DEFAULT_IDENTITY_CLIENT_ID is \"clientid\", not a client id (a GUID): Azure ML sets it to the literal \"clientid\" when no managed identity is assigned"), "{e}");
+        let cfg = IdentityConfig { client_id: Some("not-a-guid".into()), ..cfg };
+        let e = build(&cfg, &env, http).unwrap_err().to_string();
+        assert!(e.contains("[identity] client_id is \"not-a-guid\", not a client id"), "{e}");
+    }
+
+    #[test]
+    fn auto_says_which_variables_decided() {
+        let (s, why) =
+            detect(&IdentityEnv::from_pairs(&[("MSI_ENDPOINT", "x"), ("MSI_SECRET", "y")])).unwrap();
+        assert_eq!((s, why.as_str()), (IdentitySource::AzureMl, "MSI_ENDPOINT and MSI_SECRET are set"));
     }
 }

@@ -1,5 +1,8 @@
 //! A token cache for our own credentials: one request in flight at a time, and a token is
 //! renewed before it expires, so callers never race to the endpoint or use a stale token.
+//! Like MSAL, a long-lived token (2 h or more) is renewed at half its life, so an endpoint
+//! outage near the end of its life does not leave the agent without one; a short one five
+//! minutes before expiry.
 
 use std::time::Duration;
 
@@ -7,8 +10,18 @@ use azure_core::credentials::{AccessToken, TokenCredential, TokenRequestOptions}
 use azure_core::time::OffsetDateTime;
 use serde::Deserialize;
 
-/// Renew this long before expiry.
+use super::endpoint::IdentityFailure;
+
+/// Renew this long before expiry (short-lived tokens).
 const RENEW_BEFORE: Duration = Duration::from_secs(300);
+/// Tokens living at least this long are renewed at half-life.
+const LONG_LIVED: Duration = Duration::from_secs(2 * 3600);
+
+/// When a token obtained at `obtained` and expiring at `expires` should be renewed.
+fn renew_at(obtained: OffsetDateTime, expires: OffsetDateTime) -> OffsetDateTime {
+    let life = expires - obtained;
+    if life >= LONG_LIVED { obtained + life / 2 } else { expires - RENEW_BEFORE }
+}
 
 /// Something that can fetch a fresh token for one resource.
 #[async_trait::async_trait]
@@ -16,16 +29,29 @@ pub(super) trait Fetch: Send + Sync + std::fmt::Debug {
     async fn fetch(&self, resource: &str) -> azure_core::Result<AccessToken>;
 }
 
+/// How long a permanent refusal (an unassigned identity's 400) is answered from memory:
+/// a storm of cold reads then costs the endpoint one request per interval, not one each
+/// (IMDS allows 20 per second per VM).
+const REMEMBER_REFUSAL: Duration = Duration::from_secs(5);
+
 #[derive(Debug)]
 pub(super) struct Cached<F> {
     fetch: F,
-    /// Resource → token. The lock is held across a fetch: that is the single flight.
-    tokens: tokio::sync::Mutex<Vec<(String, AccessToken)>>,
+    /// The lock is held across a fetch: the single flight.
+    state: tokio::sync::Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Resource → (token, renew at).
+    tokens: Vec<(String, AccessToken, OffsetDateTime)>,
+    /// Resource → (permanent refusal, until).
+    refusals: Vec<(String, IdentityFailure, std::time::Instant)>,
 }
 
 impl<F> Cached<F> {
     pub(super) fn new(fetch: F) -> Self {
-        Self { fetch, tokens: tokio::sync::Mutex::new(Vec::new()) }
+        Self { fetch, state: tokio::sync::Mutex::new(State::default()) }
     }
 }
 
@@ -37,14 +63,28 @@ impl<F: Fetch> TokenCredential for Cached<F> {
         _options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
         let resource = resource_of(scopes)?;
-        let mut tokens = self.tokens.lock().await;
-        let fresh_until = OffsetDateTime::now_utc() + RENEW_BEFORE;
-        if let Some((_, t)) = tokens.iter().find(|(r, t)| *r == resource && t.expires_on > fresh_until) {
+        let mut state = self.state.lock().await;
+        let now = OffsetDateTime::now_utc();
+        if let Some((_, t, _)) = state.tokens.iter().find(|(r, _, at)| *r == resource && *at > now) {
             return Ok(t.clone());
         }
-        let token = self.fetch.fetch(&resource).await?;
-        tokens.retain(|(r, _)| *r != resource);
-        tokens.push((resource, token.clone()));
+        let instant = std::time::Instant::now();
+        state.refusals.retain(|(_, _, until)| *until > instant);
+        if let Some((_, f, _)) = state.refusals.iter().find(|(r, _, _)| *r == resource) {
+            return Err(f.clone().into_error());
+        }
+        let token = match self.fetch.fetch(&resource).await {
+            Ok(t) => t,
+            Err(e) => {
+                if let Some(f) = e.downcast_ref::<IdentityFailure>().filter(|f| f.permanent) {
+                    state.refusals.push((resource, f.clone(), instant + REMEMBER_REFUSAL));
+                }
+                return Err(e);
+            }
+        };
+        let at = renew_at(now, token.expires_on);
+        state.tokens.retain(|(r, _, _)| *r != resource);
+        state.tokens.push((resource, token.clone(), at));
         Ok(token)
     }
 }
@@ -156,5 +196,45 @@ mod tests {
         cached.get_token(&["r/.default"], None).await.unwrap();
         cached.get_token(&["r/.default"], None).await.unwrap();
         assert_eq!(short.0.load(Ordering::SeqCst), 2);
+    }
+
+    #[derive(Debug, Default)]
+    struct Refusing(AtomicU32);
+
+    #[async_trait::async_trait]
+    impl Fetch for Arc<Refusing> {
+        async fn fetch(&self, _resource: &str) -> azure_core::Result<AccessToken> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let url = azure_core::http::Url::parse("http://169.254.169.254/x").unwrap();
+            Err(IdentityFailure::answered(
+                "IMDS",
+                &url,
+                400,
+                br#"{"error_description":"Identity not found"}"#,
+            )
+            .into_error())
+        }
+    }
+
+    /// Issue 15: a permanent identity 400 was asked again by every cold read.
+    #[tokio::test]
+    async fn a_permanent_refusal_is_remembered_briefly() {
+        let r = Arc::new(Refusing::default());
+        let cached = Cached::new(Arc::clone(&r));
+        for _ in 0..5 {
+            let e = cached.get_token(&["r/.default"], None).await.unwrap_err();
+            assert!(e.to_string().contains("Identity not found"), "{e}");
+        }
+        assert_eq!(r.0.load(Ordering::SeqCst), 1);
+    }
+
+    /// MSAL renews long-lived tokens at half-life; we renewed only 5 min before expiry.
+    #[test]
+    fn long_lived_tokens_renew_at_half_life_short_ones_five_minutes_early() {
+        let t0 = OffsetDateTime::from_unix_timestamp(1_000_000).unwrap();
+        let h = |n: u64| Duration::from_secs(n * 3600);
+        assert_eq!(renew_at(t0, t0 + h(24)), t0 + h(12));
+        assert_eq!(renew_at(t0, t0 + h(2)), t0 + h(1));
+        assert_eq!(renew_at(t0, t0 + h(1)), t0 + h(1) - RENEW_BEFORE);
     }
 }

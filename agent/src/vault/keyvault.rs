@@ -7,8 +7,11 @@
 //! hyper hold copies of their own; docs/security.md lists them.)
 //!
 //! Each call carries a fresh `x-ms-client-request-id`, which Key Vault logs as its
-//! `correlationId`; we keep it for the audit record. Retries (5xx, 429 with `Retry-After`,
-//! network errors) are ours, bounded by the vault's `deadline` so a caller never waits longer.
+//! `correlationId`; we keep it for the audit record. Retries (5xx, 429, network errors) are
+//! ours, bounded by the vault's `deadline` so a caller never waits longer. A 429 pauses every
+//! call to the vault for its `Retry-After` (any form, see [`kv_error::retry_after`]) or else
+//! 1, 2, 4, 8, 16 s. A refusal keeps Key Vault's own status, codes and message, with advice
+//! that fits the cause ([`kv_error::KvError`]); a token failure names the identity endpoint.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,8 +25,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use zeroize::{Zeroize, Zeroizing};
 
+use super::kv_error::{self, KvError};
 use super::{Backend, BoxFuture, Fetched, VaultError};
-use crate::identity::Identity;
+use crate::identity::{Identity, IdentityFailure};
 use crate::rate::TokenBucket;
 use crate::transport::HyperTransport;
 
@@ -46,12 +50,14 @@ struct Pace {
 struct PaceState {
     bucket: TokenBucket,
     blocked_until: Option<Instant>,
+    /// 429s in a row, for the backoff when Key Vault sends no `Retry-After`.
+    throttles: u32,
 }
 
 impl Pace {
     fn new(rate: u32) -> Self {
         let bucket = TokenBucket::full(rate, rate, Instant::now());
-        Self { state: std::sync::Mutex::new(PaceState { bucket, blocked_until: None }) }
+        Self { state: std::sync::Mutex::new(PaceState { bucket, blocked_until: None, throttles: 0 }) }
     }
 
     /// Reserves the next call; returns how long to wait before making it.
@@ -65,11 +71,26 @@ impl Pace {
         wait
     }
 
-    /// Stops all calls for `d` (a 429's `Retry-After`).
-    fn block_for(&self, d: Duration) {
+    /// A 429: stops all calls for its `Retry-After`, or else 1, 2, 4, 8, 16 s by how many
+    /// 429s came in a row. Returns the pause.
+    fn throttled(&self, retry_after: Option<Duration>) -> Duration {
         let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.throttles = s.throttles.saturating_add(1);
+        let d = retry_after.unwrap_or_else(|| kv_error::throttle_backoff(s.throttles));
         let until = Instant::now() + d;
         s.blocked_until = Some(s.blocked_until.map_or(until, |b| b.max(until)));
+        d
+    }
+
+    fn is_paused(&self) -> bool {
+        let s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.blocked_until.is_some_and(|u| u > Instant::now())
+    }
+
+    /// Any answer but a 429 ends a run of throttling.
+    fn answered(&self) {
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.throttles = 0;
     }
 }
 
@@ -117,6 +138,7 @@ impl KeyVaultBackend {
         name: &SecretName,
         version: Option<&VersionId>,
         request_id: &str,
+        last: &std::sync::Mutex<Option<String>>,
     ) -> Result<Fetched, VaultError> {
         let start = Instant::now();
         let mut attempt = 0u32;
@@ -145,6 +167,7 @@ impl KeyVaultBackend {
             };
             let err = match self.client.get_secret(name.as_str(), Some(options)).await {
                 Ok(resp) => {
+                    self.pace.answered();
                     let body: bytes::Bytes = resp.into_body().into();
                     return self.parse(body, name, request_id);
                 }
@@ -152,8 +175,11 @@ impl KeyVaultBackend {
             };
             let (failure, retry_after) = self.classify(&err, name, request_id);
             let Some(mut delay) = retry_after else { return Err(failure) };
+            if let VaultError::Unavailable { reason, .. } = &failure {
+                *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.clone());
+            }
             attempt += 1;
-            if delay.is_zero() {
+            if delay.is_zero() && !self.pace.is_paused() {
                 // Exponential backoff with jitter: 200 ms, 400 ms, 800 ms, … ± 25 %.
                 let base = 200u64.saturating_mul(1 << attempt.min(6));
                 delay = Duration::from_millis(base * (75 + fastrand::u64(..50)) / 100);
@@ -182,12 +208,23 @@ impl KeyVaultBackend {
         match e.kind() {
             ErrorKind::HttpResponse { status, raw_response, .. } => {
                 let code = u16::from(*status);
-                let inner = raw_response.as_ref().and_then(|r| inner_code(r.body()));
-                let retry_after = raw_response
-                    .as_ref()
-                    .and_then(|r| r.headers().get_optional_str(&azure_core::http::headers::RETRY_AFTER))
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map(Duration::from_secs);
+                let kv = raw_response.as_ref().map_or_else(
+                    || KvError { status: code, ..KvError::default() },
+                    |r| KvError::parse(code, r.body()),
+                );
+                let retry_after =
+                    raw_response.as_ref().and_then(|r| kv_error::retry_after(r.headers(), SystemTime::now()));
+                if code != 429 {
+                    self.pace.answered();
+                }
+                let explained = |verb: &str| {
+                    unavailable(format!(
+                        "Key Vault {} {verb}: {}; {}",
+                        self.url,
+                        kv.summary(),
+                        kv.advice(&self.identity)
+                    ))
+                };
                 match code {
                     404 => (
                         VaultError::NotFound {
@@ -197,7 +234,7 @@ impl KeyVaultBackend {
                         },
                         None,
                     ),
-                    403 if inner.as_deref() == Some("SecretDisabled") => (
+                    403 if kv.inner.as_deref() == Some("SecretDisabled") => (
                         VaultError::Disabled {
                             vault: self.alias.clone(),
                             name: name.to_string(),
@@ -205,40 +242,37 @@ impl KeyVaultBackend {
                         },
                         None,
                     ),
-                    401 | 403 => (
-                        unavailable(format!(
-                            "Key Vault {} refused {} (HTTP {code}): give that identity read access to \
-                             secrets on this vault (for example the Key Vault Secrets User role)",
-                            self.url, self.identity
-                        )),
-                        None,
-                    ),
+                    401 | 403 => (explained(&format!("refused {}", self.identity)), None),
                     429 => {
-                        if let Some(d) = retry_after {
-                            // Honoured for every call to this vault, not just this one.
-                            self.pace.block_for(d);
-                        }
+                        // Honoured for every call to this vault, not just this one.
+                        let pause = self.pace.throttled(retry_after);
                         (
-                            unavailable(format!("Key Vault {} is throttling requests (HTTP 429)", self.url)),
-                            Some(retry_after.unwrap_or(Duration::ZERO)),
+                            unavailable(format!(
+                                "Key Vault {} is throttling requests ({}); calls to it are paused for {:.1}s",
+                                self.url,
+                                kv.summary(),
+                                pause.as_secs_f64()
+                            )),
+                            Some(Duration::ZERO),
                         )
                     }
-                    500..=599 => (
-                        unavailable(format!("Key Vault {} failed (HTTP {code})", self.url)),
-                        Some(retry_after.unwrap_or(Duration::ZERO)),
-                    ),
-                    _ => (unavailable(format!("Key Vault {} answered HTTP {code}", self.url)), None),
+                    500..=599 => (explained("failed"), Some(retry_after.unwrap_or(Duration::ZERO))),
+                    _ => (explained("answered"), None),
                 }
             }
-            ErrorKind::Credential => (
-                unavailable(format!(
-                    "{} could not get a token for Key Vault {}: {}",
-                    self.identity,
-                    self.url,
-                    chain(e)
-                )),
-                Some(Duration::ZERO),
-            ),
+            ErrorKind::Credential => {
+                let failure = identity_failure(e);
+                let permanent = failure.is_some_and(|f| f.permanent);
+                let why = failure.map_or_else(|| chain(e), ToString::to_string);
+                (
+                    unavailable(format!(
+                        "{} could not get a token for Key Vault {}: {why}",
+                        self.identity, self.url
+                    )),
+                    // Microsoft's IMDS guidance: retry transient answers after at least 1 s.
+                    (!permanent).then_some(Duration::from_secs(1)),
+                )
+            }
             ErrorKind::Io | ErrorKind::Connection => (
                 unavailable(format!("cannot reach Key Vault {}: {}", self.url, chain(e))),
                 Some(Duration::ZERO),
@@ -289,14 +323,34 @@ impl Backend for KeyVaultBackend {
     ) -> BoxFuture<'a, Result<Fetched, VaultError>> {
         Box::pin(async move {
             let rid = client_request_id();
-            match tokio::time::timeout(self.deadline, self.fetch(name, version, &rid)).await {
+            // The last failure seen before the deadline, so a timeout says what kept failing
+            // (a refused identity endpoint, a 5xx) rather than only "did not answer".
+            let last = std::sync::Mutex::new(None::<String>);
+            let result = match tokio::time::timeout(self.deadline, self.fetch(name, version, &rid, &last))
+                .await
+            {
                 Ok(r) => r,
-                Err(_) => Err(VaultError::Unavailable {
-                    vault: self.alias.clone(),
-                    reason: format!("Key Vault {} did not answer within {:?}", self.url, self.deadline),
-                    upstream_request_id: Some(rid),
-                }),
+                Err(_) => {
+                    let last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+                    Err(VaultError::Unavailable {
+                        vault: self.alias.clone(),
+                        reason: match last {
+                            Some(why) => format!(
+                                "{why} (still failing after {:?}, the vault's deadline)",
+                                self.deadline
+                            ),
+                            None => {
+                                format!("Key Vault {} did not answer within {:?}", self.url, self.deadline)
+                            }
+                        },
+                        upstream_request_id: Some(rid),
+                    })
+                }
+            };
+            if let Err(e @ VaultError::Unavailable { .. }) = &result {
+                tracing::warn!(vault = %self.alias, secret = %name, upstream_request_id = e.upstream_request_id().unwrap_or(""), error = %e, "Key Vault read failed");
             }
+            result
         })
     }
 }
@@ -334,6 +388,21 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// The identity endpoint's failure inside a credential error, wherever the SDK put it.
+fn identity_failure(e: &azure_core::Error) -> Option<&IdentityFailure> {
+    if let Some(f) = e.downcast_ref::<IdentityFailure>() {
+        return Some(f);
+    }
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        if let Some(f) = c.downcast_ref::<IdentityFailure>() {
+            return Some(f);
+        }
+        cur = c.source();
+    }
+    None
+}
+
 /// `https://x.vault.azure.net/secrets/NAME/VERSION` → (NAME, VERSION).
 fn parse_id(id: &str) -> Option<(String, VersionId)> {
     let path = id.split_once("://").map_or(id, |(_, rest)| rest);
@@ -342,17 +411,6 @@ fn parse_id(id: &str) -> Option<(String, VersionId)> {
         (Some("secrets"), Some(name), Some(version)) => Some((name.to_owned(), version.parse().ok()?)),
         _ => None,
     }
-}
-
-/// The `innererror.code` (or `error.code`) of a Key Vault error body.
-fn inner_code(body: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let err = v.get("error")?;
-    err.get("innererror")
-        .and_then(|i| i.get("code"))
-        .or_else(|| err.get("code"))
-        .and_then(|c| c.as_str())
-        .map(str::to_owned)
 }
 
 /// Unescapes a JSON string literal (with its quotes) into a zeroizing buffer sized so it
@@ -454,13 +512,6 @@ mod tests {
         assert_eq!(v.as_str(), "0123456789abcdef0123456789abcdef");
         assert!(parse_id("https://x.vault.azure.net/keys/a/0123456789abcdef0123456789abcdef").is_none());
         assert!(parse_id("https://x.vault.azure.net/secrets/a").is_none());
-    }
-
-    #[test]
-    fn inner_error_code() {
-        let body = br#"{"error":{"code":"Forbidden","message":"m","innererror":{"code":"SecretDisabled"}}}"#;
-        assert_eq!(inner_code(body).as_deref(), Some("SecretDisabled"));
-        assert_eq!(inner_code(br#"{"error":{"code":"SecretNotFound"}}"#).as_deref(), Some("SecretNotFound"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! ([`VaultError`]) carry names, statuses and ids only.
 
 mod keyvault;
+mod kv_error;
 mod local;
 
 use std::collections::HashMap;
@@ -20,12 +21,21 @@ use crate::config::{BackendConfig, Config};
 pub(crate) use local::LocalBackend;
 
 use crate::identity::{self, Identity, IdentityEnv};
-use crate::transport::{HyperTransport, TransportConfig};
+use crate::transport::{HyperTransport, Proxy, TransportConfig};
 use keyvault::KeyVaultBackend;
 pub(crate) use keyvault::secret_client;
+pub(crate) use kv_error::KvError;
+
+/// The proxy for Key Vault and Entra: `[network]` first, then the environment.
+pub(crate) fn proxy(config: &Config) -> Result<Option<Proxy>, VaultSetupError> {
+    let env = |k: &str| std::env::var(k).ok();
+    let p = Proxy::from_settings(config.network.proxy.as_deref(), &config.network.no_proxy, &env)
+        .map_err(VaultSetupError::Proxy)?;
+    Ok(p)
+}
 
 /// The node identity every Key Vault of this agent uses, with its own transport.
-fn build_identity(config: &Config) -> Result<Identity, VaultSetupError> {
+pub(crate) fn build_identity(config: &Config) -> Result<Identity, VaultSetupError> {
     let id = &config.identity;
     let http = HyperTransport::new(TransportConfig {
         ca_file: id.ca_file.clone(),
@@ -33,6 +43,7 @@ fn build_identity(config: &Config) -> Result<Identity, VaultSetupError> {
         loopback_only: config.agent.loopback_only,
         connect_timeout: std::time::Duration::from_secs(5),
         request_timeout: std::time::Duration::from_secs(10),
+        proxy: proxy(config)?,
     })?;
     Ok(identity::build(id, &IdentityEnv::from_process(), http)?)
 }
@@ -131,12 +142,20 @@ pub enum VaultSetupError {
     Identity(#[from] identity::IdentityError),
     #[error("vault {alias}: cannot create the Key Vault client: {reason}")]
     Client { alias: VaultAlias, reason: String },
+    #[error("proxy setting {0}")]
+    Proxy(String),
 }
 
 impl Vaults {
     pub(crate) fn from_config(config: &Config) -> Result<Self, VaultSetupError> {
         let mut by_alias: HashMap<VaultAlias, Arc<dyn Backend>> = HashMap::new();
         let mut identity: Option<Identity> = None;
+        let proxy = proxy(config)?;
+        if let Some(p) = &proxy
+            && config.vaults.iter().any(|v| matches!(v.backend, BackendConfig::KeyVault { .. }))
+        {
+            tracing::info!(proxy = %p.shown(), "Key Vault and Entra ID connections go through the proxy (identity endpoints and loopback go direct)");
+        }
         for v in &config.vaults {
             let backend: Arc<dyn Backend> = match &v.backend {
                 BackendConfig::Local { file, latency } => {
@@ -165,6 +184,7 @@ impl Vaults {
                         loopback_only: config.agent.loopback_only,
                         connect_timeout: *connect_timeout,
                         request_timeout: *request_timeout,
+                        proxy: proxy.clone(),
                     })?;
                     let kv = KeyVaultBackend::new(
                         v.alias.clone(),

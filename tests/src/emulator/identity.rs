@@ -170,6 +170,27 @@ pub(crate) fn handle(state: &State, req: &Request<Bytes>) -> Answer {
     let s = &state.secrets_cfg;
     let known = |id: &str| id == s.user_assigned_client_id;
     let path = req.uri().path();
+    let source = match path {
+        "/metadata/identity/oauth2/token" => Some("imds"),
+        "/msi/token" => Some("app_service"),
+        "/azureml/token" => Some("azure_ml"),
+        "/arc/token" => Some("azure_arc"),
+        _ => None,
+    };
+    if let Some(f) = source.and_then(|src| state.take_identity_fault(src)) {
+        if f.drop {
+            state.count("identity_fault_drop");
+            return None;
+        }
+        let (status, code, _, msg) = f.answer();
+        state.count(&format!("identity_fault_{status}"));
+        let mut r = json(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            &json!({"error": code, "error_description": msg}),
+        );
+        f.headers(&mut r);
+        return Some(r);
+    }
     Some(match path {
         "/metadata/identity/oauth2/token" => {
             if header(req, "metadata") != Some("true") {
@@ -272,6 +293,8 @@ struct SetSecret {
     value: String,
     #[serde(default)]
     content_type: Option<String>,
+    #[serde(default)]
+    tags: Option<serde_json::Value>,
     #[serde(flatten)]
     attrs: Attrs,
 }
@@ -301,11 +324,25 @@ fn control(state: &State, req: &Request<Bytes>, path: &str) -> Response<Body> {
         }
         (Method::POST, "/secrets") => match serde_json::from_slice::<SetSecret>(req.body()) {
             Ok(b) => {
-                let id = lock(&state.secrets).set(&b.name, b.value, b.content_type, b.attrs);
+                let tags = b.tags.unwrap_or_else(|| json!({}));
+                let id = lock(&state.secrets).set_tagged(&b.name, b.value, b.content_type, b.attrs, tags);
                 json(StatusCode::OK, &json!({ "version": id }))
             }
             Err(e) => refuse(StatusCode::BAD_REQUEST, &e.to_string()),
         },
+        (Method::GET, p) if p.starts_with("/secrets/") => {
+            match lock(&state.secrets).metadata(&state.vault_url, &p["/secrets/".len()..]) {
+                Some(m) => json(StatusCode::OK, &m),
+                None => refuse(StatusCode::NOT_FOUND, "no such secret"),
+            }
+        }
+        (Method::DELETE, p) if p.starts_with("/secrets/") => {
+            if lock(&state.secrets).soft_delete(&p["/secrets/".len()..]) {
+                json(StatusCode::OK, &json!({}))
+            } else {
+                refuse(StatusCode::NOT_FOUND, "no such secret")
+            }
+        }
         (Method::PATCH, p) if p.starts_with("/secrets/") => match serde_json::from_slice::<Attrs>(req.body())
         {
             Ok(a) => {

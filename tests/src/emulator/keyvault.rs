@@ -14,10 +14,15 @@ use super::{Answer, Body, State, json, lock, query, sleep_ms};
 
 pub(crate) const RESOURCE: &str = "https://vault.azure.net";
 
+/// The secrets api-versions the emulator accepts; anything else is a 400, as on Azure.
+const API_VERSIONS: [&str; 4] = ["7.4", "7.5", "7.6", "2025-07-01"];
+
 #[derive(Default)]
 pub(crate) struct Store {
     /// Keyed by lowercase name.
     secrets: HashMap<String, Entry>,
+    /// Soft-deleted names (lowercase): a PUT answers 409 ObjectIsDeletedButRecoverable.
+    deleted: std::collections::HashSet<String>,
 }
 
 struct Entry {
@@ -31,6 +36,7 @@ struct Version {
     id: String,
     value: String,
     content_type: Option<String>,
+    tags: serde_json::Value,
     attrs: Attrs,
     created: i64,
     updated: i64,
@@ -60,13 +66,33 @@ impl Store {
         content_type: Option<String>,
         attrs: Attrs,
     ) -> String {
+        self.set_tagged(name, value, content_type, attrs, json!({}))
+    }
+
+    /// `set`, with tags.
+    pub(crate) fn set_tagged(
+        &mut self,
+        name: &str,
+        value: String,
+        content_type: Option<String>,
+        attrs: Attrs,
+        tags: serde_json::Value,
+    ) -> String {
         let id = format!("{:032x}", fastrand::u128(..));
         let t = now();
         let entry = self
             .secrets
             .entry(name.to_ascii_lowercase())
             .or_insert_with(|| Entry { name: name.to_owned(), versions: Vec::new() });
-        entry.versions.push(Version { id: id.clone(), value, content_type, attrs, created: t, updated: t });
+        entry.versions.push(Version {
+            id: id.clone(),
+            value,
+            content_type,
+            tags,
+            attrs,
+            created: t,
+            updated: t,
+        });
         id
     }
 
@@ -100,6 +126,22 @@ impl Store {
         true
     }
 
+    /// Soft-deletes a secret: gone for GET, its name refused for PUT.
+    pub(crate) fn soft_delete(&mut self, name: &str) -> bool {
+        let key = name.to_ascii_lowercase();
+        let found = self.secrets.remove(&key).is_some();
+        if found {
+            self.deleted.insert(key);
+        }
+        found
+    }
+
+    /// A version's metadata, never its value (for the control API).
+    pub(crate) fn metadata(&self, base: &str, name: &str) -> Option<serde_json::Value> {
+        let (e, v) = self.find(name, None)?;
+        Some(bundle(base, e, v, false))
+    }
+
     fn find(&self, name: &str, version: Option<&str>) -> Option<(&Entry, &Version)> {
         let e = self.secrets.get(&name.to_ascii_lowercase())?;
         let v = match version {
@@ -127,7 +169,7 @@ fn bundle(base: &str, e: &Entry, v: &Version, with_value: bool) -> serde_json::V
     let mut b = json!({
         "id": format!("{base}/secrets/{}/{}", e.name, v.id),
         "attributes": attrs,
-        "tags": {},
+        "tags": v.tags,
     });
     if with_value {
         b["value"] = json!(v.value);
@@ -170,6 +212,8 @@ struct SetBody {
     content_type: Option<String>,
     #[serde(default)]
     attributes: Attrs,
+    #[serde(default)]
+    tags: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -203,22 +247,31 @@ pub(crate) async fn handle(state: &State, req: &Request<Bytes>) -> Answer {
             state.count("fault_drop");
             return None;
         }
-        if let Some(status) = f.status {
+        if f.status.is_some() || f.kind.is_some() {
+            let (status, code, inner, msg) = f.answer();
             state.count(&format!("fault_{status}"));
             let st = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let (code, msg) = match status {
-                429 => ("Throttled", "Request was not processed because too many requests were received."),
-                _ => ("InternalServerError", "The service encountered an internal error (injected)."),
-            };
-            let mut r = kv_error(st, code, msg, None);
-            if let Some(ra) = f.retry_after {
-                r.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(ra));
-            }
+            let mut r = kv_error(st, code, msg, inner);
+            f.headers(&mut r);
             return Some(r);
         }
     }
-    if !query(req).contains_key("api-version") {
-        return Some(kv_error(StatusCode::BAD_REQUEST, "BadParameter", "api-version is required", None));
+    match query(req).get("api-version").map(String::as_str) {
+        None => {
+            return Some(kv_error(StatusCode::BAD_REQUEST, "BadParameter", "api-version is required", None));
+        }
+        // Strict, as Key Vault is: the versions kvbroker and its SDK may send (FACTS.md: 7.4+).
+        Some(v) if !API_VERSIONS.contains(&v) => {
+            return Some(kv_error(
+                StatusCode::BAD_REQUEST,
+                "BadParameter",
+                &format!(
+                    "The specified version ({v}) is not recognized. Consider using the latest supported version (2025-07-01)."
+                ),
+                None,
+            ));
+        }
+        Some(_) => {}
     }
     let base = &state.vault_url;
     let not_found = |name: &str| {
@@ -256,7 +309,23 @@ pub(crate) async fn handle(state: &State, req: &Request<Bytes>) -> Answer {
                 ));
             };
             let mut store = lock(&state.secrets);
-            let id = store.set(name, b.value, b.content_type, b.attributes);
+            if store.deleted.contains(&name.to_ascii_lowercase()) {
+                return Some(kv_error(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    &format!(
+                        "Secret {name} is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the secret can only be recovered or purged."
+                    ),
+                    Some("ObjectIsDeletedButRecoverable"),
+                ));
+            }
+            let id = store.set_tagged(
+                name,
+                b.value,
+                b.content_type,
+                b.attributes,
+                b.tags.unwrap_or_else(|| json!({})),
+            );
             match store.find(name, Some(&id)) {
                 Some((e, v)) => json(StatusCode::OK, &bundle(base, e, v, true)),
                 None => not_found(name),

@@ -80,6 +80,96 @@ pub struct Fault {
     /// How many requests it applies to; forever if absent.
     #[serde(default)]
     pub count: Option<u32>,
+    /// A known Key Vault refusal, with Key Vault's own body: `firewall` (403
+    /// ForbiddenByFirewall), `rbac` (403 ForbiddenByRbac), `access_policy` (403 AccessDenied),
+    /// `wrong_tenant` (401 AKV10032), `soft_deleted` (409 ObjectIsDeletedButRecoverable).
+    /// For an identity endpoint: `unassigned` (400 "Identity not found").
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Apply to this identity endpoint (`imds`, `app_service`, `azure_ml`, `azure_arc`)
+    /// instead of the vault.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// `retry-after-ms` / `x-ms-retry-after-ms` milliseconds, with `status`.
+    #[serde(default)]
+    pub retry_after_ms: Option<u64>,
+    #[serde(default)]
+    pub x_ms_retry_after_ms: Option<u64>,
+    /// `Retry-After` as an HTTP-date this many seconds ahead, with `status`.
+    #[serde(default)]
+    pub retry_after_date_in: Option<u64>,
+}
+
+impl Fault {
+    /// The status, error code, inner code and message the fault answers with.
+    pub(crate) fn answer(&self) -> (u16, &'static str, Option<&'static str>, &'static str) {
+        match self.kind.as_deref() {
+            Some("firewall") => (
+                403,
+                "Forbidden",
+                Some("ForbiddenByFirewall"),
+                "Client address is not authorized and caller is not a trusted service.\r\nClient address: 127.0.0.1\r\nCaller: appid=emu;oid=emu\r\nVault: kvbroker-emu;location=local",
+            ),
+            Some("rbac") => (
+                403,
+                "Forbidden",
+                Some("ForbiddenByRbac"),
+                "Caller is not authorized to perform action on resource.\r\nAction: 'Microsoft.KeyVault/vaults/secrets/getSecret/action'\r\nAssignment: (not found)",
+            ),
+            Some("access_policy") => (
+                403,
+                "Forbidden",
+                Some("AccessDenied"),
+                "The user, group or application 'appid=emu;oid=emu' does not have secrets get permission on key vault 'kvbroker-emu;location=local'.",
+            ),
+            Some("wrong_tenant") => (
+                401,
+                "Unauthorized",
+                None,
+                "AKV10032: Invalid issuer. Expected one of https://sts.windows.net/11111111-1111-1111-1111-111111111111/, found https://sts.windows.net/22222222-2222-2222-2222-222222222222/.",
+            ),
+            Some("soft_deleted") => (
+                409,
+                "Conflict",
+                Some("ObjectIsDeletedButRecoverable"),
+                "Secret is currently in a deleted but recoverable state, and its name cannot be reused; in this state, the secret can only be recovered or purged.",
+            ),
+            Some("unassigned") => (400, "invalid_request", None, "Identity not found"),
+            _ => match self.status.unwrap_or(500) {
+                429 => (
+                    429,
+                    "Throttled",
+                    None,
+                    "Request was not processed because too many requests were received.",
+                ),
+                410 => (410, "unavailable", None, "IMDS is being updated (injected)"),
+                404 => (404, "not_found", None, "IMDS endpoint is starting (injected)"),
+                s => {
+                    (s, "InternalServerError", None, "The service encountered an internal error (injected).")
+                }
+            },
+        }
+    }
+
+    /// The throttling headers the fault asks for.
+    pub(crate) fn headers(&self, r: &mut Response<Body>) {
+        let h = r.headers_mut();
+        if let Some(ra) = self.retry_after {
+            h.insert(http::header::RETRY_AFTER, http::HeaderValue::from(ra));
+        }
+        if let Some(ms) = self.retry_after_ms {
+            h.insert("retry-after-ms", http::HeaderValue::from(ms));
+        }
+        if let Some(ms) = self.x_ms_retry_after_ms {
+            h.insert("x-ms-retry-after-ms", http::HeaderValue::from(ms));
+        }
+        if let Some(secs) = self.retry_after_date_in {
+            let at = std::time::SystemTime::now() + Duration::from_secs(secs);
+            if let Ok(v) = http::HeaderValue::from_str(&httpdate::fmt_http_date(at)) {
+                h.insert(http::header::RETRY_AFTER, v);
+            }
+        }
+    }
 }
 
 pub(crate) struct State {
@@ -105,14 +195,26 @@ impl State {
         t
     }
 
-    /// The fault that applies to a request for `secret`, consuming one use of it.
+    /// The vault fault that applies to a request for `secret`, consuming one use of it.
     pub(crate) fn take_fault(&self, secret: Option<&str>) -> Option<Fault> {
+        self.take_where(|f| {
+            f.identity.is_none()
+                && match (&f.secret, secret) {
+                    (None, _) => true,
+                    (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
+                    (Some(_), None) => false,
+                }
+        })
+    }
+
+    /// The fault for identity endpoint `source`, consuming one use of it.
+    pub(crate) fn take_identity_fault(&self, source: &str) -> Option<Fault> {
+        self.take_where(|f| f.identity.as_deref() == Some(source))
+    }
+
+    fn take_where(&self, fits: impl Fn(&Fault) -> bool) -> Option<Fault> {
         let mut faults = lock(&self.faults);
-        let i = faults.iter().position(|f| match (&f.secret, secret) {
-            (None, _) => true,
-            (Some(want), Some(got)) => want.eq_ignore_ascii_case(got),
-            (Some(_), None) => false,
-        })?;
+        let i = faults.iter().position(fits)?;
         let f = faults[i].clone();
         if let Some(n) = faults[i].count.as_mut() {
             *n -= 1;

@@ -5,8 +5,10 @@
 
 mod attest;
 mod audit_log;
+mod azure_edges;
 mod cache;
 mod cli_errors;
+mod doctor;
 mod emulator;
 mod emulator_cli;
 mod first_hour;
@@ -15,4 +17,6 @@ mod launch;
 mod lifecycle;
 mod mask;
 mod policy;
+mod proxy;
 mod read;
+mod rotate;
