@@ -62,6 +62,23 @@ async fn chain_continues_across_reopen() {
     assert_eq!((v.records, v.first_seq, v.last_seq), (4, 1, 4));
 }
 
+/// Issue 13: two agents on one log interleaved their chains. The second open is refused,
+/// naming the holder's pid, and succeeds once the first writer is gone.
+#[tokio::test]
+async fn second_writer_on_one_log_is_refused_until_the_first_closes() {
+    let d = TempDir::new();
+    let c = cfg(&d);
+    let (a, _) = Auditor::open(&c).unwrap();
+    let e = Auditor::open(&c).err().unwrap();
+    assert!(
+        matches!(&e, AuditError::Locked { holder, .. } if *holder == std::process::id().to_string()),
+        "{e}"
+    );
+    drop(a);
+    let (a, _) = Auditor::open(&c).unwrap();
+    write_n(&a, 1).await;
+}
+
 #[tokio::test]
 async fn concurrent_appends_are_all_chained_in_order() {
     let d = TempDir::new();

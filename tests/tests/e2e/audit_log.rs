@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kvbroker_tests::{Agent, TempDir, bin, canary, curl, kvb, raw_get, run};
+use kvbroker_tests::{Agent, Proc, TempDir, bin, canary, curl, kvb, raw_get, run};
 use serde_json::Value;
 
 /// After a run, the records say exactly what happened, chain-verify, and hold no value.
@@ -313,7 +313,7 @@ fn query_summary_and_tail() {
     tail.args(["audit", "tail", "-n", "2"]).arg(&agent.audit).stdout(std::process::Stdio::piped());
     let mut child = tail.spawn().unwrap();
     let out = child.stdout.take().unwrap();
-    let _guard = kvbroker_tests::Proc::adopt(child);
+    let _guard = Proc::adopt(child);
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
     assert!(lines.next().unwrap().unwrap().starts_with("TIME"));
     lines.next().unwrap().unwrap();
@@ -350,4 +350,39 @@ fn keyed_audit_log_with_the_key_in_key_vault() {
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(run(Command::new(bin("kvbroker")).args(["audit", "verify"]).arg(&agent.audit)).0, 1);
     agent.assert_no_canary(&[key], &[&out, &err]);
+}
+
+/// Issue 13: a second agent with another socket and the same audit path started, and the
+/// two interleaved their chains. The log is flocked; the second agent refuses, naming the
+/// holder's pid, and the first one's chain stays whole.
+#[test]
+fn second_agent_on_the_same_log_refuses_to_start() {
+    let first = Agent::builder("lock1").secret("db", "v").allow_uid(0).start();
+    let second = Agent::builder("lock2").secret("db", "v").allow_uid(0).audit_path(first.audit.clone());
+    let config = second.write();
+    let dir = second.into_dir();
+    let stderr = dir.path().join("second.stderr");
+    let mut proc = Proc::spawn(
+        Command::new(bin("kvbroker"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap()),
+    );
+    let status = proc.wait_timeout(std::time::Duration::from_secs(10));
+    let err = std::fs::read_to_string(&stderr).unwrap();
+    assert!(status.is_some(), "the second agent is running on the same log:\n{err}");
+    let code = status.unwrap().code().unwrap_or(-1);
+    let want = format!(
+        "kvbroker: {}: another agent (pid {}) is writing this audit log; stop it, or give this agent its own [audit] path\n",
+        first.audit.display(),
+        first.proc.pid()
+    );
+    assert_eq!((code, err.as_str()), (1, want.as_str()));
+    assert!(!dir.path().join("agent.sock").exists(), "the refused agent bound no socket");
+    assert_eq!(raw_get(&first.socket, "/v1/health", &[]).unwrap().0, 200);
+    let starts = first.audit_records().iter().filter(|r| r["event"] == "agent.start").count();
+    assert_eq!(starts, 1);
+    let (code, out, _) = run(Command::new(bin("kvbroker")).args(["audit", "verify"]).arg(&first.audit));
+    assert_eq!(code, 0, "{out}");
 }
