@@ -56,6 +56,10 @@ impl State {
         if !self.auditor.healthy() {
             r.push(format!("audit log {} is not writable", self.auditor.path().display()));
         }
+        let stale = self.cache.stale_count();
+        if stale > 0 {
+            r.push(format!("{stale} cached secret(s) served stale: refresh from the vault is overdue"));
+        }
         r
     }
 
