@@ -19,6 +19,7 @@ use crate::policy::Policy;
 use crate::server::{self, AgentSocket};
 use crate::shutdown;
 use crate::state::{LaunchRoot, Limits, State};
+use crate::supervise::supervise;
 use crate::vault::Vaults;
 
 /// Extra facts for `agent.start` (e.g. the Azure ML run id in launch mode).
@@ -103,10 +104,18 @@ where
     notify_systemd("READY=1");
 
     let cache = Cache::new(config.cache.clone(), vaults, Arc::clone(&auditor));
-    let refresher = cache.spawn_refresher();
     let limits = Limits::new(config.limits.clone());
     let state = Arc::new(State::new(launch, cache.clone(), limits, policy, Arc::clone(&auditor)));
-    let reload = tokio::spawn(reload_on_hangup(Arc::clone(&state), config.policy.file.clone()));
+    let refresher = {
+        let cache = cache.clone();
+        supervise(Arc::clone(&state.tasks), "refresher", move || cache.refresher())
+    };
+    let reload = {
+        let (state, file) = (Arc::clone(&state), config.policy.file.clone());
+        supervise(Arc::clone(&state.tasks), "policy reloader", move || {
+            reload_on_hangup(Arc::clone(&state), file.clone())
+        })
+    };
     let admin_socket = AdminSocket {
         state: Arc::clone(&state),
         policy_file: config.policy.file.clone(),
@@ -169,7 +178,9 @@ const ADMIN_GRACE: Duration = Duration::from_secs(2);
 
 async fn reload_on_hangup(state: Arc<State>, path: std::path::PathBuf) {
     let Some(mut hup) = shutdown::hangups() else {
-        return;
+        // Returning would look like a death to the supervisor: wait quietly instead.
+        tracing::warn!("cannot listen for SIGHUP; reload the policy with `kvbroker ctl reload`");
+        return std::future::pending().await;
     };
     while hup.recv().await.is_some() {
         state.reload_policy(&path).await;

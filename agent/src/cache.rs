@@ -457,11 +457,11 @@ impl Cache {
         due
     }
 
-    /// Runs refresh-ahead and eviction until the returned handle is aborted.
-    pub(crate) fn spawn_refresher(&self) -> tokio::task::JoinHandle<()> {
+    /// Refresh-ahead and eviction, forever (run under `supervise`, which restarts it).
+    pub(crate) fn refresher(&self) -> impl Future<Output = ()> + Send + use<> {
         let cache = self.clone();
         let tick = sweep_tick(cache.inner.cfg.refresh_interval);
-        tokio::spawn(async move {
+        async move {
             // At most this many refreshes in flight; the vault's own limiter paces the calls.
             let permits = Arc::new(tokio::sync::Semaphore::new(4));
             loop {
@@ -477,7 +477,7 @@ impl Cache {
                     });
                 }
             }
-        })
+        }
     }
 }
 

@@ -366,9 +366,19 @@ struct HumanDuration(Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(HumanDuration).map_err(serde::de::Error::custom)
+        let d = parse_duration(&s).map_err(serde::de::Error::custom)?;
+        if d > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "duration {s:?} is longer than 10 years: write a shorter one"
+            )));
+        }
+        Ok(HumanDuration(d))
     }
 }
+
+/// The longest duration any setting accepts. Longer values are mistakes, and would overflow
+/// time arithmetic (a `refresh_interval` of centuries once panicked the first read).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Parses `30s`, `5m`, `1h`, `250ms`, `1h30m`. A bare number is refused: the unit is
 /// what makes `refresh_interval = "300"` unambiguous.

@@ -98,17 +98,44 @@ pub(crate) fn bind(
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| io_err("cannot set socket mode", e))?;
     if let Some(g) = group {
-        let gid = match g.parse::<u32>() {
-            Ok(n) => n,
-            Err(_) => crate::sys::group_id(g)
-                .map_err(|e| io_err("cannot look up socket_group", e))?
-                .ok_or_else(|| SocketError::NoGroup { group: g.to_owned() })?,
-        };
+        let gid = socket_gid(path, g)?;
         std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|e| io_err("cannot set socket group", e))?;
     }
     std_listener.set_nonblocking(true).map_err(|e| io_err("cannot set non-blocking", e))?;
     let listener = UnixListener::from_std(std_listener).map_err(|e| io_err("cannot register", e))?;
     Ok((listener, file))
+}
+
+/// The gid of `socket_group` (a name or a number); `path` is the socket, for messages.
+pub(crate) fn socket_gid(path: &Path, group: &str) -> Result<u32, SocketError> {
+    match group.parse::<u32>() {
+        Ok(n) => Ok(n),
+        Err(_) => crate::sys::group_id(group)
+            .map_err(|source| SocketError::Io {
+                path: path.to_owned(),
+                what: "cannot look up socket_group",
+                source,
+            })?
+            .ok_or_else(|| SocketError::NoGroup { group: group.to_owned() }),
+    }
+}
+
+/// What [`bind`] checks before touching anything, for `check-config`: the socket's
+/// directory (or, if it does not exist yet, the nearest existing one above it) is trusted,
+/// and `group` exists.
+pub(crate) fn check_bind(path: &Path, group: Option<&str>) -> Result<(), SocketError> {
+    let mut dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    while !dir.exists() {
+        match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => dir = p,
+            _ => break,
+        }
+    }
+    crate::trust::check_dir_chain(dir, "the socket's directory")?;
+    if let Some(g) = group {
+        socket_gid(path, g)?;
+    }
+    Ok(())
 }
 
 /// Largest request head (request line + headers) accepted; larger gets 431.

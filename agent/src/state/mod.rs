@@ -14,6 +14,7 @@ use kvbroker_proto::{AuditRecord, Event, Outcome};
 use crate::audit::Auditor;
 use crate::cache::Cache;
 use crate::policy::Policy;
+use crate::supervise::Tasks;
 
 pub(crate) use limits::Limits;
 
@@ -28,6 +29,8 @@ pub(crate) struct State {
     pub(crate) limits: Arc<Limits>,
     policy: RwLock<Arc<Policy>>,
     pub(crate) auditor: Arc<Auditor>,
+    /// Supervised background tasks (refresher, reloader): a death shows in health.
+    pub(crate) tasks: Arc<Tasks>,
 }
 
 impl State {
@@ -38,7 +41,14 @@ impl State {
         policy: Policy,
         auditor: Arc<Auditor>,
     ) -> Self {
-        Self { launch_root, cache, limits, policy: RwLock::new(Arc::new(policy)), auditor }
+        Self {
+            launch_root,
+            cache,
+            limits,
+            policy: RwLock::new(Arc::new(policy)),
+            auditor,
+            tasks: Arc::new(Tasks::default()),
+        }
     }
 
     /// The policy in force now (a reload swaps it; requests in flight keep the one they took).
@@ -56,6 +66,7 @@ impl State {
         if !self.auditor.healthy() {
             r.push(format!("audit log {} is not writable", self.auditor.path().display()));
         }
+        r.extend(self.tasks.health_reasons());
         let stale = self.cache.stale_count();
         if stale > 0 {
             r.push(format!("{stale} cached secret(s) served stale: refresh from the vault is overdue"));
