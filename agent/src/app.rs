@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::policy::Policy;
 use crate::server::{self, AgentSocket};
 use crate::shutdown;
+use crate::state::limits::conn_budget;
 use crate::state::{LaunchRoot, Limits, State};
 use crate::supervise::supervise;
 use crate::vault::Vaults;
@@ -104,7 +105,16 @@ where
     notify_systemd("READY=1");
 
     let cache = Cache::new(config.cache.clone(), vaults, Arc::clone(&auditor));
-    let limits = Limits::new(config.limits.clone());
+    let nofile = match crate::sys::raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE; assuming 1024");
+            1024
+        }
+    };
+    let limits = Limits::new(config.limits.clone(), conn_budget(nofile));
+    let (budget, per_uid) = limits.budgets();
+    tracing::info!(nofile, connections = budget, per_uid, "connection budget");
     let state = Arc::new(State::new(launch, cache.clone(), limits, policy, Arc::clone(&auditor)));
     let refresher = {
         let cache = cache.clone();
@@ -116,10 +126,15 @@ where
             reload_on_hangup(Arc::clone(&state), file.clone())
         })
     };
+    let summaries = {
+        let refusals = Arc::clone(&state.refusals);
+        supervise(Arc::clone(&state.tasks), "refusal summaries", move || Arc::clone(&refusals).run())
+    };
     let admin_socket = AdminSocket {
         state: Arc::clone(&state),
         policy_file: config.policy.file.clone(),
         started: Instant::now(),
+        open: Default::default(),
     };
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin = tokio::spawn(server::serve(
@@ -130,6 +145,7 @@ where
         },
         ADMIN_GRACE,
     ));
+    let state_for_stop = Arc::clone(&state);
     let agent_socket = Arc::new(AgentSocket(Arc::clone(&state)));
     let outcome = server::serve(listener, agent_socket, body(state), config.agent.shutdown_grace).await;
     let why = match &outcome {
@@ -141,6 +157,9 @@ where
     let _ = admin.await;
     drop(admin_file);
     refresher.abort();
+    summaries.abort();
+    // Refusals counted since the last summary are written before agent.stop.
+    state_for_stop.refusals.flush().await;
     // Every cached value is wiped once the last in-flight answer has let go of it.
     cache.clear();
     notify_systemd("STOPPING=1");

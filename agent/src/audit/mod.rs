@@ -15,6 +15,7 @@
 
 pub(crate) mod chain;
 pub mod query;
+pub(crate) mod refusals;
 pub mod verify;
 mod writer;
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use kvbroker_proto::{AuditRecord, Event, Outcome};
 
 use crate::audit::Auditor;
+use crate::audit::refusals::Refusals;
 use crate::cache::Cache;
 use crate::policy::Policy;
 use crate::supervise::Tasks;
@@ -29,6 +30,8 @@ pub(crate) struct State {
     pub(crate) limits: Arc<Limits>,
     policy: RwLock<Arc<Policy>>,
     pub(crate) auditor: Arc<Auditor>,
+    /// Refused reads: individual records within a per-uid budget, summaries past it.
+    pub(crate) refusals: Arc<Refusals>,
     /// Supervised background tasks (refresher, reloader): a death shows in health.
     pub(crate) tasks: Arc<Tasks>,
 }
@@ -46,6 +49,7 @@ impl State {
             cache,
             limits,
             policy: RwLock::new(Arc::new(policy)),
+            refusals: Refusals::new(Arc::clone(&auditor)),
             auditor,
             tasks: Arc::new(Tasks::default()),
         }

@@ -26,7 +26,14 @@ fn restart_replaces_stale_socket() {
 #[test]
 fn refuses_live_socket_and_non_socket_path() {
     let agent = Agent::builder("live").secret("s", "v").allow_uid(0).start();
-    let (code, _, err) = agent.run_again();
+    // Same socket, its own audit log (the same log would be refused first: one writer per log).
+    let second = agent.dir.path().join("second.toml");
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let audit = format!("path = \"{}\"", agent.audit.display());
+    assert!(text.contains(&audit));
+    let other = format!("path = \"{}\"", agent.dir.path().join("second.jsonl").display());
+    std::fs::write(&second, text.replace(&audit, &other)).unwrap();
+    let (code, _, err) = run(Command::new(bin("kvbroker")).args(["run", "--config"]).arg(&second));
     assert_eq!(code, 1);
     assert_eq!(
         err.lines().last().unwrap(),

@@ -6,6 +6,7 @@
 mod audit_log;
 mod cache;
 mod cli_errors;
+mod connections;
 mod emulator;
 mod emulator_cli;
 mod first_hour;
