@@ -93,6 +93,7 @@ where
     start.agent = Some(agent.clone());
     start.reason = resumed.note;
     start.policy_sha256 = Some(policy.sha256().to_owned());
+    start.chain = Some(auditor.chain_mode().to_owned());
     auditor.append(start).await?;
     tracing::info!(
         socket = %config.agent.socket.display(),

@@ -359,6 +359,13 @@ struct RawPolicy {
     file: PathBuf,
 }
 
+/// What `kvbroker launch` puts in place of a missing `[audit]` or `[policy]`.
+#[derive(Debug, Clone)]
+pub(crate) struct LaunchDefaults {
+    pub(crate) audit: PathBuf,
+    pub(crate) policy: PathBuf,
+}
+
 /// A duration written like `30s`, `5m`, `1h` or `250ms`.
 #[derive(Debug, Clone, Copy)]
 struct HumanDuration(Duration);
@@ -419,7 +426,32 @@ impl Config {
 
     /// Validates config text; `path` is used for messages and to resolve relative paths.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        Config::parse(path, text, None)
+    }
+
+    /// Reads a config for `kvbroker launch`, which supplies the audit log and policy a file
+    /// may leave out (`[audit]`, `[policy]`); given sections apply as they are.
+    pub(crate) fn load_for_launch(path: &Path, defaults: &LaunchDefaults) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(path, &text, Some(defaults))
+    }
+
+    fn parse(path: &Path, text: &str, launch: Option<&LaunchDefaults>) -> Result<Config, ConfigError> {
+        let mut raw: Raw = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        if let Some(d) = launch {
+            raw.audit.get_or_insert_with(|| RawAudit {
+                path: d.audit.clone(),
+                durability: None,
+                rotate_bytes: None,
+                rotate_keep: None,
+                write_timeout: None,
+                checkpoint_interval: None,
+                hmac_key_file: None,
+                hmac_key_secret: None,
+            });
+            raw.policy.get_or_insert_with(|| RawPolicy { file: d.policy.clone() });
+        }
         let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };

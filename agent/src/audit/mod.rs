@@ -67,6 +67,7 @@ pub(crate) struct Auditor {
     wait: std::time::Duration,
     /// `<audit>.lock`, flocked for as long as this agent writes the log: one writer per log.
     _lock: File,
+    keyed: bool,
 }
 
 /// What opening found at the end of an existing log.
@@ -131,11 +132,12 @@ impl Auditor {
                 }
             };
         let healthy = Arc::new(AtomicBool::new(true));
+        let keyed = key.is_some();
         let state =
             writer::State::new(cfg, file, len, seq, prev, key, Arc::clone(&healthy)).map_err(open_err)?;
         let state = Arc::new(std::sync::Mutex::new(state));
         let tx = writer::spawn(Arc::clone(&state)).map_err(open_err)?;
-        Ok((Auditor { state, tx, healthy, path, wait: cfg.write_timeout, _lock: lock }, resumed))
+        Ok((Auditor { state, tx, healthy, path, wait: cfg.write_timeout, _lock: lock, keyed }, resumed))
     }
 
     /// Writes `record` (filling in `seq`, `ts`, `prev` and `hash`); returns its `seq` once
@@ -165,6 +167,11 @@ impl Auditor {
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The chain's mode, for `agent.start` (`sha256` or `hmac-sha256`).
+    pub(crate) fn chain_mode(&self) -> &'static str {
+        chain::mode(self.keyed)
     }
 }
 

@@ -169,6 +169,8 @@ impl State {
         self.len = 0;
         let mut rec = AuditRecord::new(Event::AuditRotated);
         rec.outcome = Some(Outcome::Ok);
+        // Each file opens saying its chain's mode, so a verifier without the key knows why.
+        rec.chain = Some(chain::mode(self.key.is_some()).to_owned());
         let mut reason = format!(
             "previous file {} ({old_len} bytes) ends with seq {} hash {}",
             name(1).display(),

@@ -21,6 +21,7 @@ fn records_match_what_happened() {
     let recs = agent.audit_records();
     let events: Vec<&str> = recs.iter().map(|r| r["event"].as_str().unwrap()).collect();
     assert_eq!(events, ["agent.start", "secret.read", "secret.read", "secret.read", "agent.stop"]);
+    assert_eq!(recs[0]["chain"], "sha256", "agent.start states the chain mode");
     let (ok, denied, missing) = (&recs[1], &recs[2], &recs[3]);
     assert_eq!(ok["outcome"], "allowed");
     assert_eq!(ok["peer"]["uid"], 0);
@@ -263,9 +264,19 @@ fn keyed_audit_log_verifies_only_with_the_key() {
         run(&mut c)
     };
     assert_eq!(verify(true).0, 0);
+    // Issue 13: without the key, a keyed log looked "modified". It says it is keyed
+    // (agent.start records the chain mode), and verify says what to do.
+    let recs = agent.audit_records();
+    assert_eq!(recs[0]["chain"], "hmac-sha256");
     let (code, _, err) = verify(false);
-    assert_eq!(code, 1);
-    assert!(err.contains(":1: modified"), "{err}");
+    assert_eq!(
+        (code, err.as_str()),
+        (
+            1,
+            format!("kvbroker: {}:1: keyed: this log is keyed: give --key-file\n", agent.audit.display())
+                .as_str()
+        )
+    );
 }
 
 /// `audit query` (table, filters, --json, --summary) and `audit tail` on a real log.
