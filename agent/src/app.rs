@@ -19,7 +19,9 @@ use crate::config::Config;
 use crate::policy::Policy;
 use crate::server::{self, AgentSocket};
 use crate::shutdown;
+use crate::state::limits::conn_budget;
 use crate::state::{LaunchRoot, Limits, State};
+use crate::supervise::supervise;
 use crate::vault::Vaults;
 
 /// Extra facts for `agent.start` (e.g. the Azure ML run id in launch mode).
@@ -106,6 +108,7 @@ where
         (note, _) => note,
     };
     start.policy_sha256 = Some(policy.sha256().to_owned());
+    start.chain = Some(auditor.chain_mode().to_owned());
     auditor.append(start).await?;
     tracing::info!(
         socket = %config.agent.socket.display(),
@@ -118,14 +121,36 @@ where
     notify_systemd("READY=1");
 
     let cache = Cache::new(config.cache.clone(), vaults, Arc::clone(&auditor));
-    let refresher = cache.spawn_refresher();
-    let limits = Limits::new(config.limits.clone());
+    let nofile = match crate::sys::raise_nofile_limit() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE; assuming 1024");
+            1024
+        }
+    };
+    let limits = Limits::new(config.limits.clone(), conn_budget(nofile));
+    let (budget, per_uid) = limits.budgets();
+    tracing::info!(nofile, connections = budget, per_uid, "connection budget");
     let state = Arc::new(State::new(launch, info.mask, cache.clone(), limits, policy, Arc::clone(&auditor)));
-    let reload = tokio::spawn(reload_on_hangup(Arc::clone(&state), config.policy.file.clone()));
+    let refresher = {
+        let cache = cache.clone();
+        supervise(Arc::clone(&state.tasks), "refresher", move || cache.refresher())
+    };
+    let reload = {
+        let (state, file) = (Arc::clone(&state), config.policy.file.clone());
+        supervise(Arc::clone(&state.tasks), "policy reloader", move || {
+            reload_on_hangup(Arc::clone(&state), file.clone())
+        })
+    };
+    let summaries = {
+        let refusals = Arc::clone(&state.refusals);
+        supervise(Arc::clone(&state.tasks), "refusal summaries", move || Arc::clone(&refusals).run())
+    };
     let admin_socket = AdminSocket {
         state: Arc::clone(&state),
         policy_file: config.policy.file.clone(),
         started: Instant::now(),
+        open: Default::default(),
     };
     let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
     let admin = tokio::spawn(server::serve(
@@ -136,6 +161,7 @@ where
         },
         ADMIN_GRACE,
     ));
+    let state_for_stop = Arc::clone(&state);
     let agent_socket = Arc::new(AgentSocket(Arc::clone(&state)));
     let outcome = server::serve(listener, agent_socket, body(state), config.agent.shutdown_grace).await;
     let why = match &outcome {
@@ -147,6 +173,9 @@ where
     let _ = admin.await;
     drop(admin_file);
     refresher.abort();
+    summaries.abort();
+    // Refusals counted since the last summary are written before agent.stop.
+    state_for_stop.refusals.flush().await;
     // Every cached value is wiped once the last in-flight answer has let go of it.
     cache.clear();
     notify_systemd("STOPPING=1");
@@ -184,7 +213,9 @@ const ADMIN_GRACE: Duration = Duration::from_secs(2);
 
 async fn reload_on_hangup(state: Arc<State>, path: std::path::PathBuf) {
     let Some(mut hup) = shutdown::hangups() else {
-        return;
+        // Returning would look like a death to the supervisor: wait quietly instead.
+        tracing::warn!("cannot listen for SIGHUP; reload the policy with `kvbroker ctl reload`");
+        return std::future::pending().await;
     };
     while hup.recv().await.is_some() {
         state.reload_policy(&path).await;

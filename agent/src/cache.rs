@@ -5,8 +5,11 @@
 //! - **Refresh ahead**: a background task refreshes every cached secret each
 //!   `refresh_interval` (± 10 % jitter, so a fleet does not refresh in lockstep). A read
 //!   never waits for the vault once a value is cached.
-//! - **Stale on error**: when a refresh fails the last good value is served, marked stale,
-//!   for up to `max_stale`; after that reads get 502. A 404 or a disabled secret is not
+//! - **Stale means stale**: a value is fresh for `refresh_interval` (with its jitter) after its
+//!   last good fetch; the refresh starts a little before that (`refresh_lead`), so a working
+//!   vault never lets a value go stale. Past it — a refresh failed, or is still retrying — the
+//!   value is served marked stale; past `max_stale` since the last good fetch reads get 502,
+//!   whether or not a refresh is still in flight. A 404 or a disabled secret is not
 //!   transient: the value stops being served at once. Failing entries back off
 //!   (1 s, 2 s, 4 s … capped at `refresh_interval`), so many failing secrets cause no storm.
 //! - **Versions**: a new current version found by a refresh writes
@@ -62,6 +65,8 @@ struct Entry {
     pinned: HashMap<VersionId, Arc<Fetched>>,
     last_read: Instant,
     last_good: Instant,
+    /// `last_good` + the jittered `refresh_interval`: served as fresh until then.
+    fresh_until: Instant,
     failing_since: Option<Instant>,
     last_error: Option<String>,
     failures: u32,
@@ -79,12 +84,18 @@ impl Entry {
             pinned: HashMap::new(),
             last_read: now,
             last_good: now,
+            fresh_until: now,
             failing_since: None,
             last_error: None,
             failures: 0,
             next_refresh: now,
             changed: None,
         }
+    }
+
+    /// Served marked stale: a refresh failed, or none has succeeded in time.
+    fn is_stale(&self, now: Instant) -> bool {
+        self.current.is_some() && (self.failing_since.is_some() || now > self.fresh_until)
     }
 
     fn find_version(&self, v: &VersionId) -> Option<&Arc<Fetched>> {
@@ -110,8 +121,26 @@ pub(crate) struct EntryStatus {
 }
 
 fn jitter(d: Duration) -> Duration {
-    // ±10 %, so refreshes across a fleet spread out.
-    d.mul_f64(0.9 + fastrand::f64() * 0.2)
+    // ±10 %, so refreshes across a fleet spread out. Checked: no configured duration may
+    // panic a task (config bounds durations, and this holds even without that bound).
+    Duration::try_from_secs_f64(d.as_secs_f64() * (0.9 + fastrand::f64() * 0.2)).unwrap_or(d)
+}
+
+/// `now + d`, saturating instead of panicking on an `Instant` overflow.
+pub(crate) fn later(now: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+    now.checked_add(d).or_else(|| now.checked_add(FAR)).unwrap_or(now)
+}
+
+/// How long before a value goes stale its refresh starts: one sweep tick and a second for the
+/// call itself, but at most half the interval.
+fn refresh_lead(interval: Duration) -> Duration {
+    (sweep_tick(interval) + Duration::from_secs(1)).min(interval / 2)
+}
+
+/// How often the refresher sweeps: a tenth of the interval, 0.1–1 s.
+fn sweep_tick(interval: Duration) -> Duration {
+    (interval / 10).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
 impl Cache {
@@ -158,19 +187,25 @@ impl Cache {
                             return Err(gone.clone());
                         }
                         if let Some(cur) = &e.current {
-                            let Some(since) = e.failing_since else {
+                            if !e.is_stale(now) {
                                 return Ok(Lookup { fetched: Arc::clone(cur), state: CacheState::Hit });
-                            };
-                            if now.duration_since(e.last_good) <= self.inner.cfg.max_stale {
+                            }
+                            let age = now.duration_since(e.last_good);
+                            if age <= self.inner.cfg.max_stale {
                                 return Ok(Lookup { fetched: Arc::clone(cur), state: CacheState::Stale });
                             }
+                            let why = match (&e.last_error, e.failing_since) {
+                                (Some(err), Some(since)) => {
+                                    format!("failing for {}s: {err}", now.duration_since(since).as_secs())
+                                }
+                                _ => "a refresh is still in progress".to_owned(),
+                            };
                             return Err(VaultError::Unavailable {
                                 vault: vault.clone(),
                                 reason: format!(
-                                    "failing for {}s and the cached value is older than max_stale ({}s): {}",
-                                    now.duration_since(since).as_secs(),
+                                    "the cached value is {}s old, past max_stale ({}s), and {why}",
+                                    age.as_secs(),
                                     self.inner.cfg.max_stale.as_secs(),
-                                    e.last_error.as_deref().unwrap_or("unknown error")
                                 ),
                                 upstream_request_id: None,
                             });
@@ -257,7 +292,9 @@ impl Cache {
                 e.last_error = None;
                 e.failures = 0;
                 e.last_good = now;
-                e.next_refresh = now + jitter(cfg.refresh_interval);
+                let fresh_for = jitter(cfg.refresh_interval);
+                e.fresh_until = later(now, fresh_for);
+                e.next_refresh = later(now, fresh_for.saturating_sub(refresh_lead(cfg.refresh_interval)));
                 match previous {
                     Some(p) if p.version != f.version => {
                         e.retired.push((p.clone(), now));
@@ -281,7 +318,7 @@ impl Cache {
                     e.current = None;
                     e.gone = Some(err.clone());
                     e.failing_since = None;
-                    e.next_refresh = now + jitter(cfg.refresh_interval);
+                    e.next_refresh = later(now, jitter(cfg.refresh_interval));
                 }
                 None
             }
@@ -291,7 +328,7 @@ impl Cache {
                     e.last_error = Some(err.to_string());
                     e.failures = e.failures.saturating_add(1);
                     let backoff = Duration::from_secs(1u64 << e.failures.min(6)).min(cfg.refresh_interval);
-                    e.next_refresh = now + jitter(backoff);
+                    e.next_refresh = later(now, jitter(backoff));
                 }
                 None
             }
@@ -374,13 +411,19 @@ impl Cache {
                 version: e.current.as_ref().map(|f| f.version.to_string()),
                 age_secs: now.duration_since(e.last_good).as_secs(),
                 idle_secs: now.duration_since(e.last_read).as_secs(),
-                stale: e.failing_since.is_some(),
+                stale: e.is_stale(now),
                 retired_versions: e.retired.len(),
                 last_error: e.last_error.clone().or_else(|| e.gone.as_ref().map(ToString::to_string)),
             })
             .collect();
         out.sort_by(|a, b| (&a.vault, &a.name).cmp(&(&b.vault, &b.name)));
         out
+    }
+
+    /// Cached values being served stale now (for `/v1/health`).
+    pub(crate) fn stale_count(&self) -> usize {
+        let now = Instant::now();
+        self.entries().values().filter(|e| e.is_stale(now)).count()
     }
 
     /// Drops every cached value (each is wiped once no request holds it).
@@ -407,19 +450,18 @@ impl Cache {
                 && e.next_refresh <= now
             {
                 // Not due again until this refresh reports back.
-                e.next_refresh = now + cfg.refresh_interval;
+                e.next_refresh = later(now, cfg.refresh_interval);
                 due.push((vault.clone(), name));
             }
         }
         due
     }
 
-    /// Runs refresh-ahead and eviction until the returned handle is aborted.
-    pub(crate) fn spawn_refresher(&self) -> tokio::task::JoinHandle<()> {
+    /// Refresh-ahead and eviction, forever (run under `supervise`, which restarts it).
+    pub(crate) fn refresher(&self) -> impl Future<Output = ()> + Send + use<> {
         let cache = self.clone();
-        let tick =
-            (cache.inner.cfg.refresh_interval / 10).clamp(Duration::from_millis(100), Duration::from_secs(1));
-        tokio::spawn(async move {
+        let tick = sweep_tick(cache.inner.cfg.refresh_interval);
+        async move {
             // At most this many refreshes in flight; the vault's own limiter paces the calls.
             let permits = Arc::new(tokio::sync::Semaphore::new(4));
             loop {
@@ -435,7 +477,7 @@ impl Cache {
                     });
                 }
             }
-        })
+        }
     }
 }
 

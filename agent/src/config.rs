@@ -386,6 +386,13 @@ struct RawPolicy {
     file: PathBuf,
 }
 
+/// What `kvbroker launch` puts in place of a missing `[audit]` or `[policy]`.
+#[derive(Debug, Clone)]
+pub(crate) struct LaunchDefaults {
+    pub(crate) audit: PathBuf,
+    pub(crate) policy: PathBuf,
+}
+
 /// A duration written like `30s`, `5m`, `1h` or `250ms`.
 #[derive(Debug, Clone, Copy)]
 struct HumanDuration(Duration);
@@ -393,9 +400,19 @@ struct HumanDuration(Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        parse_duration(&s).map(HumanDuration).map_err(serde::de::Error::custom)
+        let d = parse_duration(&s).map_err(serde::de::Error::custom)?;
+        if d > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "duration {s:?} is longer than 10 years: write a shorter one"
+            )));
+        }
+        Ok(HumanDuration(d))
     }
 }
+
+/// The longest duration any setting accepts. Longer values are mistakes, and would overflow
+/// time arithmetic (a `refresh_interval` of centuries once panicked the first read).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Parses `30s`, `5m`, `1h`, `250ms`, `1h30m`. A bare number is refused: the unit is
 /// what makes `refresh_interval = "300"` unambiguous.
@@ -436,7 +453,32 @@ impl Config {
 
     /// Validates config text; `path` is used for messages and to resolve relative paths.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let raw: Raw = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        Config::parse(path, text, None)
+    }
+
+    /// Reads a config for `kvbroker launch`, which supplies the audit log and policy a file
+    /// may leave out (`[audit]`, `[policy]`); given sections apply as they are.
+    pub(crate) fn load_for_launch(path: &Path, defaults: &LaunchDefaults) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Config::parse(path, &text, Some(defaults))
+    }
+
+    fn parse(path: &Path, text: &str, launch: Option<&LaunchDefaults>) -> Result<Config, ConfigError> {
+        let mut raw: Raw = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+        if let Some(d) = launch {
+            raw.audit.get_or_insert_with(|| RawAudit {
+                path: d.audit.clone(),
+                durability: None,
+                rotate_bytes: None,
+                rotate_keep: None,
+                write_timeout: None,
+                checkpoint_interval: None,
+                hmac_key_file: None,
+                hmac_key_secret: None,
+            });
+            raw.policy.get_or_insert_with(|| RawPolicy { file: d.policy.clone() });
+        }
         let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };

@@ -5,7 +5,7 @@
 //! points down this list; docs/architecture.md draws it):
 //!
 //! - `sys`: every `unsafe` syscall wrapper. `shutdown`: signals. `terminal`: escaping and
-//!   tables for what commands print.
+//!   tables for what commands print. `supervise`: restarting background tasks that die.
 //! - `peer`: kernel-attested caller facts. [`config`]: TOML → validated `Config`.
 //! - `policy`: deciding. `identity`: managed identity credentials, over `transport` (rustls,
 //!   connect_to overrides, loopback-only guard).
@@ -32,6 +32,7 @@ mod rate;
 mod server;
 mod shutdown;
 mod state;
+mod supervise;
 mod sys;
 mod terminal;
 mod transport;
@@ -89,7 +90,7 @@ mod layering {
 
     /// Lowest first. A module may use modules on its own layer or below.
     const LAYERS: &[&[&str]] = &[
-        &["sys", "shutdown", "transport", "rate", "terminal", "trust"],
+        &["sys", "shutdown", "transport", "rate", "terminal", "trust", "supervise"],
         &["peer", "config"],
         &["policy", "identity"],
         &["vault", "audit"],

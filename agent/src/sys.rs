@@ -287,6 +287,25 @@ pub(crate) fn forbid_dumps() -> io::Result<()> {
     Ok(())
 }
 
+/// Raises `RLIMIT_NOFILE`'s soft limit to its hard limit (systemd's default soft limit of
+/// 1,024 is far below what the agent may need); returns the soft limit now in force.
+pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into `lim`, which lives for the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit reads one rlimit from `raised`, which lives for the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Ok(lim.rlim_cur);
+        }
+        lim.rlim_cur = lim.rlim_max;
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// The agent's effective uid: the admin socket also serves its own user (`kvbroker dev`
 /// run by a non-root user), besides root.
 pub(crate) fn effective_uid() -> u32 {

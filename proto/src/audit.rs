@@ -50,6 +50,14 @@ pub struct AuditRecord {
     /// For `agent.start` and `policy.reload`: SHA-256 of the policy file that was loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_sha256: Option<String>,
+    /// A summary record: this many refused reads alike (same uid, pid, outcome, reason and
+    /// secret) within one second, past the caller's budget of individual refusal records.
+    /// Absent on a record of one event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// For `agent.start`: `sha256` (plain chain) or `hmac-sha256` (keyed chain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain: Option<String>,
     /// The `hash` of the record before this one (64 zeros for the first of a chain).
     pub prev: String,
     /// This record's hash; see docs/audit.md. Always the last field of the line.
@@ -76,6 +84,8 @@ impl AuditRecord {
             upstream_request_id: None,
             agent: None,
             policy_sha256: None,
+            count: None,
+            chain: None,
             prev: String::new(),
             hash: None,
         }

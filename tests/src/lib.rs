@@ -141,6 +141,8 @@ pub struct AgentBuilder {
     keyvault: Option<KeyVaultSetup>,
     cache: String,
     limits: String,
+    nofile: Option<u64>,
+    audit_extra: String,
 }
 
 /// A Key Vault at an emulator, reached with one identity source.
@@ -161,6 +163,7 @@ pub struct Agent {
     stdout: PathBuf,
     stderr: PathBuf,
     env: Vec<(String, String)>,
+    nofile: Option<u64>,
     /// Last, so processes are killed before their directory goes.
     pub dir: TempDir,
 }
@@ -181,6 +184,8 @@ impl Agent {
             keyvault: None,
             cache: String::new(),
             limits: String::new(),
+            nofile: None,
+            audit_extra: String::new(),
         }
     }
 }
@@ -285,6 +290,19 @@ impl AgentBuilder {
         self
     }
 
+    /// Extra `[audit]` lines, e.g. `rotate_bytes = 1048576`.
+    pub fn audit_extra(mut self, lines: &str) -> Self {
+        self.audit_extra.push_str(lines);
+        self.audit_extra.push('\n');
+        self
+    }
+
+    /// Runs the agent under `prlimit --nofile=N:N` (soft and hard fd limit N).
+    pub fn nofile(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
+        self
+    }
+
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
         self
@@ -337,7 +355,7 @@ impl AgentBuilder {
              {vault}\
              [cache]\n{cache}\n\
              [limits]\n{limits}\n\
-             [audit]\npath = \"{audit}\"\ndurability = \"{dur}\"\n\n\
+             [audit]\npath = \"{audit}\"\ndurability = \"{dur}\"\n{audit_extra}\n\
              [policy]\nfile = \"policy.toml\"\n",
             sock = d.join("agent.sock").display(),
             admin = d.join("admin.sock").display(),
@@ -346,6 +364,7 @@ impl AgentBuilder {
             dur = self.durability,
             cache = self.cache,
             limits = self.limits,
+            audit_extra = self.audit_extra,
         );
         write_mode(&config, &text, 0o644);
         config
@@ -379,6 +398,7 @@ impl AgentBuilder {
             stdout: d.join("agent.stdout"),
             stderr: d.join("agent.stderr"),
             env: self.env,
+            nofile: self.nofile,
             dir: self.dir,
         };
         agent.spawn();
@@ -389,7 +409,15 @@ impl AgentBuilder {
 impl Agent {
     /// Starts (another) `kvbroker run` on this agent's config and waits until it is ready.
     pub fn spawn(&mut self) {
-        let mut cmd = Command::new(bin("kvbroker"));
+        let mut cmd = match self.nofile {
+            // prlimit execs the agent: the pid is the agent's.
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(bin("kvbroker"));
+                c
+            }
+            None => Command::new(bin("kvbroker")),
+        };
         cmd.args(["run", "--config"]).arg(&self.config);
         cmd.env_remove("RUST_LOG");
         for (k, v) in &self.env {

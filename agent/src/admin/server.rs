@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -17,30 +18,56 @@ use crate::server::Handler;
 use crate::state::State;
 
 /// The admin socket: root only, served by the same accept loop (header timeout, accept
-/// back-off, drain) as the agent socket.
+/// back-off, drain) as the agent socket, with its own small connection budget.
 pub(crate) struct AdminSocket {
     pub(crate) state: Arc<State>,
     pub(crate) policy_file: PathBuf,
     pub(crate) started: Instant,
+    /// Connections open now (at most [`ADMIN_CONNS`]).
+    pub(crate) open: Arc<AtomicUsize>,
+}
+
+/// Connections the admin socket holds at once; more are closed at accept, so a flood of
+/// them (from root, the only one it serves, or anyone who can reach it) costs few fds.
+const ADMIN_CONNS: usize = 16;
+
+/// An admin connection: whether its caller is root (or the agent's own user), and its place
+/// in the budget.
+pub(crate) struct AdminConn {
+    root: bool,
+    _slot: AdminSlot,
+}
+
+struct AdminSlot(Arc<AtomicUsize>);
+
+impl Drop for AdminSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Handler for AdminSocket {
-    /// Whether the caller is root (or the agent's own user).
-    type Conn = bool;
+    type Conn = AdminConn;
     type Io = UnixStream;
 
-    fn accept(&self, stream: UnixStream) -> Option<(bool, UnixStream)> {
+    fn accept(&self, stream: UnixStream) -> Option<(AdminConn, UnixStream)> {
+        if self.open.fetch_add(1, Ordering::AcqRel) >= ADMIN_CONNS {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!("admin socket has no room for another connection: closed");
+            return None;
+        }
+        let slot = AdminSlot(Arc::clone(&self.open));
         let uid = stream.peer_cred().ok().map(|c| c.uid());
-        let allowed = uid.is_some_and(|u| u == 0 || u == crate::sys::effective_uid());
-        Some((allowed, stream))
+        let root = uid.is_some_and(|u| u == 0 || u == crate::sys::effective_uid());
+        Some((AdminConn { root, _slot: slot }, stream))
     }
 
-    fn span(&self, root: &bool) -> tracing::Span {
-        tracing::debug_span!("admin", root = *root)
+    fn span(&self, c: &AdminConn) -> tracing::Span {
+        tracing::debug_span!("admin", root = c.root)
     }
 
-    async fn handle(&self, root: &bool, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if *root {
+    async fn handle(&self, c: &AdminConn, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        if c.root {
             handle(self, req).await
         } else {
             reply(StatusCode::FORBIDDEN, json!({"error": "the admin socket is for root only"}))

@@ -77,6 +77,15 @@ pub(crate) fn same(a: &str, b: &str) -> bool {
     a.as_bytes().ct_eq(b.as_bytes()).into()
 }
 
+/// The chain's mode as records state it (`chain` of `agent.start` and `audit.rotated`):
+/// `hmac-sha256` when keyed, else `sha256`.
+pub(crate) fn mode(keyed: bool) -> &'static str {
+    if keyed { KEYED } else { "sha256" }
+}
+
+/// The `chain` value of a keyed log.
+pub(crate) const KEYED: &str = "hmac-sha256";
+
 #[cfg(test)]
 mod tests {
     use super::*;

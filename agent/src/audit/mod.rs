@@ -15,6 +15,7 @@
 
 pub(crate) mod chain;
 pub mod query;
+pub(crate) mod refusals;
 pub mod verify;
 mod writer;
 
@@ -51,6 +52,10 @@ pub enum AuditError {
     Stopped,
     #[error("{path}: cannot use the audit HMAC key: {reason}")]
     Key { path: PathBuf, reason: String },
+    #[error(
+        "{path}: another agent (pid {holder}) is writing this audit log; stop it, or give this agent its own [audit] path"
+    )]
+    Locked { path: PathBuf, holder: String },
 }
 
 /// The audit log. Cheap to share behind an `Arc`.
@@ -60,6 +65,9 @@ pub(crate) struct Auditor {
     healthy: Arc<AtomicBool>,
     path: PathBuf,
     wait: std::time::Duration,
+    /// `<audit>.lock`, flocked for as long as this agent writes the log: one writer per log.
+    _lock: File,
+    keyed: bool,
 }
 
 /// What opening found at the end of an existing log.
@@ -94,6 +102,7 @@ impl Auditor {
             .map(key_from_bytes)
             .transpose()
             .map_err(|e| AuditError::Key { path: path.clone(), reason: e.to_string() })?;
+        let lock = lock_log(&path)?;
         let mut resumed = Resumed::default();
         let mut file = open_append(&path).map_err(open_err)?;
         let (seq, prev, len) =
@@ -123,11 +132,12 @@ impl Auditor {
                 }
             };
         let healthy = Arc::new(AtomicBool::new(true));
+        let keyed = key.is_some();
         let state =
             writer::State::new(cfg, file, len, seq, prev, key, Arc::clone(&healthy)).map_err(open_err)?;
         let state = Arc::new(std::sync::Mutex::new(state));
         let tx = writer::spawn(Arc::clone(&state)).map_err(open_err)?;
-        Ok((Auditor { state, tx, healthy, path, wait: cfg.write_timeout }, resumed))
+        Ok((Auditor { state, tx, healthy, path, wait: cfg.write_timeout, _lock: lock, keyed }, resumed))
     }
 
     /// Writes `record` (filling in `seq`, `ts`, `prev` and `hash`); returns its `seq` once
@@ -157,6 +167,11 @@ impl Auditor {
 
     pub(crate) fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The chain's mode, for `agent.start` (`sha256` or `hmac-sha256`).
+    pub(crate) fn chain_mode(&self) -> &'static str {
+        chain::mode(self.keyed)
     }
 }
 
@@ -192,6 +207,42 @@ pub(crate) fn key_from_bytes(mut key: Zeroizing<Vec<u8>>) -> Result<Zeroizing<Ve
         return Err(KeyTooShort);
     }
     Ok(key)
+}
+
+/// Takes the log's writer lock: `flock(LOCK_EX|LOCK_NB)` on `<audit>.lock`, which then
+/// holds our pid so that a second agent can name us. The kernel drops the lock when the
+/// process dies, so a stale file (after `kill -9`) never blocks a restart.
+fn lock_log(path: &Path) -> Result<File, AuditError> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let lock_path = PathBuf::from(name);
+    let open_err = |e: std::io::Error| AuditError::Open { path: lock_path.clone(), reason: e.to_string() };
+    let mut lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o640)
+        .open(&lock_path)
+        .map_err(open_err)?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = lock.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder =
+                if !holder.is_empty() && holder.len() <= 10 && holder.bytes().all(|b| b.is_ascii_digit()) {
+                    holder.to_owned()
+                } else {
+                    "unknown".to_owned()
+                };
+            return Err(AuditError::Locked { path: path.to_owned(), holder });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(open_err(e)),
+    }
+    lock.set_len(0).and_then(|()| writeln!(lock, "{}", std::process::id())).map_err(open_err)?;
+    Ok(lock)
 }
 
 pub(crate) fn open_append(path: &Path) -> std::io::Result<File> {

@@ -62,6 +62,23 @@ async fn chain_continues_across_reopen() {
     assert_eq!((v.records, v.first_seq, v.last_seq), (4, 1, 4));
 }
 
+/// Issue 13: two agents on one log interleaved their chains. The second open is refused,
+/// naming the holder's pid, and succeeds once the first writer is gone.
+#[tokio::test]
+async fn second_writer_on_one_log_is_refused_until_the_first_closes() {
+    let d = TempDir::new();
+    let c = cfg(&d);
+    let (a, _) = Auditor::open(&c).unwrap();
+    let e = Auditor::open(&c).err().unwrap();
+    assert!(
+        matches!(&e, AuditError::Locked { holder, .. } if *holder == std::process::id().to_string()),
+        "{e}"
+    );
+    drop(a);
+    let (a, _) = Auditor::open(&c).unwrap();
+    write_n(&a, 1).await;
+}
+
 #[tokio::test]
 async fn concurrent_appends_are_all_chained_in_order() {
     let d = TempDir::new();
@@ -193,6 +210,42 @@ async fn verify_reports_truncated_last_line() {
     f.write_all(b"{\"seq\":7").unwrap();
     let e = verify(&one(&p), None).unwrap_err().to_string();
     assert!(e.ends_with(":7: truncated: the last line is incomplete"), "{e}");
+}
+
+/// Issue 13: rotation deleted the oldest kept file silently. The `audit.rotated` record that
+/// follows a deletion names the sequence range that left the node.
+#[tokio::test]
+async fn rotation_that_deletes_a_file_names_the_records_that_left() {
+    let d = TempDir::new();
+    let mut c = cfg(&d);
+    c.rotate_bytes = NonZeroU64::new(2048).unwrap();
+    c.rotate_keep = 2;
+    let (a, _) = Auditor::open(&c).unwrap();
+    write_n(&a, 60).await;
+    let files = with_rotated(&c.path);
+    assert_eq!(files.len(), 3, "{files:?}");
+    let rotated: Vec<AuditRecord> = files
+        .iter()
+        .flat_map(|f| lines(f))
+        .map(|l| serde_json::from_str::<AuditRecord>(&l).unwrap())
+        .filter(|r| r.event == Event::AuditRotated)
+        .collect();
+    let last = rotated
+        .iter()
+        .filter_map(|r| r.reason.as_deref())
+        .rfind(|r| r.contains("have left the node"))
+        .unwrap_or_else(|| panic!("no rotation says what it deleted: {rotated:?}"));
+    // `… records seq A..B have left the node`: B is the last record before the oldest kept one.
+    let range = last.split("records seq ").nth(1).and_then(|r| r.split(' ').next()).unwrap();
+    let (from, to) = range.split_once("..").unwrap();
+    let (from, to): (u64, u64) = (from.parse().unwrap(), to.parse().unwrap());
+    let kept_min = files
+        .iter()
+        .flat_map(|f| lines(f))
+        .map(|l| serde_json::from_str::<AuditRecord>(&l).unwrap().seq)
+        .min()
+        .unwrap();
+    assert!(from < to && to + 1 == kept_min, "{last} (oldest kept seq {kept_min})");
 }
 
 /// Size rotation keeps the chain across files; 100,000 records over several files verify;

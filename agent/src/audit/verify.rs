@@ -53,6 +53,9 @@ pub fn verify(paths: &[PathBuf], key: Option<&[u8]>) -> Result<Verified, VerifyE
                 return Err(err(n, "modified", "the line does not end in a hash field".into()));
             };
             if !chain::same(&chain::hash_of(&body, key), claimed) {
+                if key.is_none() && says_keyed(paths) {
+                    return Err(err(n, "keyed", "this log is keyed: give --key-file".into()));
+                }
                 return Err(err(n, "modified", "the record's hash does not match its content".into()));
             }
             let rec: AuditRecord = serde_json::from_slice(line)
@@ -68,6 +71,20 @@ pub fn verify(paths: &[PathBuf], key: Option<&[u8]>) -> Result<Verified, VerifyE
         }
     }
     Ok(v)
+}
+
+/// Whether any record of `paths` says its chain is keyed (`"chain":"hmac-sha256"` on
+/// `agent.start` or `audit.rotated`). Only consulted when a hash fails without a key, to
+/// tell "give the key" from "modified"; the records are not trusted for anything else.
+fn says_keyed(paths: &[PathBuf]) -> bool {
+    paths.iter().any(|p| {
+        std::fs::read(p).is_ok_and(|bytes| {
+            bytes.split(|&b| b == b'\n').any(|line| {
+                serde_json::from_slice::<AuditRecord>(line)
+                    .is_ok_and(|r| r.chain.as_deref() == Some(chain::KEYED))
+            })
+        })
+    })
 }
 
 fn check_link(pseq: u64, phash: &str, rec: &AuditRecord) -> Result<(), (&'static str, String)> {

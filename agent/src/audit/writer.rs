@@ -146,7 +146,17 @@ impl State {
             p.push(format!(".{n}"));
             PathBuf::from(p)
         };
-        let _ = std::fs::remove_file(name(self.rotate_keep));
+        let oldest = name(self.rotate_keep);
+        // The oldest kept file is about to go: say which records leave the node with it.
+        let dropped = std::fs::metadata(&oldest).ok().map(|_| seq_range(&oldest));
+        let _ = std::fs::remove_file(&oldest);
+        if let Some(range) = &dropped {
+            tracing::warn!(
+                file = %oldest.display(),
+                records = range.as_str(),
+                "audit rotation deleted the oldest kept file: ship audit files off the node before rotate_keep is reached"
+            );
+        }
         for n in (1..self.rotate_keep).rev() {
             let _ = std::fs::rename(name(n), name(n + 1));
         }
@@ -159,12 +169,22 @@ impl State {
         self.len = 0;
         let mut rec = AuditRecord::new(Event::AuditRotated);
         rec.outcome = Some(Outcome::Ok);
-        rec.reason = Some(format!(
+        // Each file opens saying its chain's mode, so a verifier without the key knows why.
+        rec.chain = Some(chain::mode(self.key.is_some()).to_owned());
+        let mut reason = format!(
             "previous file {} ({old_len} bytes) ends with seq {} hash {}",
             name(1).display(),
             self.seq,
             self.prev
-        ));
+        );
+        if let Some(range) = dropped {
+            reason.push_str(&format!(
+                "; deleted {} (rotate_keep = {}): records {range} have left the node",
+                oldest.display(),
+                self.rotate_keep
+            ));
+        }
+        rec.reason = Some(reason);
         self.write_own(vec![rec])
     }
 
@@ -216,6 +236,24 @@ impl State {
             self.rotate()?;
         }
         Ok(())
+    }
+}
+
+/// `seq A..B` of a log file's first and last whole records (read from its two ends), or
+/// what could not be read.
+fn seq_range(path: &std::path::Path) -> String {
+    use std::io::{BufRead, Read, Seek, SeekFrom};
+    let seq_of = |line: &[u8]| serde_json::from_slice::<AuditRecord>(line).ok().map(|r| r.seq);
+    let Ok(mut f) = File::open(path) else { return "seq unknown (unreadable file)".into() };
+    let mut first = Vec::new();
+    let _ = std::io::BufReader::new(&mut f).read_until(b'\n', &mut first);
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut tail = Vec::new();
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(64 * 1024))).and_then(|_| f.read_to_end(&mut tail));
+    let last = tail.strip_suffix(b"\n").unwrap_or(&tail).rsplit(|&b| b == b'\n').next().unwrap_or(&[]);
+    match (seq_of(first.strip_suffix(b"\n").unwrap_or(&first)), seq_of(last)) {
+        (Some(a), Some(b)) => format!("seq {a}..{b}"),
+        _ => "seq unknown (unparsable file)".into(),
     }
 }
 

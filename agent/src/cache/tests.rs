@@ -105,7 +105,7 @@ async fn failed_refresh_serves_stale_until_max_stale_then_errors_then_recovers()
     assert_eq!(f.cache.get(&alias(), &name, None).await.unwrap().state, CacheState::Stale);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let e = f.cache.get(&alias(), &name, None).await.err().unwrap().to_string();
-    assert!(e.contains("older than max_stale"), "{e}");
+    assert!(e.contains("past max_stale"), "{e}");
     *f.backend.answer.lock().unwrap() = Ok((v(1), "one"));
     f.cache.fetch(&alias(), &name, None).await.unwrap();
     assert_eq!(f.cache.get(&alias(), &name, None).await.unwrap().state, CacheState::Hit);

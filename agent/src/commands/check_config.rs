@@ -1,5 +1,7 @@
 //! `kvbroker check-config --config FILE`: load the config, its vaults and its policy as
-//! `run` would, and say what was found — without starting anything.
+//! `run` would, run every check `run` makes before serving (sockets' directories trusted,
+//! `socket_group` exists, the HMAC key file's owner, mode and length), and say what was
+//! found — without starting anything. Whatever `run` would refuse at start, this refuses.
 
 use std::path::Path;
 
@@ -12,6 +14,11 @@ pub(crate) fn check_config(config: &Path) -> Result<(), Error> {
     let config = Config::load(config)?;
     Vaults::from_config(&config)?;
     let policy = Policy::load(&config.policy.file)?;
+    crate::server::check_bind(&config.agent.socket, config.agent.socket_group.as_deref())?;
+    crate::server::check_bind(&config.agent.admin_socket, None)?;
+    if let Some(key) = &config.audit.hmac_key_file {
+        crate::audit::read_key(key)?;
+    }
     println!(
         "{}: ok ({} vault(s), {} policy rule(s))",
         config.path.display(),

@@ -30,7 +30,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use zeroize::Zeroizing;
 
 use crate::app::{self, RunInfo};
-use crate::config::Config;
+use crate::config::{Config, LaunchDefaults};
 use crate::state::{LaunchRoot, State};
 use crate::{Error, cli, peer};
 
@@ -155,18 +155,26 @@ impl Drop for PrivateDir {
 /// one built from `--vault`.
 fn config_for(args: &LaunchArgs, dir: &Path, audit_dir: &Path) -> Result<Config, Error> {
     let uid = std::fs::metadata(dir).map_err(io_err("cannot inspect", dir))?.uid();
+    // Only the job's own uid; the launch check adds "and a descendant of the command". Used
+    // with --vault, and with --config when the file has no [policy].
+    let policy = dir.join("policy.toml");
+    let write_policy = || {
+        std::fs::write(
+            &policy,
+            format!("[[rule]]\nname = \"launched-job\"\nuids = [{uid}]\nsecrets = [\"*/*\"]\n"),
+        )
+        .map_err(io_err("cannot write the launch policy", &policy))
+    };
     let mut config = match (&args.config, args.vaults.as_slice()) {
         (Some(_), [_, ..]) => return Err(LaunchError::ConfigAndVault.into()),
-        (Some(path), []) => Config::load(path)?,
+        (Some(path), []) => {
+            write_policy()?;
+            let defaults = LaunchDefaults { audit: audit_dir.join("audit.jsonl"), policy: policy.clone() };
+            Config::load_for_launch(path, &defaults)?
+        }
         (None, []) => return Err(LaunchError::NoVault.into()),
         (None, urls) => {
-            // Only the job's own uid; the launch check adds "and a descendant of the command".
-            let policy = dir.join("policy.toml");
-            std::fs::write(
-                &policy,
-                format!("[[rule]]\nname = \"launched-job\"\nuids = [{uid}]\nsecrets = [\"*/*\"]\n"),
-            )
-            .map_err(io_err("cannot write the launch policy", &policy))?;
+            write_policy()?;
             let mut text = String::from("[identity]\nsource = \"auto\"\n");
             for (i, url) in urls.iter().enumerate() {
                 let alias = if i == 0 { "default".to_owned() } else { format!("vault{}", i + 1) };

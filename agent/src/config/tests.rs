@@ -69,6 +69,24 @@ fn bad_mode_is_refused() {
     assert!(e.contains(":4: key `socket_mode`: invalid mode"), "{e}");
 }
 
+/// Issue 13: a `refresh_interval` of centuries passed, and the first read panicked a worker
+/// (an `Instant` overflow). Every duration past 10 years is refused with its line.
+#[test]
+fn duration_past_ten_years_is_refused_with_its_line() {
+    let text = GOOD.replace("refresh_interval = \"5m\"", "refresh_interval = \"500years\"");
+    assert_ne!(text, GOOD);
+    let line = text.lines().position(|l| l.starts_with("refresh_interval")).unwrap() + 1;
+    let e = load(&text).unwrap_err().to_string();
+    assert!(
+        e.ends_with(&format!(
+            ":{line}: key `refresh_interval`: duration \"500years\" is longer than 10 years: write a shorter one"
+        )),
+        "{e}"
+    );
+    let ok = GOOD.replace("refresh_interval = \"5m\"", "refresh_interval = \"3650days\"");
+    load(&ok).unwrap();
+}
+
 #[test]
 fn bare_number_duration_is_refused() {
     assert!(parse_duration("300").is_err());

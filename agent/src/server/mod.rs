@@ -18,14 +18,13 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::UnixListener;
 use tracing::Instrument;
 
 use crate::peer::ConnPeer;
 use crate::peer::sender::{LabelledStream, SenderLog};
 use crate::state::State;
-use crate::state::limits::ConnSlot;
+use crate::state::limits::{Activity, Admit, ConnSlot};
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -98,17 +97,44 @@ pub(crate) fn bind(
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| io_err("cannot set socket mode", e))?;
     if let Some(g) = group {
-        let gid = match g.parse::<u32>() {
-            Ok(n) => n,
-            Err(_) => crate::sys::group_id(g)
-                .map_err(|e| io_err("cannot look up socket_group", e))?
-                .ok_or_else(|| SocketError::NoGroup { group: g.to_owned() })?,
-        };
+        let gid = socket_gid(path, g)?;
         std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|e| io_err("cannot set socket group", e))?;
     }
     std_listener.set_nonblocking(true).map_err(|e| io_err("cannot set non-blocking", e))?;
     let listener = UnixListener::from_std(std_listener).map_err(|e| io_err("cannot register", e))?;
     Ok((listener, file))
+}
+
+/// The gid of `socket_group` (a name or a number); `path` is the socket, for messages.
+pub(crate) fn socket_gid(path: &Path, group: &str) -> Result<u32, SocketError> {
+    match group.parse::<u32>() {
+        Ok(n) => Ok(n),
+        Err(_) => crate::sys::group_id(group)
+            .map_err(|source| SocketError::Io {
+                path: path.to_owned(),
+                what: "cannot look up socket_group",
+                source,
+            })?
+            .ok_or_else(|| SocketError::NoGroup { group: group.to_owned() }),
+    }
+}
+
+/// What [`bind`] checks before touching anything, for `check-config`: the socket's
+/// directory (or, if it does not exist yet, the nearest existing one above it) is trusted,
+/// and `group` exists.
+pub(crate) fn check_bind(path: &Path, group: Option<&str>) -> Result<(), SocketError> {
+    let mut dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    while !dir.exists() {
+        match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => dir = p,
+            _ => break,
+        }
+    }
+    crate::trust::check_dir_chain(dir, "the socket's directory")?;
+    if let Some(g) = group {
+        socket_gid(path, g)?;
+    }
+    Ok(())
 }
 
 /// Largest request head (request line + headers) accepted; larger gets 431.
@@ -129,6 +155,11 @@ pub(crate) trait Handler: Send + Sync + 'static {
     fn accept(&self, stream: tokio::net::UnixStream) -> Option<(Self::Conn, Self::Io)>;
     /// The tracing span every event of the connection is recorded in.
     fn span(&self, conn: &Self::Conn) -> tracing::Span;
+    /// The connection's activity, when it may be closed to make room for a newer one (an
+    /// idle connection of a uid at its cap). A request in flight is always finished first.
+    fn activity(&self, _conn: &Self::Conn) -> Option<Arc<Activity>> {
+        None
+    }
     /// Answers one request.
     fn handle(
         &self,
@@ -145,7 +176,10 @@ pub(crate) async fn serve<H: Handler, T>(
     shutdown: impl Future<Output = T>,
     grace: Duration,
 ) -> T {
-    let graceful = GracefulShutdown::new();
+    // Connections watch `closing` to finish their request in flight and close; each holds a
+    // clone of `live`, so the drain knows when the last one is gone.
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let (live, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     let why = loop {
         let stream = tokio::select! {
@@ -162,22 +196,54 @@ pub(crate) async fn serve<H: Handler, T>(
         let Some((conn, io)) = handler.accept(stream) else { continue };
         let conn = Arc::new(conn);
         let span = handler.span(&conn);
+        let activity = handler.activity(&conn);
         let h = Arc::clone(&handler);
-        let svc = service_fn(move |req: hyper::Request<Incoming>| {
-            let (h, conn) = (Arc::clone(&h), Arc::clone(&conn));
-            async move { Ok::<_, Infallible>(h.handle(&conn, req).await) }
-        });
+        let svc = {
+            let activity = activity.clone();
+            service_fn(move |req: hyper::Request<Incoming>| {
+                let (h, conn) = (Arc::clone(&h), Arc::clone(&conn));
+                let busy = activity.as_ref().map(Activity::begin);
+                async move {
+                    let r = h.handle(&conn, req).await;
+                    drop(busy);
+                    Ok::<_, Infallible>(r)
+                }
+            })
+        };
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
             .max_buf_size(MAX_HEAD_BYTES)
             .serve_connection(TokioIo::new(io), svc);
-        let conn = graceful.watch(conn);
+        let (mut closing, live) = (closing.clone(), live.clone());
         tokio::spawn(
             async move {
-                if let Err(e) = conn.await {
+                let mut conn = std::pin::pin!(conn);
+                let mut asked = false;
+                let result = loop {
+                    let close = async {
+                        match &activity {
+                            Some(a) => tokio::select! {
+                                _ = closing.wait_for(|c| *c) => {}
+                                () = a.evicted() => tracing::debug!("idle connection closed to make room for a newer one"),
+                            },
+                            None => {
+                                let _ = closing.wait_for(|c| *c).await;
+                            }
+                        }
+                    };
+                    tokio::select! {
+                        r = conn.as_mut() => break r,
+                        () = close, if !asked => {}
+                    }
+                    // Finish a request in flight, then close; an idle connection closes now.
+                    asked = true;
+                    conn.as_mut().graceful_shutdown();
+                };
+                if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
+                drop(live);
             }
             .instrument(span),
         );
@@ -185,7 +251,9 @@ pub(crate) async fn serve<H: Handler, T>(
     // Closing the listener makes new connections fail at once instead of queueing.
     drop(listener);
     tracing::info!("stopped accepting; draining in-flight requests");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    let _ = closing_tx.send(true);
+    drop(live);
+    if tokio::time::timeout(grace, all_closed.recv()).await.is_err() {
         tracing::warn!(grace_secs = grace.as_secs_f64(), "grace period over: closing remaining connections");
     }
     why
@@ -200,23 +268,45 @@ pub(crate) struct AgentSocket(pub(crate) Arc<State>);
 /// A connection to the agent socket.
 pub(crate) struct AgentConn {
     peer: ConnPeer,
-    /// Held while the connection is open; `None` when the uid was over its connection cap:
-    /// the connection is served, but every request on it is answered 429 (and audited), so
-    /// the caller learns why.
-    slot: Option<ConnSlot>,
+    /// Its place in the connection budget, released when the connection closes.
+    slot: ConnSlot,
+    /// Over its uid's cap with every one of its connections busy: each request is answered
+    /// 429 (and audited) with `Connection: close`, so the caller learns why and the
+    /// connection goes at once.
+    refused: bool,
 }
+
+/// Written to a connection closed at accept for want of room (best effort: the socket is
+/// closed right after, whatever the client sent).
+const NO_ROOM: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nCache-Control: no-store\r\n\
+Connection: close\r\nContent-Type: application/json\r\nContent-Length: 124\r\n\r\n\
+{\"error\":{\"code\":\"TooManyRequests\",\"message\":\"the agent has no room for more connections: close idle ones\",\"request_id\":\"\"}}";
 
 impl Handler for AgentSocket {
     type Conn = AgentConn;
     type Io = LabelledStream;
 
     fn accept(&self, stream: tokio::net::UnixStream) -> Option<(AgentConn, LabelledStream)> {
+        let uid = match stream.peer_cred() {
+            Ok(c) => c.uid(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read peer credentials: closing connection");
+                return None;
+            }
+        };
+        // Admitted before the pidfd is opened: a connection with no room costs one fd, briefly.
+        let (slot, refused) = match self.0.limits.open(uid) {
+            Admit::Served(slot) => (slot, false),
+            Admit::Refused(slot) => (slot, true),
+            Admit::Closed => {
+                let _ = stream.try_write(NO_ROOM);
+                tracing::debug!(uid, "no room for another connection: closed");
+                return None;
+            }
+        };
         let senders = Arc::new(SenderLog::default());
         match ConnPeer::of(&stream, Arc::clone(&senders)) {
-            Ok(peer) => {
-                let slot = self.0.limits.open(peer.uid);
-                Some((AgentConn { peer, slot }, LabelledStream::new(stream, senders)))
-            }
+            Ok(peer) => Some((AgentConn { peer, slot, refused }, LabelledStream::new(stream, senders))),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read peer credentials: closing connection");
                 None
@@ -224,11 +314,15 @@ impl Handler for AgentSocket {
         }
     }
 
+    fn activity(&self, c: &AgentConn) -> Option<Arc<Activity>> {
+        c.slot.activity().cloned()
+    }
+
     fn span(&self, c: &AgentConn) -> tracing::Span {
         tracing::debug_span!("conn", pid = c.peer.pid, uid = c.peer.uid)
     }
 
     async fn handle(&self, c: &AgentConn, req: hyper::Request<Incoming>) -> hyper::Response<response::Body> {
-        routes::handle(&self.0, &c.peer, c.slot.is_none(), req).await
+        routes::handle(&self.0, &c.peer, c.refused, req).await
     }
 }

@@ -23,7 +23,11 @@ pub(crate) async fn handle<B>(
     let path = req.uri().path();
     tracing::trace!(request_id, method = %req.method(), path, "request");
     let r = if path == "/v1/health" {
-        if req.method() == Method::GET {
+        if over_cap {
+            // Health counts like any request: a caller over its connection cap cannot use
+            // health polls to hold connections either.
+            response::failure(&over_cap_failure(peer.uid), &request_id)
+        } else if req.method() == Method::GET {
             response::health(ctx.health_reasons())
         } else {
             response::failure(&Failure::Method, &request_id)
@@ -37,7 +41,21 @@ pub(crate) async fn handle<B>(
     } else {
         response::failure(&Failure::NoRoute, &request_id)
     };
-    response::finish(r, &request_id)
+    let mut r = response::finish(r, &request_id);
+    if over_cap {
+        // Answered, then closed: an over-cap connection is never kept open.
+        r.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    r
+}
+
+fn over_cap_failure(uid: u32) -> Failure {
+    Failure::TooMany {
+        retry_after: Duration::from_secs(1),
+        reason: format!(
+            "uid {uid} has too many open connections to the agent, all busy: close some, or reuse one"
+        ),
+    }
 }
 
 /// 32 lowercase hex digits (a v4 UUID without hyphens), as in SPEC's examples. Its bits come
@@ -98,7 +116,14 @@ async fn read_secret<B>(
         secret = rec.secret.as_ref().map_or("", |s| s.name.as_str()),
         "secret read decided"
     );
-    if let Err(e) = ctx.auditor.append(rec).await {
+    // An allowed read always has its own record; refusals do while the uid has budget, and
+    // are counted into a summary past it (audit::refusals).
+    let written = if rec.outcome == Some(Outcome::Allowed) {
+        ctx.auditor.append(rec).await.map(|_| ())
+    } else {
+        ctx.refusals.record(rec).await.map(|_| ())
+    };
+    if let Err(e) = written {
         tracing::error!(error = %e, request_id, "audit write failed: answering 503");
         return response::failure(&Failure::Audit, request_id);
     }
@@ -144,13 +169,7 @@ async fn decide_and_fetch<B>(
     });
 
     if over_cap {
-        return Err(Failure::TooMany {
-            retry_after: Duration::from_secs(1),
-            reason: format!(
-                "uid {} has too many open connections to the agent: close some, or reuse one",
-                peer.uid
-            ),
-        });
+        return Err(over_cap_failure(peer.uid));
     }
     let limited = |key: &str, who: String| {
         ctx.limits.take(key).map_err(|retry_after| Failure::TooMany {

@@ -13,8 +13,10 @@ use kvbroker_proto::mask::MaskValues;
 use kvbroker_proto::{AuditRecord, Event, Outcome};
 
 use crate::audit::Auditor;
+use crate::audit::refusals::Refusals;
 use crate::cache::Cache;
 use crate::policy::Policy;
+use crate::supervise::Tasks;
 
 pub(crate) use limits::Limits;
 
@@ -31,6 +33,10 @@ pub(crate) struct State {
     pub(crate) limits: Arc<Limits>,
     policy: RwLock<Arc<Policy>>,
     pub(crate) auditor: Arc<Auditor>,
+    /// Refused reads: individual records within a per-uid budget, summaries past it.
+    pub(crate) refusals: Arc<Refusals>,
+    /// Supervised background tasks (refresher, reloader): a death shows in health.
+    pub(crate) tasks: Arc<Tasks>,
 }
 
 impl State {
@@ -42,7 +48,16 @@ impl State {
         policy: Policy,
         auditor: Arc<Auditor>,
     ) -> Self {
-        Self { launch_root, mask, cache, limits, policy: RwLock::new(Arc::new(policy)), auditor }
+        Self {
+            launch_root,
+            mask,
+            cache,
+            limits,
+            policy: RwLock::new(Arc::new(policy)),
+            refusals: Refusals::new(Arc::clone(&auditor)),
+            auditor,
+            tasks: Arc::new(Tasks::default()),
+        }
     }
 
     /// The policy in force now (a reload swaps it; requests in flight keep the one they took).
@@ -59,6 +74,11 @@ impl State {
         let mut r = Vec::new();
         if !self.auditor.healthy() {
             r.push(format!("audit log {} is not writable", self.auditor.path().display()));
+        }
+        r.extend(self.tasks.health_reasons());
+        let stale = self.cache.stale_count();
+        if stale > 0 {
+            r.push(format!("{stale} cached secret(s) served stale: refresh from the vault is overdue"));
         }
         r
     }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kvbroker_tests::{Agent, TempDir, bin, canary, curl, kvb, raw_get, run};
+use kvbroker_tests::{Agent, Proc, TempDir, bin, canary, curl, kvb, raw_get, run};
 use serde_json::Value;
 
 /// After a run, the records say exactly what happened, chain-verify, and hold no value.
@@ -21,6 +21,7 @@ fn records_match_what_happened() {
     let recs = agent.audit_records();
     let events: Vec<&str> = recs.iter().map(|r| r["event"].as_str().unwrap()).collect();
     assert_eq!(events, ["agent.start", "secret.read", "secret.read", "secret.read", "agent.stop"]);
+    assert_eq!(recs[0]["chain"], "sha256", "agent.start states the chain mode");
     let (ok, denied, missing) = (&recs[1], &recs[2], &recs[3]);
     assert_eq!(ok["outcome"], "allowed");
     assert_eq!(ok["peer"]["uid"], 0);
@@ -263,9 +264,19 @@ fn keyed_audit_log_verifies_only_with_the_key() {
         run(&mut c)
     };
     assert_eq!(verify(true).0, 0);
+    // Issue 13: without the key, a keyed log looked "modified". It says it is keyed
+    // (agent.start records the chain mode), and verify says what to do.
+    let recs = agent.audit_records();
+    assert_eq!(recs[0]["chain"], "hmac-sha256");
     let (code, _, err) = verify(false);
-    assert_eq!(code, 1);
-    assert!(err.contains(":1: modified"), "{err}");
+    assert_eq!(
+        (code, err.as_str()),
+        (
+            1,
+            format!("kvbroker: {}:1: keyed: this log is keyed: give --key-file\n", agent.audit.display())
+                .as_str()
+        )
+    );
 }
 
 /// `audit query` (table, filters, --json, --summary) and `audit tail` on a real log.
@@ -313,7 +324,7 @@ fn query_summary_and_tail() {
     tail.args(["audit", "tail", "-n", "2"]).arg(&agent.audit).stdout(std::process::Stdio::piped());
     let mut child = tail.spawn().unwrap();
     let out = child.stdout.take().unwrap();
-    let _guard = kvbroker_tests::Proc::adopt(child);
+    let _guard = Proc::adopt(child);
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(out));
     assert!(lines.next().unwrap().unwrap().starts_with("TIME"));
     lines.next().unwrap().unwrap();
@@ -350,4 +361,164 @@ fn keyed_audit_log_with_the_key_in_key_vault() {
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(run(Command::new(bin("kvbroker")).args(["audit", "verify"]).arg(&agent.audit)).0, 1);
     agent.assert_no_canary(&[key], &[&out, &err]);
+}
+
+/// Issue 13: a second agent with another socket and the same audit path started, and the
+/// two interleaved their chains. The log is flocked; the second agent refuses, naming the
+/// holder's pid, and the first one's chain stays whole.
+#[test]
+fn second_agent_on_the_same_log_refuses_to_start() {
+    let first = Agent::builder("lock1").secret("db", "v").allow_uid(0).start();
+    let second = Agent::builder("lock2").secret("db", "v").allow_uid(0).audit_path(first.audit.clone());
+    let config = second.write();
+    let dir = second.into_dir();
+    let stderr = dir.path().join("second.stderr");
+    let mut proc = Proc::spawn(
+        Command::new(bin("kvbroker"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap()),
+    );
+    let status = proc.wait_timeout(std::time::Duration::from_secs(10));
+    let err = std::fs::read_to_string(&stderr).unwrap();
+    assert!(status.is_some(), "the second agent is running on the same log:\n{err}");
+    let code = status.unwrap().code().unwrap_or(-1);
+    let want = format!(
+        "kvbroker: {}: another agent (pid {}) is writing this audit log; stop it, or give this agent its own [audit] path\n",
+        first.audit.display(),
+        first.proc.pid()
+    );
+    assert_eq!((code, err.as_str()), (1, want.as_str()));
+    assert!(!dir.path().join("agent.sock").exists(), "the refused agent bound no socket");
+    assert_eq!(raw_get(&first.socket, "/v1/health", &[]).unwrap().0, 200);
+    let starts = first.audit_records().iter().filter(|r| r["event"] == "agent.start").count();
+    assert_eq!(starts, 1);
+    let (code, out, _) = run(Command::new(bin("kvbroker")).args(["audit", "verify"]).arg(&first.audit));
+    assert_eq!(code, 0, "{out}");
+}
+
+/// Sends `n` requests for `path` on one keep-alive connection; returns the statuses seen.
+fn flood(socket: &Path, path: &str, n: usize) -> std::collections::BTreeMap<u16, usize> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut seen = std::collections::BTreeMap::new();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    for _ in 0..n {
+        w.write_all(req.as_bytes()).unwrap();
+        let mut status = String::new();
+        r.read_line(&mut status).unwrap();
+        let code: u16 = status.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).unwrap();
+            if h == "\r\n" || h.is_empty() {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).unwrap();
+        *seen.entry(code).or_default() += 1;
+    }
+    seen
+}
+
+/// The log and its rotated files, oldest first.
+fn kept_files(audit: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for suffix in [".3", ".2", ".1", ""] {
+        let mut p = audit.as_os_str().to_owned();
+        p.push(suffix);
+        let p = PathBuf::from(p);
+        if p.exists() {
+            files.push(p);
+        }
+    }
+    files
+}
+
+fn audit_bytes(audit: &Path) -> u64 {
+    let mut total = 0;
+    for suffix in ["", ".1", ".2", ".3"] {
+        let mut p = audit.as_os_str().to_owned();
+        p.push(suffix);
+        total += std::fs::metadata(PathBuf::from(p)).map(|m| m.len()).unwrap_or(0);
+    }
+    total
+}
+
+/// Issue 13: one uid making refused requests (one record each, ~33 MB/s) rotated the record
+/// of an earlier read out of every kept file in seconds. Now 20,000 refusals under
+/// `rotate_bytes = 1 MiB, rotate_keep = 2` leave the earlier read's record in the kept
+/// files, and the refusal records' counts add up to exactly 20,000.
+#[test]
+fn refusal_flood_keeps_earlier_reads_and_counts_every_refusal() {
+    let value = canary("flood");
+    let mut agent = Agent::builder("flood")
+        .secret("db", &value)
+        .allow_uid(0)
+        .audit_extra("rotate_bytes = 1048576\nrotate_keep = 2")
+        .start();
+    let (status, head, _) = kvbroker_tests::raw_request(&agent.socket, "GET", "/v1/secrets/db", &[]).unwrap();
+    assert_eq!(status, 200);
+    let read_id = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("x-request-id:").map(|v| v.trim().to_owned()))
+        .unwrap();
+    let seq_before = agent.audit_records().iter().filter_map(|r| r["seq"].as_u64()).max().unwrap_or(0);
+    let t = std::time::Instant::now();
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let sock = agent.socket.clone();
+            std::thread::spawn(move || flood(&sock, "/v1/secrets/no-such-secret", 5_000))
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for th in threads {
+        for (k, v) in th.join().unwrap() {
+            *statuses.entry(k).or_insert(0) += v;
+        }
+    }
+    let took = t.elapsed();
+    // Rotation may have deleted files: count the records written by their seq, and their
+    // bytes by the mean line length of those kept.
+    let last_seq = |recs: &[Value]| recs.iter().filter_map(|r| r["seq"].as_u64()).max().unwrap_or(0);
+    let seq_after = last_seq(&agent.audit_records());
+    let kept = audit_bytes(&agent.audit);
+    let kept_lines: usize =
+        kept_files(&agent.audit).iter().map(|f| kvbroker_tests::read_records(f).len()).sum();
+    let written = seq_after - seq_before;
+    let bytes = written as f64 * kept as f64 / kept_lines.max(1) as f64;
+    eprintln!(
+        "20,000 refusals in {took:?}: {written} records, ~{bytes:.0} bytes, ~{:.0} bytes/s; statuses {statuses:?}",
+        bytes / took.as_secs_f64()
+    );
+    assert_eq!(statuses.values().sum::<usize>(), 20_000);
+    assert!(statuses.keys().all(|s| *s == 404 || *s == 429), "{statuses:?}");
+    assert!(agent.stop().success());
+
+    let files = kept_files(&agent.audit);
+    let recs: Vec<Value> = files.iter().flat_map(|f| kvbroker_tests::read_records(f)).collect();
+    assert!(
+        recs.iter().any(|r| r["request_id"] == read_id.as_str() && r["outcome"] == "allowed"),
+        "the earlier read's record is still in the kept files"
+    );
+    let counted: u64 = recs
+        .iter()
+        .filter(|r| r["event"] == "secret.read" && r["outcome"] != "allowed")
+        .map(|r| r["count"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(counted, 20_000, "every refused request is accounted for");
+    let summaries = recs.iter().filter(|r| r["count"].is_u64()).count();
+    assert!(summaries >= 1, "past the budget, refusals are summarized");
+    let (code, out, _) = run(Command::new(bin("kvbroker")).args(["audit", "verify"]).args(&files));
+    assert_eq!(code, 0, "{out}");
+    agent.assert_no_canary(&[&value], &[&out]);
 }

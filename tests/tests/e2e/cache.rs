@@ -438,3 +438,46 @@ fn per_vault_call_rate_is_limited() {
     assert!(took >= Duration::from_millis(1900), "6 calls at 2/s took only {took:?}");
     assert_eq!(emu.count("get"), 7);
 }
+
+/// Issue 13: while a refresh was still retrying (up to the vault's deadline), a value past its
+/// refresh time was served `"stale": false`, and `max_stale` waited for a refresh to fail.
+/// Here Key Vault answers only after 20 s (deadline 30 s): no refresh fails during the test,
+/// yet the value is marked stale once overdue, health is degraded, and past `max_stale` reads
+/// get 502.
+#[test]
+fn overdue_refresh_is_stale_and_max_stale_holds_while_it_retries() {
+    let value = canary("overdue");
+    let emu = EmulatorProc::start(&[("s", &value)]);
+    let agent = Agent::builder("overdue")
+        .keyvault(&emu, "azure-ml")
+        .allow_uid(0)
+        .vault_extra("deadline = \"30s\"")
+        .cache("refresh_interval = \"1s\"\nmax_stale = \"4s\"")
+        .start();
+    let (s, v) = get(&agent, "/v1/secrets/s");
+    assert_eq!((s, v["stale"].as_bool()), (200, Some(false)));
+    let fetched = Instant::now();
+    emu.fault(&Fault { latency_ms: Some(20_000), ..Fault::default() });
+    assert_eq!(get(&agent, "/v1/health").0, 200, "fresh right after the fetch");
+    // Overdue after 1 s ± 10 %: stale from then on, though no refresh has failed.
+    wait_for("a stale answer", Duration::from_secs(3), || get(&agent, "/v1/secrets/s").1["stale"] == true);
+    assert!(fetched.elapsed() >= Duration::from_millis(900), "not stale before the refresh is due");
+    let (s, v) = get(&agent, "/v1/secrets/s");
+    assert_eq!((s, v["stale"].as_bool()), (200, Some(true)));
+    assert!(v["value"].as_str() == Some(value.as_str()), "the stale answer carries the cached value");
+    let (s, health) = get(&agent, "/v1/health");
+    assert_eq!((s, health["status"].as_str()), (503, Some("degraded")), "{health}");
+    let reasons = health["reasons"].to_string();
+    assert!(reasons.contains("1 cached secret(s) served stale"), "{reasons}");
+    wait_for("502 past max_stale", Duration::from_secs(6), || get(&agent, "/v1/secrets/s").0 == 502);
+    assert!(fetched.elapsed() >= Duration::from_secs(4), "served until max_stale");
+    assert!(fetched.elapsed() < Duration::from_secs(20), "while the refresh is still in flight");
+    let (_, v) = get(&agent, "/v1/secrets/s");
+    assert_eq!(v["error"]["code"], "UpstreamUnavailable");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("past max_stale (4s)") && msg.contains("a refresh is still in progress"), "{msg}");
+    let stale =
+        agent.audit_records().iter().filter(|r| r["cache"] == "stale" && r["outcome"] == "allowed").count();
+    assert!(stale >= 1, "stale reads are audited as cache: stale");
+    agent.assert_no_canary(&[&value], &[]);
+}

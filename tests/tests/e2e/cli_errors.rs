@@ -228,8 +228,9 @@ fn rate_limited_read_gives_up_after_three_retries() {
     let value = canary("giveup");
     let agent =
         Agent::builder("giveup").secret("s", &value).allow_uid(0).limits("connections_per_uid = 1").start();
-    // Hold uid 0's one connection: every request on another connection gets 429. The
-    // harness's readiness probes may still be closing, so ask until this one is served.
+    // Hold uid 0's one connection busy with a long poll: every request on another connection
+    // gets 429 (an idle one would give way). The harness's readiness probes may still be
+    // closing, so ask until this one is served.
     let deadline = Instant::now() + Duration::from_secs(10);
     let _held = loop {
         let mut s = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
@@ -238,10 +239,15 @@ fn rate_limited_read_gives_up_after_three_retries() {
         s.write_all(b"GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut buf = [0u8; 4096];
         let n = s.read(&mut buf).unwrap();
-        if buf[..n].starts_with(b"HTTP/1.1 200")
-            && raw_get(&agent.socket, "/v1/secrets/s", &[]).unwrap().0 == 429
-        {
-            break s;
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        let version = text.split("\"version\":\"").nth(1).and_then(|v| v.get(..32)).map(str::to_owned);
+        if let (true, Some(v)) = (text.starts_with("HTTP/1.1 200"), version) {
+            let poll = format!("GET /v1/secrets/s?changed_from={v}&wait=60 HTTP/1.1\r\nHost: x\r\n\r\n");
+            s.write_all(poll.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            if raw_get(&agent.socket, "/v1/secrets/s", &[]).unwrap().0 == 429 {
+                break s;
+            }
         }
         assert!(Instant::now() < deadline, "could not hold the only connection");
         std::thread::sleep(Duration::from_millis(100));
@@ -256,7 +262,7 @@ fn rate_limited_read_gives_up_after_three_retries() {
         err,
         format!(
             "kvb: gave up after 3 retries: rate limited by the agent: uid 0 has too many open connections \
-             to the agent: close some, or reuse one (request {rid})\n"
+             to the agent, all busy: close some, or reuse one (request {rid})\n"
         )
     );
     assert_eq!(records_with_error(&agent, "TooManyRequests") - before, 4, "one try and three retries");

@@ -191,3 +191,24 @@ fn sigterm_is_forwarded_and_everything_is_cleaned_up() {
     launcher.signal(libc::SIGTERM);
     assert_eq!(launcher.wait_timeout(Duration::from_secs(20)).unwrap().code(), Some(143));
 }
+
+/// Issue 13: `launch --config F` refused a file without `[audit]` and `[policy]`, which
+/// launch supplies itself. Such a file works: the audit log goes to `--audit-dir`, and the
+/// policy is launch's own (the job's uid, within its process tree).
+#[test]
+fn launch_config_needs_no_audit_or_policy_section() {
+    let value = canary("launchcfg");
+    let job = Job::new("launchcfg", &[("s", &value)]);
+    let text = std::fs::read_to_string(&job.config).unwrap();
+    let cut = text.find("[audit]").expect("the builder writes [audit]");
+    let bare = &text[..cut];
+    assert!(!bare.contains("[policy]") && !bare.contains("[audit]"));
+    std::fs::write(&job.config, bare).unwrap();
+    let (code, out, err) = run(&mut job.command(&[], r#"kvb get s > "$OUT/got""#));
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+    assert!(std::fs::read_to_string(job.out().join("got")).unwrap() == value, "the job read the value");
+    let recs = job.records();
+    let read = recs.iter().find(|r| r["event"] == "secret.read").expect("the read is audited");
+    assert_eq!((read["outcome"].as_str(), read["rule"].as_str()), (Some("allowed"), Some("launched-job")));
+    assert!(!err.contains(&value) && !out.contains(&value));
+}

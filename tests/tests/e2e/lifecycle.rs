@@ -26,7 +26,14 @@ fn restart_replaces_stale_socket() {
 #[test]
 fn refuses_live_socket_and_non_socket_path() {
     let agent = Agent::builder("live").secret("s", "v").allow_uid(0).start();
-    let (code, _, err) = agent.run_again();
+    // Same socket, its own audit log (the same log would be refused first: one writer per log).
+    let second = agent.dir.path().join("second.toml");
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let audit = format!("path = \"{}\"", agent.audit.display());
+    assert!(text.contains(&audit));
+    let other = format!("path = \"{}\"", agent.dir.path().join("second.jsonl").display());
+    std::fs::write(&second, text.replace(&audit, &other)).unwrap();
+    let (code, _, err) = run(Command::new(bin("kvbroker")).args(["run", "--config"]).arg(&second));
     assert_eq!(code, 1);
     assert_eq!(
         err.lines().last().unwrap(),
@@ -183,4 +190,106 @@ fn socket_mode_and_group_gate_who_can_connect() {
             agent.socket.display()
         )
     );
+}
+
+/// Issue 13: check-config said ok to configs `run` refuses (a 1-byte or world-readable HMAC
+/// key, a socket group that does not exist, an unsafe socket directory) or that crashed it (a
+/// `refresh_interval` so large the first read panicked). Each is refused by both, with the
+/// same message, before anything starts.
+#[test]
+fn check_config_refuses_what_run_refuses() {
+    use std::os::unix::fs::PermissionsExt;
+    let b = Agent::builder("checkall").secret("s", "v").allow_uid(0);
+    let config = b.write();
+    let dir = b.into_dir();
+    let d = dir.path();
+    let original = std::fs::read_to_string(&config).unwrap();
+    let short_key = d.join("short.key");
+    std::fs::write(&short_key, "k\n").unwrap();
+    std::fs::set_permissions(&short_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let open_key = d.join("open.key");
+    std::fs::write(&open_key, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let open_dir = d.join("open");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let line_of = |text: &str, prefix: &str| text.lines().position(|l| l.starts_with(prefix)).unwrap() + 1;
+
+    /// The expected stderr, given the config text.
+    type Want<'a> = Box<dyn Fn(&str) -> String + 'a>;
+    let cases: Vec<(&str, String, Want<'_>)> = vec![
+        (
+            "missing socket group",
+            original.replace(
+                "loopback_only = true\n",
+                "loopback_only = true\nsocket_group = \"kvb-no-such-group\"\n",
+            ),
+            Box::new(|_| "kvbroker: socket_group \"kvb-no-such-group\": no such group\n".to_owned()),
+        ),
+        (
+            "world-writable socket directory",
+            original.replace(
+                &format!("socket = \"{}\"", d.join("agent.sock").display()),
+                &format!("socket = \"{}\"", open_dir.join("agent.sock").display()),
+            ),
+            Box::new(|_| {
+                format!(
+                    "kvbroker: {p}: the socket's directory is writable by group or others (mode 0777): run `chmod go-w {p}`\n",
+                    p = open_dir.display()
+                )
+            }),
+        ),
+        (
+            "1-byte HMAC key",
+            original.replace(
+                "durability = \"write\"\n",
+                &format!("durability = \"write\"\nhmac_key_file = {short_key:?}\n"),
+            ),
+            Box::new(|_| {
+                format!(
+                    "kvbroker: {}: cannot use the audit HMAC key: the HMAC key is shorter than 16 bytes: use at least 16 random bytes\n",
+                    short_key.display()
+                )
+            }),
+        ),
+        (
+            "HMAC key readable by others",
+            original.replace(
+                "durability = \"write\"\n",
+                &format!("durability = \"write\"\nhmac_key_file = {open_key:?}\n"),
+            ),
+            Box::new(|_| {
+                format!(
+                    "kvbroker: {}: cannot use the audit HMAC key: readable by group or others: run chmod 600 on it\n",
+                    open_key.display()
+                )
+            }),
+        ),
+        (
+            "duration past 10 years",
+            original.replace("[cache]\n", "[cache]\nrefresh_interval = \"11years\"\n"),
+            Box::new(|text| {
+                format!(
+                    "kvbroker: {}:{}: key `refresh_interval`: duration \"11years\" is longer than 10 years: write a shorter one\n",
+                    config.display(),
+                    line_of(text, "refresh_interval")
+                )
+            }),
+        ),
+    ];
+    for (what, text, want) in &cases {
+        assert_ne!(text, &original, "{what}: the edit applied");
+        std::fs::write(&config, text).unwrap();
+        let want = want(text);
+        for cmd in ["check-config", "run"] {
+            // `timeout`: a `run` that wrongly starts must not hang the test.
+            let (code, out, err) = run(Command::new("timeout")
+                .arg("20")
+                .arg(bin("kvbroker"))
+                .args([cmd, "--config"])
+                .arg(&config));
+            assert_eq!((code, out.as_str(), err.as_str()), (1, "", want.as_str()), "{what}: {cmd}");
+        }
+    }
+    assert!(!d.join("agent.sock").exists() && !open_dir.join("agent.sock").exists(), "nothing was served");
 }

@@ -8,6 +8,7 @@ mod audit_log;
 mod azure_edges;
 mod cache;
 mod cli_errors;
+mod connections;
 mod doctor;
 mod emulator;
 mod emulator_cli;

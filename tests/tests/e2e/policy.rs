@@ -346,36 +346,58 @@ fn flood_from_one_uid_is_limited_without_starving_others() {
     agent.assert_no_canary(&[&value], &[&out, &body]);
 }
 
-/// Past the per-uid connection cap, requests on the extra connection get 429.
+/// Past the per-uid connection cap with every connection busy, a new connection's request
+/// gets 429 and the connection is closed (issue 13: it was kept open, answering 429 forever);
+/// with an idle one among them, the longest-idle connection gives way instead.
 #[test]
 fn connection_cap_per_uid() {
-    let agent =
-        Agent::builder("conns").secret("s", "v").allow_uid(0).limits("connections_per_uid = 2").start();
+    let agent = Agent::builder("conns")
+        .secret("s", "v")
+        .allow_uid(0)
+        .latency("1500ms")
+        .limits("connections_per_uid = 2")
+        .start();
     let open = || {
         let s = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s
     };
-    let ask = |s: &mut std::os::unix::net::UnixStream| {
+    let send = |s: &mut std::os::unix::net::UnixStream| {
         s.write_all(b"GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    };
+    let answer = |s: &mut std::os::unix::net::UnixStream| {
         let mut buf = [0u8; 4096];
         let n = s.read(&mut buf).unwrap();
         String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let closed = |s: &mut std::os::unix::net::UnixStream| {
+        let mut buf = [0u8; 16];
+        matches!(s.read(&mut buf), Ok(0) | Err(_))
     };
     // The harness's readiness probes were uid 0's connections too: let the agent finish
     // closing them, so the only open connections are this test's.
     std::thread::sleep(Duration::from_millis(500));
     let (mut a, mut b) = (open(), open());
-    assert!(ask(&mut a).starts_with("HTTP/1.1 200"));
-    assert!(ask(&mut b).starts_with("HTTP/1.1 200"));
+    send(&mut a);
+    send(&mut b);
+    std::thread::sleep(Duration::from_millis(200));
+    // Both in flight (the vault takes 1.5 s): a third connection is refused, then closed.
     let mut c = open();
-    let third = ask(&mut c);
+    send(&mut c);
+    let third = answer(&mut c);
     assert!(third.starts_with("HTTP/1.1 429"), "{third}");
     assert!(third.contains("too many open connections"), "{third}");
-    drop(a);
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(third.to_ascii_lowercase().contains("connection: close"), "{third}");
+    assert!(closed(&mut c), "the refused connection is closed at once");
+    assert!(answer(&mut a).starts_with("HTTP/1.1 200"));
+    assert!(answer(&mut b).starts_with("HTTP/1.1 200"));
+    // Both idle now: a new connection makes the longest-idle one (a) give way.
     let mut d = open();
-    assert!(ask(&mut d).starts_with("HTTP/1.1 200"), "a slot frees when a connection closes");
+    send(&mut d);
+    assert!(answer(&mut d).starts_with("HTTP/1.1 200"), "an idle connection gave way");
+    assert!(closed(&mut a), "the longest-idle connection was closed");
+    send(&mut b);
+    assert!(answer(&mut b).starts_with("HTTP/1.1 200"), "the other one still serves");
 }
 
 /// The agent refuses a socket directory that others can write (they could swap the socket).

@@ -143,8 +143,18 @@ fn retry_wait(retry_after: Option<Duration>) -> Duration {
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| std::io::Error::other("not a file path"))?;
-    let tmp = dir.join(format!(".{}.kvb-{}", name.to_string_lossy(), std::process::id()));
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+    // An unpredictable temporary name, created with O_EXCL (never through a file or symlink
+    // someone else put there) and retried on a clash: someone who can write the directory
+    // can neither guess it in advance nor make the write fail by squatting a name.
+    let mut attempt = 0;
+    let (tmp, mut f) = loop {
+        let tmp = dir.join(format!(".{}.kvb-{}", name.to_string_lossy(), random_suffix()));
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp) {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    };
     let written = f.write_all(bytes).and_then(|()| f.sync_all()).and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -152,9 +162,52 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     written
 }
 
+/// 128 random bits in hex, from the kernel (falling back to std's randomly keyed hasher).
+fn random_suffix() -> String {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
+        use std::hash::{BuildHasher, Hasher};
+        for chunk in b.chunks_mut(8) {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos(),
+            );
+            chunk.copy_from_slice(&h.finish().to_le_bytes());
+        }
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 13: the temporary name was `.NAME.kvb-PID`, so anyone who could write the
+    /// directory could squat it and make `kvb get -o` fail. The old name no longer matters,
+    /// the file is 0600, and no temporary file is left behind.
+    #[test]
+    fn write_private_survives_a_squatted_temporary_name() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("kvb-wp-{}", random_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("out");
+        let squat = dir.join(format!(".out.kvb-{}", std::process::id()));
+        std::fs::write(&squat, "someone else's").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.join(".out.kvb-0")).unwrap();
+        write_private(&out, b"value").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"value");
+        assert_eq!(std::fs::metadata(&out).unwrap().permissions().mode() & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 3, "only out and the two squatters: {left:?}");
+        let a = random_suffix();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, random_suffix());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn retry_waits_follow_retry_after_within_the_cap() {

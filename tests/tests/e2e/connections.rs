@@ -1,0 +1,99 @@
+//! Connection budgets (issue 13): at systemd's default fd limit, one uid holding many
+//! connections starved the agent, and one worker leaking idle connections locked its uid's
+//! other processes out.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvbroker_tests::{Agent, Proc, bin, canary, kvb, raw_get, run};
+
+const NOBODY: u32 = 65534;
+
+/// `kvbroker-connhold` as `uid`, holding `count` connections until dropped; returns it and
+/// its report (`held N ok M`).
+fn hold(socket: &std::path::Path, uid: u32, count: usize, request: bool) -> (Proc, String) {
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={uid}")).arg(format!("--regid={uid}")).arg("--clear-groups");
+    // Its own fd limit, above what it opens.
+    cmd.arg("prlimit").arg("--nofile=4096:4096").arg("--").arg(bin("kvbroker-connhold"));
+    cmd.arg(socket).arg(count.to_string());
+    if request {
+        cmd.arg("--request");
+    }
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    let mut child = cmd.spawn().expect("spawn kvbroker-connhold");
+    let stdout = child.stdout.take().unwrap();
+    let proc = Proc::adopt(child);
+    // Bounded: the holder gives up on each connection after 5 s; 1,100 of them answered at
+    // once take well under a minute even on a loaded machine.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(120)).expect("kvbroker-connhold reported in time");
+    (proc, line.trim().to_owned())
+}
+
+fn held(report: &str) -> (usize, usize) {
+    let w: Vec<&str> = report.split_whitespace().collect();
+    assert_eq!((w.len(), w[0], w[2]), (4, "held", "ok"), "{report}");
+    (w[1].parse().unwrap(), w[3].parse().unwrap())
+}
+
+/// Another uid holding 1,100 keep-alive connections (each polling `/v1/health`) against an
+/// agent at a 1,024-fd limit: root still reads within a second; the holder keeps at most
+/// its cap, and over-cap connections were answered 429 and closed, not kept.
+#[test]
+fn another_uids_1100_connections_leave_room_for_root() {
+    let value = canary("fds");
+    let agent =
+        Agent::builder("fds").secret("db", &value).allow_uid(0).socket_mode("0666").nofile(1024).start();
+    let (holder, report) = hold(&agent.socket, NOBODY, 1100, true);
+    let (open, ok) = held(&report);
+    let t = Instant::now();
+    let answer = raw_get(&agent.socket, "/v1/secrets/db", &[]);
+    let took = t.elapsed();
+    let (status, body) = answer.unwrap_or_else(|e| panic!("root's read failed after {took:?}: {e}"));
+    assert_eq!(status, 200, "root's read, with {report}");
+    assert!(body.contains(&value), "root's read returned the value");
+    assert!(took < Duration::from_secs(1), "root's read took {took:?}");
+    assert!(open <= 256, "the uid holds at most its cap: {report}");
+    assert!(ok >= 200, "its connections up to the cap are served: {report}");
+    let (code, _, _) = run(kvb(&agent.socket, None).args(["get", "db"]).stdout(Stdio::null()));
+    assert_eq!(code, 0);
+    eprintln!("root read with {open} held by uid {NOBODY}: {took:?}");
+    drop(holder);
+    // The agent is still well and serving after the holder goes.
+    assert_eq!(raw_get(&agent.socket, "/v1/health", &[]).unwrap().0, 200);
+    agent.assert_no_canary(&[&value], &[]);
+}
+
+/// A worker leaking 1,000 idle connections does not lock out its own uid: a fresh read by
+/// another process of that uid is served (the longest-idle connection gives way).
+#[test]
+fn idle_connections_of_a_uid_give_way_to_a_fresh_read() {
+    let value = canary("idle");
+    let agent = Agent::builder("idle")
+        .secret("db", &value)
+        .allow_uid(NOBODY)
+        .socket_mode("0666")
+        .nofile(1024)
+        .start();
+    let (_holder, report) = hold(&agent.socket, NOBODY, 1000, true);
+    let (open, ok) = held(&report);
+    let t = Instant::now();
+    let (code, out, err) = run(kvb(&agent.socket, Some(NOBODY)).args(["get", "db"]));
+    let took = t.elapsed();
+    assert!(
+        code == 0 && out.trim_end() == value,
+        "kvb get as uid {NOBODY} with {report}: exit {code}, {err}"
+    );
+    assert!(took < Duration::from_secs(1), "the fresh read took {took:?}");
+    assert!(open >= 100, "the leaked connections are held: {report}");
+    assert_eq!(ok, 1000, "each of them was served in turn: {report}");
+    eprintln!("fresh read by uid {NOBODY} with {open} idle connections held: {took:?}");
+    agent.assert_no_canary(&[&value], &[&err]);
+}
