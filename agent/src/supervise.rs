@@ -132,8 +132,11 @@ mod tests {
                 std::future::pending::<()>().await;
             }
         });
-        // The first restart comes after a 1 s back-off.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The first restart comes after a 1 s back-off (waited for, not timed: CI is busy).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while runs.load(Ordering::SeqCst) < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(runs.load(Ordering::SeqCst), 2, "restarted once");
         let reasons = tasks.health_reasons();
         assert_eq!(reasons.len(), 1);
