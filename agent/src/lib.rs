@@ -81,6 +81,34 @@ pub enum Error {
     Runtime(std::io::Error),
 }
 
+/// Entry points for the fuzz targets in `proto/fuzz/` (docs/fuzzing.md), for parsers that are
+/// not otherwise public. Not an API: nothing outside the fuzz targets may use it.
+#[doc(hidden)]
+pub mod fuzz_api {
+    use std::path::Path;
+
+    /// Parses and validates policy text, as `Policy::load` does after reading the file.
+    pub fn policy_from_toml(text: &str) -> Result<(), String> {
+        crate::policy::Policy::from_toml(Path::new("fuzz/policy.toml"), text)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Parses and validates config text, as `Config::load` does after reading the file.
+    pub fn config_from_toml(text: &str) -> Result<(), String> {
+        crate::config::Config::from_toml(Path::new("fuzz/config.toml"), text)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// `kvbroker audit verify` over `bytes` as the one log file, with `key` if given.
+    pub fn audit_verify(bytes: &[u8], key: Option<&[u8]>) -> Result<u64, String> {
+        crate::audit::verify::verify_bytes(Path::new("fuzz/audit.log"), bytes, key)
+            .map(|v| v.records)
+            .map_err(|e| e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod layering {
     //! The module map in this crate's doc, enforced: every `crate::…` path in a module names

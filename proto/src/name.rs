@@ -333,4 +333,16 @@ mod tests {
         let e = "a.b/db".parse::<SecretPath>().unwrap_err().to_string();
         assert!(e.starts_with("invalid vault alias"), "{e}");
     }
+
+    /// From the `names` fuzz target (docs/fuzzing.md): a version written with capitals parses,
+    /// and prints in lowercase, its one form (serde too), which parses to an equal version.
+    #[test]
+    fn version_prints_lowercase_and_round_trips() {
+        let v: VersionId = "9fDc0000000000000000000000000000".parse().unwrap();
+        assert_eq!(v.to_string(), "9fdc0000000000000000000000000000");
+        assert_eq!(v.to_string().parse::<VersionId>().unwrap(), v);
+        let json = serde_json::to_string(&v).unwrap();
+        assert_eq!(json, "\"9fdc0000000000000000000000000000\"");
+        assert_eq!(serde_json::from_str::<VersionId>(&json).unwrap(), v);
+    }
 }

@@ -33,6 +33,18 @@ pub struct VerifyError {
 
 /// Verifies `paths` as one chain, in the order given; `key` for logs in keyed (HMAC) mode.
 pub fn verify(paths: &[PathBuf], key: Option<&[u8]>) -> Result<Verified, VerifyError> {
+    verify_with(paths, key, &|p: &Path| std::fs::read(p))
+}
+
+/// [`verify`] over bytes given for one file, without touching the filesystem (the fuzz
+/// target `audit_verify`, docs/fuzzing.md). `name` only appears in errors.
+pub fn verify_bytes(name: &Path, bytes: &[u8], key: Option<&[u8]>) -> Result<Verified, VerifyError> {
+    verify_with(&[name.to_owned()], key, &|_: &Path| Ok(bytes.to_vec()))
+}
+
+type Read<'a> = dyn Fn(&Path) -> std::io::Result<Vec<u8>> + 'a;
+
+fn verify_with(paths: &[PathBuf], key: Option<&[u8]>, read: &Read<'_>) -> Result<Verified, VerifyError> {
     let mut v = Verified { records: 0, files: 0, first_seq: 0, last_seq: 0, head: String::new() };
     let mut prev: Option<(u64, String)> = None;
     for path in paths {
@@ -42,7 +54,7 @@ pub fn verify(paths: &[PathBuf], key: Option<&[u8]>) -> Result<Verified, VerifyE
             kind,
             detail,
         };
-        let bytes = std::fs::read(path).map_err(|e| err(0, "unreadable", e.to_string()))?;
+        let bytes = read(path).map_err(|e| err(0, "unreadable", e.to_string()))?;
         v.files += 1;
         for (i, raw) in bytes.split_inclusive(|&b| b == b'\n').enumerate() {
             let n = i + 1;
@@ -53,7 +65,7 @@ pub fn verify(paths: &[PathBuf], key: Option<&[u8]>) -> Result<Verified, VerifyE
                 return Err(err(n, "modified", "the line does not end in a hash field".into()));
             };
             if !chain::same(&chain::hash_of(&body, key), claimed) {
-                if key.is_none() && says_keyed(paths) {
+                if key.is_none() && says_keyed(paths, read) {
                     return Err(err(n, "keyed", "this log is keyed: give --key-file".into()));
                 }
                 return Err(err(n, "modified", "the record's hash does not match its content".into()));
@@ -76,9 +88,9 @@ pub fn verify(paths: &[PathBuf], key: Option<&[u8]>) -> Result<Verified, VerifyE
 /// Whether any record of `paths` says its chain is keyed (`"chain":"hmac-sha256"` on
 /// `agent.start` or `audit.rotated`). Only consulted when a hash fails without a key, to
 /// tell "give the key" from "modified"; the records are not trusted for anything else.
-fn says_keyed(paths: &[PathBuf]) -> bool {
+fn says_keyed(paths: &[PathBuf], read: &Read<'_>) -> bool {
     paths.iter().any(|p| {
-        std::fs::read(p).is_ok_and(|bytes| {
+        read(p).is_ok_and(|bytes| {
             bytes.split(|&b| b == b'\n').any(|line| {
                 serde_json::from_slice::<AuditRecord>(line)
                     .is_ok_and(|r| r.chain.as_deref() == Some(chain::KEYED))
