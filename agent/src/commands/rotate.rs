@@ -264,10 +264,7 @@ fn failure(
     match e.kind() {
         ErrorKind::HttpResponse { status, raw_response, .. } => {
             let code = u16::from(*status);
-            let kv = raw_response.as_ref().map_or_else(
-                || KvError { status: code, ..KvError::default() },
-                |r| KvError::parse(code, r.body()),
-            );
+            let kv = KvError::of_response(code, raw_response.as_deref());
             let advice = match (code, kv.inner.as_deref()) {
                 (403, Some("ForbiddenByRbac")) => format!(
                     "writing needs a role that allows setting secrets: assign {who} Key Vault Secrets Officer on the vault"
@@ -283,7 +280,7 @@ fn failure(
             refused(format!("{} (as {who}); {advice}", kv.summary()))
         }
         ErrorKind::Credential => {
-            let reason = identity::one_line(&chain(e));
+            let reason = identity::one_line(&identity::error_chain(e));
             let fix = if reason.contains("Azure CLI") || reason.contains("az ") || who.contains("Azure CLI") {
                 "install the Azure CLI and run az login, or pass --identity auto on a node with a managed identity"
             } else {
@@ -291,24 +288,12 @@ fn failure(
             };
             RotateError::Credential { who: who.to_owned(), reason, fix }
         }
-        ErrorKind::Io | ErrorKind::Connection => {
-            RotateError::Unreachable { url: url.to_owned(), reason: identity::one_line(&chain(e)) }
-        }
-        _ => refused(identity::one_line(&chain(e))),
+        ErrorKind::Io | ErrorKind::Connection => RotateError::Unreachable {
+            url: url.to_owned(),
+            reason: identity::one_line(&identity::error_chain(e)),
+        },
+        _ => refused(identity::one_line(&identity::error_chain(e))),
     }
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !out.contains(&m) {
-            out = format!("{out}: {m}");
-        }
-        cur = c.source();
-    }
-    out
 }
 
 /// `n` random bytes from the OS, as unpadded base64url text.

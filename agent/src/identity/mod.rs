@@ -320,6 +320,22 @@ fn unreachable_auto() -> ! {
     panic!("identity source auto was not resolved")
 }
 
+/// An error and its causes, one line: the SDK's top message often hides the cause (the
+/// loopback guard, a refused connection). These errors never carry values or tokens.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string().replace('\n', " ");
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string().replace('\n', " ");
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        cur = c.source();
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

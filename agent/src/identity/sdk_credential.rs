@@ -39,19 +39,6 @@ fn network_cause(e: &azure_core::Error) -> bool {
     false
 }
 
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !out.contains(&m) {
-            out = format!("{out}: {m}");
-        }
-        cur = c.source();
-    }
-    out
-}
-
 #[async_trait::async_trait]
 impl<C: TokenCredential + ?Sized> TokenCredential for Labelled<C> {
     async fn get_token(
@@ -86,7 +73,7 @@ impl<C: ?Sized> Labelled<C> {
             // Credential errors: permanent, unless a network error lies underneath.
             ErrorKind::Credential => {
                 let network = network_cause(&e);
-                failure(None, one_line(&chain(&e)), false).with_permanent(!network)
+                failure(None, one_line(&super::error_chain(&e)), false).with_permanent(!network)
             }
             _ => return e,
         };

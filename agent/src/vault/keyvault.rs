@@ -208,10 +208,7 @@ impl KeyVaultBackend {
         match e.kind() {
             ErrorKind::HttpResponse { status, raw_response, .. } => {
                 let code = u16::from(*status);
-                let kv = raw_response.as_ref().map_or_else(
-                    || KvError { status: code, ..KvError::default() },
-                    |r| KvError::parse(code, r.body()),
-                );
+                let kv = KvError::of_response(code, raw_response.as_deref());
                 let retry_after =
                     raw_response.as_ref().and_then(|r| kv_error::retry_after(r.headers(), SystemTime::now()));
                 if code != 429 {
@@ -263,7 +260,7 @@ impl KeyVaultBackend {
             ErrorKind::Credential => {
                 let failure = identity_failure(e);
                 let permanent = failure.is_some_and(|f| f.permanent);
-                let why = failure.map_or_else(|| chain(e), ToString::to_string);
+                let why = failure.map_or_else(|| crate::identity::error_chain(e), ToString::to_string);
                 (
                     unavailable(format!(
                         "{} could not get a token for Key Vault {}: {why}",
@@ -274,10 +271,21 @@ impl KeyVaultBackend {
                 )
             }
             ErrorKind::Io | ErrorKind::Connection => (
-                unavailable(format!("cannot reach Key Vault {}: {}", self.url, chain(e))),
+                unavailable(format!(
+                    "cannot reach Key Vault {}: {}",
+                    self.url,
+                    crate::identity::error_chain(e)
+                )),
                 Some(Duration::ZERO),
             ),
-            _ => (unavailable(format!("Key Vault {} call failed: {}", self.url, chain(e))), None),
+            _ => (
+                unavailable(format!(
+                    "Key Vault {} call failed: {}",
+                    self.url,
+                    crate::identity::error_chain(e)
+                )),
+                None,
+            ),
         }
     }
 
@@ -370,22 +378,6 @@ struct WireAttrs {
     enabled: Option<bool>,
     nbf: Option<i64>,
     exp: Option<i64>,
-}
-
-/// An error and its causes, one line: the SDK's top message often hides the cause (the
-/// loopback guard, a refused connection). These errors never carry values or tokens.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string().replace('\n', " ");
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string().replace('\n', " ");
-        if !out.contains(&m) {
-            out.push_str(": ");
-            out.push_str(&m);
-        }
-        cur = c.source();
-    }
-    out
 }
 
 /// The identity endpoint's failure inside a credential error, wherever the SDK put it.

@@ -22,6 +22,11 @@ pub(crate) struct KvError {
 }
 
 impl KvError {
+    /// From an SDK response error: its status, and its body when the SDK kept one.
+    pub(crate) fn of_response(status: u16, raw: Option<&azure_core::http::RawResponse>) -> Self {
+        raw.map_or_else(|| KvError { status, ..KvError::default() }, |r| KvError::parse(status, r.body()))
+    }
+
     pub(crate) fn parse(status: u16, body: &[u8]) -> Self {
         let v: Option<serde_json::Value> = serde_json::from_slice(body).ok();
         let err = v.as_ref().and_then(|v| v.get("error"));
