@@ -6,17 +6,31 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kvbroker_tests::{Agent, Proc, bin, canary, kvb, raw_get, run};
+use kvbroker_tests::{Agent, Proc, TempDir, bin, canary, kvb, raw_get, run};
 
 const NOBODY: u32 = 65534;
 
 /// `kvbroker-connhold` as `uid`, holding `count` connections until dropped; returns it and
 /// its report (`held N ok M`).
-fn hold(socket: &std::path::Path, uid: u32, count: usize, request: bool) -> (Proc, String) {
+/// A copy of a built binary that `uid` can run: the checkout may sit in a directory only
+/// root can enter (a fresh CI clone under `mktemp -d`), which another uid cannot exec from.
+fn runnable_by_anyone(dir: &TempDir, name: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.path().join(name);
+    std::fs::copy(bin(name), &p).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn hold(socket: &std::path::Path, uid: u32, count: usize, request: bool) -> (Proc, String, TempDir) {
+    let bins = TempDir::new("connhold-bin");
     let mut cmd = Command::new("setpriv");
     cmd.arg(format!("--reuid={uid}")).arg(format!("--regid={uid}")).arg("--clear-groups");
     // Its own fd limit, above what it opens.
-    cmd.arg("prlimit").arg("--nofile=4096:4096").arg("--").arg(bin("kvbroker-connhold"));
+    cmd.arg("prlimit")
+        .arg("--nofile=4096:4096")
+        .arg("--")
+        .arg(runnable_by_anyone(&bins, "kvbroker-connhold"));
     cmd.arg(socket).arg(count.to_string());
     if request {
         cmd.arg("--request");
@@ -34,7 +48,7 @@ fn hold(socket: &std::path::Path, uid: u32, count: usize, request: bool) -> (Pro
         let _ = tx.send(line);
     });
     let line = rx.recv_timeout(Duration::from_secs(120)).expect("kvbroker-connhold reported in time");
-    (proc, line.trim().to_owned())
+    (proc, line.trim().to_owned(), bins)
 }
 
 fn held(report: &str) -> (usize, usize) {
@@ -51,7 +65,7 @@ fn another_uids_1100_connections_leave_room_for_root() {
     let value = canary("fds");
     let agent =
         Agent::builder("fds").secret("db", &value).allow_uid(0).socket_mode("0666").nofile(1024).start();
-    let (holder, report) = hold(&agent.socket, NOBODY, 1100, true);
+    let (holder, report, _bins) = hold(&agent.socket, NOBODY, 1100, true);
     let (open, ok) = held(&report);
     let t = Instant::now();
     let answer = raw_get(&agent.socket, "/v1/secrets/db", &[]);
@@ -82,10 +96,13 @@ fn idle_connections_of_a_uid_give_way_to_a_fresh_read() {
         .socket_mode("0666")
         .nofile(1024)
         .start();
-    let (_holder, report) = hold(&agent.socket, NOBODY, 1000, true);
+    let (_holder, report, bins) = hold(&agent.socket, NOBODY, 1000, true);
     let (open, ok) = held(&report);
     let t = Instant::now();
-    let (code, out, err) = run(kvb(&agent.socket, Some(NOBODY)).args(["get", "db"]));
+    let mut as_nobody = Command::new("setpriv");
+    as_nobody.arg(format!("--reuid={NOBODY}")).arg(format!("--regid={NOBODY}")).arg("--clear-groups");
+    as_nobody.arg(runnable_by_anyone(&bins, "kvb")).env("KVBROKER_SOCKET", &agent.socket);
+    let (code, out, err) = run(as_nobody.args(["get", "db"]));
     let took = t.elapsed();
     assert!(
         code == 0 && out.trim_end() == value,
