@@ -345,4 +345,66 @@ mod tests {
         assert_eq!(json, "\"9fdc0000000000000000000000000000\"");
         assert_eq!(serde_json::from_str::<VersionId>(&json).unwrap(), v);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        const NAME_CHARS: &[char] = &['a', 'z', 'A', 'Z', '0', '9', '-', 'q', 'Q', '5'];
+        const VAULT_CHARS: &[char] = &['a', 'Z', '0', '-', '_', 'k'];
+
+        fn word(
+            chars: &'static [char],
+            len: std::ops::RangeInclusive<usize>,
+        ) -> impl Strategy<Value = String> {
+            prop::collection::vec(prop::sample::select(chars), len).prop_map(|v| v.into_iter().collect())
+        }
+
+        proptest! {
+            /// Every valid name parses, prints as written, and parses back equal (also
+            /// through serde); its key is its lowercase form.
+            #[test]
+            fn valid_names_round_trip(name in word(NAME_CHARS, 1..=127)) {
+                let n: SecretName = name.parse().unwrap();
+                prop_assert_eq!(n.as_str(), name.as_str());
+                prop_assert_eq!(n.key(), name.to_ascii_lowercase());
+                prop_assert_eq!(n.to_string().parse::<SecretName>().unwrap(), n.clone());
+                let json = serde_json::to_string(&n).unwrap();
+                prop_assert_eq!(serde_json::from_str::<SecretName>(&json).unwrap(), n);
+            }
+
+            /// `VAULT/NAME` and `NAME` round-trip through Display and FromStr, keeping the parts.
+            #[test]
+            fn paths_round_trip(vault in prop::option::of(word(VAULT_CHARS, 1..=64)),
+                                name in word(NAME_CHARS, 1..=127)) {
+                let text = match &vault { Some(v) => format!("{v}/{name}"), None => name.clone() };
+                let p: SecretPath = text.parse().unwrap();
+                prop_assert_eq!(p.to_string(), text.clone());
+                prop_assert_eq!(p.vault().map(VaultAlias::as_str), vault.as_deref());
+                prop_assert_eq!(p.name().as_str(), name.as_str());
+                prop_assert_eq!(text.parse::<SecretPath>().unwrap(), p);
+            }
+
+            /// Any string with a character outside the alphabet, or of a wrong length, is
+            /// refused, and the error says nothing of the input.
+            #[test]
+            fn invalid_names_are_refused(s in ".{0,140}") {
+                let ok = (1..=127).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+                let parsed = s.parse::<SecretName>();
+                prop_assert_eq!(parsed.is_ok(), ok);
+                if let Err(e) = parsed {
+                    prop_assert!(s.is_empty() || !e.to_string().contains(&s));
+                }
+            }
+
+            /// Versions: any 16 bytes print as 32 lowercase hex and parse back; upper case
+            /// parses to the same version.
+            #[test]
+            fn versions_round_trip(bytes in any::<[u8; 16]>()) {
+                let v = VersionId::from_bytes(bytes);
+                prop_assert_eq!(v.as_str().parse::<VersionId>().unwrap(), v.clone());
+                prop_assert_eq!(v.as_str().to_ascii_uppercase().parse::<VersionId>().unwrap(), v);
+            }
+        }
+    }
 }

@@ -152,6 +152,13 @@ fn cells(r: &AuditRecord) -> [String; 8] {
 /// `SecretNotFound: secret db in vault default not found`. A denial or error record also names
 /// the rule that allowed the read before it failed, but the reason is what a reader wants.
 fn why(r: &AuditRecord) -> String {
+    match r.count {
+        Some(n) => format!("{} (×{n} in one second)", why_one(r)),
+        None => why_one(r),
+    }
+}
+
+fn why_one(r: &AuditRecord) -> String {
     let failed = matches!(r.outcome, Some(Outcome::Denied | Outcome::Error));
     if !failed {
         return r.rule.clone().or_else(|| r.reason.clone()).unwrap_or_else(|| "-".into());
@@ -202,10 +209,12 @@ pub fn query(files: &[PathBuf], filter: &Filter, json: bool, summary: bool) -> R
                 (p.uid, p.unit.clone().or_else(|| p.exe.clone()).unwrap_or_else(|| "-".into()))
             });
             let e = counts.entry((secret, uid, who)).or_default();
+            // A refusal summary record stands for `count` refused requests.
+            let n = r.count.unwrap_or(1);
             match r.outcome {
-                Some(Outcome::Allowed) => e.0 += 1,
-                Some(Outcome::Denied) => e.1 += 1,
-                _ => e.2 += 1,
+                Some(Outcome::Allowed) => e.0 += n,
+                Some(Outcome::Denied) => e.1 += n,
+                _ => e.2 += n,
             }
         }
         let rows = counts.iter().map(|((secret, uid, who), (a, d, e))| {
@@ -410,6 +419,22 @@ mod tests {
             true
         });
         assert_eq!(lines, ["(unreadable line) {\"not\\u{1b}json\n"]);
+    }
+
+    /// Issue 13: a refusal summary stands for `count` requests; counting it once hid a flood
+    /// from `--summary`.
+    #[test]
+    fn summary_adds_up_the_counts_of_refusal_summaries() {
+        let mut flood = read(65534, "/usr/bin/curl", "db", Outcome::Denied);
+        (flood.rule, flood.error, flood.reason, flood.count) =
+            (None, Some(ErrorCode::PermissionDenied), Some("no rule matches".into()), Some(19_800));
+        let mut single = flood.clone();
+        single.count = None;
+        let out =
+            query_of(&[read(65534, "/usr/bin/curl", "db", Outcome::Allowed), single, flood.clone()], true);
+        assert!(out.contains("19802 read(s) by 1 caller/secret pair(s); 19801 denied"), "{out}");
+        let table = query_of(&[flood], false);
+        assert!(table.lines().nth(1).unwrap().ends_with("no rule matches (×19800 in one second)"), "{table}");
     }
 
     #[test]

@@ -378,3 +378,112 @@ fn open_with_key_refuses_a_short_key() {
     assert!(matches!(&e, AuditError::Key { .. }), "{e}");
     assert!(e.to_string().contains("shorter than 16 bytes"), "{e}");
 }
+
+/// Property tests of the chain: any one change to a sealed log is caught by `verify`.
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `n` chained lines as the writer seals them, with or without a key.
+    fn log(n: u64, key: Option<&[u8]>) -> Vec<Vec<u8>> {
+        let mut prev = chain::GENESIS.to_owned();
+        (1..=n)
+            .map(|i| {
+                let mut r = read(i);
+                r.seq = i;
+                r.ts = format!("2026-11-22T10:00:{:02}.000000Z", i % 60);
+                r.prev = prev.clone();
+                let (line, hash) = chain::seal(serde_json::to_vec(&r).unwrap(), key);
+                prev = hash;
+                line
+            })
+            .collect()
+    }
+
+    fn check(lines: &[Vec<u8>], key: Option<&[u8]>) -> Result<verify::Verified, verify::VerifyError> {
+        verify::verify_bytes(Path::new("audit.jsonl"), &lines.concat(), key)
+    }
+
+    /// One way to damage a log. Cutting records off either end is not among them: a chain
+    /// cannot see its own ends cut off. `verify` prints the first and last `seq` it saw, and
+    /// checkpoints kept off the node catch a cut (docs/audit.md).
+    #[derive(Debug, Clone)]
+    enum Damage {
+        /// Replace byte `at` (mod the line's length, newline excluded) of line `line` by `xor`.
+        Flip { line: usize, at: usize, xor: u8 },
+        /// Remove line `line` (never the first or the last).
+        Remove { line: usize },
+        /// Swap line `line` with the next.
+        Swap { line: usize },
+        /// Insert a copy of line `from` before line `at`.
+        Duplicate { from: usize, at: usize },
+        /// Insert a freshly sealed record (a forger without the key) before line `at`.
+        Forge { at: usize },
+    }
+
+    fn damage() -> impl Strategy<Value = Damage> {
+        prop_oneof![
+            (any::<usize>(), any::<usize>(), 1..=255u8).prop_map(|(line, at, xor)| Damage::Flip {
+                line,
+                at,
+                xor
+            }),
+            any::<usize>().prop_map(|line| Damage::Remove { line }),
+            any::<usize>().prop_map(|line| Damage::Swap { line }),
+            (any::<usize>(), any::<usize>()).prop_map(|(from, at)| Damage::Duplicate { from, at }),
+            any::<usize>().prop_map(|at| Damage::Forge { at }),
+        ]
+    }
+
+    fn apply(lines: &mut Vec<Vec<u8>>, d: &Damage, key: Option<&[u8]>) {
+        let n = lines.len();
+        match *d {
+            Damage::Flip { line, at, xor } => {
+                let l = &mut lines[line % n];
+                let i = at % (l.len() - 1);
+                l[i] ^= xor;
+            }
+            Damage::Remove { line } => {
+                lines.remove(1 + line % (n - 2));
+            }
+            Damage::Swap { line } => lines.swap(line % (n - 1), line % (n - 1) + 1),
+            Damage::Duplicate { from, at } => {
+                let dup = lines[from % n].clone();
+                lines.insert(at % n, dup);
+            }
+            Damage::Forge { at } => {
+                // A forger who can write the log recomputes an unkeyed hash over a record
+                // that claims to continue the line before.
+                let at = at % n;
+                let prev_line = if at == 0 { None } else { Some(&lines[at - 1]) };
+                let mut r = read(999);
+                r.seq = at as u64 + 1;
+                r.prev = prev_line.map_or_else(
+                    || chain::GENESIS.to_owned(),
+                    |l| chain::unseal(&l[..l.len() - 1]).unwrap().1.to_owned(),
+                );
+                let forger_key = key.map(|_| b"not-the-key-0123456789".as_slice());
+                let (line, _) = chain::seal(serde_json::to_vec(&r).unwrap(), forger_key);
+                lines.insert(at, line);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// An intact log verifies; one damaged anywhere (a changed byte, a removed, swapped,
+        /// duplicated or forged record) does not, keyed or not. A forged record is always
+        /// followed by a real one here, whose `prev` no longer fits.
+        #[test]
+        fn any_single_damage_is_detected(n in 3u64..12, d in damage(), keyed in any::<bool>()) {
+            let key: Option<&[u8]> = keyed.then_some(b"0123456789abcdef-audit-key".as_slice());
+            let mut lines = log(n, key);
+            prop_assert!(check(&lines, key).is_ok());
+            let before = lines.clone();
+            apply(&mut lines, &d, key);
+            prop_assume!(lines != before);
+            prop_assert!(check(&lines, key).is_err(), "undetected: {:?}", d);
+        }
+    }
+}

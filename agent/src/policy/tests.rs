@@ -206,37 +206,57 @@ fn reference(p: &[u8], t: &[u8]) -> bool {
     }
 }
 
-/// Property: the matcher agrees with [`reference`] on random patterns and paths over a small
-/// alphabet (so that matches and near misses are both common).
-#[test]
-fn glob_agrees_with_the_reference() {
-    let mut rng = fastrand::Rng::with_seed(12);
-    let pick = |rng: &mut fastrand::Rng, set: &[&str], n: usize| -> String {
-        (0..n).map(|_| set[rng.usize(..set.len())]).collect()
-    };
-    for _ in 0..20_000 {
-        let (pn, tn) = (rng.usize(0..7), rng.usize(0..9));
-        let p = pick(&mut rng, &["a", "b", "/", "*", "?", "**", "**/"], pn);
-        let t = pick(&mut rng, &["a", "b", "/"], tn);
-        // Mark the `**/`s that do not start a segment, as the matcher treats them.
-        let mut q = Vec::new();
-        let mut i = 0;
-        let pb = p.as_bytes();
-        while i < pb.len() {
-            if pb[i..].starts_with(b"**") {
-                let dirs = pb.get(i + 2) == Some(&b'/') && (i == 0 || pb[i - 1] == b'/');
-                if pb.get(i + 2) == Some(&b'/') && !dirs {
-                    q.push(1);
-                    i += 3;
-                } else {
-                    q.extend_from_slice(b"**");
-                    i += 2;
-                }
+/// The pattern as [`reference`] reads it: each `**/` that does not start a segment becomes
+/// byte 1, as the matcher treats it.
+fn marked(p: &str) -> Vec<u8> {
+    let mut q = Vec::new();
+    let mut i = 0;
+    let pb = p.as_bytes();
+    while i < pb.len() {
+        if pb[i..].starts_with(b"**") {
+            let dirs = pb.get(i + 2) == Some(&b'/') && (i == 0 || pb[i - 1] == b'/');
+            if pb.get(i + 2) == Some(&b'/') && !dirs {
+                q.push(1);
+                i += 3;
             } else {
-                q.push(pb[i]);
-                i += 1;
+                q.extend_from_slice(b"**");
+                i += 2;
             }
+        } else {
+            q.push(pb[i]);
+            i += 1;
         }
-        assert_eq!(Glob::new(&p).matches(&t), reference(&q, t.as_bytes()), "pattern {p:?} text {t:?}");
+    }
+    q
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Pieces over a small alphabet, so that matches and near misses are both common.
+    fn joined(pieces: &'static [&'static str], len: std::ops::Range<usize>) -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(pieces), len).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// The matcher agrees with [`reference`] on any pattern and path.
+        #[test]
+        fn glob_agrees_with_the_reference(p in joined(&["a", "b", "/", "*", "?", "**", "**/"], 0..8),
+                                          t in joined(&["a", "b", "/"], 0..10)) {
+            prop_assert_eq!(Glob::new(&p).matches(&t), reference(&marked(&p), t.as_bytes()),
+                "pattern {:?} text {:?}", p, t);
+        }
+
+        /// A pattern without wildcards matches exactly itself; `*` never crosses a `/`.
+        #[test]
+        fn literals_match_only_themselves(p in joined(&["a", "b", "/", "-", "."], 0..10),
+                                          t in joined(&["a", "b", "/", "-", "."], 0..10)) {
+            prop_assert_eq!(Glob::new(&p).matches(&t), p == t);
+            let star = format!("{p}*");
+            prop_assert_eq!(Glob::new(&star).matches(&t), t.starts_with(&p) && !t[p.len()..].contains('/'));
+        }
     }
 }
