@@ -22,7 +22,7 @@ use crate::shutdown;
 use crate::state::limits::conn_budget;
 use crate::state::{LaunchRoot, Limits, State};
 use crate::supervise::supervise;
-use crate::vault::Vaults;
+use crate::vault::{Budget, Vaults};
 
 /// Extra facts for `agent.start` (e.g. the Azure ML run id in launch mode).
 #[derive(Debug, Default, Clone)]
@@ -202,7 +202,7 @@ async fn audit_key_from_vault(
         Error::Audit(crate::audit::AuditError::Key { path: format!("{vault}/{name}").into(), reason })
     };
     let backend = vaults.get(vault).ok_or_else(|| key_err(format!("no vault with alias {vault}")))?;
-    let fetched = backend.get(name, None).await.map_err(|e| key_err(e.to_string()))?;
+    let fetched = backend.get(name, None, Budget::Background).await.map_err(|e| key_err(e.to_string()))?;
     let key = zeroize::Zeroizing::new(fetched.value.expose_secret().to_vec());
     crate::audit::key_from_bytes(key).map_err(|e| key_err(e.to_string()))
 }

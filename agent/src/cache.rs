@@ -29,10 +29,10 @@ use tokio::sync::{OnceCell, watch};
 
 use crate::audit::Auditor;
 use crate::config::CacheConfig;
-use crate::vault::{Fetched, VaultError, Vaults};
+use crate::vault::{Budget, Fetched, VaultError, Vaults};
 
 type Key = (VaultAlias, String);
-type FlightKey = (VaultAlias, String, Option<VersionId>);
+type FlightKey = (VaultAlias, String, Option<VersionId>, Budget);
 type Flight = Arc<OnceCell<Result<Arc<Fetched>, VaultError>>>;
 
 /// A value as served, and how.
@@ -214,18 +214,21 @@ impl Cache {
                 }
             }
         }
-        let fetched = self.fetch(vault, name, version).await?;
+        let fetched = self.fetch(vault, name, version, Budget::Caller).await?;
         Ok(Lookup { fetched, state: CacheState::Miss })
     }
 
-    /// Fetches through the single flight for (vault, name, version), installing the result.
+    /// Fetches through the single flight for (vault, name, version, budget), installing the
+    /// result. A caller never joins a background refresh's flight, which may retry for longer
+    /// than a caller's deadline: at worst one of each runs at once.
     async fn fetch(
         &self,
         vault: &VaultAlias,
         name: &SecretName,
         version: Option<&VersionId>,
+        budget: Budget,
     ) -> Result<Arc<Fetched>, VaultError> {
-        let fkey = (vault.clone(), name.key().to_owned(), version.cloned());
+        let fkey = (vault.clone(), name.key().to_owned(), version.cloned(), budget);
         let flight = {
             let mut flights = self.inner.flights.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             Arc::clone(flights.entry(fkey.clone()).or_default())
@@ -237,7 +240,7 @@ impl Cache {
                     reason: "no such vault".into(),
                     upstream_request_id: None,
                 })?;
-                let result = backend.get(name, version).await.map(Arc::new);
+                let result = backend.get(name, version, budget).await.map(Arc::new);
                 // Installed before the flight ends, so no later reader misses it.
                 self.install(vault, name, version.is_some(), &result);
                 result
@@ -396,7 +399,7 @@ impl Cache {
         vault: &VaultAlias,
         name: &SecretName,
     ) -> Result<VersionId, VaultError> {
-        self.fetch(vault, name, None).await.map(|f| f.version.clone())
+        self.fetch(vault, name, None, Budget::Caller).await.map(|f| f.version.clone())
     }
 
     /// What is cached, without values.
@@ -470,7 +473,7 @@ impl Cache {
                     let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
                     let c = cache.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = c.fetch(&vault, &name, None).await {
+                        if let Err(e) = c.fetch(&vault, &name, None, Budget::Background).await {
                             tracing::warn!(vault = %vault, secret = %name, error = %e, "refresh failed");
                         }
                         drop(permit);

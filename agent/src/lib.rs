@@ -101,6 +101,36 @@ pub mod fuzz_api {
             .map_err(|e| e.to_string())
     }
 
+    /// Starts a real agent in this process — `kvbroker dev`'s setup under `dir`: a local vault
+    /// of demo secrets, a policy for this process's uid, an audit log — on a thread of its
+    /// own, and returns its socket once it accepts connections. For the `http_request` fuzz
+    /// target, which sends each input to it as the bytes of a request.
+    pub fn start_agent(dir: &Path) -> Result<std::path::PathBuf, String> {
+        crate::sys::ignore_sigpipe();
+        let path = crate::commands::dev::prepare(dir).map_err(|e| e.to_string())?;
+        let config = crate::config::Config::load(&path).map_err(|e| e.to_string())?;
+        let socket = config.agent.socket.clone();
+        let runtime = crate::commands::runtime().map_err(|e| e.to_string())?;
+        std::thread::spawn(move || {
+            let ran =
+                runtime.block_on(crate::app::run_until(config, crate::app::RunInfo::default(), None, |_| {
+                    std::future::pending::<Result<((), &'static str), crate::Error>>()
+                }));
+            // The agent stopping is the finding: say why and end the run.
+            let why = ran.err().map_or_else(|| "no error".to_owned(), |e| e.to_string());
+            eprintln!("the fuzzed agent stopped: {why}");
+            std::process::abort();
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("{}: the agent did not start serving within 20 s", socket.display()));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(socket)
+    }
+
     /// `kvbroker audit verify` over `bytes` as the one log file, with `key` if given.
     pub fn audit_verify(bytes: &[u8], key: Option<&[u8]>) -> Result<u64, String> {
         crate::audit::verify::verify_bytes(Path::new("fuzz/audit.log"), bytes, key)

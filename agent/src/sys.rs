@@ -306,6 +306,16 @@ pub(crate) fn raise_nofile_limit() -> io::Result<u64> {
     Ok(lim.rlim_cur)
 }
 
+/// Ignores SIGPIPE, as every Rust binary's startup does: a write to a connection its peer
+/// closed then fails with EPIPE instead of killing the process. Only for hosts whose `main`
+/// is not Rust's (the libFuzzer harness of the `http_request` fuzz target).
+pub(crate) fn ignore_sigpipe() {
+    // SAFETY: installs the SIG_IGN disposition; no handler code, no pointers of ours.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 /// The agent's effective uid: the admin socket also serves its own user (`kvbroker dev`
 /// run by a non-root user), besides root.
 pub(crate) fn effective_uid() -> u32 {

@@ -21,7 +21,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use azure_core::http::headers::{HeaderName, HeaderValue, Headers};
 use azure_core::http::{AsyncRawResponse, HttpClient, Request, StatusCode};
@@ -347,6 +347,27 @@ fn add_ca_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), Tra
         return Err(TransportError::CaEmpty { path: path.to_owned() });
     }
     Ok(())
+}
+
+/// How long a throttled answer asks us to wait, in every form Azure uses:
+/// `retry-after-ms`, `x-ms-retry-after-ms` (milliseconds), `Retry-After` (seconds or an
+/// HTTP-date). Capped at 5 minutes so a bad header cannot stop a vault for good.
+pub(crate) fn retry_after(headers: &Headers, now: SystemTime) -> Option<Duration> {
+    let get = |n: &'static str| headers.get_optional_str(&HeaderName::from_static(n)).map(str::trim);
+    let ms = get("retry-after-ms")
+        .or_else(|| get("x-ms-retry-after-ms"))
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Duration::from_millis);
+    let d = ms.or_else(|| {
+        let v = get("retry-after")?;
+        if let Ok(secs) = v.parse::<u64>() {
+            return Some(Duration::from_secs(secs));
+        }
+        let at = azure_core::time::parse_rfc7231(v).ok()?;
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(at.unix_timestamp()).ok()?);
+        Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+    })?;
+    Some(d.min(Duration::from_secs(300)))
 }
 
 #[cfg(test)]

@@ -5,11 +5,13 @@ use kvbroker_proto::SecretValue;
 
 use super::*;
 use crate::config::AuditConfig;
-use crate::vault::{Backend, BoxFuture};
+use crate::vault::{Backend, BoxFuture, Budget};
 
 /// A vault whose answer the test sets, counting calls.
 struct Scripted {
     calls: AtomicU32,
+    /// The budget of each call, in order.
+    budgets: Mutex<Vec<Budget>>,
     answer: Mutex<Result<(VersionId, &'static str), VaultError>>,
 }
 
@@ -18,9 +20,11 @@ impl Backend for Scripted {
         &'a self,
         name: &'a SecretName,
         _v: Option<&'a VersionId>,
+        budget: Budget,
     ) -> BoxFuture<'a, Result<Fetched, VaultError>> {
         Box::pin(async move {
             self.calls.fetch_add(1, Ordering::SeqCst);
+            self.budgets.lock().unwrap().push(budget);
             tokio::time::sleep(Duration::from_millis(30)).await;
             let answer = self.answer.lock().unwrap().clone();
             answer.map(|(version, value)| Fetched {
@@ -58,7 +62,11 @@ fn fixture(refresh: Duration, max_stale: Duration) -> Fixture {
     let dir = std::env::temp_dir().join(format!("kvb-cache-{}", fastrand::u64(..)));
     std::fs::create_dir_all(&dir).unwrap();
     let (auditor, _) = Auditor::open(&AuditConfig::for_tests(dir.join("audit.jsonl"))).unwrap();
-    let backend = Arc::new(Scripted { calls: AtomicU32::new(0), answer: Mutex::new(Ok((v(1), "one"))) });
+    let backend = Arc::new(Scripted {
+        calls: AtomicU32::new(0),
+        budgets: Mutex::new(Vec::new()),
+        answer: Mutex::new(Ok((v(1), "one"))),
+    });
     let vaults =
         Vaults::from_backends(vec![("default".parse().unwrap(), backend.clone() as Arc<dyn Backend>)]);
     let cfg = CacheConfig {
@@ -101,13 +109,13 @@ async fn failed_refresh_serves_stale_until_max_stale_then_errors_then_recovers()
     f.cache.get(&alias(), &name, None).await.unwrap();
     *f.backend.answer.lock().unwrap() =
         Err(VaultError::Unavailable { vault: alias(), reason: "down".into(), upstream_request_id: None });
-    f.cache.fetch(&alias(), &name, None).await.unwrap_err();
+    f.cache.fetch(&alias(), &name, None, Budget::Background).await.unwrap_err();
     assert_eq!(f.cache.get(&alias(), &name, None).await.unwrap().state, CacheState::Stale);
     tokio::time::sleep(Duration::from_millis(400)).await;
     let e = f.cache.get(&alias(), &name, None).await.err().unwrap().to_string();
     assert!(e.contains("past max_stale"), "{e}");
     *f.backend.answer.lock().unwrap() = Ok((v(1), "one"));
-    f.cache.fetch(&alias(), &name, None).await.unwrap();
+    f.cache.fetch(&alias(), &name, None, Budget::Background).await.unwrap();
     assert_eq!(f.cache.get(&alias(), &name, None).await.unwrap().state, CacheState::Hit);
 }
 
@@ -118,7 +126,7 @@ async fn not_found_on_refresh_stops_serving_at_once() {
     f.cache.get(&alias(), &name, None).await.unwrap();
     *f.backend.answer.lock().unwrap() =
         Err(VaultError::NotFound { vault: alias(), name: "db".into(), upstream_request_id: None });
-    f.cache.fetch(&alias(), &name, None).await.unwrap_err();
+    f.cache.fetch(&alias(), &name, None, Budget::Background).await.unwrap_err();
     assert!(matches!(f.cache.get(&alias(), &name, None).await, Err(VaultError::NotFound { .. })));
 }
 
@@ -134,7 +142,7 @@ async fn rotation_keeps_old_version_by_id_and_wakes_long_polls() {
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     *f.backend.answer.lock().unwrap() = Ok((v(2), "two"));
-    f.cache.fetch(&alias(), &name, None).await.unwrap();
+    f.cache.fetch(&alias(), &name, None, Budget::Background).await.unwrap();
     let woke = waiter.await.unwrap().unwrap().unwrap();
     assert_eq!(woke.fetched.version, v(2));
     let old = f.cache.get(&alias(), &name, Some(&v(1))).await.unwrap();
@@ -169,4 +177,27 @@ async fn idle_entries_are_evicted() {
     assert!(weak.upgrade().is_none(), "the evicted value was dropped (and so wiped)");
     f.cache.get(&alias(), &name, None).await.unwrap();
     assert_eq!(f.backend.calls.load(Ordering::SeqCst), 2, "an evicted secret is fetched again");
+}
+
+/// Issue 15: a refresh-ahead had only a caller's deadline, so an IMDS update (70 s of 410)
+/// failed it and values went stale. Refreshes run under the background budget, a caller's
+/// miss under the caller's, and the two never share a flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refreshes_run_under_the_background_budget_and_reads_under_the_callers() {
+    let f = fixture(Duration::from_secs(2), Duration::from_secs(60));
+    let name: SecretName = "db".parse().unwrap();
+    f.cache.get(&alias(), &name, None).await.unwrap();
+    let refresher = tokio::spawn(f.cache.refresher());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.backend.calls.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    refresher.abort();
+    let budgets = f.backend.budgets.lock().unwrap().clone();
+    assert!(budgets.len() >= 2, "no refresh within 10 s: {budgets:?}");
+    assert_eq!(budgets[0], Budget::Caller);
+    assert!(budgets[1..].iter().all(|b| *b == Budget::Background), "{budgets:?}");
+    assert_eq!(Budget::Caller.deadline(Duration::from_secs(15)), Duration::from_secs(15));
+    assert_eq!(Budget::Background.deadline(Duration::from_secs(15)), crate::vault::BACKGROUND_BUDGET);
+    assert_eq!(Budget::Background.deadline(Duration::from_secs(120)), Duration::from_secs(120));
 }

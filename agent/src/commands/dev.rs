@@ -63,7 +63,7 @@ fn io_err(what: &'static str, path: &Path, source: std::io::Error) -> DevError {
 }
 
 /// Prepares `dir` and returns the path of its config file.
-fn prepare(dir: &Path) -> Result<PathBuf, DevError> {
+pub(crate) fn prepare(dir: &Path) -> Result<PathBuf, DevError> {
     let io = |what: &'static str, p: &Path, e: std::io::Error| io_err(what, p, e);
     std::fs::create_dir_all(dir).map_err(|e| io("cannot create directory", dir, e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))

@@ -21,7 +21,7 @@ use crate::identity::{self, IdentityEnv};
 use crate::policy::Policy;
 use crate::terminal::escape;
 use crate::transport::{HyperTransport, TransportConfig};
-use crate::vault::{self, VaultError, Vaults};
+use crate::vault::{self, Budget, VaultError, Vaults};
 
 /// The resource whose token Key Vault takes.
 const KEY_VAULT_SCOPE: &str = "https://vault.azure.net/.default";
@@ -278,7 +278,7 @@ async fn secrets(config: &Config, policy: &Policy, min_validity: Duration, r: &m
             );
             continue;
         };
-        match backend.get(&name, None).await {
+        match backend.get(&name, None, Budget::Caller).await {
             Ok(f) => match f.unusable(until) {
                 None => r.ok(
                     &check,

@@ -31,6 +31,8 @@ pub(crate) struct IdentityFailure {
     pub(crate) message: String,
     /// Asking again will not help (an unassigned identity, a bad request, a refusal).
     pub(crate) permanent: bool,
+    /// How long the endpoint asked us to wait (`Retry-After` in any form, on a 429 or 5xx).
+    pub(crate) retry_after: Option<std::time::Duration>,
 }
 
 impl std::fmt::Display for IdentityFailure {
@@ -60,7 +62,13 @@ impl IdentityFailure {
             status: Some(status),
             message: error_message(body),
             permanent: !transient_status(status),
+            retry_after: None,
         }
+    }
+
+    pub(crate) fn with_retry_after(mut self, retry_after: Option<std::time::Duration>) -> Self {
+        self.retry_after = retry_after;
+        self
     }
 
     pub(crate) fn unreachable(source_name: &'static str, endpoint: &Url, e: &azure_core::Error) -> Self {
@@ -73,6 +81,7 @@ impl IdentityFailure {
             status: None,
             message: one_line(&e.to_string()),
             permanent,
+            retry_after: None,
         }
     }
 
@@ -125,11 +134,14 @@ pub(crate) async fn get_token_body(
     match http.execute_request(req).await {
         Ok(resp) => {
             let status = u16::from(resp.status());
+            let retry_after = crate::transport::retry_after(resp.headers(), std::time::SystemTime::now());
             let body = resp.into_body().collect().await?;
             if status == 200 {
                 return Ok(body);
             }
-            Err(IdentityFailure::answered(source_name, endpoint, status, &body).into_error())
+            Err(IdentityFailure::answered(source_name, endpoint, status, &body)
+                .with_retry_after(retry_after)
+                .into_error())
         }
         Err(e) => Err(IdentityFailure::unreachable(source_name, endpoint, &e).into_error()),
     }

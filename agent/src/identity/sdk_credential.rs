@@ -58,6 +58,7 @@ impl<C: ?Sized> Labelled<C> {
             status,
             message,
             permanent,
+            retry_after: None,
         };
         let f = match e.kind() {
             ErrorKind::HttpResponse { status, raw_response, error_code } => {
@@ -66,7 +67,10 @@ impl<C: ?Sized> Labelled<C> {
                     || error_code.clone().unwrap_or_else(|| "(no error message)".into()),
                     |r| error_message(r.body()),
                 );
-                failure(Some(code), message, !transient_status(code))
+                let retry_after = raw_response
+                    .as_ref()
+                    .and_then(|r| crate::transport::retry_after(r.headers(), std::time::SystemTime::now()));
+                failure(Some(code), message, !transient_status(code)).with_retry_after(retry_after)
             }
             ErrorKind::Io | ErrorKind::Connection => failure(None, one_line(&e.to_string()), false),
             // The SDK wraps Entra's refusals (AADSTS…), a missing `az` or token file as

@@ -26,7 +26,7 @@ use serde_json::value::RawValue;
 use zeroize::{Zeroize, Zeroizing};
 
 use super::kv_error::{self, KvError};
-use super::{Backend, BoxFuture, Fetched, VaultError};
+use super::{Backend, BoxFuture, Budget, Fetched, VaultError};
 use crate::identity::{Identity, IdentityFailure};
 use crate::rate::TokenBucket;
 use crate::transport::HyperTransport;
@@ -139,13 +139,14 @@ impl KeyVaultBackend {
         version: Option<&VersionId>,
         request_id: &str,
         last: &std::sync::Mutex<Option<String>>,
+        deadline: Duration,
     ) -> Result<Fetched, VaultError> {
         let start = Instant::now();
         let mut attempt = 0u32;
         loop {
             let wait = self.pace.reserve();
             if !wait.is_zero() {
-                if start.elapsed() + wait >= self.deadline {
+                if start.elapsed() + wait >= deadline {
                     return Err(VaultError::Unavailable {
                         vault: self.alias.clone(),
                         reason: format!(
@@ -184,7 +185,7 @@ impl KeyVaultBackend {
                 let base = 200u64.saturating_mul(1 << attempt.min(6));
                 delay = Duration::from_millis(base * (75 + fastrand::u64(..50)) / 100);
             }
-            if start.elapsed() + delay >= self.deadline {
+            if start.elapsed() + delay >= deadline {
                 return Err(failure);
             }
             tracing::debug!(vault = %self.alias, secret = %name, attempt, delay_ms = delay.as_millis() as u64, "retrying Key Vault");
@@ -209,8 +210,9 @@ impl KeyVaultBackend {
             ErrorKind::HttpResponse { status, raw_response, .. } => {
                 let code = u16::from(*status);
                 let kv = KvError::of_response(code, raw_response.as_deref());
-                let retry_after =
-                    raw_response.as_ref().and_then(|r| kv_error::retry_after(r.headers(), SystemTime::now()));
+                let retry_after = raw_response
+                    .as_ref()
+                    .and_then(|r| crate::transport::retry_after(r.headers(), SystemTime::now()));
                 if code != 429 {
                     self.pace.answered();
                 }
@@ -260,14 +262,17 @@ impl KeyVaultBackend {
             ErrorKind::Credential => {
                 let failure = identity_failure(e);
                 let permanent = failure.is_some_and(|f| f.permanent);
+                // Microsoft's IMDS guidance: retry transient answers after at least 1 s, or
+                // after the endpoint's own `Retry-After` when it sends one.
+                let delay =
+                    failure.and_then(|f| f.retry_after).unwrap_or(Duration::ZERO).max(Duration::from_secs(1));
                 let why = failure.map_or_else(|| crate::identity::error_chain(e), ToString::to_string);
                 (
                     unavailable(format!(
                         "{} could not get a token for Key Vault {}: {why}",
                         self.identity, self.url
                     )),
-                    // Microsoft's IMDS guidance: retry transient answers after at least 1 s.
-                    (!permanent).then_some(Duration::from_secs(1)),
+                    (!permanent).then_some(delay),
                 )
             }
             ErrorKind::Io | ErrorKind::Connection => (
@@ -328,14 +333,19 @@ impl Backend for KeyVaultBackend {
         &'a self,
         name: &'a SecretName,
         version: Option<&'a VersionId>,
+        budget: Budget,
     ) -> BoxFuture<'a, Result<Fetched, VaultError>> {
         Box::pin(async move {
             let rid = client_request_id();
+            let deadline = budget.deadline(self.deadline);
             // The last failure seen before the deadline, so a timeout says what kept failing
             // (a refused identity endpoint, a 5xx) rather than only "did not answer".
             let last = std::sync::Mutex::new(None::<String>);
-            let result = match tokio::time::timeout(self.deadline, self.fetch(name, version, &rid, &last))
-                .await
+            let result = match tokio::time::timeout(
+                deadline,
+                self.fetch(name, version, &rid, &last, deadline),
+            )
+            .await
             {
                 Ok(r) => r,
                 Err(_) => {
@@ -344,11 +354,11 @@ impl Backend for KeyVaultBackend {
                         vault: self.alias.clone(),
                         reason: match last {
                             Some(why) => format!(
-                                "{why} (still failing after {:?}, the vault's deadline)",
-                                self.deadline
+                                "{why} (still failing after {deadline:?}, the {} deadline)",
+                                if budget == Budget::Caller { "vault's" } else { "background refresh's" }
                             ),
                             None => {
-                                format!("Key Vault {} did not answer within {:?}", self.url, self.deadline)
+                                format!("Key Vault {} did not answer within {deadline:?}", self.url)
                             }
                         },
                         upstream_request_id: Some(rid),

@@ -6,9 +6,7 @@
 //! names, object ids and addresses, never a secret value; the message is still made one line
 //! and capped, since it reaches terminals and logs.
 
-use std::time::{Duration, SystemTime};
-
-use azure_core::http::headers::{HeaderName, Headers};
+use std::time::Duration;
 
 use crate::identity::one_line;
 
@@ -128,27 +126,6 @@ impl KvError {
     }
 }
 
-/// How long a throttled answer asks us to wait, in every form Azure uses:
-/// `retry-after-ms`, `x-ms-retry-after-ms` (milliseconds), `Retry-After` (seconds or an
-/// HTTP-date). Capped at 5 minutes so a bad header cannot stop a vault for good.
-pub(crate) fn retry_after(headers: &Headers, now: SystemTime) -> Option<Duration> {
-    let get = |n: &'static str| headers.get_optional_str(&HeaderName::from_static(n)).map(str::trim);
-    let ms = get("retry-after-ms")
-        .or_else(|| get("x-ms-retry-after-ms"))
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Duration::from_millis);
-    let d = ms.or_else(|| {
-        let v = get("retry-after")?;
-        if let Ok(secs) = v.parse::<u64>() {
-            return Some(Duration::from_secs(secs));
-        }
-        let at = azure_core::time::parse_rfc7231(v).ok()?;
-        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(at.unix_timestamp()).ok()?);
-        Some(at.duration_since(now).unwrap_or(Duration::ZERO))
-    })?;
-    Some(d.min(Duration::from_secs(300)))
-}
-
 /// Microsoft's advice for 429s without a `Retry-After`: 1, 2, 4, 8, 16 s.
 pub(crate) fn throttle_backoff(consecutive: u32) -> Duration {
     Duration::from_secs(1 << consecutive.saturating_sub(1).min(4))
@@ -156,7 +133,10 @@ pub(crate) fn throttle_backoff(consecutive: u32) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use azure_core::http::headers::HeaderValue;
+    use azure_core::http::headers::{HeaderName, HeaderValue, Headers};
+    use std::time::SystemTime;
+
+    use crate::transport::retry_after;
 
     use super::*;
 

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use kvbroker_proto::{SecretName, SecretValue, VaultAlias, VersionId};
 use zeroize::Zeroize;
 
-use super::{Backend, BoxFuture, Fetched, VaultError};
+use super::{Backend, BoxFuture, Budget, Fetched, VaultError};
 
 pub(crate) struct LocalBackend {
     alias: VaultAlias,
@@ -186,6 +186,7 @@ impl Backend for LocalBackend {
         &'a self,
         name: &'a SecretName,
         version: Option<&'a VersionId>,
+        _budget: Budget,
     ) -> BoxFuture<'a, Result<Fetched, VaultError>> {
         Box::pin(async move {
             if !self.latency.is_zero() {
@@ -245,11 +246,11 @@ mod tests {
         let dir = std::env::temp_dir();
         let p = write(&dir, "Db-Password = \"canary-local-1\"\n", 0o600);
         let b = LocalBackend::load(alias(), &p, Duration::ZERO).unwrap();
-        let f = b.get(&"db-password".parse().unwrap(), None).await.unwrap();
+        let f = b.get(&"db-password".parse().unwrap(), None, Budget::Caller).await.unwrap();
         assert_eq!(f.name.as_str(), "Db-Password");
         assert_eq!(f.value.expose_secret(), b"canary-local-1");
         let other = VersionId::from_bytes([0; 16]);
-        assert!(b.get(&"db-password".parse().unwrap(), Some(&other)).await.is_err());
+        assert!(b.get(&"db-password".parse().unwrap(), Some(&other), Budget::Caller).await.is_err());
         std::fs::remove_file(p).unwrap();
     }
 
@@ -279,10 +280,13 @@ mod tests {
             0o600,
         );
         let b = LocalBackend::load(alias(), &p, Duration::ZERO).unwrap();
-        let f = b.get(&"a".parse().unwrap(), None).await.unwrap();
+        let f = b.get(&"a".parse().unwrap(), None, Budget::Caller).await.unwrap();
         assert!(f.expires_on.is_some());
         assert_eq!(f.content_type.as_deref(), Some("text/plain"));
-        assert!(matches!(b.get(&"b".parse().unwrap(), None).await, Err(VaultError::Disabled { .. })));
+        assert!(matches!(
+            b.get(&"b".parse().unwrap(), None, Budget::Caller).await,
+            Err(VaultError::Disabled { .. })
+        ));
         std::fs::remove_file(p).unwrap();
     }
 

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use kvbroker_proto::{SecretName, SecretValue, VaultAlias, VersionId};
 
@@ -41,8 +41,8 @@ pub(crate) fn build_identity(config: &Config) -> Result<Identity, VaultSetupErro
         ca_file: id.ca_file.clone(),
         connect_to: id.connect_to.clone(),
         loopback_only: config.agent.loopback_only,
-        connect_timeout: std::time::Duration::from_secs(5),
-        request_timeout: std::time::Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(10),
         proxy: proxy(config)?,
     })?;
     Ok(identity::build(id, &IdentityEnv::from_process(), http)?)
@@ -114,13 +114,40 @@ impl VaultError {
 
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// How long a fetch may keep retrying transient failures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Budget {
+    /// A caller is waiting: the vault's `deadline`.
+    Caller,
+    /// Nobody is waiting (refresh-ahead, startup): at least [`BACKGROUND_BUDGET`], so a
+    /// refresh rides out an IMDS update (410s for up to 70 s) or a long throttle instead of
+    /// failing and serving stale values.
+    Background,
+}
+
+/// The least a background fetch may spend retrying (Microsoft's IMDS guidance: up to 70 s of
+/// 410 during an update, plus backoff).
+pub(crate) const BACKGROUND_BUDGET: Duration = Duration::from_secs(90);
+
+impl Budget {
+    /// The time a fetch under this budget may take, for a vault whose deadline is `deadline`.
+    pub(crate) fn deadline(self, deadline: Duration) -> Duration {
+        match self {
+            Budget::Caller => deadline,
+            Budget::Background => deadline.max(BACKGROUND_BUDGET),
+        }
+    }
+}
+
 /// A source of secrets.
 pub(crate) trait Backend: Send + Sync {
-    /// Fetches `name`, at `version` if given, else the current version.
+    /// Fetches `name`, at `version` if given, else the current version, retrying transient
+    /// failures within `budget`.
     fn get<'a>(
         &'a self,
         name: &'a SecretName,
         version: Option<&'a VersionId>,
+        budget: Budget,
     ) -> BoxFuture<'a, Result<Fetched, VaultError>>;
 }
 

@@ -129,6 +129,27 @@ fn imds_410_404_and_429_are_retried() {
     drop(agent);
 }
 
+/// Issue 15: an identity endpoint's 429 `Retry-After` was not read: the token request was
+/// asked again after 1 s whatever the endpoint said.
+#[test]
+fn identity_endpoint_retry_after_is_honoured() {
+    let emu = EmulatorProc::start(&[("a", "v")]);
+    let agent = Agent::builder("imds429ra").keyvault(&emu, "imds").allow_uid(0).start();
+    emu.fault(&Fault {
+        identity: Some("imds".into()),
+        status: Some(429),
+        retry_after: Some(3),
+        count: Some(1),
+        ..Fault::default()
+    });
+    let asked = Instant::now();
+    let (s, m) = read(&agent, "a");
+    let took = asked.elapsed();
+    assert_eq!(s, 200, "{m}");
+    assert_eq!(emu.count("identity_fault_429"), 1);
+    assert!(took >= Duration::from_millis(2900), "asked again after {took:?}, before Retry-After: 3");
+}
+
 /// Issue 15: a refused connection to the identity endpoint was reported as "cannot reach
 /// Key Vault".
 #[test]
