@@ -182,10 +182,22 @@ impl Proxy {
 }
 
 /// curl's NO_PROXY rules: `*` matches all; `host`, `.domain` or `domain` match the host and
-/// its subdomains; an entry with `:port` matches that port only; an IP matches itself.
+/// its subdomains; an entry with `:port` matches that port only; an IP matches itself; a
+/// CIDR block (`10.0.0.0/8`, `fd00::/8`) matches an IP host inside it. As in curl and Go, a
+/// host name is matched as written, never by the address it resolves to.
 fn no_proxy_matches(entry: &str, host: &str, port: u16) -> bool {
     if entry == "*" {
         return true;
+    }
+    if let Some((net, bits)) = entry.split_once('/') {
+        let net = net.trim_matches(['[', ']']);
+        return match (net.parse::<IpAddr>(), bits.parse::<u8>(), host.parse::<IpAddr>()) {
+            (Ok(net), Ok(bits), Ok(ip)) => in_block(ip, net, bits),
+            _ => false,
+        };
+    }
+    if let (Ok(a), Ok(b)) = (entry.trim_matches(['[', ']']).parse::<IpAddr>(), host.parse::<IpAddr>()) {
+        return a == b;
     }
     let (name, want_port) = match entry.rsplit_once(':') {
         Some((n, p)) if !n.contains(':') => match p.parse::<u16>() {
@@ -199,6 +211,26 @@ fn no_proxy_matches(entry: &str, host: &str, port: u16) -> bool {
     }
     let name = name.trim_start_matches("*.").trim_start_matches('.');
     !name.is_empty() && (host == name || host.ends_with(&format!(".{name}")))
+}
+
+/// Whether `ip` lies in `net/bits` (an IPv4-mapped IPv6 host is compared as IPv4). A prefix
+/// longer than the address is no block at all.
+fn in_block(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(n)) if bits <= 32 => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(bits)).unwrap_or(0);
+            u32::from(a) & mask == u32::from(n) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(n)) if bits <= 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(bits)).unwrap_or(0);
+            u128::from(a) & mask == u128::from(n) & mask
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -254,5 +286,31 @@ mod tests {
         }
         assert!(p.applies("other", 443), "NO_PROXY entry with a port matches that port only");
         assert!(p.applies("notprivatelink.vaultcore.azure.net", 443), "suffix matches on a label boundary");
+    }
+
+    /// Issue 15: NO_PROXY had no CIDR entries; private endpoints are often given as blocks.
+    #[test]
+    fn no_proxy_cidr_blocks_match_ip_hosts_inside_them() {
+        let p = Proxy::from_settings(
+            None,
+            &[],
+            &env(&[
+                ("HTTPS_PROXY", "p:3128"),
+                ("NO_PROXY", "10.0.0.0/8, 192.168.4.0/22,fd00::/8,172.16.0.1"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        for h in ["10.1.2.3", "10.255.255.255", "192.168.7.1", "[fd12::1]", "172.16.0.1", "::ffff:10.0.0.1"] {
+            assert!(!p.applies(h, 443), "{h} is inside a NO_PROXY block");
+        }
+        for h in
+            ["11.0.0.1", "192.168.8.1", "[fe00::1]", "172.16.0.2", "myvault.vault.azure.net", "10.example"]
+        {
+            assert!(p.applies(h, 443), "{h} is outside every NO_PROXY block");
+        }
+        assert!(in_block("1.2.3.4".parse().unwrap(), "0.0.0.0".parse().unwrap(), 0));
+        assert!(!in_block("1.2.3.4".parse().unwrap(), "1.2.3.4".parse().unwrap(), 33));
+        assert!(!in_block("10.0.0.1".parse().unwrap(), "::".parse().unwrap(), 0), "families differ");
     }
 }
