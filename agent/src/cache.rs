@@ -208,6 +208,7 @@ impl Cache {
                                     self.inner.cfg.max_stale.as_secs(),
                                 ),
                                 upstream_request_id: None,
+                                upstream: None,
                             });
                         }
                     }
@@ -239,6 +240,7 @@ impl Cache {
                     vault: vault.clone(),
                     reason: "no such vault".into(),
                     upstream_request_id: None,
+                    upstream: None,
                 })?;
                 let result = backend.get(name, version, budget).await.map(Arc::new);
                 // Installed before the flight ends, so no later reader misses it.

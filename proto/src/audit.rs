@@ -44,6 +44,10 @@ pub struct AuditRecord {
     /// `x-ms-client-request-id` of the Key Vault call behind this event, if one was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream_request_id: Option<String>,
+    /// For a read that failed upstream: what Key Vault or the identity endpoint answered
+    /// (status and error codes; its message is in `reason`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<Upstream>,
     /// For `agent.start` / `agent.stop`: facts about the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentInfo>,
@@ -82,6 +86,7 @@ impl AuditRecord {
             error: None,
             cache: None,
             upstream_request_id: None,
+            upstream: None,
             agent: None,
             policy_sha256: None,
             count: None,
@@ -212,6 +217,31 @@ pub struct PeerInfo {
     /// The container id named by the cgroup path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+}
+
+/// What an upstream service answered when a read failed there. Codes and status only: the
+/// service's message goes in the record's `reason`, and neither ever holds a value or token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Upstream {
+    /// `key_vault`, or the identity endpoint (`imds`, `azure_ml`, `app_service`, …).
+    pub service: String,
+    /// The HTTP status it answered; absent when it was not reached or did not answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Key Vault's `error.code` (`Forbidden`), or the identity endpoint's `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Key Vault's `error.innererror.code` (`ForbiddenByFirewall`, `SecretDisabled`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inner_code: Option<String>,
+}
+
+impl Upstream {
+    /// An answer (or the lack of one) from `service`.
+    pub fn new(service: &str, status: Option<u16>, code: Option<String>, inner_code: Option<String>) -> Self {
+        Self { service: service.to_owned(), status, code, inner_code }
+    }
 }
 
 /// Which secret a record is about. Never its value.

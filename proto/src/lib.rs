@@ -19,7 +19,7 @@ pub mod name;
 pub mod value;
 
 pub use api::{Health, SecretQuery, SecretResponse};
-pub use audit::{AgentInfo, AuditRecord, CacheState, Event, Outcome, PeerInfo, SecretRef};
+pub use audit::{AgentInfo, AuditRecord, CacheState, Event, Outcome, PeerInfo, SecretRef, Upstream};
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use name::{NameError, SecretName, SecretPath, VaultAlias, VersionId};
 pub use value::SecretValue;

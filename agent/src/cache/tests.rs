@@ -107,8 +107,12 @@ async fn failed_refresh_serves_stale_until_max_stale_then_errors_then_recovers()
     let f = fixture(Duration::from_secs(1), Duration::from_millis(300));
     let name: SecretName = "db".parse().unwrap();
     f.cache.get(&alias(), &name, None).await.unwrap();
-    *f.backend.answer.lock().unwrap() =
-        Err(VaultError::Unavailable { vault: alias(), reason: "down".into(), upstream_request_id: None });
+    *f.backend.answer.lock().unwrap() = Err(VaultError::Unavailable {
+        vault: alias(),
+        reason: "down".into(),
+        upstream_request_id: None,
+        upstream: None,
+    });
     f.cache.fetch(&alias(), &name, None, Budget::Background).await.unwrap_err();
     assert_eq!(f.cache.get(&alias(), &name, None).await.unwrap().state, CacheState::Stale);
     tokio::time::sleep(Duration::from_millis(400)).await;

@@ -29,6 +29,8 @@ pub(crate) struct IdentityFailure {
     pub(crate) status: Option<u16>,
     /// The endpoint's own message, or the network error.
     pub(crate) message: String,
+    /// The endpoint's error code (`error`, or `error.code`), when it sent one.
+    pub(crate) code: Option<String>,
     /// Asking again will not help (an unassigned identity, a bad request, a refusal).
     pub(crate) permanent: bool,
     /// How long the endpoint asked us to wait (`Retry-After` in any form, on a 429 or 5xx).
@@ -61,6 +63,7 @@ impl IdentityFailure {
             endpoint: endpoint_of(endpoint),
             status: Some(status),
             message: error_message(body),
+            code: error_code(body),
             permanent: !transient_status(status),
             retry_after: None,
         }
@@ -80,6 +83,7 @@ impl IdentityFailure {
             endpoint: endpoint_of(endpoint),
             status: None,
             message: one_line(&e.to_string()),
+            code: None,
             permanent,
             retry_after: None,
         }
@@ -88,6 +92,11 @@ impl IdentityFailure {
     pub(crate) fn with_permanent(mut self, permanent: bool) -> Self {
         self.permanent = permanent;
         self
+    }
+
+    /// The audit record's `upstream` for this failure.
+    pub(crate) fn upstream(&self) -> kvbroker_proto::Upstream {
+        kvbroker_proto::Upstream::new(&service_name(self.source_name), self.status, self.code.clone(), None)
     }
 
     pub(crate) fn into_error(self) -> azure_core::Error {
@@ -177,6 +186,20 @@ pub(crate) fn error_message(body: &[u8]) -> String {
         (Some(c), None) => one_line(&c),
         (None, None) => "(no error message)".to_owned(),
     }
+}
+
+/// The error code of an identity endpoint's error answer: `error` (IMDS, Entra) or
+/// `error.code`, made one line.
+pub(crate) fn error_code(body: &[u8]) -> Option<String> {
+    let v = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let err = v.get("error")?;
+    err.as_str().or_else(|| err.get("code").and_then(|c| c.as_str())).map(one_line)
+}
+
+/// The service name of an identity source for the audit record's `upstream.service`:
+/// `IMDS` → `imds`, `Azure ML` → `azure_ml`.
+pub(crate) fn service_name(source_name: &str) -> String {
+    source_name.to_ascii_lowercase().replace([' ', '-'], "_")
 }
 
 /// Collapses whitespace and control characters, and caps the length: these messages come

@@ -57,6 +57,7 @@ impl<C: ?Sized> Labelled<C> {
             endpoint: self.endpoint.clone(),
             status,
             message,
+            code: None,
             permanent,
             retry_after: None,
         };

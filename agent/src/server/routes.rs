@@ -243,6 +243,7 @@ async fn decide_and_fetch<B>(
         Ok(None) => return Ok(None),
         Err(e) => {
             rec.upstream_request_id = e.upstream_request_id().map(str::to_owned);
+            rec.upstream = e.upstream().cloned();
             return Err(match (e, &query.version) {
                 (VaultError::NotFound { .. }, Some(version)) => {
                     Failure::VersionNotFound { vault, name, version: version.clone() }

@@ -20,7 +20,7 @@ use azure_core::http::request::options::ClientRequestId;
 use azure_core::http::{ClientMethodOptions, ClientOptions, Context, RetryOptions, Transport};
 use azure_security_keyvault_secrets::models::SecretClientGetSecretOptions;
 use azure_security_keyvault_secrets::{SecretClient, SecretClientOptions};
-use kvbroker_proto::{SecretName, SecretValue, VaultAlias, VersionId};
+use kvbroker_proto::{SecretName, SecretValue, Upstream, VaultAlias, VersionId};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use zeroize::{Zeroize, Zeroizing};
@@ -138,7 +138,7 @@ impl KeyVaultBackend {
         name: &SecretName,
         version: Option<&VersionId>,
         request_id: &str,
-        last: &std::sync::Mutex<Option<String>>,
+        last: &Last,
         deadline: Duration,
     ) -> Result<Fetched, VaultError> {
         let start = Instant::now();
@@ -155,6 +155,7 @@ impl KeyVaultBackend {
                             wait.as_secs_f64()
                         ),
                         upstream_request_id: None,
+                        upstream: None,
                     });
                 }
                 tokio::time::sleep(wait).await;
@@ -176,8 +177,9 @@ impl KeyVaultBackend {
             };
             let (failure, retry_after) = self.classify(&err, name, request_id);
             let Some(mut delay) = retry_after else { return Err(failure) };
-            if let VaultError::Unavailable { reason, .. } = &failure {
-                *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.clone());
+            if let VaultError::Unavailable { reason, upstream, .. } = &failure {
+                *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some((reason.clone(), upstream.clone()));
             }
             attempt += 1;
             if delay.is_zero() && !self.pace.is_paused() {
@@ -201,10 +203,11 @@ impl KeyVaultBackend {
         rid: &str,
     ) -> (VaultError, Option<Duration>) {
         use azure_core::error::ErrorKind;
-        let unavailable = |reason: String| VaultError::Unavailable {
+        let unavailable = |reason: String, upstream: Option<Upstream>| VaultError::Unavailable {
             vault: self.alias.clone(),
             reason,
             upstream_request_id: Some(rid.to_owned()),
+            upstream,
         };
         match e.kind() {
             ErrorKind::HttpResponse { status, raw_response, .. } => {
@@ -216,13 +219,18 @@ impl KeyVaultBackend {
                 if code != 429 {
                     self.pace.answered();
                 }
+                let answered =
+                    Some(Upstream::new("key_vault", Some(code), kv.code.clone(), kv.inner.clone()));
                 let explained = |verb: &str| {
-                    unavailable(format!(
-                        "Key Vault {} {verb}: {}; {}",
-                        self.url,
-                        kv.summary(),
-                        kv.advice(&self.identity)
-                    ))
+                    unavailable(
+                        format!(
+                            "Key Vault {} {verb}: {}; {}",
+                            self.url,
+                            kv.summary(),
+                            kv.advice(&self.identity)
+                        ),
+                        answered.clone(),
+                    )
                 };
                 match code {
                     404 => (
@@ -246,12 +254,15 @@ impl KeyVaultBackend {
                         // Honoured for every call to this vault, not just this one.
                         let pause = self.pace.throttled(retry_after);
                         (
-                            unavailable(format!(
-                                "Key Vault {} is throttling requests ({}); calls to it are paused for {:.1}s",
-                                self.url,
-                                kv.summary(),
-                                pause.as_secs_f64()
-                            )),
+                            unavailable(
+                                format!(
+                                    "Key Vault {} is throttling requests ({}); calls to it are paused for {:.1}s",
+                                    self.url,
+                                    kv.summary(),
+                                    pause.as_secs_f64()
+                                ),
+                                answered,
+                            ),
                             Some(Duration::ZERO),
                         )
                     }
@@ -268,27 +279,25 @@ impl KeyVaultBackend {
                     failure.and_then(|f| f.retry_after).unwrap_or(Duration::ZERO).max(Duration::from_secs(1));
                 let why = failure.map_or_else(|| crate::identity::error_chain(e), ToString::to_string);
                 (
-                    unavailable(format!(
-                        "{} could not get a token for Key Vault {}: {why}",
-                        self.identity, self.url
-                    )),
+                    unavailable(
+                        format!("{} could not get a token for Key Vault {}: {why}", self.identity, self.url),
+                        failure.map(IdentityFailure::upstream),
+                    ),
                     (!permanent).then_some(delay),
                 )
             }
             ErrorKind::Io | ErrorKind::Connection => (
-                unavailable(format!(
-                    "cannot reach Key Vault {}: {}",
-                    self.url,
-                    crate::identity::error_chain(e)
-                )),
+                unavailable(
+                    format!("cannot reach Key Vault {}: {}", self.url, crate::identity::error_chain(e)),
+                    Some(Upstream::new("key_vault", None, None, None)),
+                ),
                 Some(Duration::ZERO),
             ),
             _ => (
-                unavailable(format!(
-                    "Key Vault {} call failed: {}",
-                    self.url,
-                    crate::identity::error_chain(e)
-                )),
+                unavailable(
+                    format!("Key Vault {} call failed: {}", self.url, crate::identity::error_chain(e)),
+                    None,
+                ),
                 None,
             ),
         }
@@ -299,6 +308,7 @@ impl KeyVaultBackend {
             vault: self.alias.clone(),
             reason: format!("Key Vault {} sent a malformed secret: {what}", self.url),
             upstream_request_id: Some(rid.to_owned()),
+            upstream: Some(Upstream::new("key_vault", Some(200), None, None)),
         };
         // Own the body so it can be wiped; `Bytes` that are not unique are copied once.
         let mut owned = Zeroizing::new(Vec::from(body));
@@ -340,7 +350,7 @@ impl Backend for KeyVaultBackend {
             let deadline = budget.deadline(self.deadline);
             // The last failure seen before the deadline, so a timeout says what kept failing
             // (a refused identity endpoint, a 5xx) rather than only "did not answer".
-            let last = std::sync::Mutex::new(None::<String>);
+            let last: Last = std::sync::Mutex::new(None);
             let result = match tokio::time::timeout(
                 deadline,
                 self.fetch(name, version, &rid, &last, deadline),
@@ -350,28 +360,48 @@ impl Backend for KeyVaultBackend {
                 Ok(r) => r,
                 Err(_) => {
                     let last = last.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-                    Err(VaultError::Unavailable {
-                        vault: self.alias.clone(),
-                        reason: match last {
-                            Some(why) => format!(
+                    let (reason, upstream) = match last {
+                        Some((why, upstream)) => (
+                            format!(
                                 "{why} (still failing after {deadline:?}, the {} deadline)",
                                 if budget == Budget::Caller { "vault's" } else { "background refresh's" }
                             ),
-                            None => {
-                                format!("Key Vault {} did not answer within {deadline:?}", self.url)
-                            }
-                        },
+                            upstream,
+                        ),
+                        None => (
+                            format!("Key Vault {} did not answer within {deadline:?}", self.url),
+                            Some(Upstream::new("key_vault", None, None, None)),
+                        ),
+                    };
+                    Err(VaultError::Unavailable {
+                        vault: self.alias.clone(),
+                        reason,
                         upstream_request_id: Some(rid),
+                        upstream,
                     })
                 }
             };
             if let Err(e @ VaultError::Unavailable { .. }) = &result {
-                tracing::warn!(vault = %self.alias, secret = %name, upstream_request_id = e.upstream_request_id().unwrap_or(""), error = %e, "Key Vault read failed");
+                let up = e.upstream();
+                tracing::warn!(
+                    vault = %self.alias,
+                    secret = %name,
+                    upstream_request_id = e.upstream_request_id().unwrap_or(""),
+                    upstream_service = up.map_or("", |u| u.service.as_str()),
+                    upstream_status = up.and_then(|u| u.status).unwrap_or(0),
+                    upstream_code = up.and_then(|u| u.code.as_deref()).unwrap_or(""),
+                    upstream_inner_code = up.and_then(|u| u.inner_code.as_deref()).unwrap_or(""),
+                    error = %e,
+                    "Key Vault read failed"
+                );
             }
             result
         })
     }
 }
+
+/// The last failure seen before the deadline, and what the upstream service answered.
+type Last = std::sync::Mutex<Option<(String, Option<Upstream>)>>;
 
 #[derive(Deserialize)]
 struct WireSecret<'a> {

@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use kvbroker_proto::{SecretName, SecretValue, VaultAlias, VersionId};
+use kvbroker_proto::{SecretName, SecretValue, Upstream, VaultAlias, VersionId};
 
 use crate::config::{BackendConfig, Config};
 
@@ -98,7 +98,14 @@ pub(crate) enum VaultError {
     #[error("secret {name} in vault {vault} is disabled")]
     Disabled { vault: VaultAlias, name: String, upstream_request_id: Option<String> },
     #[error("vault {vault} is unavailable: {reason}")]
-    Unavailable { vault: VaultAlias, reason: String, upstream_request_id: Option<String> },
+    Unavailable {
+        vault: VaultAlias,
+        reason: String,
+        upstream_request_id: Option<String>,
+        /// What Key Vault or the identity endpoint answered, when one did (for the audit
+        /// record and the log; `reason` says the same in words).
+        upstream: Option<Upstream>,
+    },
 }
 
 impl VaultError {
@@ -108,6 +115,14 @@ impl VaultError {
             VaultError::NotFound { upstream_request_id, .. }
             | VaultError::Disabled { upstream_request_id, .. }
             | VaultError::Unavailable { upstream_request_id, .. } => upstream_request_id.as_deref(),
+        }
+    }
+
+    /// What the upstream service answered, for an unavailable vault.
+    pub(crate) fn upstream(&self) -> Option<&Upstream> {
+        match self {
+            VaultError::Unavailable { upstream, .. } => upstream.as_ref(),
+            _ => None,
         }
     }
 }

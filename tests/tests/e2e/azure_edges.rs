@@ -44,8 +44,14 @@ fn firewall_403_message_reaches_kvb_log_and_audit() {
         reason.contains("ForbiddenByFirewall") && reason.contains("Client address is not authorized"),
         "{rec}"
     );
+    assert_eq!(
+        rec["upstream"],
+        serde_json::json!({"service": "key_vault", "status": 403, "code": "Forbidden", "inner_code": "ForbiddenByFirewall"}),
+        "status and codes as fields of their own: {rec}"
+    );
     let log = agent.output();
     assert!(log.contains("ForbiddenByFirewall"), "agent log names the inner code");
+    assert!(log.contains("upstream_status=403"), "agent log has the status as a field: {log}");
     agent.assert_no_canary(&[&value], &[&err]);
 }
 
@@ -90,6 +96,12 @@ fn permanent_imds_400_answers_502_within_a_second() {
     assert!(!m.contains("cannot reach Key Vault"), "{m}");
     assert_eq!(emu.count("identity_fault_400"), 1, "not retried");
     assert_eq!(emu.count("get"), 0);
+    let rec = agent.audit_records().into_iter().rfind(|r| r["event"] == "secret.read").unwrap();
+    assert_eq!(
+        rec["upstream"],
+        serde_json::json!({"service": "imds", "status": 400, "code": "invalid_request"}),
+        "{rec}"
+    );
     // More cold reads right after are answered from the remembered refusal: the endpoint
     // is not hammered (IMDS allows 20 requests per second per VM).
     for _ in 0..3 {
