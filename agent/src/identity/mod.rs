@@ -238,15 +238,17 @@ pub(crate) fn build(
                     hint: "App Service, Functions and Container Apps set both",
                 });
             };
-            let options = ManagedIdentityCredentialOptions {
-                user_assigned_id: cfg.client_id.clone().map(UserAssignedId::ClientId),
-                client_options,
-            };
-            let inner = ManagedIdentityCredential::new(Some(options)).map_err(sdk)?;
-            (
-                Arc::new(sdk_credential::Labelled::new(inner, "App Service", endpoint)),
-                who(cfg.client_id.as_deref()),
-            )
+            let client_id = cfg.client_id.clone();
+            let build: sdk_credential::Build = Box::new(move || {
+                let options = ManagedIdentityCredentialOptions {
+                    user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
+                    client_options: client_options.clone(),
+                };
+                Ok(ManagedIdentityCredential::new(Some(options))? as Arc<dyn TokenCredential>)
+            });
+            build().map_err(sdk)?;
+            let fresh = sdk_credential::Fresh::new(build, "App Service", endpoint);
+            (Arc::new(token::Cached::new(fresh)), who(cfg.client_id.as_deref()))
         }
         IdentitySource::AzureMl => {
             // Config first: a compute instance's systemd agent does not see the job's variables.
@@ -290,25 +292,32 @@ pub(crate) fn build(
             (Arc::new(token::Cached::new(cred)), who(None))
         }
         IdentitySource::WorkloadIdentity => {
-            let options = WorkloadIdentityCredentialOptions {
-                credential_options: azure_identity::ClientAssertionCredentialOptions { client_options },
-                client_id: cfg.client_id.clone(),
-                ..Default::default()
-            };
+            let client_id = cfg.client_id.clone();
+            let build: sdk_credential::Build = Box::new(move || {
+                let options = WorkloadIdentityCredentialOptions {
+                    credential_options: azure_identity::ClientAssertionCredentialOptions {
+                        client_options: client_options.clone(),
+                    },
+                    client_id: client_id.clone(),
+                    ..Default::default()
+                };
+                Ok(WorkloadIdentityCredential::new(Some(options))? as Arc<dyn TokenCredential>)
+            });
+            build().map_err(sdk)?;
             let id = cfg.client_id.as_deref().or(env.get("AZURE_CLIENT_ID")).map(str::to_owned);
             let authority = env.get("AZURE_AUTHORITY_HOST").unwrap_or("https://login.microsoftonline.com");
-            let inner = WorkloadIdentityCredential::new(Some(options)).map_err(sdk)?;
+            let fresh = sdk_credential::Fresh::new(build, "Entra ID (workload identity)", authority);
             (
-                Arc::new(sdk_credential::Labelled::new(inner, "Entra ID (workload identity)", authority)),
+                Arc::new(token::Cached::new(fresh)),
                 format!("workload identity (client id {})", id.as_deref().unwrap_or("?")),
             )
         }
         IdentitySource::AzureCli => {
-            let inner = AzureCliCredential::new(None).map_err(sdk)?;
-            (
-                Arc::new(sdk_credential::Labelled::new(inner, "Azure CLI", "az account get-access-token")),
-                "the Azure CLI's signed-in account".to_owned(),
-            )
+            let build: sdk_credential::Build =
+                Box::new(|| Ok(AzureCliCredential::new(None)? as Arc<dyn TokenCredential>));
+            build().map_err(sdk)?;
+            let fresh = sdk_credential::Fresh::new(build, "Azure CLI", "az account get-access-token");
+            (Arc::new(token::Cached::new(fresh)), "the Azure CLI's signed-in account".to_owned())
         }
         IdentitySource::Auto => unreachable_auto(),
     };

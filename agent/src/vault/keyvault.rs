@@ -179,7 +179,7 @@ impl KeyVaultBackend {
             let Some(mut delay) = retry_after else { return Err(failure) };
             if let VaultError::Unavailable { reason, upstream, .. } = &failure {
                 *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
-                    Some((reason.clone(), upstream.clone()));
+                    Some((reason.clone(), upstream.as_deref().cloned()));
             }
             attempt += 1;
             if delay.is_zero() && !self.pace.is_paused() {
@@ -207,7 +207,7 @@ impl KeyVaultBackend {
             vault: self.alias.clone(),
             reason,
             upstream_request_id: Some(rid.to_owned()),
-            upstream,
+            upstream: upstream.map(Box::new),
         };
         match e.kind() {
             ErrorKind::HttpResponse { status, raw_response, .. } => {
@@ -308,7 +308,7 @@ impl KeyVaultBackend {
             vault: self.alias.clone(),
             reason: format!("Key Vault {} sent a malformed secret: {what}", self.url),
             upstream_request_id: Some(rid.to_owned()),
-            upstream: Some(Upstream::new("key_vault", Some(200), None, None)),
+            upstream: Some(Box::new(Upstream::new("key_vault", Some(200), None, None))),
         };
         // Own the body so it can be wiped; `Bytes` that are not unique are copied once.
         let mut owned = Zeroizing::new(Vec::from(body));
@@ -377,7 +377,7 @@ impl Backend for KeyVaultBackend {
                         vault: self.alias.clone(),
                         reason,
                         upstream_request_id: Some(rid),
-                        upstream,
+                        upstream: upstream.map(Box::new),
                     })
                 }
             };

@@ -104,7 +104,7 @@ pub(crate) enum VaultError {
         upstream_request_id: Option<String>,
         /// What Key Vault or the identity endpoint answered, when one did (for the audit
         /// record and the log; `reason` says the same in words).
-        upstream: Option<Upstream>,
+        upstream: Option<Box<Upstream>>,
     },
 }
 
@@ -121,7 +121,7 @@ impl VaultError {
     /// What the upstream service answered, for an unavailable vault.
     pub(crate) fn upstream(&self) -> Option<&Upstream> {
         match self {
-            VaultError::Unavailable { upstream, .. } => upstream.as_ref(),
+            VaultError::Unavailable { upstream, .. } => upstream.as_deref(),
             _ => None,
         }
     }
