@@ -55,6 +55,7 @@ where
     if let Err(e) = crate::sys::forbid_dumps() {
         tracing::warn!(error = %e, "cannot mark the agent non-dumpable; core dumps could hold secrets");
     }
+    let notifier = crate::notify::Notifier::from_env().map(Arc::new);
     let vaults = Arc::new(Vaults::from_config(&config)?);
     let (auditor, resumed) = match &config.audit.hmac_key_secret {
         None => Auditor::open(&config.audit)?,
@@ -118,7 +119,6 @@ where
         "kvbroker agent ready"
     );
     crate::sys::trim_heap();
-    notify_systemd("READY=1");
 
     let cache = Cache::new(config.cache.clone(), vaults, Arc::clone(&auditor));
     let nofile = match crate::sys::raise_nofile_limit() {
@@ -161,9 +161,37 @@ where
         },
         ADMIN_GRACE,
     ));
+    // READY=1 (and the watchdog) once the socket answers through itself: docs/deploy.md.
+    let watchdog = notifier.as_ref().map(|n| {
+        let summary = format!(
+            "{} rule(s), {} vault(s), socket {}",
+            state.policy().len(),
+            config.vaults.len(),
+            config.agent.socket.display()
+        );
+        tokio::spawn(crate::notify::serve(
+            Arc::clone(n),
+            config.agent.socket.clone(),
+            Arc::clone(&state),
+            summary,
+        ))
+    });
+    let stop_watchdog = watchdog.as_ref().map(tokio::task::JoinHandle::abort_handle);
     let state_for_stop = Arc::clone(&state);
     let agent_socket = Arc::new(AgentSocket(Arc::clone(&state)));
-    let outcome = server::serve(listener, agent_socket, body(state), config.agent.shutdown_grace).await;
+    let body = body(state);
+    let until_stop = async move {
+        let r = body.await;
+        // Told at once, before the drain: systemd then knows the stop is under way.
+        if let Some(w) = stop_watchdog {
+            w.abort();
+        }
+        if let Some(n) = &notifier {
+            n.send("STOPPING=1\nSTATUS=stopping: draining in-flight requests");
+        }
+        r
+    };
+    let outcome = server::serve(listener, agent_socket, until_stop, config.agent.shutdown_grace).await;
     let why = match &outcome {
         Ok((_, why)) => *why,
         Err(_) => "startup of the launched command failed",
@@ -178,7 +206,6 @@ where
     state_for_stop.refusals.flush().await;
     // Every cached value is wiped once the last in-flight answer has let go of it.
     cache.clear();
-    notify_systemd("STOPPING=1");
 
     let mut stop = AuditRecord::new(Event::AgentStop);
     stop.outcome = Some(Outcome::Ok);
@@ -219,26 +246,5 @@ async fn reload_on_hangup(state: Arc<State>, path: std::path::PathBuf) {
     };
     while hup.recv().await.is_some() {
         state.reload_policy(&path).await;
-    }
-}
-
-/// Tells systemd (`Type=notify`) about our state, if it is listening.
-fn notify_systemd(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let sent = if let Some(abstract_name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(abstract_name)
-            .and_then(|a| sock.send_to_addr(state.as_bytes(), &a))
-    } else {
-        sock.send_to(state.as_bytes(), &path)
-    };
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, "cannot notify systemd");
     }
 }

@@ -54,6 +54,9 @@ pub enum Command {
     /// proxy, TLS, bearer challenge), the secrets policy rules name, and file permissions.
     /// Prints each check as it runs; exit 0 only if all pass. Never prints a value or token.
     Doctor(DoctorArgs),
+    /// Ask a running agent's socket for /v1/health (for probes): exit 0 if it answers ok,
+    /// 1 if degraded, not ready or not answering (the reason on stderr).
+    Health(HealthArgs),
     /// Run a command under a private broker for its process tree (Azure ML jobs); exits with
     /// the command's status.
     Launch(LaunchArgs),
@@ -102,6 +105,20 @@ pub struct DoctorArgs {
     /// Each secret a rule names must stay valid (before its `exp`) at least this long.
     #[arg(long, value_name = "DURATION", default_value = "1d", value_parser = humantime::parse_duration)]
     pub min_validity: std::time::Duration,
+}
+
+/// `kvbroker health`.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The agent socket (default: $KVBROKER_SOCKET, else /run/kvbroker/agent.sock).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Ask whether it is ready to serve (`/v1/health?ready`), not only alive.
+    #[arg(long)]
+    pub ready: bool,
+    /// Give up (exit 1) after this long.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
 }
 
 /// `kvbroker rotate`.

@@ -13,7 +13,8 @@
 //! - `cache`: single-flight fetches, refresh-ahead, stale-on-error, versions, long polls.
 //! - `state`: what the two sockets share (policy in force, cache, auditor, limits).
 //! - `server`: the agent socket; `admin`: the admin socket and `kvbroker ctl`'s client.
-//! - `app`: wiring and the run loop.
+//! - `app`: wiring and the run loop; `notify`: systemd's READY/STATUS/WATCHDOG/STOPPING,
+//!   earned by a health round trip through the agent's own socket (`probe`, lowest layer).
 //! - `commands`: one module per subcommand; [`cli`]: their clap types.
 //!
 //! No module logs or formats a secret value; values live only in `SecretValue`.
@@ -26,8 +27,10 @@ pub mod cli;
 mod commands;
 pub mod config;
 mod identity;
+mod notify;
 mod peer;
 mod policy;
+mod probe;
 mod rate;
 mod server;
 mod shutdown;
@@ -148,14 +151,14 @@ mod layering {
 
     /// Lowest first. A module may use modules on its own layer or below.
     const LAYERS: &[&[&str]] = &[
-        &["sys", "shutdown", "transport", "rate", "terminal", "trust", "supervise"],
+        &["sys", "shutdown", "transport", "rate", "terminal", "trust", "supervise", "probe"],
         &["peer", "config"],
         &["policy", "identity"],
         &["vault", "audit"],
         &["cache"],
         &["state"],
         &["server", "admin"],
-        &["app"],
+        &["app", "notify"],
         &["commands", "cli"],
     ];
 

@@ -62,6 +62,8 @@ pub enum AuditError {
 pub(crate) struct Auditor {
     state: writer::Shared,
     tx: std::sync::mpsc::Sender<writer::Job>,
+    /// The writer thread, to tell whether it still runs (the systemd watchdog asks).
+    writer: std::thread::JoinHandle<()>,
     healthy: Arc<AtomicBool>,
     path: PathBuf,
     wait: std::time::Duration,
@@ -136,8 +138,11 @@ impl Auditor {
         let state =
             writer::State::new(cfg, file, len, seq, prev, key, Arc::clone(&healthy)).map_err(open_err)?;
         let state = Arc::new(std::sync::Mutex::new(state));
-        let tx = writer::spawn(Arc::clone(&state)).map_err(open_err)?;
-        Ok((Auditor { state, tx, healthy, path, wait: cfg.write_timeout, _lock: lock, keyed }, resumed))
+        let (tx, writer) = writer::spawn(Arc::clone(&state)).map_err(open_err)?;
+        Ok((
+            Auditor { state, tx, writer, healthy, path, wait: cfg.write_timeout, _lock: lock, keyed },
+            resumed,
+        ))
     }
 
     /// Writes `record` (filling in `seq`, `ts`, `prev` and `hash`); returns its `seq` once
@@ -163,6 +168,12 @@ impl Auditor {
     /// False after a failed write, until a write succeeds again.
     pub(crate) fn healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// False once the writer thread has ended (it only ends by panicking while the auditor
+    /// lives): records queued under contention would then never be written.
+    pub(crate) fn writer_alive(&self) -> bool {
+        !self.writer.is_finished()
     }
 
     pub(crate) fn path(&self) -> &Path {

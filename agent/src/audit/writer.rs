@@ -259,10 +259,10 @@ fn seq_range(path: &std::path::Path) -> String {
 
 pub(super) type Shared = Arc<std::sync::Mutex<State>>;
 
-pub(super) fn spawn(state: Shared) -> std::io::Result<Sender<Job>> {
+pub(super) fn spawn(state: Shared) -> std::io::Result<(Sender<Job>, std::thread::JoinHandle<()>)> {
     let (tx, rx) = std::sync::mpsc::channel::<Job>();
-    std::thread::Builder::new().name("kvbroker-audit".into()).spawn(move || run(&state, &rx))?;
-    Ok(tx)
+    let thread = std::thread::Builder::new().name("kvbroker-audit".into()).spawn(move || run(&state, &rx))?;
+    Ok((tx, thread))
 }
 
 fn lock(state: &Shared) -> std::sync::MutexGuard<'_, State> {

@@ -7,6 +7,7 @@ pub(crate) mod ctl;
 pub(crate) mod dev;
 pub(crate) mod doctor;
 pub(crate) mod explain;
+pub(crate) mod health;
 pub(crate) mod launch;
 pub(crate) mod rotate;
 pub(crate) mod run;
@@ -27,6 +28,7 @@ pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Rotate(args) => rotate::command(args)?,
         Command::Doctor(args) => return doctor::command(&args),
+        Command::Health(args) => return health::command(&args),
         Command::Launch(args) => return launch::command(args),
         Command::Policy { command: PolicyCommand::Explain(args) } => explain::command(args)?,
         Command::Audit { command } => audit::command(command)?,
