@@ -163,7 +163,14 @@ where
     ));
     let state_for_stop = Arc::clone(&state);
     let agent_socket = Arc::new(AgentSocket(Arc::clone(&state)));
-    let outcome = server::serve(listener, agent_socket, body(state), config.agent.shutdown_grace).await;
+    let stopper = Arc::clone(&state);
+    let until = async move {
+        let r = body(state).await;
+        // Before the drain starts: open long polls answer 503 now, not after the grace.
+        stopper.begin_stop();
+        r
+    };
+    let outcome = server::serve(listener, agent_socket, until, config.agent.shutdown_grace).await;
     let why = match &outcome {
         Ok((_, why)) => *why,
         Err(_) => "startup of the launched command failed",

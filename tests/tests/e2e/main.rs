@@ -21,3 +21,4 @@ mod policy;
 mod proxy;
 mod read;
 mod rotate;
+mod rotation;
