@@ -7,7 +7,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use kvbroker_tests::{Agent, EmulatorProc, Proc, bin, canary, raw_get, raw_request};
+use std::path::PathBuf;
+
+use kvbroker_tests::{Agent, EmulatorProc, Proc, TempDir, bin, canary, raw_get, raw_request, run};
 use serde_json::{Value, json};
 
 /// Lines of a child's stdout, read on a thread so a test can wait with a deadline.
@@ -129,4 +131,103 @@ fn open_conns(pid: u32) -> usize {
                 .count()
         })
         .unwrap_or(0)
+}
+
+/// A running `kvbroker dev` in its own directory; stopped when dropped.
+struct DevAgent {
+    dir: TempDir,
+    proc: Proc,
+}
+
+impl DevAgent {
+    fn start(tag: &str) -> DevAgent {
+        let dir = TempDir::new(tag);
+        let mut cmd = Command::new(bin("kvbroker"));
+        cmd.args(["dev", "--dir"]).arg(dir.path().join("dev")).env_remove("RUST_LOG");
+        cmd.stdin(Stdio::null()).stdout(std::fs::File::create(dir.path().join("dev.out")).unwrap());
+        cmd.stderr(std::fs::File::create(dir.path().join("dev.err")).unwrap());
+        let proc = Proc::spawn(&mut cmd);
+        let dev = DevAgent { dir, proc };
+        wait_for("kvbroker dev", Duration::from_secs(20), || {
+            raw_get(&dev.socket(), "/v1/health", &[]).map(|r| r.0).unwrap_or(0) == 200
+        });
+        dev
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("dev/agent.sock")
+    }
+
+    fn kvbroker(&self, args: &[&str]) -> (i32, String, String) {
+        let mut cmd = Command::new(bin("kvbroker"));
+        cmd.args(["dev", "--dir"]).arg(self.dir.path().join("dev")).args(args).env_remove("RUST_LOG");
+        run(&mut cmd)
+    }
+
+    fn texts(&self) -> Vec<String> {
+        ["dev.out", "dev.err", "dev/audit.jsonl"]
+            .iter()
+            .map(|f| std::fs::read_to_string(self.dir.path().join(f)).unwrap_or_default())
+            .collect()
+    }
+}
+
+impl Drop for DevAgent {
+    fn drop(&mut self) {
+        self.proc.signal(libc::SIGTERM);
+        let _ = self.proc.wait_timeout(Duration::from_secs(10));
+    }
+}
+
+/// Issue 17: `kvbroker dev` had no way to rotate, and `ctl refresh` re-read nothing. `dev
+/// rotate` makes a new version that `kvb watch` prints at once; a hand edit of the vault
+/// file is served after `ctl refresh`. No value is printed or logged.
+#[test]
+fn dev_rotate_is_seen_by_kvb_watch_and_ctl_refresh_rereads_the_file() {
+    let (new, edited) = (canary("devrot"), canary("devedit"));
+    let dev = DevAgent::start("devrot");
+    let (_watcher, lines) = kvb_watch(&dev.socket(), "db-password");
+    let first = lines.next("the current version", Duration::from_secs(10));
+
+    let (code, out, err) = dev.kvbroker(&["rotate", "db-password", "--value", &new]);
+    assert_eq!(code, 0, "{out}{err}");
+    let version = out.lines().next().unwrap().rsplit(' ').next().unwrap().to_owned();
+    assert_eq!(out.lines().next().unwrap(), format!("rotated default/db-password: version {version}"));
+    assert!(out.contains("serves it now"), "{out}");
+    let seen = lines.next("the rotated version", Duration::from_secs(5));
+    assert_eq!(seen, version);
+    assert_ne!(seen, first);
+    let (_, got, _) = run(kvbroker_tests::kvb(&dev.socket(), None).args(["get", "db-password"]));
+    assert_eq!(got, new);
+
+    let (code, out, err) = dev.kvbroker(&["rotate", "db-password", "--generate", "24"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let generated = lines.next("the generated version", Duration::from_secs(5));
+    assert!(out.contains(&generated), "{out}");
+    let (_, got, _) = run(kvbroker_tests::kvb(&dev.socket(), None).args(["get", "db-password"]));
+    assert_eq!(got.len(), 32, "24 bytes as base64url");
+    lines.none_within("no other version", Duration::from_millis(500));
+
+    // A hand edit, then `ctl refresh`: the file is read again.
+    let file = dev.dir.path().join("dev/secrets.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("api-token") { format!("api-token = \"{edited}\"\n") } else { format!("{l}\n") }
+        })
+        .collect();
+    std::fs::write(&file, text).unwrap();
+    let mut ctl = Command::new(bin("kvbroker"));
+    ctl.args(["ctl", "--dir"]).arg(dev.dir.path().join("dev")).args(["refresh", "api-token"]);
+    let (code, out, err) = run(&mut ctl);
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, got, _) = run(kvbroker_tests::kvb(&dev.socket(), None).args(["get", "api-token"]));
+    assert_eq!(got, edited);
+
+    let (code, _, err) = dev.kvbroker(&["rotate", "db-password", "--generate", "8"]);
+    assert_eq!((code, err.trim()), (1, "kvbroker: --generate 8: choose 16 to 4096 bytes"));
+    for t in dev.texts() {
+        assert!(!t.contains(&new) && !t.contains(&edited), "a value in the dev agent's output or audit log");
+    }
 }
