@@ -231,3 +231,190 @@ fn dev_rotate_is_seen_by_kvb_watch_and_ctl_refresh_rereads_the_file() {
         assert!(!t.contains(&new) && !t.contains(&edited), "a value in the dev agent's output or audit log");
     }
 }
+
+fn sha16(value: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("printf %s \"$V\" | sha256sum | cut -c1-16")
+        .env("V", value)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn rotating_agent(tag: &str, secrets: &[(&str, &str)]) -> (EmulatorProc, Agent) {
+    let emu = EmulatorProc::start(secrets);
+    let agent = Agent::builder(tag)
+        .keyvault(&emu, "azure-ml")
+        .allow_uid(0)
+        .cache("refresh_interval = \"1s\"")
+        .start();
+    (emu, agent)
+}
+
+/// Issue 17: `kvb get -o FILE --follow` keeps FILE current. A reader looping on FILE sees
+/// only whole versions (never a torn or empty file) while it is rewritten; `--on-change`
+/// runs after each rewrite (and after the first write, because FILE held an old value);
+/// FILE keeps its owner, is mode 0600, and no temporary file is left.
+#[test]
+fn follow_rewrites_the_file_atomically_and_runs_on_change() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let a = canary("fa");
+    // Large values make a torn write likely to be seen if the rewrite were in place.
+    let b = format!("{}{}", canary("fb"), "b".repeat(20_000));
+    let c = format!("{}{}", canary("fc"), "c".repeat(24_000));
+    let (emu, agent) = rotating_agent("follow", &[("tls-key", &a)]);
+    let dir = TempDir::new("follow-out");
+    let out = dir.path().join("key.pem");
+    let changes = dir.path().join("changes");
+    std::fs::write(&out, "old").unwrap();
+    std::os::unix::fs::chown(&out, Some(65534), Some(65534)).unwrap();
+
+    let mut cmd = kvbroker_tests::kvb(&agent.socket, None);
+    cmd.args(["get", "tls-key", "-o"]).arg(&out).arg("--follow").arg("--on-change");
+    cmd.arg(format!("echo \"$KVB_VERSION\" >> {}", changes.display()));
+    let stderr = dir.path().join("kvb.err");
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&stderr).unwrap());
+    let _follower = Proc::spawn(&mut cmd);
+    wait_for("the first write", Duration::from_secs(10), || {
+        std::fs::read_to_string(&out).is_ok_and(|t| t == a)
+    });
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (out, stop) = (out.clone(), std::sync::Arc::clone(&stop));
+        let allowed = [a.clone(), b.clone(), c.clone()];
+        std::thread::spawn(move || {
+            let (mut reads, mut bad) = (0u64, 0u64);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = std::fs::read_to_string(&out).unwrap_or_default();
+                reads += 1;
+                if !allowed.contains(&t) {
+                    bad += 1;
+                }
+            }
+            (reads, bad)
+        })
+    };
+    let vb = emu.set_secret("tls-key", &b, json!({}));
+    wait_for("version b", Duration::from_secs(10), || std::fs::read_to_string(&out).is_ok_and(|t| t == b));
+    let vc = emu.set_secret("tls-key", &c, json!({}));
+    wait_for("version c", Duration::from_secs(10), || std::fs::read_to_string(&out).is_ok_and(|t| t == c));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (reads, bad) = reader.join().unwrap();
+    eprintln!("reader: {reads} reads, {bad} torn or empty");
+    assert!(reads > 100, "the reader ran ({reads} reads)");
+    assert_eq!(bad, 0, "a reader saw a torn or empty file");
+
+    wait_for("three on-change runs", Duration::from_secs(5), || {
+        std::fs::read_to_string(&changes).is_ok_and(|t| t.lines().count() >= 3)
+    });
+    let ran = std::fs::read_to_string(&changes).unwrap();
+    let ran: Vec<&str> = ran.lines().collect();
+    assert_eq!(ran.len(), 3, "{ran:?}");
+    assert_eq!(&ran[1..], [vb.as_str(), vc.as_str()]);
+    let meta = std::fs::metadata(&out).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (65534, 65534), "owner kept");
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 3, "only key.pem, changes and kvb.err: {left:?}");
+    let err = std::fs::read_to_string(&stderr).unwrap();
+    agent.assert_no_canary(&[&a, &b[..30], &c[..30]], &[&err]);
+}
+
+/// Issue 17: `kvb exec --restart-on-change` restarts the command exactly once per rotation,
+/// with the new value in its environment, and exits with the command's own status when it
+/// exits by itself.
+#[test]
+fn restart_on_change_restarts_once_per_rotation_with_the_new_env() {
+    let (a, b, c) = (canary("ra"), canary("rb"), canary("rc"));
+    let (emu, agent) = rotating_agent("restart", &[("db-password", &a)]);
+    let dir = TempDir::new("restart-out");
+    let (log, stop) = (dir.path().join("starts"), dir.path().join("stop"));
+    let script = format!(
+        "printf %s \"$DB\" | sha256sum | cut -c1-16 >> {log}; trap 'exit 0' TERM; \
+         while [ ! -e {stop} ]; do sleep 0.05; done; exit 7",
+        log = log.display(),
+        stop = stop.display()
+    );
+    let mut cmd = kvbroker_tests::kvb(&agent.socket, None);
+    cmd.args([
+        "exec",
+        "--restart-on-change",
+        "--grace",
+        "5s",
+        "--env",
+        "DB=db-password",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let stderr = dir.path().join("kvb.err");
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&stderr).unwrap());
+    let mut kvb = Proc::spawn(&mut cmd);
+    let starts =
+        || std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_owned).collect::<Vec<_>>();
+    wait_for("the first start", Duration::from_secs(10), || starts().len() == 1);
+    emu.set_secret("db-password", &b, json!({}));
+    wait_for("a restart", Duration::from_secs(10), || starts().len() == 2);
+    emu.set_secret("db-password", &c, json!({}));
+    wait_for("another restart", Duration::from_secs(10), || starts().len() == 3);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(starts(), [sha16(&a), sha16(&b), sha16(&c)], "one start per version, each with its value");
+    std::fs::write(&stop, "").unwrap();
+    let status = kvb.wait_timeout(Duration::from_secs(10)).expect("kvb exits with the command");
+    assert_eq!(status.code(), Some(7), "the command's own status");
+    let err = std::fs::read_to_string(&stderr).unwrap();
+    assert_eq!(err.matches("restarting sh").count(), 2, "{err}");
+    agent.assert_no_canary(&[&a, &b, &c], &[&err]);
+}
+
+/// Issue 17: `kvb exec --file-env VAR=NAME` gives the command a path to a sealed memfd:
+/// the content is the value, nothing is written to disk, the value is not in the command's
+/// environment, the file cannot be written, and kvb itself keeps no copy of the fd once the
+/// command runs (so no later process kvb starts can inherit it).
+#[test]
+fn file_env_gives_a_sealed_memfd_path_and_no_value_in_environ() {
+    let value = canary("fileenv");
+    let (_emu, agent) = rotating_agent("fileenv", &[("tls-key", &value)]);
+    let dir = TempDir::new("fileenv-out");
+    let o = |f: &str| dir.path().join(f).display().to_string();
+    let script = format!(
+        "printf %s \"$KEYFILE\" > {path}; printf %s \"$(sha256sum < \"$KEYFILE\" | cut -c1-16)\" > {hash}; \
+         readlink \"$KEYFILE\" > {link}; tr '\\0' '\\n' < /proc/$$/environ > {environ}; \
+         (printf x >> \"$KEYFILE\") 2>/dev/null; echo $? > {write}; touch {ready}; \
+         while [ ! -e {stop} ]; do sleep 0.05; done",
+        path = o("path"),
+        hash = o("hash"),
+        link = o("link"),
+        environ = o("environ"),
+        write = o("write"),
+        ready = o("ready"),
+        stop = o("stop"),
+    );
+    let mut cmd = kvbroker_tests::kvb(&agent.socket, None);
+    cmd.args(["exec", "--file-env", "KEYFILE=tls-key", "--", "sh", "-c", &script]);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut kvb = Proc::spawn(&mut cmd);
+    wait_for("the command", Duration::from_secs(10), || dir.path().join("ready").exists());
+    let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+    assert!(read("path").starts_with("/proc/self/fd/"), "{}", read("path"));
+    assert_eq!(read("hash"), sha16(&value), "the file holds the value");
+    assert!(read("link").starts_with("/memfd:kvb-tls-key"), "an in-memory file: {}", read("link"));
+    assert_ne!(read("write").trim(), "0", "the sealed file refused a write");
+    assert!(!read("environ").contains(&value), "no value in the environment");
+    let kvb_fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", kvb.pid()))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+        .map(|l| l.display().to_string())
+        .collect();
+    assert!(!kvb_fds.iter().any(|l| l.contains("memfd")), "kvb closed its copy: {kvb_fds:?}");
+    std::fs::write(dir.path().join("stop"), "").unwrap();
+    assert_eq!(kvb.wait_timeout(Duration::from_secs(10)).unwrap().code(), Some(0));
+    let on_disk =
+        Command::new("grep").args(["-rl", &value]).arg(dir.path()).arg(agent.dir.path()).output().unwrap();
+    assert!(on_disk.stdout.is_empty(), "value found on disk: {}", String::from_utf8_lossy(&on_disk.stdout));
+    agent.assert_no_canary(&[&value], &[]);
+}
