@@ -180,8 +180,11 @@ where
     let state_for_stop = Arc::clone(&state);
     let agent_socket = Arc::new(AgentSocket(Arc::clone(&state)));
     let body = body(state);
+    let stopper = Arc::clone(&state_for_stop);
     let until_stop = async move {
         let r = body.await;
+        // Before the drain starts: open long polls answer 503 now, not after the grace.
+        stopper.begin_stop();
         // Told at once, before the drain: systemd then knows the stop is under way.
         if let Some(w) = stop_watchdog {
             w.abort();

@@ -23,8 +23,10 @@ pub enum Command {
     /// Run a local agent with demo secrets, for trying kvbroker out (not for production).
     Dev {
         /// Where to keep its socket, demo vault, policy and audit log.
-        #[arg(long, value_name = "DIR", default_value = ".kvbroker-dev")]
+        #[arg(long, value_name = "DIR", default_value = ".kvbroker-dev", global = true)]
         dir: PathBuf,
+        #[command(subcommand)]
+        command: Option<DevCommand>,
     },
     /// Validate a config file and the policy and vault files it names.
     CheckConfig {
@@ -73,6 +75,23 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Write a new version of a secret to the dev vault (its secrets.toml) and tell the running
+    /// dev agent, whose watchers and long polls then see it as they would a Key Vault
+    /// rotation. Prints the new version id, never the value.
+    Rotate {
+        /// The secret's name (a new name adds a secret).
+        name: String,
+        /// The new value (visible to other users in the process list: for demo values only).
+        #[arg(long, value_name = "V", conflicts_with = "generate")]
+        value: Option<String>,
+        /// A random value of N bytes, written as base64url text (16 to 4096; the default is 32).
+        #[arg(long, value_name = "N")]
+        generate: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Show the facts used, each rule and why it does or does not allow VAULT/NAME, and the
     /// decision.
@@ -85,7 +104,7 @@ impl Command {
     /// `check-config` prints one line, not the Azure SDK's client set-up).
     pub fn default_log_level(&self) -> &'static str {
         match self {
-            Command::Run { .. } | Command::Dev { .. } | Command::Launch(_) => "info",
+            Command::Run { .. } | Command::Dev { command: None, .. } | Command::Launch(_) => "info",
             // Doctor reports every failure itself.
             Command::Doctor(_) => "error",
             _ => "warn",

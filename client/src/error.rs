@@ -131,6 +131,14 @@ pub enum Error {
     /// 503: the agent could not write its audit record, so it served nothing.
     #[error("audit unavailable: {0}")]
     AuditUnavailable(ApiError),
+    /// 503: the agent is stopping; a new one may be listening after `retry_after`.
+    #[error("the agent is stopping: {error}")]
+    AgentStopping {
+        /// What the agent said.
+        error: ApiError,
+        /// When to try again, from `Retry-After`.
+        retry_after: Option<Duration>,
+    },
     /// 404: the agent does not know the path (client and agent versions differ?).
     #[error("unknown path: {0}")]
     NotFound(ApiError),
@@ -162,6 +170,7 @@ impl Error {
             Error::TooManyRequests { .. } => ErrorCode::TooManyRequests,
             Error::UpstreamUnavailable(_) => ErrorCode::UpstreamUnavailable,
             Error::AuditUnavailable(_) => ErrorCode::AuditUnavailable,
+            Error::AgentStopping { .. } => ErrorCode::AgentStopping,
             Error::NotFound(_) => ErrorCode::NotFound,
             Error::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
             Error::RequestTimeout(_) => ErrorCode::RequestTimeout,
@@ -180,6 +189,7 @@ impl Error {
             ErrorCode::TooManyRequests => Error::TooManyRequests { error: e, retry_after },
             ErrorCode::UpstreamUnavailable => Error::UpstreamUnavailable(e),
             ErrorCode::AuditUnavailable => Error::AuditUnavailable(e),
+            ErrorCode::AgentStopping => Error::AgentStopping { error: e, retry_after },
             ErrorCode::NotFound => Error::NotFound(e),
             ErrorCode::MethodNotAllowed => Error::MethodNotAllowed(e),
             ErrorCode::RequestTimeout => Error::RequestTimeout(e),

@@ -237,29 +237,75 @@ impl Watch {
     }
 
     /// The current version first, then each new version as it is cached.
+    ///
+    /// Once a version has been seen, a lost agent (stopped, restarting, socket gone) or a
+    /// passing failure (rate limit, vault or audit trouble) is waited out: the watch
+    /// reconnects with a growing pause (from 50 ms up to 5 s, or the agent's
+    /// `Retry-After`) and resumes from the last version it returned, so a version is neither
+    /// missed nor returned twice across an agent restart. Errors that will not pass by
+    /// waiting (denied, no such secret, bad request, no access to the socket) are returned.
+    /// The very first read is never retried: a watch of an agent that is not there fails.
     pub async fn next(&mut self) -> Result<Secret, Error> {
         let Some(last) = self.last.clone() else {
             let s = self.client.get_with(&self.name, &self.opts).await?;
             self.last = Some(s.version().to_owned());
             return Ok(s);
         };
+        let mut pause = RECONNECT_FIRST;
         loop {
-            let (name, mut query) = request_parts(&self.name, &self.opts)?;
-            query.changed_from =
-                Some(last.parse().map_err(|_| Error::Protocol("agent sent a bad version id".into()))?);
-            query.wait = Some(kvbroker_proto::api::MAX_WAIT_SECS);
-            let answer = self.client.transport.get(&path_for(&name, &query), "application/json").await?;
-            if answer.status == http::StatusCode::NOT_MODIFIED {
-                continue;
+            match self.poll_once(&last).await {
+                Ok(Some(inner)) => {
+                    self.last = Some(inner.version.as_str().to_owned());
+                    return Ok(Secret { inner });
+                }
+                Ok(None) => pause = RECONNECT_FIRST,
+                Err(e) => match reconnect_wait(&e, pause) {
+                    Some(wait) => {
+                        tokio::time::sleep(wait).await;
+                        pause = (pause * 2).min(RECONNECT_MAX);
+                    }
+                    None => return Err(e),
+                },
             }
-            if !answer.status.is_success() {
-                return Err(error_of(&answer));
-            }
-            let inner: SecretResponse = serde_json::from_slice(&answer.body)
-                .map_err(|e| Error::Protocol(format!("malformed secret answer: {}", e.classify_name())))?;
-            self.last = Some(inner.version.as_str().to_owned());
-            return Ok(Secret { inner });
         }
+    }
+
+    /// One long poll from `last`: `Ok(None)` when it ended with no new version (304).
+    async fn poll_once(&self, last: &str) -> Result<Option<SecretResponse>, Error> {
+        let (name, mut query) = request_parts(&self.name, &self.opts)?;
+        query.changed_from =
+            Some(last.parse().map_err(|_| Error::Protocol("agent sent a bad version id".into()))?);
+        query.wait = Some(kvbroker_proto::api::MAX_WAIT_SECS);
+        let answer = self.client.transport.get(&path_for(&name, &query), "application/json").await?;
+        if answer.status == http::StatusCode::NOT_MODIFIED {
+            return Ok(None);
+        }
+        if !answer.status.is_success() {
+            return Err(error_of(&answer));
+        }
+        serde_json::from_slice(&answer.body)
+            .map(Some)
+            .map_err(|e| Error::Protocol(format!("malformed secret answer: {}", e.classify_name())))
+    }
+}
+
+/// The first pause before a watch reconnects; it doubles up to [`RECONNECT_MAX`].
+const RECONNECT_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between two reconnects of a watch.
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// How long a watch waits before trying again after `e`, or `None` if waiting will not help.
+fn reconnect_wait(e: &Error, pause: Duration) -> Option<Duration> {
+    match e {
+        Error::AgentStopping { retry_after, .. } | Error::TooManyRequests { retry_after, .. } => {
+            Some(retry_after.map_or(pause, |r| r.min(RECONNECT_MAX)))
+        }
+        Error::Unreachable { .. }
+        | Error::Protocol(_)
+        | Error::UpstreamUnavailable(_)
+        | Error::AuditUnavailable(_)
+        | Error::RequestTimeout(_) => Some(pause),
+        _ => None,
     }
 }
 
@@ -312,5 +358,31 @@ fn error_of(a: &Answer) -> Error {
                 a.headers.get(headers::REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
             Error::Protocol(format!("status {} without an error body (request {request_id})", a.status))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api() -> ApiError {
+        ApiError { message: "m".into(), request_id: "r".into() }
+    }
+
+    /// Issue 17: a watch died when the agent restarted. Passing failures are waited out
+    /// (Retry-After first, capped); refusals end the watch.
+    #[test]
+    fn watch_waits_out_passing_failures_and_stops_on_refusals() {
+        let p = Duration::from_millis(200);
+        let gone = Error::Unreachable { path: "/x".into(), source: std::io::ErrorKind::NotFound.into() };
+        assert_eq!(reconnect_wait(&gone, p), Some(p));
+        let stopping = Error::AgentStopping { error: api(), retry_after: Some(Duration::from_secs(1)) };
+        assert_eq!(reconnect_wait(&stopping, p), Some(Duration::from_secs(1)));
+        let slow = Error::TooManyRequests { error: api(), retry_after: Some(Duration::from_secs(3600)) };
+        assert_eq!(reconnect_wait(&slow, p), Some(RECONNECT_MAX));
+        assert_eq!(reconnect_wait(&Error::Protocol("reset".into()), p), Some(p));
+        assert_eq!(reconnect_wait(&Error::PermissionDenied(api()), p), None);
+        assert_eq!(reconnect_wait(&Error::SecretNotFound(api()), p), None);
+        assert_eq!(reconnect_wait(&Error::InvalidRequest(api()), p), None);
     }
 }

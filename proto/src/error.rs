@@ -30,11 +30,15 @@ pub enum ErrorCode {
     UpstreamUnavailable,
     /// 503: the audit record could not be written; nothing was served.
     AuditUnavailable,
+    /// 503: the agent is stopping (a long poll answered at shutdown); retry after
+    /// `Retry-After`, when a new agent will be listening. Not in SPEC.md's table: added for
+    /// watchers that reconnect (docs/api.md).
+    AgentStopping,
 }
 
 impl ErrorCode {
     /// All codes, in SPEC.md's table order.
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::InvalidRequest,
         ErrorCode::PermissionDenied,
         ErrorCode::SecretNotFound,
@@ -47,6 +51,7 @@ impl ErrorCode {
         ErrorCode::TooManyRequests,
         ErrorCode::UpstreamUnavailable,
         ErrorCode::AuditUnavailable,
+        ErrorCode::AgentStopping,
     ];
 
     /// The HTTP status this code is sent with.
@@ -62,7 +67,7 @@ impl ErrorCode {
             ErrorCode::SecretNotUsable => 422,
             ErrorCode::TooManyRequests => 429,
             ErrorCode::UpstreamUnavailable => 502,
-            ErrorCode::AuditUnavailable => 503,
+            ErrorCode::AuditUnavailable | ErrorCode::AgentStopping => 503,
         }
     }
 
@@ -81,6 +86,7 @@ impl ErrorCode {
             ErrorCode::TooManyRequests => "TooManyRequests",
             ErrorCode::UpstreamUnavailable => "UpstreamUnavailable",
             ErrorCode::AuditUnavailable => "AuditUnavailable",
+            ErrorCode::AgentStopping => "AgentStopping",
         }
     }
 }
@@ -129,6 +135,8 @@ mod tests {
             (429, "TooManyRequests"),
             (502, "UpstreamUnavailable"),
             (503, "AuditUnavailable"),
+            // docs/api.md's addition to the SPEC table (issue 17).
+            (503, "AgentStopping"),
         ];
         assert_eq!(spec.len(), ErrorCode::ALL.len());
         for (code, (status, name)) in ErrorCode::ALL.iter().zip(spec) {

@@ -21,7 +21,10 @@ use crate::cli::{Cli, Command, PolicyCommand};
 pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Run { config } => run::run(&config)?,
-        Command::Dev { dir } => dev::dev(&dir)?,
+        Command::Dev { dir, command: None } => dev::dev(&dir)?,
+        Command::Dev { dir, command: Some(crate::cli::DevCommand::Rotate { name, value, generate }) } => {
+            dev::rotate(&dir, &name, value, generate)?;
+        }
         Command::CheckConfig { config } => check_config::check_config(&config)?,
         Command::Ctl { config, socket, dir, command } => {
             return ctl::ctl(ctl::Target { socket, config, dir }, command);

@@ -297,7 +297,7 @@ fn failure(
 }
 
 /// `n` random bytes from the OS, as unpadded base64url text.
-fn generate(n: usize) -> std::io::Result<Zeroizing<String>> {
+pub(crate) fn generate(n: usize) -> std::io::Result<Zeroizing<String>> {
     let mut raw = Zeroizing::new(vec![0u8; n]);
     std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
     base64url(&raw)

@@ -53,6 +53,8 @@ pub(crate) enum Failure {
     NoRoute,
     Method,
     BodyTooLarge,
+    /// A long poll open when the agent began to stop.
+    Stopping,
 }
 
 impl Failure {
@@ -70,6 +72,7 @@ impl Failure {
             Failure::NoRoute => ErrorCode::NotFound,
             Failure::Method => ErrorCode::MethodNotAllowed,
             Failure::BodyTooLarge => ErrorCode::PayloadTooLarge,
+            Failure::Stopping => ErrorCode::AgentStopping,
         }
     }
 
@@ -96,6 +99,9 @@ impl Failure {
             Failure::NoRoute => "no such path: use /v1/health or /v1/secrets/{name}".into(),
             Failure::Method => "method not allowed: use GET".into(),
             Failure::BodyTooLarge => "requests to the agent carry no body".into(),
+            Failure::Stopping => "the agent is stopping: reconnect after the Retry-After seconds and \
+                 resume from the last version seen"
+                .into(),
         }
     }
 }
@@ -170,6 +176,10 @@ pub(crate) fn failure(f: &Failure, request_id: &str) -> Response<Body> {
     if let Failure::TooMany { retry_after, .. } = f {
         let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
         r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    if matches!(f, Failure::Stopping) {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     r
 }

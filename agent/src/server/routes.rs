@@ -234,7 +234,12 @@ async fn decide_and_fetch<B>(
     let looked_up = match (&query.changed_from, query.wait) {
         (Some(from), Some(wait)) => {
             let wait = Duration::from_secs(u64::from(wait));
-            ctx.cache.wait_change(&vault, &name, from, wait).await
+            // A stop answers open long polls at once (503, Retry-After) instead of holding
+            // the drain for up to `shutdown_grace`; the watcher reconnects to the next agent.
+            tokio::select! {
+                r = ctx.cache.wait_change(&vault, &name, from, wait) => r,
+                () = ctx.stopping() => return Err(Failure::Stopping),
+            }
         }
         _ => ctx.cache.get(&vault, &name, query.version.as_ref()).await.map(Some),
     };

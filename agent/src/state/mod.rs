@@ -37,6 +37,9 @@ pub(crate) struct State {
     pub(crate) refusals: Arc<Refusals>,
     /// Supervised background tasks (refresher, reloader): a death shows in health.
     pub(crate) tasks: Arc<Tasks>,
+    /// Set once when the agent starts to stop: open long polls answer 503 at once, so a
+    /// stop never waits out `shutdown_grace` for watchers (issue 17).
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl State {
@@ -57,7 +60,19 @@ impl State {
             refusals: Refusals::new(Arc::clone(&auditor)),
             auditor,
             tasks: Arc::new(Tasks::default()),
+            stopping: tokio::sync::watch::Sender::new(false),
         }
+    }
+
+    /// Tells every open and future long poll that the agent is stopping.
+    pub(crate) fn begin_stop(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`begin_stop`](Self::begin_stop) was called (at once if it was already).
+    pub(crate) async fn stopping(&self) {
+        let mut rx = self.stopping.subscribe();
+        let _ = rx.wait_for(|s| *s).await;
     }
 
     /// The policy in force now (a reload swaps it; requests in flight keep the one they took).

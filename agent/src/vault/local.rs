@@ -1,16 +1,24 @@
 //! `kind = "local"`: secrets from a TOML file of `name = "value"`, for development and
-//! tests. The file must not be readable by group or others. Each value gets a random
-//! version id when the file is loaded. Parse errors give the line, never the text.
+//! tests. The file must not be readable by group or others. A value gets a random version id
+//! when it is first loaded (or the one its `version = "…"` attribute names). Parse errors
+//! give the line, never the text.
 //!
 //! A secret may also carry Key Vault's attributes, to try how the agent enforces them:
 //! `name = { value = "…", enabled = false, not_before = "2030-01-01T00:00:00Z",
-//! expires_on = "…", content_type = "…" }`.
+//! expires_on = "…", content_type = "…", version = "32 hex" }`.
+//!
+//! The file is read again whenever it changed (its inode, size, mtime or ctime differ) before
+//! a fetch, so an edit or `kvbroker dev rotate` is picked up by the next refresh, long poll
+//! wake-up or `kvbroker ctl refresh`, as a Key Vault rotation is. A value that did not change
+//! keeps its version; a file that no longer loads is reported and the last good one served.
 
 use std::collections::HashMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+
+use subtle::ConstantTimeEq;
 
 use kvbroker_proto::{SecretName, SecretValue, VaultAlias, VersionId};
 use zeroize::Zeroize;
@@ -19,9 +27,38 @@ use super::{Backend, BoxFuture, Budget, Fetched, VaultError};
 
 pub(crate) struct LocalBackend {
     alias: VaultAlias,
+    path: PathBuf,
+    latency: Duration,
+    loaded: Mutex<Loaded>,
+}
+
+/// The file as last read.
+struct Loaded {
     /// Keyed by the lowercase name.
     secrets: HashMap<String, Entry>,
-    latency: Duration,
+    /// What the file looked like when read (or when a read last failed): a reload happens
+    /// only when this changes.
+    stamp: Option<Stamp>,
+}
+
+/// Enough of a file's metadata to notice an edit or a rename over it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
+    }
 }
 
 struct Entry {
@@ -34,6 +71,8 @@ struct Entry {
 
 #[derive(Default)]
 struct Attrs {
+    /// `version = "…"`: the version id to serve (as `kvbroker dev rotate` writes it).
+    version: Option<VersionId>,
     enabled: bool,
     not_before: Option<SystemTime>,
     expires_on: Option<SystemTime>,
@@ -68,62 +107,104 @@ pub enum LocalError {
 
 impl LocalBackend {
     pub(crate) fn load(alias: VaultAlias, path: &Path, latency: Duration) -> Result<Self, LocalError> {
-        let read_err = |source| LocalError::Read { path: path.to_owned(), source };
-        let meta = std::fs::metadata(path).map_err(read_err)?;
-        let mode = meta.mode() & 0o777;
-        crate::trust::check_file(path, "local vault file")?;
-        if mode & 0o077 != 0 {
-            return Err(LocalError::Permissions { path: path.to_owned(), mode });
-        }
-        let mut text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(read_err)?);
-        let parsed: Result<toml::Table, _> = toml::from_str(&text);
-        let mut table = parsed.map_err(|e| {
-            let line = e.span().map_or(0, |s| crate::config::line_at(&text, s.start));
-            // The parser's message can quote the text around the error: give only the line.
-            LocalError::Parse {
-                path: path.to_owned(),
-                line,
-                message: "not a valid TOML file of name = \"value\" lines".into(),
-            }
-        })?;
-        text.zeroize();
+        let (secrets, stamp) = read_file(path, None)?;
+        Ok(Self {
+            alias,
+            path: path.to_owned(),
+            latency,
+            loaded: Mutex::new(Loaded { secrets, stamp: Some(stamp) }),
+        })
+    }
 
-        let loaded_at = SystemTime::now();
-        let mut secrets = HashMap::new();
-        let mut result = Ok(());
-        for (key, value) in std::mem::take(&mut table) {
-            if result.is_err() {
+    /// Reads the file again if it changed since the last read. Values that did not change
+    /// keep their version. On failure the last good secrets stay and the error is logged
+    /// (names, lines and paths only), once per change of the file.
+    fn reload_if_changed(&self) {
+        let mut loaded = self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::fs::metadata(&self.path).ok().map(|m| Stamp::of(&m));
+        if now.is_some() && now == loaded.stamp {
+            return;
+        }
+        match read_file(&self.path, Some(&loaded.secrets)) {
+            Ok((secrets, stamp)) => {
+                tracing::info!(vault = %self.alias, file = %self.path.display(), secrets = secrets.len(), "local vault file read again");
+                *loaded = Loaded { secrets, stamp: Some(stamp) };
+            }
+            Err(e) => {
+                if loaded.stamp.is_some() {
+                    tracing::warn!(vault = %self.alias, error = %e, "local vault file changed but cannot be read; serving what it held before");
+                }
+                loaded.stamp = now;
+            }
+        }
+    }
+}
+
+/// Reads and checks the file: its secrets and its stamp. `before`: the secrets it held, whose
+/// versions are kept for values that did not change.
+fn read_file(
+    path: &Path,
+    before: Option<&HashMap<String, Entry>>,
+) -> Result<(HashMap<String, Entry>, Stamp), LocalError> {
+    let read_err = |source| LocalError::Read { path: path.to_owned(), source };
+    let meta = std::fs::metadata(path).map_err(read_err)?;
+    let mode = meta.mode() & 0o777;
+    crate::trust::check_file(path, "local vault file")?;
+    if mode & 0o077 != 0 {
+        return Err(LocalError::Permissions { path: path.to_owned(), mode });
+    }
+    let mut text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(read_err)?);
+    let parsed: Result<toml::Table, _> = toml::from_str(&text);
+    let mut table = parsed.map_err(|e| {
+        let line = e.span().map_or(0, |s| crate::config::line_at(&text, s.start));
+        // The parser's message can quote the text around the error: give only the line.
+        LocalError::Parse {
+            path: path.to_owned(),
+            line,
+            message: "not a valid TOML file of name = \"value\" lines".into(),
+        }
+    })?;
+    text.zeroize();
+
+    let loaded_at = SystemTime::now();
+    let mut secrets = HashMap::new();
+    let mut result = Ok(());
+    for (key, value) in std::mem::take(&mut table) {
+        if result.is_err() {
+            wipe(value);
+            continue;
+        }
+        let name: SecretName = match key.parse() {
+            Ok(n) => n,
+            Err(_) => {
                 wipe(value);
+                result = Err(LocalError::Name { path: path.to_owned(), key });
                 continue;
             }
-            let name: SecretName = match key.parse() {
-                Ok(n) => n,
-                Err(_) => {
-                    wipe(value);
-                    result = Err(LocalError::Name { path: path.to_owned(), key });
-                    continue;
-                }
-            };
-            let (value, attrs) = match split_entry(value) {
-                Ok(v) => v,
-                Err(detail) => {
-                    result = Err(LocalError::NotString { path: path.to_owned(), name: key, detail });
-                    continue;
-                }
-            };
-            let entry = Entry {
-                version: VersionId::from_bytes(fastrand::u128(..).to_le_bytes()),
-                value: Arc::new(value),
-                name,
-                loaded_at,
-                attrs,
-            };
-            if secrets.insert(entry.name.key().to_owned(), entry).is_some() {
-                result = Err(LocalError::Duplicate { path: path.to_owned(), name: key });
+        };
+        let (value, mut attrs) = match split_entry(value) {
+            Ok(v) => v,
+            Err(detail) => {
+                result = Err(LocalError::NotString { path: path.to_owned(), name: key, detail });
+                continue;
             }
+        };
+        let old = before.and_then(|b| b.get(name.key()));
+        let same_value = old.is_some_and(|o| {
+            bool::from(o.value.expose_secret().ct_eq(value.expose_secret())) && attrs.version.is_none()
+        });
+        let (version, at) = match (attrs.version.take(), old) {
+            (Some(v), Some(o)) if v == o.version => (v, o.loaded_at),
+            (Some(v), _) => (v, loaded_at),
+            (None, Some(o)) if same_value => (o.version.clone(), o.loaded_at),
+            (None, _) => (VersionId::from_bytes(fastrand::u128(..).to_le_bytes()), loaded_at),
+        };
+        let entry = Entry { version, value: Arc::new(value), name, loaded_at: at, attrs };
+        if secrets.insert(entry.name.key().to_owned(), entry).is_some() {
+            result = Err(LocalError::Duplicate { path: path.to_owned(), name: key });
         }
-        result.map(|()| Self { alias, secrets, latency })
     }
+    result.map(|()| (secrets, Stamp::of(&meta)))
 }
 
 /// Wipes whatever strings a refused entry held.
@@ -172,6 +253,9 @@ fn split_entry(value: toml::Value) -> Result<(SecretValue, Attrs), &'static str>
             ("not_before", v) => attrs.not_before = Some(time(v)?),
             ("expires_on", v) => attrs.expires_on = Some(time(v)?),
             ("content_type", toml::Value::String(s)) => attrs.content_type = Some(s),
+            ("version", toml::Value::String(s)) => {
+                attrs.version = Some(s.parse().map_err(|_| "version is not 32 hex characters")?);
+            }
             (_, v) => {
                 wipe(v);
                 return Err("unknown or mistyped attribute");
@@ -197,7 +281,9 @@ impl Backend for LocalBackend {
                 name: name.to_string(),
                 upstream_request_id: None,
             };
-            let entry = self.secrets.get(name.key()).ok_or_else(not_found)?;
+            self.reload_if_changed();
+            let loaded = self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let entry = loaded.secrets.get(name.key()).ok_or_else(not_found)?;
             if version.is_some_and(|v| *v != entry.version) {
                 return Err(not_found());
             }
@@ -297,6 +383,47 @@ mod tests {
         std::fs::remove_file(p).unwrap();
         let p = write(&std::env::temp_dir(), "ab = 3\n", 0o600);
         assert!(matches!(LocalBackend::load(alias(), &p, Duration::ZERO), Err(LocalError::NotString { .. })));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    /// Issue 17: `ctl refresh` on a local vault re-read nothing, so there was no way to
+    /// rotate in dev. An edited file is read again at the next fetch: an unchanged value keeps
+    /// its version, a changed one gets a new version (or the one its `version` names), and a
+    /// file that no longer parses leaves the last good values in service.
+    #[tokio::test]
+    async fn an_edited_file_is_read_again_keeping_unchanged_versions() {
+        let dir = std::env::temp_dir();
+        let p = write(&dir, "a = \"canary-a1\"\nb = \"canary-b1\"\n", 0o600);
+        let b = LocalBackend::load(alias(), &p, Duration::ZERO).unwrap();
+        let (na, nb): (SecretName, SecretName) = ("a".parse().unwrap(), "b".parse().unwrap());
+        let (a1, b1) = (
+            b.get(&na, None, Budget::Caller).await.unwrap().version,
+            b.get(&nb, None, Budget::Caller).await.unwrap().version,
+        );
+
+        let replace = |text: &str| {
+            let tmp = p.with_extension("new");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::fs::rename(&tmp, &p).unwrap();
+        };
+        replace("a = \"canary-a2\"\nb = \"canary-b1\"\n");
+        let a2 = b.get(&na, None, Budget::Caller).await.unwrap();
+        assert_ne!(a2.version, a1);
+        assert_eq!(a2.value.expose_secret(), b"canary-a2");
+        assert_eq!(
+            b.get(&nb, None, Budget::Caller).await.unwrap().version,
+            b1,
+            "unchanged value, same version"
+        );
+
+        let named = "0123456789abcdef0123456789abcdef";
+        replace(&format!("a = {{ value = \"canary-a3\", version = \"{named}\" }}\nb = \"canary-b1\"\n"));
+        assert_eq!(b.get(&na, None, Budget::Caller).await.unwrap().version.to_string(), named);
+
+        replace("a = not toml\n");
+        let kept = b.get(&na, None, Budget::Caller).await.unwrap();
+        assert_eq!(kept.value.expose_secret(), b"canary-a3", "last good value kept");
         std::fs::remove_file(p).unwrap();
     }
 }

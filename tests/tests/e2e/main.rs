@@ -21,4 +21,5 @@ mod policy;
 mod proxy;
 mod read;
 mod rotate;
+mod rotation;
 mod systemd;

@@ -15,6 +15,23 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
+/// What to do after a followed file was rewritten.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Notify {
+    /// With --follow: run CMD with `sh -c` after each rewrite (KVB_FILE names the file).
+    #[arg(long, value_name = "CMD", requires = "follow")]
+    pub(crate) on_change: Option<String>,
+    /// With --follow: send signal SIG (HUP, USR1, …) after each rewrite, to --pid or --pid-file.
+    #[arg(long, value_name = "SIG", requires = "follow", conflicts_with = "on_change")]
+    pub(crate) signal: Option<String>,
+    /// The process --signal goes to.
+    #[arg(long, value_name = "PID", requires = "signal", conflicts_with = "pid_file")]
+    pub(crate) pid: Option<u32>,
+    /// A file holding the pid --signal goes to (read at each rewrite).
+    #[arg(long, value_name = "FILE", requires = "signal")]
+    pub(crate) pid_file: Option<PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Print a secret's value (or write it to a file with mode 0600).
@@ -30,6 +47,12 @@ pub(crate) enum Command {
         /// Write the value to FILE (created with mode 0600) instead of standard output.
         #[arg(short = 'o', long = "output", value_name = "FILE")]
         output: Option<PathBuf>,
+        /// Keep FILE current: write each new version to a new file and rename it over FILE
+        /// (readers never see a partial file; mode 0600, owner kept). Runs until killed.
+        #[arg(long, requires = "output", conflicts_with = "version")]
+        follow: bool,
+        #[command(flatten)]
+        notify: Notify,
     },
     /// Print the secret's current version id, then each new version id as it is cached.
     Watch {
@@ -42,8 +65,22 @@ pub(crate) enum Command {
     /// Run a command with secrets in its environment.
     Exec {
         /// VAR=NAME: set environment variable VAR to the value of secret NAME.
-        #[arg(long = "env", value_name = "VAR=NAME", required = true)]
+        #[arg(long = "env", value_name = "VAR=NAME", required_unless_present = "file_env")]
         env: Vec<String>,
+        /// VAR=NAME: set VAR to /proc/self/fd/N, a sealed in-memory file holding the value of
+        /// NAME (nothing on disk, no value in the environment), for libraries that want a path.
+        #[arg(long = "file-env", value_name = "VAR=NAME")]
+        file_env: Vec<String>,
+        /// Follow the secrets: when one rotates, stop the command (--signal, then SIGKILL after
+        /// --grace) and start it again with the new values.
+        #[arg(long)]
+        restart_on_change: bool,
+        /// The signal that stops the command before a restart (default TERM).
+        #[arg(long, value_name = "SIG", requires = "restart_on_change")]
+        signal: Option<String>,
+        /// How long the command may take to stop before SIGKILL (default 10s).
+        #[arg(long, value_name = "DURATION", requires = "restart_on_change")]
+        grace: Option<String>,
         /// The vault alias (default: the agent's default vault).
         #[arg(long)]
         vault: Option<String>,

@@ -1,21 +1,34 @@
 //! `kvb exec`: fetch every secret first, then run the command with the values in its
-//! environment. Nothing is started if any read fails, so a job never starts half-configured.
+//! environment (`--env VAR=NAME`) or in sealed in-memory files (`--file-env VAR=NAME`:
+//! `VAR=/proc/self/fd/N`). Nothing is started if any read fails, so a job never starts
+//! half-configured.
 //!
 //! By default the command's stdout and stderr go through a [`Masker`] (`proto::mask`): kvb
 //! stays as the parent, pumps each stream through its own masker to its own stdout or
 //! stderr (each keeps its order; every chunk is flushed as it is masked, so a terminal stays
 //! line by line), forwards SIGTERM, SIGINT and SIGHUP to the command, and exits with its
-//! status (128 + signal if it was killed). `--no-mask` keeps the old behaviour: kvb replaces
-//! itself with the command.
+//! status (128 + signal if it was killed). `--no-mask` without `--restart-on-change` keeps
+//! the old behaviour: kvb replaces itself with the command.
+//!
+//! `--restart-on-change`: kvb follows every secret it handed over; when one rotates, it
+//! stops the command (`--signal`, default TERM; SIGKILL after `--grace`) and starts it again
+//! with the new values. When the command exits by itself, kvb exits with its status.
+//!
+//! A `--file-env` memfd is created close-on-exec; close-on-exec is cleared in the forked
+//! child only, just before it execs the command (`sys::inherit_in_child`), and kvb closes its
+//! own copy once the command runs. So no other process kvb starts (a restarted command, an
+//! earlier one) holds it. The command's own children inherit it like any open fd unless it
+//! is started close-on-exec or closed (Python's subprocess closes it by default).
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use kvbroker_client::{GetOptions, SecretValue, blocking::Client};
+use kvbroker_client::{Client, Error, GetOptions, Secret};
 use kvbroker_proto::mask::{MaskValues, Masker};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::signal::unix::{SignalKind, signal};
@@ -27,164 +40,341 @@ use crate::Failure;
 /// left behind may hold the pipes open); then kvb exits.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);
 
-pub(crate) fn run(
-    client: &Client,
-    env: &[String],
-    vault: Option<&str>,
-    mask: bool,
-    command: &[String],
-) -> Failure {
-    let mut pairs: Vec<(&str, SecretValue)> = Vec::with_capacity(env.len());
-    // (name, version) of each value handed over: the masker follows their rotations.
-    let mut served: Vec<(String, String)> = Vec::with_capacity(env.len());
+/// What `kvb exec` was asked to do.
+pub(crate) struct ExecArgs {
+    pub(crate) env: Vec<String>,
+    pub(crate) file_env: Vec<String>,
+    pub(crate) vault: Option<String>,
+    pub(crate) mask: bool,
+    pub(crate) restart: bool,
+    /// The signal that stops the command before a restart.
+    pub(crate) stop_signal: Option<String>,
+    /// How long it may take to stop before SIGKILL.
+    pub(crate) grace: Option<String>,
+    pub(crate) command: Vec<String>,
+}
+
+/// One `--env` or `--file-env`.
+struct Spec {
+    var: String,
+    name: String,
+    file: bool,
+}
+
+pub(crate) fn run(client: &crate::Client, a: ExecArgs) -> Failure {
+    let specs = match parse_specs(&a.env, &a.file_env) {
+        Ok(s) => s,
+        Err(f) => return f,
+    };
+    let Some((program, args)) = a.command.split_first() else {
+        return Failure::Usage("no command given after --".into());
+    };
+    let stop_signal = match a.stop_signal.as_deref().map(|s| (s, crate::sys::parse_signal(s))) {
+        None => libc::SIGTERM,
+        Some((_, Some(n))) => n,
+        Some((s, None)) => {
+            return Failure::Usage(format!("--signal {s:?}: not a signal name (TERM, HUP…) or number"));
+        }
+    };
+    let grace = match a.grace.as_deref().map(parse_duration) {
+        None => Duration::from_secs(10),
+        Some(Some(d)) => d,
+        Some(None) => return Failure::Usage("--grace: write a duration like 10s, 500ms or 2m".into()),
+    };
     let mut opts = GetOptions::default();
-    if let Some(v) = vault {
+    if let Some(v) = &a.vault {
         opts = opts.vault(v);
     }
-    for spec in env {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return Failure::Other(format!("cannot start: {e}")),
+    };
+    let async_client = Client::builder().socket(client.socket_path()).build();
+    let fetched = match rt.block_on(fetch_all(&async_client, &specs, &opts)) {
+        Ok(f) => f,
+        Err(f) => return f,
+    };
+    let launch = match Launch::new(program, args, &specs, &fetched) {
+        Ok(l) => l,
+        Err(f) => return f,
+    };
+    if !a.mask && !a.restart {
+        let Launch { mut cmd, memfds } = launch;
+        // Only returns on failure; the memfds stay open across the exec (in this process).
+        let e = cmd.exec();
+        drop(memfds);
+        return exec_failure(program, &e);
+    }
+    let values = Arc::new(MaskValues::new());
+    for s in &fetched {
+        values.learn(s.expose_secret());
+    }
+    let plan = Plan {
+        program,
+        args,
+        specs: &specs,
+        opts,
+        client: async_client,
+        mask: a.mask,
+        restart: a.restart.then_some((stop_signal, grace)),
+    };
+    rt.block_on(supervise(plan, launch, fetched, values))
+}
+
+fn parse_specs(env: &[String], file_env: &[String]) -> Result<Vec<Spec>, Failure> {
+    let both = env.iter().map(|s| (s, false)).chain(file_env.iter().map(|s| (s, true)));
+    let mut out = Vec::new();
+    for (spec, file) in both {
+        let flag = if file { "--file-env" } else { "--env" };
         let Some((var, name)) = spec.split_once('=') else {
-            return Failure::Usage(format!("--env {spec:?}: write VAR=NAME"));
+            return Err(Failure::Usage(format!("{flag} {spec:?}: write VAR=NAME")));
         };
         let valid_var = !var.is_empty()
             && !var.as_bytes()[0].is_ascii_digit()
             && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
         if !valid_var {
-            return Failure::Usage(format!("--env {spec:?}: {var:?} is not an environment variable name"));
+            return Err(Failure::Usage(format!(
+                "{flag} {spec:?}: {var:?} is not an environment variable name"
+            )));
         }
-        match crate::get_retrying(client, name, &opts) {
-            Ok(s) => {
-                served.push((name.to_owned(), s.version().to_owned()));
-                let value = s.into_value();
-                if value.expose_secret().contains(&0) {
-                    return Failure::Other(format!(
-                        "secret {name} contains a NUL byte and cannot go in an environment variable; \
-                         use kvb get -o FILE instead"
-                    ));
+        out.push(Spec { var: var.to_owned(), name: name.to_owned(), file });
+    }
+    if out.is_empty() {
+        return Err(Failure::Usage("give at least one --env VAR=NAME or --file-env VAR=NAME".into()));
+    }
+    Ok(out)
+}
+
+/// Reads every secret, waiting out the agent's rate limit a few times; the first failure
+/// stops everything.
+async fn fetch_all(client: &Client, specs: &[Spec], opts: &GetOptions) -> Result<Vec<Secret>, Failure> {
+    let mut out = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let mut retries = 0;
+        let secret = loop {
+            match client.get_with(&spec.name, opts).await {
+                Err(Error::TooManyRequests { retry_after, .. }) if retries < 3 => {
+                    retries += 1;
+                    tokio::time::sleep(crate::retry_wait(retry_after)).await;
                 }
-                pairs.push((var, value));
+                other => break other.map_err(Failure::from)?,
             }
-            Err(f) => return f,
+        };
+        if !spec.file && secret.expose_secret().contains(&0) {
+            return Err(Failure::Other(format!(
+                "secret {} contains a NUL byte and cannot go in an environment variable; \
+                 use --file-env {}={} instead",
+                spec.name, spec.var, spec.name
+            )));
         }
+        out.push(secret);
     }
-    let Some((program, args)) = command.split_first() else {
-        return Failure::Usage("no command given after --".into());
-    };
-    let mut cmd = std::process::Command::new(program);
-    cmd.args(args);
-    for (var, value) in &pairs {
-        cmd.env(var, OsStr::from_bytes(value.expose_secret()));
-    }
-    if !mask {
-        // Only returns on failure.
-        return exec_failure(program, &cmd.exec());
-    }
-    let values = Arc::new(MaskValues::new());
-    for (_, value) in &pairs {
-        values.learn(value.expose_secret());
-    }
-    drop(pairs);
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => return Failure::Other(format!("cannot start the output masker: {e}")),
-    };
-    let follow = Follow {
-        client: kvbroker_client::Client::builder().socket(client.socket_path()).build(),
-        opts,
-        served,
-    };
-    rt.block_on(run_masked(program, cmd, values, follow))
+    Ok(out)
 }
 
-/// The secrets handed to the command, followed while it runs so that a new version the
-/// command reads for itself (a rotation) is masked too.
-struct Follow {
-    client: kvbroker_client::Client,
-    opts: GetOptions,
-    served: Vec<(String, String)>,
-}
-
-impl Follow {
-    /// One long poll per secret; each new version's value is taught to the masker. Passing
-    /// errors (agent restarting, vault failing) are retried after a pause; a denial or a
-    /// deleted secret ends that follow. Masking what is known goes on regardless.
-    fn spawn(self, values: &Arc<MaskValues>) -> Vec<tokio::task::JoinHandle<()>> {
-        self.served
-            .into_iter()
-            .map(|(name, version)| {
-                let mut watch = self.client.watch_with(&name, &self.opts).after_version(&version);
-                let values = Arc::clone(values);
-                tokio::spawn(async move {
-                    loop {
-                        match watch.next().await {
-                            Ok(secret) => {
-                                values.learn(secret.expose_secret());
-                            }
-                            // No longer ours to read (policy changed, secret deleted): stop.
-                            Err(
-                                kvbroker_client::Error::PermissionDenied(_)
-                                | kvbroker_client::Error::SecretNotFound(_)
-                                | kvbroker_client::Error::InvalidRequest(_),
-                            ) => return,
-                            Err(_) => tokio::time::sleep(FOLLOW_RETRY).await,
-                        }
-                    }
-                })
-            })
-            .collect()
-    }
-}
-
-/// How long a failed follow of a rotation waits before asking again.
-const FOLLOW_RETRY: Duration = Duration::from_secs(2);
-
-/// Runs the command with its output masked; the command's status as a shell reports it.
-async fn run_masked(
-    program: &str,
+/// The command, ready to start, with the memfds its `--file-env` paths name.
+struct Launch {
     cmd: std::process::Command,
-    values: Arc<MaskValues>,
-    follow: Follow,
-) -> Failure {
+    memfds: Vec<OwnedFd>,
+}
+
+impl Launch {
+    fn new(program: &str, args: &[String], specs: &[Spec], fetched: &[Secret]) -> Result<Launch, Failure> {
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args);
+        let mut memfds = Vec::new();
+        for (spec, secret) in specs.iter().zip(fetched) {
+            if spec.file {
+                let fd = crate::sys::sealed_memfd(&spec.name, secret.expose_secret()).map_err(|e| {
+                    Failure::Other(format!("cannot create the in-memory file for {}: {e}", spec.name))
+                })?;
+                cmd.env(&spec.var, format!("/proc/self/fd/{}", fd.as_raw_fd()));
+                memfds.push(fd);
+            } else {
+                cmd.env(&spec.var, OsStr::from_bytes(secret.expose_secret()));
+            }
+        }
+        if !memfds.is_empty() {
+            crate::sys::inherit_in_child(&mut cmd, memfds.iter().map(AsRawFd::as_raw_fd).collect());
+        }
+        Ok(Launch { cmd, memfds })
+    }
+}
+
+/// Everything needed to start the command again.
+struct Plan<'a> {
+    program: &'a str,
+    args: &'a [String],
+    specs: &'a [Spec],
+    opts: GetOptions,
+    client: Client,
+    mask: bool,
+    /// `--restart-on-change`: the stop signal and the grace before SIGKILL.
+    restart: Option<(i32, Duration)>,
+}
+
+/// Runs the command (restarting it on rotations if asked) until it exits by itself; its
+/// status as a shell reports it.
+async fn supervise(plan: Plan<'_>, first: Launch, fetched: Vec<Secret>, values: Arc<MaskValues>) -> Failure {
     let signals = [SignalKind::terminate(), SignalKind::interrupt(), SignalKind::hangup()]
         .map(|kind| signal(kind).map(|s| (kind.as_raw_value(), s)));
     let mut signals = match signals.into_iter().collect::<Result<Vec<_>, _>>() {
         Ok(s) => s,
         Err(e) => return Failure::Other(format!("cannot set up signal forwarding: {e}")),
     };
-    let mut cmd = tokio::process::Command::from(cmd);
-    cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => return exec_failure(program, &e),
-    };
-    let pid = child.id();
-    let followers = follow.spawn(&values);
-    let pumps = [
-        child.stdout.take().map(|o| tokio::spawn(pump(o, tokio::io::stdout(), Arc::clone(&values)))),
-        child.stderr.take().map(|e| tokio::spawn(pump(e, tokio::io::stderr(), Arc::clone(&values)))),
-    ];
-    let status = loop {
-        let any_signal = futures_any(&mut signals);
-        tokio::select! {
-            s = child.wait() => break s,
-            sig = any_signal => {
-                if let Some(pid) = pid {
-                    forward(pid, sig);
+    // The version of each secret the running command was given.
+    let mut current: HashMap<String, String> =
+        plan.specs.iter().zip(&fetched).map(|(s, f)| (s.name.clone(), f.version().to_owned())).collect();
+    drop(fetched);
+    let (tx, mut rotated) = tokio::sync::mpsc::unbounded_channel::<(String, String)>();
+    let followers = follow(&plan, &current, &values, plan.restart.is_some().then_some(tx));
+    let mut launch = first;
+    let outcome = loop {
+        let mut cmd = tokio::process::Command::from(launch.cmd);
+        if plan.mask {
+            cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        }
+        let spawned = cmd.spawn();
+        // The command has its own copy now (or failed to start): kvb's are closed.
+        drop(launch.memfds);
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => break exec_failure(plan.program, &e),
+        };
+        let pid = child.id();
+        let pumps = [
+            child.stdout.take().map(|o| tokio::spawn(pump(o, tokio::io::stdout(), Arc::clone(&values)))),
+            child.stderr.take().map(|e| tokio::spawn(pump(e, tokio::io::stderr(), Arc::clone(&values)))),
+        ];
+        let why = loop {
+            let any_signal = futures_any(&mut signals);
+            tokio::select! {
+                s = child.wait() => break Ok(s),
+                sig = any_signal => {
+                    if let Some(pid) = pid {
+                        forward(pid, sig);
+                    }
+                }
+                Some((name, version)) = rotated.recv() => {
+                    if current.get(&name) != Some(&version) {
+                        break Err((name, version));
+                    }
                 }
             }
+        };
+        let status = match why {
+            Ok(s) => {
+                drain(pumps).await;
+                break match s {
+                    Ok(s) => Failure::Exit(exit_code(s)),
+                    Err(e) => Failure::Other(format!("lost track of {}: {}", plan.program, io_reason(&e))),
+                };
+            }
+            Err((name, version)) => {
+                // Rotations are reported only with --restart-on-change.
+                let (sig, grace) = plan.restart.unwrap_or((libc::SIGTERM, DRAIN_GRACE));
+                eprintln!("kvb: {name} rotated to version {version}: restarting {}", plan.program);
+                stop(&mut child, sig, grace).await
+            }
+        };
+        drain(pumps).await;
+        if let Err(e) = status {
+            break Failure::Other(format!("lost track of {}: {}", plan.program, io_reason(&e)));
         }
+        let fetched = match fetch_all(&plan.client, plan.specs, &plan.opts).await {
+            Ok(f) => f,
+            Err(f) => break f,
+        };
+        for s in &fetched {
+            values.learn(s.expose_secret());
+        }
+        current =
+            plan.specs.iter().zip(&fetched).map(|(s, f)| (s.name.clone(), f.version().to_owned())).collect();
+        launch = match Launch::new(plan.program, plan.args, plan.specs, &fetched) {
+            Ok(l) => l,
+            Err(f) => break f,
+        };
     };
+    for f in followers {
+        f.abort();
+    }
+    outcome
+}
+
+/// Stops the command: `sig`, then SIGKILL if it is still running after `grace`.
+async fn stop(child: &mut tokio::process::Child, sig: i32, grace: Duration) -> std::io::Result<()> {
+    if let Some(pid) = child.id() {
+        forward(pid, sig);
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(r) => r.map(|_| ()),
+        Err(_) => {
+            eprintln!("kvb: the command did not stop within {grace:?}: killing it");
+            child.kill().await
+        }
+    }
+}
+
+/// Waits for the output pumps of a command that has exited, for at most [`DRAIN_GRACE`].
+async fn drain(pumps: [Option<tokio::task::JoinHandle<()>>; 2]) {
     let drained = tokio::time::timeout(DRAIN_GRACE, async {
         for p in pumps.into_iter().flatten() {
             let _ = p.await;
         }
     });
     let _ = drained.await;
-    for f in followers {
-        f.abort();
-    }
-    match status {
-        Ok(s) => Failure::Exit(exit_code(s)),
-        Err(e) => Failure::Other(format!("lost track of {program}: {}", io_reason(&e))),
+}
+
+/// Follows each secret handed over: a new version's value is taught to the masker (so a
+/// value the command reads for itself is masked too) and, with `--restart-on-change`,
+/// reported on `tx`. The watch waits out a restarting agent; a denial or a deleted secret
+/// ends that follow.
+fn follow(
+    plan: &Plan<'_>,
+    current: &HashMap<String, String>,
+    values: &Arc<MaskValues>,
+    tx: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    current
+        .iter()
+        .map(|(name, version)| {
+            let mut watch = plan.client.watch_with(name, &plan.opts).after_version(version);
+            let (values, tx, name) = (Arc::clone(values), tx.clone(), name.clone());
+            tokio::spawn(async move {
+                loop {
+                    match watch.next().await {
+                        Ok(secret) => {
+                            values.learn(secret.expose_secret());
+                            if let Some(tx) = &tx {
+                                let _ = tx.send((name.clone(), secret.version().to_owned()));
+                            }
+                        }
+                        Err(
+                            Error::PermissionDenied(_) | Error::SecretNotFound(_) | Error::InvalidRequest(_),
+                        ) => {
+                            return;
+                        }
+                        Err(_) => tokio::time::sleep(FOLLOW_RETRY).await,
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// How long a failed follow of a rotation waits before asking again.
+const FOLLOW_RETRY: Duration = Duration::from_secs(2);
+
+/// `10s`, `500ms`, `2m`, or a number of seconds.
+fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
+        _ => None,
     }
 }
 
@@ -242,14 +432,9 @@ where
 }
 
 /// Sends `sig` to the command (kvb no longer `exec`s, so signals meant for the job reach kvb).
-#[allow(unsafe_code, reason = "kill(2) has no safe wrapper in std; one call, no pointers")]
+/// The pid is our own unreaped child (reaped only by `child.wait()`), so it is not reused.
 fn forward(pid: u32, sig: i32) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
-    // SAFETY: kill(2) takes no pointers. The pid is our own unreaped child (it is reaped only
-    // by `child.wait()`, which has not returned), so it cannot have been reused.
-    unsafe {
-        libc::kill(pid, sig);
-    }
+    let _ = crate::sys::kill(pid, sig);
 }
 
 /// What a shell would say and exit with when it cannot start `program`: 127 if there is no

@@ -6,6 +6,8 @@
 
 mod cli;
 mod exec;
+mod follow;
+mod sys;
 
 use std::io::{IsTerminal, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -70,13 +72,19 @@ fn main() -> ExitCode {
 
 fn run(client: &Client, command: Command) -> Result<(), Failure> {
     match command {
-        Command::Get { name, vault, version, output } => {
+        Command::Get { name, vault, version, output, follow, notify } => {
             let mut opts = GetOptions::default();
             if let Some(v) = vault {
                 opts = opts.vault(v);
             }
             if let Some(v) = version {
                 opts = opts.version(v);
+            }
+            if let (true, Some(path)) = (follow, output.as_ref()) {
+                let action =
+                    follow::Action::from_args(notify.on_change, notify.signal, notify.pid, notify.pid_file)?;
+                let sink = follow::Sink { path: path.clone(), action };
+                return Err(follow::get(client.socket_path(), &name, &opts, sink));
             }
             let secret = get_retrying(client, &name, &opts)?;
             match output {
@@ -103,8 +111,18 @@ fn run(client: &Client, command: Command) -> Result<(), Failure> {
             })?;
             Ok(())
         }
-        Command::Exec { env, vault, no_mask, command } => {
-            Err(exec::run(client, &env, vault.as_deref(), !no_mask, &command))
+        Command::Exec { env, file_env, vault, no_mask, restart_on_change, signal, grace, command } => {
+            let args = exec::ExecArgs {
+                env,
+                file_env,
+                vault,
+                mask: !no_mask,
+                restart: restart_on_change,
+                stop_signal: signal,
+                grace,
+                command,
+            };
+            Err(exec::run(client, args))
         }
     }
 }
@@ -134,13 +152,15 @@ pub(crate) fn get_retrying(client: &Client, name: &str, opts: &GetOptions) -> Re
 
 /// How long to wait before retrying: `Retry-After` (1 s if absent or zero), at most
 /// [`MAX_RETRY_WAIT`].
-fn retry_wait(retry_after: Option<Duration>) -> Duration {
+pub(crate) fn retry_wait(retry_after: Option<Duration>) -> Duration {
     retry_after.filter(|d| !d.is_zero()).unwrap_or(Duration::from_secs(1)).min(MAX_RETRY_WAIT)
 }
 
 /// Writes `bytes` to `path` with mode 0600: into a new file beside it, then renamed over,
-/// so no reader ever sees a partial value or a wider mode.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// so no reader ever sees a partial value or a wider mode. A file already there keeps its
+/// owner and group (the new file is given them before the rename; if that is not allowed,
+/// nothing is replaced). The directory is synced after the rename.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| std::io::Error::other("not a file path"))?;
     // An unpredictable temporary name, created with O_EXCL (never through a file or symlink
@@ -155,11 +175,37 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
             Err(e) => return Err(e),
         }
     };
-    let written = f.write_all(bytes).and_then(|()| f.sync_all()).and_then(|()| std::fs::rename(&tmp, path));
+    let written = keep_owner(&f, path)
+        .and_then(|()| f.write_all(bytes))
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    written
+    written?;
+    // The rename itself survives a crash only once the directory is synced.
+    std::fs::File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// Gives the new file `f` the owner and group of the file at `path`, if there is one and
+/// they differ from the new file's.
+fn keep_owner(f: &std::fs::File, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(old) = std::fs::symlink_metadata(path) else { return Ok(()) };
+    let new = f.metadata()?;
+    if !old.is_file() || (old.uid(), old.gid()) == (new.uid(), new.gid()) {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(f, Some(old.uid()), Some(old.gid())).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "cannot keep its owner {}:{} ({e}); run kvb as that user or as root",
+                old.uid(),
+                old.gid()
+            ),
+        )
+    })
 }
 
 /// 128 random bits in hex, from the kernel (falling back to std's randomly keyed hasher).
