@@ -474,3 +474,60 @@ fn render_follow_rerenders_when_either_secret_rotates() {
     let logged = std::fs::read_to_string(&stderr).unwrap();
     agent.assert_no_canary(&[&user1, &pw1, &pw2, &user2], &[&logged, &err, &stdout]);
 }
+
+/// `--follow --signal SIG --pid-file F` signals the process F names after each rewrite, and
+/// `--restart-on-change` kills a command that ignores the stop signal once `--grace` is over.
+#[test]
+fn follow_signals_a_pid_file_and_restart_kills_after_grace() {
+    let (a, b) = (canary("sa"), canary("sb"));
+    let (emu, agent) = rotating_agent("signal", &[("tls-key", &a)]);
+    let dir = TempDir::new("signal-out");
+    let (got, pid_file, out) = (dir.path().join("got"), dir.path().join("app.pid"), dir.path().join("key"));
+    let mut app = Command::new("sh");
+    app.arg("-c").arg(format!(
+        "trap 'echo usr1 >> {got}' USR1; echo $$ > {pid}; while :; do sleep 0.05; done",
+        got = got.display(),
+        pid = pid_file.display()
+    ));
+    let _app = Proc::spawn(app.stdin(Stdio::null()));
+    wait_for("the app's pid file", Duration::from_secs(5), || pid_file.exists());
+    let mut cmd = kvbroker_tests::kvb(&agent.socket, None);
+    cmd.args(["get", "tls-key", "-o"])
+        .arg(&out)
+        .args(["--follow", "--signal", "USR1", "--pid-file"])
+        .arg(&pid_file);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let _follower = Proc::spawn(&mut cmd);
+
+    // A command that ignores TERM: killed after the grace, then started again.
+    let starts = dir.path().join("starts");
+    let script = format!("trap '' TERM; echo start >> {}; while :; do sleep 0.05; done", starts.display());
+    let mut sup = kvbroker_tests::kvb(&agent.socket, None);
+    sup.args([
+        "exec",
+        "--restart-on-change",
+        "--grace",
+        "300ms",
+        "--env",
+        "K=tls-key",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let sup_err = dir.path().join("sup.err");
+    sup.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&sup_err).unwrap());
+    let _sup = Proc::spawn(&mut sup);
+    let lines = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default().lines().count();
+    wait_for("the first write and start", Duration::from_secs(10), || {
+        std::fs::read_to_string(&out).is_ok_and(|t| t == a) && lines(&starts) == 1
+    });
+    assert_eq!(lines(&got), 0, "no signal for the first write of a new file");
+    emu.set_secret("tls-key", &b, json!({}));
+    wait_for("the signal", Duration::from_secs(10), || lines(&got) == 1);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), b);
+    wait_for("a restart after SIGKILL", Duration::from_secs(10), || lines(&starts) == 2);
+    let err = std::fs::read_to_string(&sup_err).unwrap();
+    assert!(err.contains("did not stop within 300ms: killing it"), "{err}");
+    agent.assert_no_canary(&[&a, &b], &[&err]);
+}
