@@ -326,6 +326,7 @@ fn banner(config: &Config) -> String {
         format!("  export KVBROKER_SOCKET={sock}"),
         format!("  {kvb} get db-password"),
         format!("  {kvb} watch db-password                # prints each new version id; Ctrl-C to stop"),
+        format!("  {kvbroker} dev --dir {dir} rotate db-password   # a new version: kvb watch prints it"),
         format!("  curl -s --unix-socket {sock} http://localhost/v1/secrets/db-password"),
         format!("  {python}"),
         format!("  {kvbroker} ctl --dir {dir} status"),

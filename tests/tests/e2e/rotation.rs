@@ -418,3 +418,116 @@ fn file_env_gives_a_sealed_memfd_path_and_no_value_in_environ() {
     assert!(on_disk.stdout.is_empty(), "value found on disk: {}", String::from_utf8_lossy(&on_disk.stdout));
     agent.assert_no_canary(&[&value], &[]);
 }
+
+/// Issue 17: `kvb render --follow` fills a template with two secrets (SPEC's
+/// `{{ secret "NAME" }}` form and the call form) and renders it again when either rotates.
+/// A missing secret fails naming the template's file and line and writes nothing.
+#[test]
+fn render_follow_rerenders_when_either_secret_rotates() {
+    let (user1, pw1, pw2, user2) = (canary("ru1"), canary("rp1"), canary("rp2"), canary("ru2"));
+    let (emu, agent) = rotating_agent("render", &[("db-user", &user1), ("db-password", &pw1)]);
+    let dir = TempDir::new("render-out");
+    let template = dir.path().join("pgpass.tmpl");
+    std::fs::write(
+        &template,
+        "# rendered by kvb\ndb:5432:app:{{ secret \"db-user\" }}:{{ secret(\"db-password\") }}\n",
+    )
+    .unwrap();
+    let out = dir.path().join("pgpass");
+    let changes = dir.path().join("changes");
+    let mut cmd = kvbroker_tests::kvb(&agent.socket, None);
+    cmd.arg("render").arg(&template).arg("-o").arg(&out).arg("--follow");
+    cmd.arg("--on-change").arg(format!("echo x >> {}", changes.display()));
+    let stderr = dir.path().join("kvb.err");
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&stderr).unwrap());
+    let _renderer = Proc::spawn(&mut cmd);
+    let expect = |u: &str, p: &str| format!("# rendered by kvb\ndb:5432:app:{u}:{p}\n");
+    let out_ref = &out;
+    let is = |want: String| move || std::fs::read_to_string(out_ref).is_ok_and(|t| t == want);
+    wait_for("the first render", Duration::from_secs(10), is(expect(&user1, &pw1)));
+    emu.set_secret("db-password", &pw2, json!({}));
+    wait_for("a render after db-password rotated", Duration::from_secs(10), is(expect(&user1, &pw2)));
+    emu.set_secret("db-user", &user2, json!({}));
+    wait_for("a render after db-user rotated", Duration::from_secs(10), is(expect(&user2, &pw2)));
+    let runs = || std::fs::read_to_string(&changes).unwrap_or_default().lines().count();
+    wait_for("two on-change runs", Duration::from_secs(5), || runs() == 2);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(runs(), 2, "one on-change run per rotation");
+
+    // A secret that does not exist: file and line named, nothing written.
+    let bad = dir.path().join("bad.tmpl");
+    std::fs::write(&bad, "user={{ secret \"db-user\" }}\npw={{ secret \"no-such-secret\" }}\n").unwrap();
+    let bad_out = dir.path().join("bad.out");
+    let (code, stdout, err) =
+        run(kvbroker_tests::kvb(&agent.socket, None).arg("render").arg(&bad).arg("-o").arg(&bad_out));
+    assert_eq!(code, 1, "{stdout}{err}");
+    assert!(err.starts_with(&format!("kvb: {}:2: ", bad.display())), "{err}");
+    assert!(err.contains("no-such-secret"), "{err}");
+    assert!(!bad_out.exists(), "nothing written");
+    // A template error: the same.
+    std::fs::write(&bad, "ok\n{{ secret(\"db-user\") | upper }}\n").unwrap();
+    let (code, _, err) =
+        run(kvbroker_tests::kvb(&agent.socket, None).arg("render").arg(&bad).arg("-o").arg(&bad_out));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.starts_with(&format!("kvb: {}:2: ", bad.display())), "{err}");
+    assert!(!bad_out.exists(), "nothing written");
+    let logged = std::fs::read_to_string(&stderr).unwrap();
+    agent.assert_no_canary(&[&user1, &pw1, &pw2, &user2], &[&logged, &err, &stdout]);
+}
+
+/// `--follow --signal SIG --pid-file F` signals the process F names after each rewrite, and
+/// `--restart-on-change` kills a command that ignores the stop signal once `--grace` is over.
+#[test]
+fn follow_signals_a_pid_file_and_restart_kills_after_grace() {
+    let (a, b) = (canary("sa"), canary("sb"));
+    let (emu, agent) = rotating_agent("signal", &[("tls-key", &a)]);
+    let dir = TempDir::new("signal-out");
+    let (got, pid_file, out) = (dir.path().join("got"), dir.path().join("app.pid"), dir.path().join("key"));
+    let mut app = Command::new("sh");
+    app.arg("-c").arg(format!(
+        "trap 'echo usr1 >> {got}' USR1; echo $$ > {pid}; while :; do sleep 0.05; done",
+        got = got.display(),
+        pid = pid_file.display()
+    ));
+    let _app = Proc::spawn(app.stdin(Stdio::null()));
+    wait_for("the app's pid file", Duration::from_secs(5), || pid_file.exists());
+    let mut cmd = kvbroker_tests::kvb(&agent.socket, None);
+    cmd.args(["get", "tls-key", "-o"])
+        .arg(&out)
+        .args(["--follow", "--signal", "USR1", "--pid-file"])
+        .arg(&pid_file);
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    let _follower = Proc::spawn(&mut cmd);
+
+    // A command that ignores TERM: killed after the grace, then started again.
+    let starts = dir.path().join("starts");
+    let script = format!("trap '' TERM; echo start >> {}; while :; do sleep 0.05; done", starts.display());
+    let mut sup = kvbroker_tests::kvb(&agent.socket, None);
+    sup.args([
+        "exec",
+        "--restart-on-change",
+        "--grace",
+        "300ms",
+        "--env",
+        "K=tls-key",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let sup_err = dir.path().join("sup.err");
+    sup.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&sup_err).unwrap());
+    let _sup = Proc::spawn(&mut sup);
+    let lines = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default().lines().count();
+    wait_for("the first write and start", Duration::from_secs(10), || {
+        std::fs::read_to_string(&out).is_ok_and(|t| t == a) && lines(&starts) == 1
+    });
+    assert_eq!(lines(&got), 0, "no signal for the first write of a new file");
+    emu.set_secret("tls-key", &b, json!({}));
+    wait_for("the signal", Duration::from_secs(10), || lines(&got) == 1);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), b);
+    wait_for("a restart after SIGKILL", Duration::from_secs(10), || lines(&starts) == 2);
+    let err = std::fs::read_to_string(&sup_err).unwrap();
+    assert!(err.contains("did not stop within 300ms: killing it"), "{err}");
+    agent.assert_no_canary(&[&a, &b], &[&err]);
+}

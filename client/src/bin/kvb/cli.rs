@@ -62,6 +62,25 @@ pub(crate) enum Command {
         #[arg(long)]
         vault: Option<String>,
     },
+    /// Render TEMPLATE to FILE (mode 0600) with {{ secret "NAME" }} (or secret("NAME",
+    /// vault="A", version="ID")) replaced by values; with --follow, again after each rotation
+    /// of any secret it uses. A missing secret or template error names TEMPLATE:LINE and
+    /// writes nothing.
+    Render {
+        /// The template (minijinja syntax; `secret` is the only function).
+        template: PathBuf,
+        /// The file to write.
+        #[arg(short = 'o', long = "output", value_name = "FILE", required = true)]
+        output: PathBuf,
+        /// The vault alias for secrets without vault= (default: the agent's default vault).
+        #[arg(long)]
+        vault: Option<String>,
+        /// Keep FILE current: render again when any secret it uses rotates. Runs until killed.
+        #[arg(long)]
+        follow: bool,
+        #[command(flatten)]
+        notify: Notify,
+    },
     /// Run a command with secrets in its environment.
     Exec {
         /// VAR=NAME: set environment variable VAR to the value of secret NAME.

@@ -7,6 +7,7 @@
 mod cli;
 mod exec;
 mod follow;
+mod render;
 mod sys;
 
 use std::io::{IsTerminal, Write};
@@ -111,6 +112,15 @@ fn run(client: &Client, command: Command) -> Result<(), Failure> {
             })?;
             Ok(())
         }
+        Command::Render { template, output, vault, follow, notify } => {
+            let action =
+                follow::Action::from_args(notify.on_change, notify.signal, notify.pid, notify.pid_file)?;
+            let sink = follow::Sink { path: output, action };
+            match render::run(client.socket_path(), &template, vault.as_deref(), follow, sink) {
+                Failure::Exit(0) => Ok(()),
+                f => Err(f),
+            }
+        }
         Command::Exec { env, file_env, vault, no_mask, restart_on_change, signal, grace, command } => {
             let args = exec::ExecArgs {
                 env,
@@ -209,7 +219,7 @@ fn keep_owner(f: &std::fs::File, path: &Path) -> std::io::Result<()> {
 }
 
 /// 128 random bits in hex, from the kernel (falling back to std's randomly keyed hasher).
-fn random_suffix() -> String {
+pub(crate) fn random_suffix() -> String {
     use std::io::Read;
     let mut b = [0u8; 16];
     if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
