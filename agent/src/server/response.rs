@@ -53,6 +53,8 @@ pub(crate) enum Failure {
     NoRoute,
     Method,
     BodyTooLarge,
+    /// A rule needed the caller's pod and the kubelet did not say (502): why.
+    Kubelet(String),
 }
 
 impl Failure {
@@ -70,6 +72,7 @@ impl Failure {
             Failure::NoRoute => ErrorCode::NotFound,
             Failure::Method => ErrorCode::MethodNotAllowed,
             Failure::BodyTooLarge => ErrorCode::PayloadTooLarge,
+            Failure::Kubelet(_) => ErrorCode::UpstreamUnavailable,
         }
     }
 
@@ -96,6 +99,7 @@ impl Failure {
             Failure::NoRoute => "no such path: use /v1/health or /v1/secrets/{name}".into(),
             Failure::Method => "method not allowed: use GET".into(),
             Failure::BodyTooLarge => "requests to the agent carry no body".into(),
+            Failure::Kubelet(reason) => reason.clone(),
         }
     }
 }

@@ -15,6 +15,7 @@ use kvbroker_proto::{AuditRecord, Event, Outcome};
 use crate::audit::Auditor;
 use crate::audit::refusals::Refusals;
 use crate::cache::Cache;
+use crate::kube::Pods;
 use crate::policy::Policy;
 use crate::supervise::Tasks;
 
@@ -37,6 +38,8 @@ pub(crate) struct State {
     pub(crate) refusals: Arc<Refusals>,
     /// Supervised background tasks (refresher, reloader): a death shows in health.
     pub(crate) tasks: Arc<Tasks>,
+    /// `[kubernetes]`: the node's pods, for `k8s_*` selectors (and reloads accept them).
+    pub(crate) kube: Option<Pods>,
 }
 
 impl State {
@@ -57,7 +60,14 @@ impl State {
             refusals: Refusals::new(Arc::clone(&auditor)),
             auditor,
             tasks: Arc::new(Tasks::default()),
+            kube: None,
         }
+    }
+
+    /// With the node's pods (`[kubernetes]`).
+    pub(crate) fn with_kube(mut self, kube: Option<Pods>) -> Self {
+        self.kube = kube;
+        self
     }
 
     /// The policy in force now (a reload swaps it; requests in flight keep the one they took).
@@ -87,7 +97,7 @@ impl State {
     /// force. Audited either way. Returns whether it loaded, and what happened.
     pub(crate) async fn reload_policy(&self, path: &Path) -> (bool, String) {
         let mut rec = AuditRecord::new(Event::PolicyReload);
-        let (ok, message) = match Policy::load(path) {
+        let (ok, message) = match Policy::load_for(path, self.kube.is_some()) {
             Ok(p) => {
                 let m = format!("{} rule(s) in force", p.len());
                 rec.policy_sha256 = Some(p.sha256().to_owned());
