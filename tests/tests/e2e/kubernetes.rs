@@ -345,3 +345,25 @@ fn kubelet_down_fails_closed_within_a_bounded_time_while_other_rules_work() {
     drop(agent);
     drop(cgs);
 }
+
+/// Issue 18: without a `[kubernetes]` section, a policy with `k8s_*` selectors is refused at
+/// load — by `check-config` and by `run` — naming the file and line.
+#[test]
+fn k8s_selectors_without_the_kubernetes_section_are_refused_at_load() {
+    let mut b = Agent::builder("k8s-nosection").secret("db-password", "x");
+    for r in RULES {
+        b = b.rule(r);
+    }
+    let config = b.write();
+    let dir = b.into_dir();
+    let want = format!(
+        "kvbroker: {}:1: rule \"trainers\": k8s_namespace needs the agent config's [kubernetes] section \
+         (how to ask the node's kubelet): add it, or remove the k8s_* selectors\n",
+        dir.path().join("policy.toml").display()
+    );
+    let (code, _, err) = run(Command::new(bin("kvbroker")).args(["check-config", "--config"]).arg(&config));
+    assert_eq!((code, err.as_str()), (1, want.as_str()));
+    let (code, _, err) = run(Command::new(bin("kvbroker")).args(["run", "--config"]).arg(&config));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.ends_with(&want), "{err}");
+}
