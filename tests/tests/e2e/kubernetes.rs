@@ -287,6 +287,16 @@ fn a_rotated_token_is_picked_up() {
     let recs = reads(&agent);
     assert_eq!(recs[1]["outcome"], "error");
     assert_eq!(recs[1]["error"], "UpstreamUnavailable");
+
+    // A reload (SIGHUP) keeps accepting k8s selectors: the agent has [kubernetes].
+    agent.proc.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let reloaded = || agent.audit_records().into_iter().find(|r| r["event"] == "policy.reload");
+    while reloaded().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = reloaded().expect("a policy.reload record");
+    assert_eq!(r["outcome"], "ok", "{r}");
     agent.assert_no_canary(&[&value, &old, &new], &[]);
     drop(agent);
     drop(cgs);
@@ -366,4 +376,30 @@ fn k8s_selectors_without_the_kubernetes_section_are_refused_at_load() {
     let (code, _, err) = run(Command::new(bin("kvbroker")).args(["run", "--config"]).arg(&config));
     assert_eq!(code, 1, "{err}");
     assert!(err.ends_with(&want), "{err}");
+}
+
+/// Issue 18: the first reads of a cold cache, from several pods at once, share one kubelet
+/// call (single flight), and each is judged on its own pod.
+#[test]
+fn concurrent_first_reads_share_one_kubelet_call() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+    let value = canary("k8s-burst");
+    let token = canary("k8s-token");
+    let kubelet = Kubelet::start(&fixture("kubelet-pod.json"), &token);
+    let agent = agent(&kubelet, "30s", &value);
+    let mut cgs = Cgroups(Vec::new());
+    let trainer = cgs.systemd("burstable", TRAINER);
+    let other_ns = cgs.systemd("guaranteed", OTHER_NS);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let readers: Vec<_> = [&trainer, &other_ns, &trainer, &other_ns, &trainer, &trainer]
+            .into_iter()
+            .map(|dir| s.spawn(|| read_in(dir, &agent.socket, "db-password").0))
+            .collect();
+        readers.into_iter().map(|r| r.join().unwrap()).collect()
+    });
+    assert_eq!(statuses, [200, 403, 200, 403, 200, 200]);
+    assert_eq!(kubelet.calls(), 1);
+    agent.assert_no_canary(&[&token], &[]);
+    drop(agent);
+    drop(cgs);
 }
