@@ -2,8 +2,9 @@
 //! and scan everything they wrote for canary values.
 //!
 //! Every process started here is killed when its handle drops, and every directory is
-//! removed, so a failing test leaves nothing behind. Nothing here talks to any address:
-//! agents listen on Unix sockets inside the test's own directory.
+//! removed, so a failing test leaves nothing behind. Nothing here talks to any address but
+//! loopback: agents listen on Unix sockets inside the test's own directory, and the stand-ins
+//! (the emulator, [`kubelet::Kubelet`]) bind 127.0.0.1 only.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test harness: a failure should panic loudly")]
 
 pub mod emulator;
