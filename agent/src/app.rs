@@ -68,7 +68,14 @@ where
         tracing::warn!(note = note.as_str(), "audit log tail handled");
     }
     let auditor = Arc::new(auditor);
-    let policy = Policy::load(&config.policy.file)?;
+    let policy = Policy::load_for(&config.policy.file, config.kubernetes.is_some())?;
+    let kube = match &config.kubernetes {
+        Some(k) => {
+            let client = crate::kube::KubeletClient::new(k, config.agent.loopback_only)?;
+            Some(crate::kube::Pods::new(Arc::new(client), k.pod_cache_ttl))
+        }
+        None => None,
+    };
     let (listener, socket_file) =
         server::bind(&config.agent.socket, config.agent.socket_mode, config.agent.socket_group.as_deref())?;
     let (admin_listener, admin_file) = server::bind(&config.agent.admin_socket, 0o600, None)?;
@@ -131,7 +138,9 @@ where
     let limits = Limits::new(config.limits.clone(), conn_budget(nofile));
     let (budget, per_uid) = limits.budgets();
     tracing::info!(nofile, connections = budget, per_uid, "connection budget");
-    let state = Arc::new(State::new(launch, info.mask, cache.clone(), limits, policy, Arc::clone(&auditor)));
+    let state = Arc::new(
+        State::new(launch, info.mask, cache.clone(), limits, policy, Arc::clone(&auditor)).with_kube(kube),
+    );
     let refresher = {
         let cache = cache.clone();
         supervise(Arc::clone(&state.tasks), "refresher", move || cache.refresher())

@@ -40,7 +40,28 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub limits: LimitsConfig,
     pub network: NetworkConfig,
+    /// `[kubernetes]`: how to ask the node's kubelet about pods; `None` refuses `k8s_*`
+    /// selectors.
+    pub kubernetes: Option<KubernetesConfig>,
 }
+
+/// `[kubernetes]`: the node's kubelet, for the `k8s_*` policy selectors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesConfig {
+    /// `https://HOST:PORT` (default `https://127.0.0.1:10250`, or `https://$NODE_NAME:10250`).
+    pub kubelet_url: String,
+    /// The URL's host (an IPv6 address in brackets) and port.
+    pub host: String,
+    pub port: u16,
+    /// The only CA the kubelet's serving certificate is checked against.
+    pub ca_file: PathBuf,
+    /// The service account token, read again at every kubelet call.
+    pub token_file: PathBuf,
+    /// How long a pod list is used before the kubelet is asked again.
+    pub pod_cache_ttl: Duration,
+}
+
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// `[network]`: the HTTP proxy for Key Vault and Entra ID (the environment's
 /// `HTTPS_PROXY`/`NO_PROXY` apply when `proxy` is absent; see `transport::Proxy`).
@@ -277,6 +298,16 @@ struct Raw {
     limits: RawLimits,
     #[serde(default)]
     network: RawNetwork,
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawKubernetes {
+    kubelet_url: Option<String>,
+    ca_file: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+    pod_cache_ttl: Option<HumanDuration>,
 }
 
 #[derive(Deserialize, Default)]
@@ -453,7 +484,17 @@ impl Config {
 
     /// Validates config text; `path` is used for messages and to resolve relative paths.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        Config::parse(path, text, None)
+        Config::parse(path, text, None, &|k| std::env::var(k).ok())
+    }
+
+    /// [`Config::from_toml`] with the environment given (tests: `NODE_NAME`).
+    #[cfg(test)]
+    pub(crate) fn from_toml_env(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        Config::parse(path, text, None, env)
     }
 
     /// Reads a config for `kvbroker launch`, which supplies the audit log and policy a file
@@ -461,10 +502,15 @@ impl Config {
     pub(crate) fn load_for_launch(path: &Path, defaults: &LaunchDefaults) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Config::parse(path, &text, Some(defaults))
+        Config::parse(path, &text, Some(defaults), &|k| std::env::var(k).ok())
     }
 
-    fn parse(path: &Path, text: &str, launch: Option<&LaunchDefaults>) -> Result<Config, ConfigError> {
+    fn parse(
+        path: &Path,
+        text: &str,
+        launch: Option<&LaunchDefaults>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let mut raw: Raw = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
         if let Some(d) = launch {
             raw.audit.get_or_insert_with(|| RawAudit {
@@ -639,7 +685,22 @@ impl Config {
         }
         let network =
             NetworkConfig { proxy: raw.network.proxy, no_proxy: raw.network.no_proxy.unwrap_or_default() };
-        Ok(Config { path: path.to_owned(), agent, identity, vaults, cache, audit, policy, limits, network })
+        let kubernetes = match raw.kubernetes {
+            None => None,
+            Some(k) => Some(kubernetes(k, env, &resolve).map_err(invalid)?),
+        };
+        Ok(Config {
+            path: path.to_owned(),
+            agent,
+            identity,
+            vaults,
+            cache,
+            audit,
+            policy,
+            limits,
+            network,
+            kubernetes,
+        })
     }
 
     /// The vault used when a request names none: the one marked `default`, else the only
@@ -665,6 +726,53 @@ impl Config {
             None => self.default_vault().ok_or(UnknownVault::NoDefault),
         }
     }
+}
+
+/// Validates `[kubernetes]`; the kubelet's URL defaults from `NODE_NAME` (the DaemonSet sets
+/// it from `spec.nodeName`), else loopback.
+fn kubernetes(
+    k: RawKubernetes,
+    env: &dyn Fn(&str) -> Option<String>,
+    resolve: &dyn Fn(PathBuf) -> PathBuf,
+) -> Result<KubernetesConfig, String> {
+    let url = match (k.kubelet_url, env("NODE_NAME").filter(|n| !n.is_empty())) {
+        (Some(u), _) => u,
+        (None, Some(node)) => {
+            let ok = node.len() <= 253
+                && node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !ok {
+                return Err(format!(
+                    "[kubernetes]: NODE_NAME {:?} is not a host name: set kubelet_url instead",
+                    node.escape_debug().to_string()
+                ));
+            }
+            format!("https://{node}:10250")
+        }
+        (None, None) => "https://127.0.0.1:10250".to_owned(),
+    };
+    let bad = || {
+        format!("[kubernetes] kubelet_url {url:?}: write https://HOST:PORT, like \"https://127.0.0.1:10250\"")
+    };
+    let uri: http::Uri = url.parse().map_err(|_| bad())?;
+    if uri.scheme_str() != Some("https")
+        || !uri.path().trim_start_matches('/').is_empty()
+        || uri.query().is_some()
+    {
+        return Err(bad());
+    }
+    let host = uri.host().filter(|h| !h.is_empty()).ok_or_else(bad)?.to_owned();
+    let pod_cache_ttl = k.pod_cache_ttl.map_or(Duration::from_secs(10), |d| d.0);
+    if pod_cache_ttl < Duration::from_secs(1) {
+        return Err("[kubernetes] pod_cache_ttl must be at least 1s".into());
+    }
+    Ok(KubernetesConfig {
+        port: uri.port_u16().unwrap_or(10250),
+        host,
+        kubelet_url: url,
+        ca_file: resolve(k.ca_file.unwrap_or_else(|| Path::new(SERVICE_ACCOUNT_DIR).join("ca.crt"))),
+        token_file: resolve(k.token_file.unwrap_or_else(|| Path::new(SERVICE_ACCOUNT_DIR).join("token"))),
+        pod_cache_ttl,
+    })
 }
 
 /// A request names a vault no `[[vault]]` has, or none with no default: the agent's 400

@@ -8,7 +8,8 @@
 //!   tables for what commands print. `supervise`: restarting background tasks that die.
 //! - `peer`: kernel-attested caller facts. [`config`]: TOML → validated `Config`.
 //! - `policy`: deciding. `identity`: managed identity credentials, over `transport` (rustls,
-//!   connect_to overrides, loopback-only guard).
+//!   connect_to overrides, loopback-only guard). `kube`: the node's kubelet and its pod
+//!   cache, for `k8s_*` selectors.
 //! - `vault`: secret backends. [`audit`]: the hash-chained audit log, its verifier and query.
 //! - `cache`: single-flight fetches, refresh-ahead, stale-on-error, versions, long polls.
 //! - `state`: what the two sockets share (policy in force, cache, auditor, limits).
@@ -27,6 +28,7 @@ pub mod cli;
 mod commands;
 pub mod config;
 mod identity;
+mod kube;
 mod notify;
 mod peer;
 mod policy;
@@ -80,6 +82,8 @@ pub enum Error {
     Explain(#[from] ExplainError),
     #[error(transparent)]
     Dev(#[from] DevError),
+    #[error(transparent)]
+    Kubelet(#[from] kube::KubeletError),
     #[error("cannot start the async runtime: {0} (is the process out of threads or memory?)")]
     Runtime(std::io::Error),
 }
@@ -153,7 +157,7 @@ mod layering {
     const LAYERS: &[&[&str]] = &[
         &["sys", "shutdown", "transport", "rate", "terminal", "trust", "supervise", "probe"],
         &["peer", "config"],
-        &["policy", "identity"],
+        &["policy", "identity", "kube"],
         &["vault", "audit"],
         &["cache"],
         &["state"],

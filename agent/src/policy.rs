@@ -8,13 +8,18 @@
 //! could match everyone (no selector) or nothing (empty lists).
 //!
 //! Selectors read only facts the caller cannot forge: uid and gid from the kernel, groups,
-//! exe and cgroup from `/proc`, and what the cgroup path names (systemd unit, container).
-//! Never `cmdline` or `environ`.
+//! exe and cgroup from `/proc`, and what the cgroup path names (systemd unit, container,
+//! pod). Never `cmdline` or `environ`. The `k8s_*` selectors read what the node's kubelet
+//! says about that pod ([`k8s`]); they are checked last in a rule, and the pod is asked for
+//! only when a rule that has them is considered ([`Decision::NeedPod`]).
+
+mod k8s;
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::kube::PodLookup;
 use crate::peer::PeerFacts;
 
 /// A loaded policy.
@@ -43,13 +48,26 @@ enum Selector {
     SystemdUnit(Vec<Glob>),
     ContainerId(Vec<Glob>),
     AncestorExe(Vec<Glob>),
+    K8s(k8s::K8sSelector),
 }
 
 /// The result of a decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Decision {
-    Allow { rule: String },
-    Deny { reason: String },
+    Allow {
+        rule: String,
+    },
+    Deny {
+        reason: String,
+    },
+    /// A rule with `k8s_*` selectors is next and the caller's pod has not been asked for:
+    /// look it up and decide again with [`Policy::decide_with`].
+    NeedPod,
+    /// No rule allows, and a rule that might have could not be judged: the kubelet did not
+    /// answer. Fails closed (502), unlike a denial.
+    KubeletUnavailable {
+        reason: String,
+    },
 }
 
 /// Why each rule did or did not allow a request.
@@ -97,18 +115,26 @@ struct RawRule {
     systemd_unit: Option<Vec<String>>,
     container_id: Option<Vec<String>>,
     ancestor_exe: Option<Vec<String>>,
+    k8s_namespace: Option<Vec<String>>,
+    k8s_service_account: Option<Vec<String>>,
+    k8s_pod_name: Option<Vec<String>>,
+    k8s_pod_label: Option<Vec<String>>,
+    k8s_container_name: Option<Vec<String>>,
+    k8s_container_image: Option<Vec<String>>,
     secrets: Vec<String>,
 }
 
 const SELECTOR_KEYS: &str = "uids, gids, exe, exe_sha256, cgroup, systemd_unit, container_id or ancestor_exe";
 
 impl Policy {
-    /// Loads a policy file, refusing one that group or others can write.
-    pub(crate) fn load(path: &Path) -> Result<Policy, PolicyError> {
+    /// Loads a policy file, refusing one that group or others can write. `k8s_*` selectors
+    /// are accepted only when `kubernetes` (the agent config has a `[kubernetes]` section to
+    /// ask the kubelet with).
+    pub(crate) fn load_for(path: &Path, kubernetes: bool) -> Result<Policy, PolicyError> {
         let read_err = |source| PolicyError::Read { path: path.to_owned(), source };
         crate::trust::check_file(path, "policy file")?;
         let text = std::fs::read_to_string(path).map_err(read_err)?;
-        Policy::from_toml(path, &text)
+        Policy::from_toml_for(path, &text, kubernetes)
     }
 
     /// SHA-256 (hex) of the text this policy was loaded from.
@@ -116,8 +142,13 @@ impl Policy {
         &self.sha256
     }
 
-    /// Parses and validates policy text.
+    /// Parses and validates policy text (no `[kubernetes]`: `k8s_*` selectors refused).
     pub(crate) fn from_toml(path: &Path, text: &str) -> Result<Policy, PolicyError> {
+        Policy::from_toml_for(path, text, false)
+    }
+
+    /// Parses and validates policy text; `kubernetes`: whether `k8s_*` selectors can work.
+    pub(crate) fn from_toml_for(path: &Path, text: &str, kubernetes: bool) -> Result<Policy, PolicyError> {
         let at = |line: usize, message: String| PolicyError::At { path: path.to_owned(), line, message };
         let raw: RawPolicy =
             toml::from_str(text).map_err(|e| match crate::config::toml_error(path, text, &e) {
@@ -168,10 +199,41 @@ impl Policy {
             if let Some(a) = &r.ancestor_exe {
                 selectors.push(Selector::AncestorExe(globs(a)));
             }
-            if selectors.is_empty() {
+            let plain = selectors.len();
+            let k8s_globs = [
+                (&r.k8s_namespace, k8s::K8sSelector::Namespace as fn(Vec<Glob>) -> k8s::K8sSelector),
+                (&r.k8s_service_account, k8s::K8sSelector::ServiceAccount),
+                (&r.k8s_pod_name, k8s::K8sSelector::PodName),
+                (&r.k8s_container_name, k8s::K8sSelector::ContainerName),
+            ];
+            for (v, make) in k8s_globs {
+                if let Some(v) = v {
+                    selectors.push(Selector::K8s(make(globs(v))));
+                }
+            }
+            if let Some(l) = &r.k8s_pod_label {
+                let labels = l.iter().map(|s| k8s::label(s)).collect::<Result<Vec<_>, _>>();
+                selectors.push(Selector::K8s(k8s::K8sSelector::PodLabel(labels.map_err(|m| rule_at(&m))?)));
+            }
+            if let Some(i) = &r.k8s_container_image {
+                let images = i.iter().map(|s| k8s::image(s)).collect::<Result<Vec<_>, _>>();
+                selectors
+                    .push(Selector::K8s(k8s::K8sSelector::ContainerImage(images.map_err(|m| rule_at(&m))?)));
+            }
+            if selectors.len() > plain && !kubernetes {
+                let key = selectors[plain].key();
                 return Err(rule_at(&format!(
-                    "has no selector, so it would match every caller: add {SELECTOR_KEYS}"
+                    "{key} needs the agent config's [kubernetes] section (how to ask the node's kubelet): \
+                     add it, or remove the k8s_* selectors"
                 )));
+            }
+            if selectors.is_empty() {
+                let keys = if kubernetes {
+                    format!("{SELECTOR_KEYS}, {}", k8s::KEYS)
+                } else {
+                    SELECTOR_KEYS.to_owned()
+                };
+                return Err(rule_at(&format!("has no selector, so it would match every caller: add {keys}")));
             }
             if let Some(empty) = selectors.iter().find(|s| s.is_empty()) {
                 return Err(rule_at(&format!("{} is an empty list: it can never match", empty.key())));
@@ -192,25 +254,77 @@ impl Policy {
         Ok(Policy { rules, sha256 })
     }
 
-    /// Decides whether `facts` may read `vault/name` (`name` in lowercase). Stops at the
-    /// first failing selector, so an expensive fact (the exe hash) is computed only when a
-    /// rule's cheaper selectors already fit.
+    /// Decides whether `facts` may read `vault/name` (`name` in lowercase), the caller's pod
+    /// not yet looked up.
+    #[cfg(test)]
     pub(crate) fn decide(&self, facts: &PeerFacts, vault: &str, name_key: &str) -> Decision {
+        self.decide_with(facts, &PodLookup::NotAsked, vault, name_key)
+    }
+
+    /// Decides with what the kubelet said about the caller's pod. Stops at the first failing
+    /// selector, so an expensive fact (the exe hash, the pod) is fetched only when a rule's
+    /// cheaper selectors already fit: `k8s_*` selectors come last, and with the pod
+    /// [`PodLookup::NotAsked`] a rule that needs it answers [`Decision::NeedPod`].
+    pub(crate) fn decide_with(
+        &self,
+        facts: &PeerFacts,
+        pod: &PodLookup,
+        vault: &str,
+        name_key: &str,
+    ) -> Decision {
         let target = format!("{vault}/{name_key}");
+        let mut missing = None;
+        let mut unavailable = None;
         for rule in &self.rules {
-            if rule.secrets.iter().any(|g| g.matches(&target))
-                && rule.selectors.iter().all(|s| s.check(facts).is_ok())
+            if !rule.secrets.iter().any(|g| g.matches(&target))
+                || !rule.selectors.iter().filter(|s| !s.is_k8s()).all(|s| s.check(facts, pod).is_ok())
             {
+                continue;
+            }
+            let k8s = rule.selectors.iter().any(Selector::is_k8s);
+            if k8s && let Some(uid) = facts.pod_uid() {
+                match pod {
+                    PodLookup::NotAsked => return Decision::NeedPod,
+                    PodLookup::NotFound => missing = Some(uid),
+                    PodLookup::Unavailable(why) => unavailable = Some(why),
+                    PodLookup::Found(_) => {}
+                }
+            }
+            if rule.selectors.iter().filter(|s| s.is_k8s()).all(|s| s.check(facts, pod).is_ok()) {
                 return Decision::Allow { rule: rule.name.clone() };
             }
         }
-        Decision::Deny { reason: "no rule matches".into() }
+        if let Some(why) = unavailable {
+            return Decision::KubeletUnavailable {
+                reason: format!("cannot judge the caller's pod: the kubelet is unavailable: {why}"),
+            };
+        }
+        match missing {
+            Some(uid) => {
+                Decision::Deny { reason: format!("no rule matches: pod {uid} not found on this node") }
+            }
+            None => Decision::Deny { reason: "no rule matches".into() },
+        }
     }
 
-    /// Every rule's verdict, with every reason (`kvbroker policy explain`).
+    /// Every rule's verdict, with every reason (`kvbroker policy explain`), the pod not
+    /// looked up.
+    #[cfg(test)]
     pub(crate) fn explain(
         &self,
         facts: &PeerFacts,
+        vault: &str,
+        name_key: &str,
+    ) -> (Vec<RuleVerdict>, Decision) {
+        self.explain_with(facts, &PodLookup::NotAsked, vault, name_key)
+    }
+
+    /// Every rule's verdict with every reason, and the decision [`Policy::decide_with`]
+    /// makes on the same facts.
+    pub(crate) fn explain_with(
+        &self,
+        facts: &PeerFacts,
+        pod: &PodLookup,
         vault: &str,
         name_key: &str,
     ) -> (Vec<RuleVerdict>, Decision) {
@@ -222,7 +336,7 @@ impl Policy {
                 let mut checks: Vec<(&'static str, bool, String)> = rule
                     .selectors
                     .iter()
-                    .map(|s| match s.check(facts) {
+                    .map(|s| match s.check(facts, pod) {
                         Ok(why) => (s.key(), true, why),
                         Err(why) => (s.key(), false, why),
                     })
@@ -235,11 +349,7 @@ impl Policy {
                 RuleVerdict { rule: rule.name.clone(), checks }
             })
             .collect();
-        let decision = match verdicts.iter().find(|v| v.allows()) {
-            Some(v) => Decision::Allow { rule: v.rule.clone() },
-            None => Decision::Deny { reason: "no rule matches".into() },
-        };
-        (verdicts, decision)
+        (verdicts, self.decide_with(facts, pod, vault, name_key))
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -260,14 +370,26 @@ impl Policy {
         out
     }
 
-    /// Whether any rule reads the caller's cgroup (cgroup, systemd_unit, container_id): then
+    /// Whether any rule reads the caller's cgroup (cgroup, systemd_unit, container_id, the
+    /// pod of k8s_*): then
     /// a kept-alive connection's cgroup is re-read at every request.
     pub(crate) fn uses_cgroup(&self) -> bool {
         self.rules.iter().any(|r| {
             r.selectors.iter().any(|s| {
-                matches!(s, Selector::Cgroup(_) | Selector::SystemdUnit(_) | Selector::ContainerId(_))
+                matches!(
+                    s,
+                    Selector::Cgroup(_)
+                        | Selector::SystemdUnit(_)
+                        | Selector::ContainerId(_)
+                        | Selector::K8s(_)
+                )
             })
         })
+    }
+
+    /// Whether any rule has a `k8s_*` selector.
+    pub(crate) fn uses_k8s(&self) -> bool {
+        self.rules.iter().any(|r| r.selectors.iter().any(Selector::is_k8s))
     }
 
     /// Whether any rule needs the exe hash (so `explain` knows to show it).
@@ -287,7 +409,12 @@ impl Selector {
             Selector::SystemdUnit(_) => "systemd_unit",
             Selector::ContainerId(_) => "container_id",
             Selector::AncestorExe(_) => "ancestor_exe",
+            Selector::K8s(k) => k.key(),
         }
+    }
+
+    fn is_k8s(&self) -> bool {
+        matches!(self, Selector::K8s(_))
     }
 
     fn is_empty(&self) -> bool {
@@ -299,11 +426,12 @@ impl Selector {
             | Selector::SystemdUnit(v)
             | Selector::ContainerId(v)
             | Selector::AncestorExe(v) => v.is_empty(),
+            Selector::K8s(k) => k.is_empty(),
         }
     }
 
     /// `Ok(why it fits)` or `Err(why not)`.
-    fn check(&self, f: &PeerFacts) -> Result<String, String> {
+    fn check(&self, f: &PeerFacts, pod: &PodLookup) -> Result<String, String> {
         let glob_fact = |globs: &[Glob], fact: Option<&str>, what: &str| match fact {
             Some(v) => match globs.iter().find(|g| g.matches(v)) {
                 Some(g) => Ok(format!("{what} {v} fits {:?}", g.0)),
@@ -352,6 +480,7 @@ impl Selector {
                 Ok(h) => Err(format!("exe sha256 {h} is not listed")),
                 Err(why) => Err(why.to_owned()),
             },
+            Selector::K8s(k) => k.check(f, pod),
         }
     }
 }

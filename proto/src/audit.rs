@@ -217,6 +217,23 @@ pub struct PeerInfo {
     /// The container id named by the cgroup path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// Kubernetes namespace of the caller's pod, as the node's kubelet reported it (set only
+    /// when a rule with `k8s_*` selectors looked the pod up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_namespace: Option<String>,
+    /// The pod's service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_service_account: Option<String>,
+    /// The pod's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_pod_name: Option<String>,
+    /// The pod's UID, from the caller's cgroup path (set whenever the path is a kubelet
+    /// container's, even if the pod was not looked up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_pod_uid: Option<String>,
+    /// The container's name in the pod (from the kubelet's status for `container_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub k8s_container_name: Option<String>,
 }
 
 /// What an upstream service answered when a read failed there. Codes and status only: the

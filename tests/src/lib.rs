@@ -2,11 +2,13 @@
 //! and scan everything they wrote for canary values.
 //!
 //! Every process started here is killed when its handle drops, and every directory is
-//! removed, so a failing test leaves nothing behind. Nothing here talks to any address:
-//! agents listen on Unix sockets inside the test's own directory.
+//! removed, so a failing test leaves nothing behind. Nothing here talks to any address but
+//! loopback: agents listen on Unix sockets inside the test's own directory, and the stand-ins
+//! (the emulator, [`kubelet::Kubelet`]) bind 127.0.0.1 only.
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "test harness: a failure should panic loudly")]
 
 pub mod emulator;
+pub mod kubelet;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -143,6 +145,7 @@ pub struct AgentBuilder {
     limits: String,
     nofile: Option<u64>,
     audit_extra: String,
+    config_extra: String,
 }
 
 /// A Key Vault at an emulator, reached with one identity source.
@@ -186,6 +189,7 @@ impl Agent {
             limits: String::new(),
             nofile: None,
             audit_extra: String::new(),
+            config_extra: String::new(),
         }
     }
 }
@@ -303,6 +307,13 @@ impl AgentBuilder {
         self
     }
 
+    /// Extra config sections, appended to the file (e.g. a `[kubernetes]` section).
+    pub fn config_extra(mut self, text: &str) -> Self {
+        self.config_extra.push_str(text);
+        self.config_extra.push('\n');
+        self
+    }
+
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
         self
@@ -356,7 +367,7 @@ impl AgentBuilder {
              [cache]\n{cache}\n\
              [limits]\n{limits}\n\
              [audit]\npath = \"{audit}\"\ndurability = \"{dur}\"\n{audit_extra}\n\
-             [policy]\nfile = \"policy.toml\"\n",
+             [policy]\nfile = \"policy.toml\"\n\n{config_extra}",
             sock = d.join("agent.sock").display(),
             admin = d.join("admin.sock").display(),
             mode = self.socket_mode,
@@ -365,6 +376,7 @@ impl AgentBuilder {
             cache = self.cache,
             limits = self.limits,
             audit_extra = self.audit_extra,
+            config_extra = self.config_extra,
         );
         write_mode(&config, &text, 0o644);
         config

@@ -13,7 +13,10 @@ use crate::vault::Vaults;
 pub(crate) fn check_config(config: &Path) -> Result<(), Error> {
     let config = Config::load(config)?;
     Vaults::from_config(&config)?;
-    let policy = Policy::load(&config.policy.file)?;
+    let policy = Policy::load_for(&config.policy.file, config.kubernetes.is_some())?;
+    if let Some(k) = &config.kubernetes {
+        crate::kube::KubeletClient::new(k, config.agent.loopback_only)?;
+    }
     crate::server::check_bind(&config.agent.socket, config.agent.socket_group.as_deref())?;
     crate::server::check_bind(&config.agent.admin_socket, None)?;
     if let Some(key) = &config.audit.hmac_key_file {

@@ -83,7 +83,7 @@ async fn run(args: &DoctorArgs, r: &mut Report) {
             return;
         }
     };
-    let policy = match Policy::load(&config.policy.file) {
+    let policy = match Policy::load_for(&config.policy.file, config.kubernetes.is_some()) {
         Ok(p) => {
             r.ok("policy", &format!("{} loaded ({} rule(s))", config.policy.file.display(), p.len()));
             Some(p)

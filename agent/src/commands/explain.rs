@@ -8,6 +8,7 @@ use kvbroker_proto::{NameError, SecretPath};
 use crate::Error;
 use crate::cli::ExplainArgs;
 use crate::config::Config;
+use crate::kube::{KubeletClient, PodLookup, Pods};
 use crate::peer::{self, PeerFacts};
 use crate::policy::{Decision, Policy};
 
@@ -29,7 +30,7 @@ pub enum ExplainError {
 /// `kvbroker policy explain`: print the facts, each rule's verdict and the decision.
 pub(crate) fn command(a: ExplainArgs) -> Result<(), Error> {
     let config = Config::load(&a.config)?;
-    let policy = Policy::load(&config.policy.file)?;
+    let policy = Policy::load_for(&config.policy.file, config.kubernetes.is_some())?;
     let facts = match (a.pid, a.uid) {
         (Some(pid), None) => {
             peer::facts_of_pid(pid).map_err(|e| ExplainError::Pid { pid, source: e.into() })?
@@ -41,14 +42,30 @@ pub(crate) fn command(a: ExplainArgs) -> Result<(), Error> {
         a.secret.parse().map_err(|source| ExplainError::BadSecret { secret: a.secret.clone(), source })?;
     let vault = config.resolve_vault(path.vault()).map_err(ExplainError::Vault)?;
     let name = path.name();
-    let (text, _) = render(&policy, &facts, vault.as_str(), name.as_str());
+    // The pod, asked of the kubelet as the agent would: for a pod caller, when a rule needs it.
+    let pod = match (&config.kubernetes, facts.pod_uid()) {
+        (Some(k), Some(uid)) if policy.uses_k8s() => {
+            let client = KubeletClient::new(k, config.agent.loopback_only)?;
+            let rt =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Error::Runtime)?;
+            rt.block_on(Pods::new(std::sync::Arc::new(client), k.pod_cache_ttl).lookup(uid))
+        }
+        _ => PodLookup::NotAsked,
+    };
+    let (text, _) = render(&policy, &facts, &pod, vault.as_str(), name.as_str());
     print!("{text}");
     Ok(())
 }
 
 /// Renders an explanation (stable text: tests and operators' scripts read it).
-pub(crate) fn render(policy: &Policy, facts: &PeerFacts, vault: &str, name: &str) -> (String, bool) {
-    let (verdicts, decision) = policy.explain(facts, vault, &name.to_ascii_lowercase());
+pub(crate) fn render(
+    policy: &Policy,
+    facts: &PeerFacts,
+    pod: &PodLookup,
+    vault: &str,
+    name: &str,
+) -> (String, bool) {
+    let (verdicts, decision) = policy.explain_with(facts, pod, vault, &name.to_ascii_lowercase());
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -86,6 +103,25 @@ pub(crate) fn render(policy: &Policy, facts: &PeerFacts, vault: &str, name: &str
     if let Some(why) = &names.refused {
         row(&mut out, "cgroup names", &format!("not used: {why}"));
     }
+    if let Some(uid) = &names.pod_uid {
+        row(&mut out, "k8s_pod_uid", &format!("{} (cgroup segment {})", uid.name, uid.segment));
+        let mut info = kvbroker_proto::PeerInfo {
+            container_id: facts.container_id().map(str::to_owned),
+            ..Default::default()
+        };
+        pod.annotate(&mut info);
+        let shown = |v: Option<String>| match (v, pod) {
+            (Some(v), _) => v,
+            (None, PodLookup::NotAsked) => "- (no rule asks the kubelet)".to_owned(),
+            (None, PodLookup::NotFound) => "- (pod not found on this node)".to_owned(),
+            (None, PodLookup::Unavailable(why)) => format!("- (kubelet unavailable: {why})"),
+            (None, PodLookup::Found(_)) => "-".to_owned(),
+        };
+        row(&mut out, "k8s_namespace", &shown(info.k8s_namespace));
+        row(&mut out, "k8s_service_account", &shown(info.k8s_service_account));
+        row(&mut out, "k8s_pod_name", &shown(info.k8s_pod_name));
+        row(&mut out, "k8s_container_name", &shown(info.k8s_container_name));
+    }
     let _ = writeln!(out, "secret: {vault}/{name}\n");
     if verdicts.is_empty() {
         let _ = writeln!(out, "(the policy has no rules)");
@@ -100,6 +136,13 @@ pub(crate) fn render(policy: &Policy, facts: &PeerFacts, vault: &str, name: &str
     let _ = match decision {
         Decision::Allow { rule } => writeln!(out, "\ndecision: allowed by rule {rule:?}"),
         Decision::Deny { reason } => writeln!(out, "\ndecision: denied ({reason})"),
+        Decision::KubeletUnavailable { reason } => writeln!(out, "\ndecision: 502, fails closed ({reason})"),
+        Decision::NeedPod => {
+            writeln!(
+                out,
+                "\ndecision: undecided (a rule needs the caller's pod: add [kubernetes] to the config)"
+            )
+        }
     };
     (out, allowed)
 }

@@ -247,3 +247,51 @@ fn line_at_counts_lines_from_one() {
     assert_eq!(line_at(text, 10_000), 4, "past the end is the last line");
     assert_eq!(line_at("", 3), 1);
 }
+
+/// Issue 18: `[kubernetes]` defaults (loopback, the service account's files), `NODE_NAME`,
+/// and refusals of what cannot work.
+#[test]
+fn kubernetes_section() {
+    let with = |k: &str, node: Option<&str>| {
+        let node = node.map(str::to_owned);
+        Config::from_toml_env(
+            Path::new("/etc/kvbroker/config.toml"),
+            &format!("{GOOD}\n[kubernetes]\n{k}"),
+            &|v| {
+                if v == "NODE_NAME" { node.clone() } else { None }
+            },
+        )
+    };
+    assert_eq!(load(GOOD).unwrap().kubernetes, None);
+    let k = with("", None).unwrap().kubernetes.unwrap();
+    assert_eq!(
+        (k.kubelet_url.as_str(), k.host.as_str(), k.port),
+        ("https://127.0.0.1:10250", "127.0.0.1", 10250)
+    );
+    assert_eq!(k.ca_file, Path::new("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"));
+    assert_eq!(k.token_file, Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token"));
+    assert_eq!(k.pod_cache_ttl, Duration::from_secs(10));
+    let k = with("", Some("aks-nodepool1-123-vmss000000")).unwrap().kubernetes.unwrap();
+    assert_eq!(k.kubelet_url, "https://aks-nodepool1-123-vmss000000:10250");
+    let k = with(
+        "kubelet_url = \"https://[::1]:11250\"\nca_file = \"ca.pem\"\npod_cache_ttl = \"2s\"\n",
+        Some("n"),
+    )
+    .unwrap()
+    .kubernetes
+    .unwrap();
+    assert_eq!((k.host.as_str(), k.port), ("[::1]", 11250));
+    assert_eq!(k.ca_file, Path::new("/etc/kvbroker/ca.pem"), "relative to the config");
+    assert_eq!(k.pod_cache_ttl, Duration::from_secs(2));
+    for (bad, why) in [
+        ("kubelet_url = \"http://127.0.0.1:10255\"", "write https://HOST:PORT"),
+        ("kubelet_url = \"https://127.0.0.1:10250/pods\"", "write https://HOST:PORT"),
+        ("pod_cache_ttl = \"10ms\"", "at least 1s"),
+        ("kubelet_urls = \"x\"", "unknown field"),
+    ] {
+        let e = with(bad, None).unwrap_err().to_string();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+    let e = with("", Some("node/../x")).unwrap_err().to_string();
+    assert!(e.contains("NODE_NAME \"node/../x\" is not a host name"), "{e}");
+}

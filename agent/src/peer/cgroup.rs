@@ -14,6 +14,14 @@
 //! | Docker, cgroupfs driver | `/docker/<64 hex>` | the second segment under `/docker` |
 //! | Kubernetes, cgroupfs driver | `/kubepods/[burstable\|besteffort/]pod<uid>/<64 hex>` | the segment right after `pod<uid>` |
 //!
+//! For Kubernetes the pod UID is taken too, and only from the exact layouts the kubelet's
+//! two cgroup drivers make, anchored at the root: `/kubepods.slice/kubepods-<qos>.slice/
+//! kubepods-<qos>-pod<uid, _ for ->.slice/<runtime>-<64 hex>.scope` (qos `burstable` or
+//! `besteffort`) or `/kubepods.slice/kubepods-pod<uid>.slice/<runtime>-<64 hex>.scope`
+//! (guaranteed) for `systemd`, and `/kubepods/[burstable|besteffort/]pod<uid>/<64 hex>` for
+//! `cgroupfs`. The pod UID and the container id come as a pair, both from root-owned
+//! directories, or not at all.
+//!
 //! Anything deeper — where systemd delegates a subtree to a user (`user@1000.service/…`),
 //! to Slurm jobs or to a container runtime — never names a unit or container, because the
 //! delegate can create any name there. On top of the position, the directory of the segment
@@ -37,6 +45,9 @@ pub(crate) struct Named {
 pub(crate) struct CgroupNames {
     pub(crate) unit: Option<Named>,
     pub(crate) container: Option<Named>,
+    /// The Kubernetes pod UID (with `-`, as the kubelet reports it), set only together with
+    /// `container` from a kubelet layout.
+    pub(crate) pod_uid: Option<Named>,
     /// Why a name in the right place was not taken (a directory not owned by root).
     pub(crate) refused: Option<String>,
 }
@@ -76,9 +87,48 @@ pub(crate) fn names_with(path: &str, roots: &dyn Fn(&str) -> Result<(), String>)
     };
     let unit = systemd_position(&segs).filter(|&i| is_unit(segs[i])).map(|i| (i, segs[i].to_owned()));
     let container = container_position(&segs);
+    let pod = kube_position(&segs);
     let unit = take(unit);
     let container = take(container);
-    CgroupNames { unit, container, refused: out.refused }
+    // The pod needs its container: a name from a kubelet layout, and the container
+    // directory root's (checked through `container`, which covers every directory above).
+    let pod_uid = match (pod, &container) {
+        (Some((i, uid, ctr)), Some(c)) if c.segment == ctr + 1 => Some(Named { name: uid, segment: i + 1 }),
+        _ => None,
+    };
+    CgroupNames { unit, container, pod_uid, refused: out.refused }
+}
+
+/// A kubelet layout: (pod segment, pod UID, container segment).
+fn kube_position(segs: &[&str]) -> Option<(usize, String, usize)> {
+    let (pod_at, uid) = match segs {
+        ["kubepods.slice", qos @ ("kubepods-burstable.slice" | "kubepods-besteffort.slice"), pod, _, ..] => {
+            let prefix = format!("{}-pod", qos.strip_suffix(".slice")?);
+            let uid = pod.strip_prefix(prefix.as_str())?.strip_suffix(".slice")?;
+            (2, uid.replace('_', "-"))
+        }
+        ["kubepods.slice", pod, _, ..] => {
+            let uid = pod.strip_prefix("kubepods-pod")?.strip_suffix(".slice")?;
+            (1, uid.replace('_', "-"))
+        }
+        ["kubepods", "burstable" | "besteffort", pod, _, ..] => (2, pod.strip_prefix("pod")?.to_owned()),
+        ["kubepods", pod, _, ..] => (1, pod.strip_prefix("pod")?.to_owned()),
+        _ => return None,
+    };
+    is_pod_uid(&uid).then_some((pod_at, uid, pod_at + 1))
+}
+
+/// A pod UID as the kubelet writes it: a UUID (API pods) or 32 hex digits (static pods'
+/// hash), lowercase.
+fn is_pod_uid(s: &str) -> bool {
+    let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    match s.len() {
+        32 => s.bytes().all(hex),
+        36 => {
+            s.bytes().enumerate().all(|(i, b)| if [8, 13, 18, 23].contains(&i) { b == b'-' } else { hex(b) })
+        }
+        _ => false,
+    }
 }
 
 /// The first segment after the leading `*.slice` segments.
@@ -238,6 +288,64 @@ mod tests {
         assert_eq!(container(&guaranteed).as_deref(), Some(ID));
         assert_eq!(container(&format!("/kubepods/besteffort/pod1a2b3c4d-5e6f/{ID}")).as_deref(), Some(ID));
         assert_eq!(container(&format!("/kubepods/pod1a2b3c4d-5e6f/{ID}")).as_deref(), Some(ID));
+    }
+
+    const UID: &str = "1a2b3c4d-5e6f-4a8b-9c0d-1e2f3a4b5c6d";
+
+    fn pod(path: &str) -> Option<(String, String)> {
+        let n = names_with(path, &all_root);
+        n.pod_uid.map(|p| (p.name, n.container.map(|c| c.name).unwrap_or_default()))
+    }
+
+    /// Issue 18: pod UID and container id from both kubelet drivers and every QoS class.
+    #[test]
+    fn pod_uid_from_every_kubelet_layout() {
+        let u = UID.replace('-', "_");
+        let want = Some((UID.to_owned(), ID.to_owned()));
+        for path in [
+            format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/cri-containerd-{ID}.scope"
+            ),
+            format!(
+                "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/crio-{ID}.scope"
+            ),
+            format!("/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{ID}.scope"),
+            format!("/kubepods/burstable/pod{UID}/{ID}"),
+            format!("/kubepods/besteffort/pod{UID}/{ID}"),
+            format!("/kubepods/pod{UID}/{ID}"),
+            // A container's own sub-cgroups are still that container.
+            format!("/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{ID}.scope/init"),
+        ] {
+            assert_eq!(pod(&path), want, "{path}");
+        }
+        let segment = names_with(&format!("/kubepods/pod{UID}/{ID}"), &all_root).pod_uid.unwrap().segment;
+        assert_eq!(segment, 2);
+    }
+
+    /// Look-alikes: not at the root, wrong QoS pairing, no container, a bad UID, a
+    /// directory someone else owns.
+    #[test]
+    fn pod_uid_only_at_anchored_root_owned_positions() {
+        let u = UID.replace('-', "_");
+        for path in [
+            format!("/user.slice/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-{ID}.scope"),
+            format!("/mine/kubepods/pod{UID}/{ID}"),
+            format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-besteffort-pod{u}.slice/cri-containerd-{ID}.scope"
+            ),
+            format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice"),
+            format!("/kubepods.slice/kubepods-pod{u}.slice/cri-containerd-abc.scope"),
+            format!("/kubepods.slice/kubepods-podNOT-A-UID.slice/cri-containerd-{ID}.scope"),
+            format!("/kubepods/pod{UID}/x/{ID}"),
+            format!("/kubepods/burstable/pod{}/{ID}", UID.to_uppercase()),
+        ] {
+            assert_eq!(pod(&path), None, "{path}");
+        }
+        let path = format!("/kubepods/pod{UID}/{ID}");
+        let delegated = |p: &str| if p.ends_with(ID) { Err("uid 1000".to_owned()) } else { Ok(()) };
+        let n = names_with(&path, &delegated);
+        assert_eq!((n.pod_uid, n.container), (None, None));
+        assert!(is_pod_uid("0123456789abcdef0123456789abcdef"), "static pod hash");
     }
 
     #[test]

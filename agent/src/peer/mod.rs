@@ -289,6 +289,11 @@ impl PeerFacts {
         self.cgroup_names().container.as_ref().map(|n| n.name.as_str())
     }
 
+    /// The Kubernetes pod UID, when the cgroup path is a kubelet container's.
+    pub(crate) fn pod_uid(&self) -> Option<&str> {
+        self.cgroup_names().pod_uid.as_ref().map(|n| n.name.as_str())
+    }
+
     /// The facts as written to the audit record (the hash only if a rule needed it).
     pub(crate) fn info(&self) -> PeerInfo {
         PeerInfo {
@@ -303,6 +308,8 @@ impl PeerFacts {
             cgroup: self.cgroup.clone(),
             unit: self.systemd_unit().map(str::to_owned),
             container_id: self.container_id().map(str::to_owned),
+            k8s_pod_uid: self.pod_uid().map(str::to_owned),
+            ..PeerInfo::default()
         }
     }
 }

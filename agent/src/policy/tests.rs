@@ -260,3 +260,172 @@ mod properties {
         }
     }
 }
+
+mod kubernetes {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::kube::{Container, Pod};
+
+    const UID: &str = "1a2b3c4d-5e6f-4a8b-9c0d-1e2f3a4b5c6d";
+    const CTR: &str = "4f9c8e1d2b3a4c5d6e7f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5";
+
+    fn k8s_policy(text: &str) -> Policy {
+        Policy::from_toml_for(Path::new("policy.toml"), text, true).unwrap()
+    }
+
+    fn in_pod() -> PeerFacts {
+        let mut f = PeerFacts::given(1000, 1000, vec![], Some("/usr/bin/python3".into()), None);
+        f.set_cgroup_trusted(&format!(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{CTR}.scope",
+            UID.replace('-', "_")
+        ));
+        f
+    }
+
+    fn found(ns: &str, sa: &str, labels: &[(&str, &str)]) -> PodLookup {
+        PodLookup::Found(Arc::new(Pod {
+            uid: UID.into(),
+            name: "trainer-0".into(),
+            namespace: ns.into(),
+            service_account: sa.into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<BTreeMap<_, _>>(),
+            containers: vec![Container {
+                name: "train".into(),
+                image: "reg.example/ml/train:1.4".into(),
+                image_id: Some(format!("reg.example/ml/train@sha256:{CTR}")),
+                id: Some(CTR.into()),
+            }],
+        }))
+    }
+
+    const RULE: &str = r#"
+[[rule]]
+name = "trainers"
+k8s_namespace = ["ml-prod"]
+k8s_service_account = ["trainer"]
+k8s_pod_label = ["app=train*", "team=ml"]
+secrets = ["default/db-password"]
+"#;
+
+    /// Issue 18: a rule with only k8s selectors; the pod is asked for only when the rule is
+    /// considered, and each selector must fit.
+    #[test]
+    fn namespace_service_account_and_labels() {
+        let p = k8s_policy(RULE);
+        let f = in_pod();
+        let labels = [("app", "trainer"), ("team", "ml")];
+        assert_eq!(p.decide(&f, "default", "db-password"), Decision::NeedPod);
+        assert_eq!(
+            p.decide(&f, "default", "other"),
+            Decision::Deny { reason: "no rule matches".into() },
+            "no lookup"
+        );
+        let allow = Decision::Allow { rule: "trainers".into() };
+        assert_eq!(p.decide_with(&f, &found("ml-prod", "trainer", &labels), "default", "db-password"), allow);
+        for pod in [
+            found("ml-prod", "other", &labels),
+            found("ml-dev", "trainer", &labels),
+            found("ml-prod", "trainer", &[("app", "eval"), ("team", "ml")]),
+            found("ml-prod", "trainer", &[("app", "trainer")]),
+        ] {
+            let d = p.decide_with(&f, &pod, "default", "db-password");
+            assert_eq!(d, Decision::Deny { reason: "no rule matches".into() }, "{pod:?}");
+        }
+        let d = p.decide_with(&f, &PodLookup::NotFound, "default", "db-password");
+        assert_eq!(
+            d,
+            Decision::Deny { reason: format!("no rule matches: pod {UID} not found on this node") }
+        );
+        let d =
+            p.decide_with(&f, &PodLookup::Unavailable("connection refused".into()), "default", "db-password");
+        assert!(
+            matches!(d, Decision::KubeletUnavailable { reason } if reason.ends_with("connection refused"))
+        );
+    }
+
+    /// A caller outside any pod never fits, and never causes a lookup; rules without k8s
+    /// selectors decide as before, even with the kubelet down.
+    #[test]
+    fn callers_outside_pods_and_plain_rules_never_need_the_kubelet() {
+        let p = k8s_policy(&format!(
+            "{RULE}\n[[rule]]\nname = \"uid\"\nuids = [1000]\nsecrets = [\"default/*\"]\n"
+        ));
+        assert_eq!(
+            p.decide(&facts(1000, 1000, &[]), "default", "db-password"),
+            Decision::Allow { rule: "uid".into() }
+        );
+        assert_eq!(
+            p.decide(&facts(7, 7, &[]), "default", "db-password"),
+            Decision::Deny { reason: "no rule matches".into() }
+        );
+        let down = PodLookup::Unavailable("down".into());
+        assert_eq!(
+            p.decide_with(&in_pod(), &down, "default", "db-password"),
+            Decision::Allow { rule: "uid".into() }
+        );
+        let mut outsider = in_pod();
+        outsider.set_cgroup_trusted(&format!(
+            "/user.slice/kubepods.slice/kubepods-pod{UID}.slice/cri-containerd-{CTR}.scope"
+        ));
+        let d = p.decide_with(
+            &outsider,
+            &found("ml-prod", "trainer", &[("app", "trainer"), ("team", "ml")]),
+            "default",
+            "x",
+        );
+        assert_eq!(d, Decision::Allow { rule: "uid".into() });
+        let only = k8s_policy(RULE);
+        let d = only.decide_with(
+            &outsider,
+            &found("ml-prod", "trainer", &[("app", "t"), ("team", "ml")]),
+            "default",
+            "db-password",
+        );
+        assert_eq!(d, Decision::Deny { reason: "no rule matches".into() }, "a look-alike path is no pod");
+    }
+
+    #[test]
+    fn container_name_and_image_by_glob_and_digest() {
+        let f = in_pod();
+        let pod = found("ml-prod", "trainer", &[]);
+        let fits = |sel: &str| {
+            let p = k8s_policy(&format!("[[rule]]\nname = \"r\"\n{sel}\nsecrets = [\"v/s\"]\n"));
+            matches!(p.decide_with(&f, &pod, "v", "s"), Decision::Allow { .. })
+        };
+        assert!(fits("k8s_container_name = [\"train\"]"));
+        assert!(!fits("k8s_container_name = [\"sidecar\"]"));
+        assert!(fits("k8s_pod_name = [\"trainer-*\"]"));
+        assert!(fits("k8s_container_image = [\"reg.example/ml/train:1.*\"]"));
+        assert!(!fits("k8s_container_image = [\"reg.example/*:1.4\"]"), "* stops at /");
+        assert!(fits(&format!("k8s_container_image = [\"sha256:{CTR}\"]")));
+        assert!(fits(&format!("k8s_container_image = [\"reg.example/ml/*@sha256:{CTR}\"]")));
+        assert!(!fits(&format!("k8s_container_image = [\"sha256:{}\"]", "0".repeat(64))));
+    }
+
+    /// Without `[kubernetes]`, k8s selectors are refused at load, with the line.
+    #[test]
+    fn k8s_selectors_need_the_kubernetes_section() {
+        assert_eq!(
+            err(RULE),
+            "policy.toml:2: rule \"trainers\": k8s_namespace needs the agent config's [kubernetes] section \
+             (how to ask the node's kubelet): add it, or remove the k8s_* selectors"
+        );
+        let bad = Policy::from_toml_for(
+            Path::new("p.toml"),
+            "[[rule]]\nname = \"r\"\nk8s_pod_label = [\"app\"]\nsecrets = [\"v/s\"]\n",
+            true,
+        );
+        assert!(bad.unwrap_err().to_string().contains("KEY=VALUE-GLOB"));
+        let empty = Policy::from_toml_for(
+            Path::new("p.toml"),
+            "[[rule]]\nname = \"r\"\nk8s_namespace = []\nsecrets = [\"v/s\"]\n",
+            true,
+        );
+        assert!(empty.unwrap_err().to_string().contains("k8s_namespace is an empty list"));
+    }
+}

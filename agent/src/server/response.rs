@@ -55,6 +55,8 @@ pub(crate) enum Failure {
     BodyTooLarge,
     /// A long poll open when the agent began to stop.
     Stopping,
+    /// A rule needed the caller's pod and the kubelet did not say (502): why.
+    Kubelet(String),
 }
 
 impl Failure {
@@ -73,6 +75,7 @@ impl Failure {
             Failure::Method => ErrorCode::MethodNotAllowed,
             Failure::BodyTooLarge => ErrorCode::PayloadTooLarge,
             Failure::Stopping => ErrorCode::AgentStopping,
+            Failure::Kubelet(_) => ErrorCode::UpstreamUnavailable,
         }
     }
 
@@ -102,6 +105,7 @@ impl Failure {
             Failure::Stopping => "the agent is stopping: reconnect after the Retry-After seconds and \
                  resume from the last version seen"
                 .into(),
+            Failure::Kubelet(reason) => reason.clone(),
         }
     }
 }

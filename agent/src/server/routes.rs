@@ -8,6 +8,7 @@ use kvbroker_proto::{AuditRecord, CacheState, Event, Outcome, SecretName, Secret
 
 use super::response::{self, Body, DeniedRead, Failure, Served};
 use crate::config::{RateKey, UnknownVault};
+use crate::kube::PodLookup;
 use crate::peer::{ConnPeer, PeerError};
 use crate::policy::Decision;
 use crate::state::State;
@@ -206,16 +207,44 @@ async fn decide_and_fetch<B>(
             }
         }
     }
-    match policy.decide(&facts, vault.as_str(), name.key()) {
+    let mut pod = PodLookup::NotAsked;
+    let mut decision = policy.decide_with(&facts, &pod, vault.as_str(), name.key());
+    if decision == Decision::NeedPod {
+        // Only now, and only for a pod caller: rules without k8s selectors never wait.
+        pod = match (&ctx.kube, facts.pod_uid()) {
+            (Some(kube), Some(uid)) => kube.lookup(uid).await,
+            _ => PodLookup::Unavailable("no [kubernetes] section in the agent config".into()),
+        };
+        decision = policy.decide_with(&facts, &pod, vault.as_str(), name.key());
+    }
+    let peer_info = || {
+        let mut info = facts.info();
+        pod.annotate(&mut info);
+        info
+    };
+    match decision {
         Decision::Allow { rule } => {
             if ctx.limits.key() == RateKey::Rule {
                 limited(&rule, format!("rule {rule:?}"))?;
             }
             rec.rule = Some(rule);
         }
+        Decision::NeedPod => {
+            // Decided again with the pod: a second NeedPod cannot happen. Fail closed.
+            rec.peer = Some(peer_info());
+            return Err(Failure::Kubelet("the caller's pod could not be looked up".into()));
+        }
+        Decision::KubeletUnavailable { reason } => {
+            rec.peer = Some(peer_info());
+            return Err(Failure::Kubelet(reason));
+        }
+        Decision::Deny { reason } if facts.pod_uid().is_some() && matches!(pod, PodLookup::NotFound) => {
+            rec.peer = Some(peer_info());
+            return Err(Failure::Denied { reason, caller: None });
+        }
         Decision::Deny { reason } => {
             // Facts the decision computed (an exe hash) are recorded for denials too.
-            rec.peer = Some(facts.info());
+            rec.peer = Some(peer_info());
             let caller = DeniedRead {
                 uid: facts.uid,
                 gid: facts.gid,
@@ -228,8 +257,8 @@ async fn decide_and_fetch<B>(
             return Err(Failure::Denied { reason, caller: Some(Box::new(caller)) });
         }
     }
-    // Facts the decision computed (the exe hash) go to the audit record too.
-    rec.peer = Some(facts.info());
+    // Facts the decision computed (the exe hash, the pod) go to the audit record too.
+    rec.peer = Some(peer_info());
 
     let looked_up = match (&query.changed_from, query.wait) {
         (Some(from), Some(wait)) => {

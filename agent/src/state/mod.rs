@@ -15,6 +15,7 @@ use kvbroker_proto::{AuditRecord, Event, Outcome};
 use crate::audit::Auditor;
 use crate::audit::refusals::Refusals;
 use crate::cache::Cache;
+use crate::kube::Pods;
 use crate::policy::Policy;
 use crate::supervise::Tasks;
 
@@ -40,6 +41,8 @@ pub(crate) struct State {
     /// Set once when the agent starts to stop: open long polls answer 503 at once, so a
     /// stop never waits out `shutdown_grace` for watchers (issue 17).
     stopping: tokio::sync::watch::Sender<bool>,
+    /// `[kubernetes]`: the node's pods, for `k8s_*` selectors (and reloads accept them).
+    pub(crate) kube: Option<Pods>,
 }
 
 impl State {
@@ -61,7 +64,14 @@ impl State {
             auditor,
             tasks: Arc::new(Tasks::default()),
             stopping: tokio::sync::watch::Sender::new(false),
+            kube: None,
         }
+    }
+
+    /// With the node's pods (`[kubernetes]`).
+    pub(crate) fn with_kube(mut self, kube: Option<Pods>) -> Self {
+        self.kube = kube;
+        self
     }
 
     /// Tells every open and future long poll that the agent is stopping.
@@ -102,7 +112,7 @@ impl State {
     /// force. Audited either way. Returns whether it loaded, and what happened.
     pub(crate) async fn reload_policy(&self, path: &Path) -> (bool, String) {
         let mut rec = AuditRecord::new(Event::PolicyReload);
-        let (ok, message) = match Policy::load(path) {
+        let (ok, message) = match Policy::load_for(path, self.kube.is_some()) {
             Ok(p) => {
                 let m = format!("{} rule(s) in force", p.len());
                 rec.policy_sha256 = Some(p.sha256().to_owned());

@@ -14,6 +14,7 @@ mod emulator;
 mod emulator_cli;
 mod first_hour;
 mod keyvault;
+mod kubernetes;
 mod launch;
 mod lifecycle;
 mod mask;
