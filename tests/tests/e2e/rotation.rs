@@ -373,8 +373,8 @@ fn restart_on_change_restarts_once_per_rotation_with_the_new_env() {
 
 /// Issue 17: `kvb exec --file-env VAR=NAME` gives the command a path to a sealed memfd:
 /// the content is the value, nothing is written to disk, the value is not in the command's
-/// environment, the file cannot be written, and kvb itself keeps no copy of the fd once the
-/// command runs (so no later process kvb starts can inherit it).
+/// environment, the file cannot be written, and only kvb holds the fd: neither the command
+/// nor a grandchild it starts has it open (so none can pass it on by inheritance).
 #[test]
 fn file_env_gives_a_sealed_memfd_path_and_no_value_in_environ() {
     let value = canary("fileenv");
@@ -384,12 +384,15 @@ fn file_env_gives_a_sealed_memfd_path_and_no_value_in_environ() {
     let script = format!(
         "printf %s \"$KEYFILE\" > {path}; printf %s \"$(sha256sum < \"$KEYFILE\" | cut -c1-16)\" > {hash}; \
          readlink \"$KEYFILE\" > {link}; tr '\\0' '\\n' < /proc/$$/environ > {environ}; \
+         readlink /proc/$$/fd/* > {cmdfds}; sh -c 'readlink /proc/$$/fd/*' > {gcfds}; \
          (printf x >> \"$KEYFILE\") 2>/dev/null; echo $? > {write}; touch {ready}; \
          while [ ! -e {stop} ]; do sleep 0.05; done",
         path = o("path"),
         hash = o("hash"),
         link = o("link"),
         environ = o("environ"),
+        cmdfds = o("cmdfds"),
+        gcfds = o("gcfds"),
         write = o("write"),
         ready = o("ready"),
         stop = o("stop"),
@@ -400,7 +403,7 @@ fn file_env_gives_a_sealed_memfd_path_and_no_value_in_environ() {
     let mut kvb = Proc::spawn(&mut cmd);
     wait_for("the command", Duration::from_secs(10), || dir.path().join("ready").exists());
     let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
-    assert!(read("path").starts_with("/proc/self/fd/"), "{}", read("path"));
+    assert!(read("path").starts_with(&format!("/proc/{}/fd/", kvb.pid())), "{}", read("path"));
     assert_eq!(read("hash"), sha16(&value), "the file holds the value");
     assert!(read("link").starts_with("/memfd:kvb-tls-key"), "an in-memory file: {}", read("link"));
     assert_ne!(read("write").trim(), "0", "the sealed file refused a write");
@@ -410,7 +413,12 @@ fn file_env_gives_a_sealed_memfd_path_and_no_value_in_environ() {
         .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
         .map(|l| l.display().to_string())
         .collect();
-    assert!(!kvb_fds.iter().any(|l| l.contains("memfd")), "kvb closed its copy: {kvb_fds:?}");
+    assert!(kvb_fds.iter().any(|l| l.contains("memfd:kvb-tls-key")), "kvb holds the file: {kvb_fds:?}");
+    for (who, f) in [("the command", "cmdfds"), ("a grandchild", "gcfds")] {
+        let fds = read(f);
+        assert!(fds.contains("pipe:") || fds.contains("/dev/null"), "{who}'s fds were listed: {fds}");
+        assert!(!fds.contains("memfd"), "{who} holds the memfd: {fds}");
+    }
     std::fs::write(dir.path().join("stop"), "").unwrap();
     assert_eq!(kvb.wait_timeout(Duration::from_secs(10)).unwrap().code(), Some(0));
     let on_disk =

@@ -86,8 +86,9 @@ pub(crate) enum Command {
         /// VAR=NAME: set environment variable VAR to the value of secret NAME.
         #[arg(long = "env", value_name = "VAR=NAME", required_unless_present = "file_env")]
         env: Vec<String>,
-        /// VAR=NAME: set VAR to /proc/self/fd/N, a sealed in-memory file holding the value of
-        /// NAME (nothing on disk, no value in the environment), for libraries that want a path.
+        /// VAR=NAME: set VAR to /proc/KVB_PID/fd/N, a sealed in-memory file held by kvb with the
+        /// value of NAME (nothing on disk, no value in the environment, no fd inherited by the
+        /// command or its children), for libraries that want a path.
         #[arg(long = "file-env", value_name = "VAR=NAME")]
         file_env: Vec<String>,
         /// Follow the secrets: when one rotates, stop the command (--signal, then SIGKILL after

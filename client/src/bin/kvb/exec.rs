@@ -1,6 +1,6 @@
 //! `kvb exec`: fetch every secret first, then run the command with the values in its
 //! environment (`--env VAR=NAME`) or in sealed in-memory files (`--file-env VAR=NAME`:
-//! `VAR=/proc/self/fd/N`). Nothing is started if any read fails, so a job never starts
+//! `VAR=/proc/KVB_PID/fd/N`). Nothing is started if any read fails, so a job never starts
 //! half-configured.
 //!
 //! By default the command's stdout and stderr go through a [`Masker`] (`proto::mask`): kvb
@@ -14,11 +14,13 @@
 //! stops the command (`--signal`, default TERM; SIGKILL after `--grace`) and starts it again
 //! with the new values. When the command exits by itself, kvb exits with its status.
 //!
-//! A `--file-env` memfd is created close-on-exec; close-on-exec is cleared in the forked
-//! child only, just before it execs the command (`sys::inherit_in_child`), and kvb closes its
-//! own copy once the command runs. So no other process kvb starts (a restarted command, an
-//! earlier one) holds it. The command's own children inherit it like any open fd unless it
-//! is started close-on-exec or closed (Python's subprocess closes it by default).
+//! A `--file-env` memfd is created close-on-exec and stays in kvb alone: the command gets
+//! the path `/proc/KVB_PID/fd/N`, which it opens like any file (the kernel lets a process of
+//! kvb's uid open it, as it lets it read kvb's memory; no other uid can). No process kvb
+//! starts holds the fd — not the command, not its children — so nothing can leak it by
+//! inheritance, and it is closed when the command exits (a restart gets a new one). kvb
+//! therefore stays as the command's parent whenever `--file-env` is used, even with
+//! `--no-mask`.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -98,7 +100,7 @@ pub(crate) fn run(client: &crate::Client, a: ExecArgs) -> Failure {
         Ok(l) => l,
         Err(f) => return f,
     };
-    if !a.mask && !a.restart {
+    if !a.mask && !a.restart && a.file_env.is_empty() {
         let Launch { mut cmd, memfds } = launch;
         // Only returns on failure; the memfds stay open across the exec (in this process).
         let e = cmd.exec();
@@ -188,14 +190,11 @@ impl Launch {
                 let fd = crate::sys::sealed_memfd(&spec.name, secret.expose_secret()).map_err(|e| {
                     Failure::Other(format!("cannot create the in-memory file for {}: {e}", spec.name))
                 })?;
-                cmd.env(&spec.var, format!("/proc/self/fd/{}", fd.as_raw_fd()));
+                cmd.env(&spec.var, format!("/proc/{}/fd/{}", std::process::id(), fd.as_raw_fd()));
                 memfds.push(fd);
             } else {
                 cmd.env(&spec.var, OsStr::from_bytes(secret.expose_secret()));
             }
-        }
-        if !memfds.is_empty() {
-            crate::sys::inherit_in_child(&mut cmd, memfds.iter().map(AsRawFd::as_raw_fd).collect());
         }
         Ok(Launch { cmd, memfds })
     }
@@ -235,8 +234,8 @@ async fn supervise(plan: Plan<'_>, first: Launch, fetched: Vec<Secret>, values: 
             cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         }
         let spawned = cmd.spawn();
-        // The command has its own copy now (or failed to start): kvb's are closed.
-        drop(launch.memfds);
+        // Open in kvb (only) while this command runs: its --file-env paths name them.
+        let memfds = launch.memfds;
         let mut child = match spawned {
             Ok(c) => c,
             Err(e) => break exec_failure(plan.program, &e),
@@ -278,6 +277,7 @@ async fn supervise(plan: Plan<'_>, first: Launch, fetched: Vec<Secret>, values: 
             }
         };
         drain(pumps).await;
+        drop(memfds);
         if let Err(e) = status {
             break Failure::Other(format!("lost track of {}: {}", plan.program, io_reason(&e)));
         }

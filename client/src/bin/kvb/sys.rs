@@ -1,13 +1,12 @@
-//! Every system call `kvb` makes that std does not wrap: `kill(2)`, a sealed `memfd` and
-//! clearing close-on-exec in a forked child. The library crate forbids `unsafe`; the binary
-//! keeps it to this one module, each block with a `// SAFETY:` comment. No dependency was
-//! added for three calls: `libc` is already in the tree.
+//! Every system call `kvb` makes that std does not wrap: `kill(2)` and a sealed `memfd`.
+//! The library crate forbids `unsafe`; the binary keeps it to this one module, each block
+//! with a `// SAFETY:` comment. No dependency was added for two calls: `libc` is already in
+//! the tree.
 #![allow(unsafe_code, reason = "the one module of kvb with system calls std does not wrap")]
 
 use std::ffi::CString;
 use std::io::Write;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// Sends `sig` to `pid`. The caller makes sure `pid` is its own unreaped child, or a
 /// process the user named (`--pid`), so the number cannot have been reused by kvb's doing.
@@ -44,24 +43,6 @@ pub(crate) fn sealed_memfd(label: &str, bytes: &[u8]) -> std::io::Result<OwnedFd
         return Err(std::io::Error::last_os_error());
     }
     Ok(OwnedFd::from(file))
-}
-
-/// Makes `fds` survive the `exec` of `cmd`, in the forked child only: in kvb they stay
-/// close-on-exec, so no other process kvb starts (a later restart, another command) gets them.
-pub(crate) fn inherit_in_child(cmd: &mut std::process::Command, fds: Vec<RawFd>) {
-    // SAFETY: the closure runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed: it makes only fcntl(2) calls, allocates nothing
-    // (the Vec was built before the fork and is only read) and touches no lock.
-    unsafe {
-        cmd.pre_exec(move || {
-            for &fd in &fds {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
 }
 
 /// A signal given by name (`HUP`, `SIGHUP`, case-insensitive) or number.
