@@ -11,6 +11,9 @@ use kvbroker_proto::{SecretName, SecretPath, VaultAlias};
 use serde::Deserialize;
 
 pub use crate::transport::ConnectTo;
+pub use telemetry::{LogConfig, LogFormat, MetricsConfig};
+
+mod telemetry;
 
 /// A configuration problem, with where it is and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +43,8 @@ pub struct Config {
     pub policy: PolicyConfig,
     pub limits: LimitsConfig,
     pub network: NetworkConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
 }
 
 /// `[network]`: the HTTP proxy for Key Vault and Entra ID (the environment's
@@ -277,6 +282,10 @@ struct Raw {
     limits: RawLimits,
     #[serde(default)]
     network: RawNetwork,
+    #[serde(default)]
+    metrics: telemetry::RawMetrics,
+    #[serde(default)]
+    log: telemetry::RawLog,
 }
 
 #[derive(Deserialize, Default)]
@@ -454,6 +463,27 @@ impl Config {
     /// Validates config text; `path` is used for messages and to resolve relative paths.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
         Config::parse(path, text, None)
+    }
+
+    /// The `[log]` section of the config at `path`, read before logging is set up. Any
+    /// problem gives the defaults: loading the config properly reports it a moment later.
+    pub fn log_settings(path: &Path) -> LogConfig {
+        #[derive(Deserialize)]
+        struct OnlyLog {
+            #[serde(default)]
+            log: telemetry::RawLog,
+        }
+        let Ok(text) = std::fs::read_to_string(path) else { return LogConfig::default() };
+        // Every other section is ignored here (and checked by `load`).
+        let Ok(table) = toml::from_str::<toml::Table>(&text) else { return LogConfig::default() };
+        let log = table.get("log").cloned().unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
+        let mut only = toml::Table::new();
+        only.insert("log".into(), log);
+        toml::Value::Table(only)
+            .try_into::<OnlyLog>()
+            .ok()
+            .and_then(|o| o.log.validate().ok())
+            .unwrap_or_default()
     }
 
     /// Reads a config for `kvbroker launch`, which supplies the audit log and policy a file
@@ -639,7 +669,21 @@ impl Config {
         }
         let network =
             NetworkConfig { proxy: raw.network.proxy, no_proxy: raw.network.no_proxy.unwrap_or_default() };
-        Ok(Config { path: path.to_owned(), agent, identity, vaults, cache, audit, policy, limits, network })
+        let metrics = raw.metrics.validate().map_err(invalid)?;
+        let log = raw.log.validate().map_err(invalid)?;
+        Ok(Config {
+            path: path.to_owned(),
+            agent,
+            identity,
+            vaults,
+            cache,
+            audit,
+            policy,
+            limits,
+            network,
+            metrics,
+            log,
+        })
     }
 
     /// The vault used when a request names none: the one marked `default`, else the only

@@ -6,6 +6,7 @@
 //!
 //! - `sys`: every `unsafe` syscall wrapper. `shutdown`: signals. `terminal`: escaping and
 //!   tables for what commands print. `supervise`: restarting background tasks that die.
+//!   `metrics`: the Prometheus counters every layer above counts into.
 //! - `peer`: kernel-attested caller facts. [`config`]: TOML → validated `Config`.
 //! - `policy`: deciding. `identity`: managed identity credentials, over `transport` (rustls,
 //!   connect_to overrides, loopback-only guard).
@@ -26,6 +27,7 @@ pub mod cli;
 mod commands;
 pub mod config;
 mod identity;
+mod metrics;
 mod peer;
 mod policy;
 mod rate;
@@ -118,7 +120,7 @@ mod layering {
 
     /// Lowest first. A module may use modules on its own layer or below.
     const LAYERS: &[&[&str]] = &[
-        &["sys", "shutdown", "transport", "rate", "terminal", "trust", "supervise"],
+        &["sys", "shutdown", "transport", "rate", "terminal", "trust", "supervise", "metrics"],
         &["peer", "config"],
         &["policy", "identity"],
         &["vault", "audit"],

@@ -228,7 +228,7 @@ pub(crate) fn build(
     let (credential, description): (Arc<dyn TokenCredential>, String) = match source {
         IdentitySource::Imds => {
             let cred = imds::ImdsCredential::new(cfg.client_id.clone(), http).map_err(sdk)?;
-            (Arc::new(token::Cached::new(cred)), who(cfg.client_id.as_deref()))
+            (Arc::new(token::Cached::new(cred).counted_as(name)), who(cfg.client_id.as_deref()))
         }
         IdentitySource::AppService => {
             let (Some(endpoint), true) = (env.get("IDENTITY_ENDPOINT"), env.has("IDENTITY_HEADER")) else {
@@ -244,7 +244,7 @@ pub(crate) fn build(
             };
             let inner = ManagedIdentityCredential::new(Some(options)).map_err(sdk)?;
             (
-                Arc::new(sdk_credential::Labelled::new(inner, "App Service", endpoint)),
+                Arc::new(sdk_credential::Labelled::new(inner, "App Service", endpoint).counted_as(name)),
                 who(cfg.client_id.as_deref()),
             )
         }
@@ -281,13 +281,13 @@ pub(crate) fn build(
                 check_guid(name, "DEFAULT_IDENTITY_CLIENT_ID", client_id)?;
             }
             let cred = azure_ml::AzureMlCredential::new(endpoint, secret, client_id, http).map_err(sdk)?;
-            (Arc::new(token::Cached::new(cred)), who(Some(client_id)))
+            (Arc::new(token::Cached::new(cred).counted_as(name)), who(Some(client_id)))
         }
         IdentitySource::AzureArc => {
             let endpoint = env.get("IDENTITY_ENDPOINT").unwrap_or(arc::DEFAULT_ENDPOINT);
             let dir = cfg.arc_token_dir.clone().unwrap_or_else(|| PathBuf::from(arc::TOKEN_DIR));
             let cred = arc::ArcCredential::new(endpoint, dir, http).map_err(sdk)?;
-            (Arc::new(token::Cached::new(cred)), who(None))
+            (Arc::new(token::Cached::new(cred).counted_as(name)), who(None))
         }
         IdentitySource::WorkloadIdentity => {
             let options = WorkloadIdentityCredentialOptions {
@@ -299,14 +299,20 @@ pub(crate) fn build(
             let authority = env.get("AZURE_AUTHORITY_HOST").unwrap_or("https://login.microsoftonline.com");
             let inner = WorkloadIdentityCredential::new(Some(options)).map_err(sdk)?;
             (
-                Arc::new(sdk_credential::Labelled::new(inner, "Entra ID (workload identity)", authority)),
+                Arc::new(
+                    sdk_credential::Labelled::new(inner, "Entra ID (workload identity)", authority)
+                        .counted_as(name),
+                ),
                 format!("workload identity (client id {})", id.as_deref().unwrap_or("?")),
             )
         }
         IdentitySource::AzureCli => {
             let inner = AzureCliCredential::new(None).map_err(sdk)?;
             (
-                Arc::new(sdk_credential::Labelled::new(inner, "Azure CLI", "az account get-access-token")),
+                Arc::new(
+                    sdk_credential::Labelled::new(inner, "Azure CLI", "az account get-access-token")
+                        .counted_as(name),
+                ),
                 "the Azure CLI's signed-in account".to_owned(),
             )
         }

@@ -12,13 +12,24 @@ use super::endpoint::{IdentityFailure, endpoint_of, error_message, one_line, tra
 pub(super) struct Labelled<C: ?Sized> {
     source_name: &'static str,
     endpoint: String,
+    /// The `[identity] source` name token requests are counted under (metrics).
+    counted_as: &'static str,
+    /// The expiry of the last token handed out: the SDK caches tokens itself, so a token is
+    /// counted as newly acquired when its expiry differs from the last one's.
+    last_expiry: std::sync::Mutex<Option<azure_core::time::OffsetDateTime>>,
     inner: std::sync::Arc<C>,
 }
 
 impl<C: ?Sized> Labelled<C> {
     pub(super) fn new(inner: std::sync::Arc<C>, source_name: &'static str, endpoint: &str) -> Self {
         let endpoint = Url::parse(endpoint).map_or_else(|_| one_line(endpoint), |u| endpoint_of(&u));
-        Self { source_name, endpoint, inner }
+        Self { source_name, endpoint, counted_as: "unknown", last_expiry: std::sync::Mutex::new(None), inner }
+    }
+
+    /// Counts this credential's token acquisitions under `source` in the metrics.
+    pub(super) fn counted_as(mut self, source: &'static str) -> Self {
+        self.counted_as = source;
+        self
     }
 }
 
@@ -46,7 +57,17 @@ impl<C: TokenCredential + ?Sized> TokenCredential for Labelled<C> {
         scopes: &[&str],
         options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
-        self.inner.get_token(scopes, options).await.map_err(|e| self.label(e))
+        let got = self.inner.get_token(scopes, options).await;
+        match &got {
+            Ok(t) => {
+                let mut last = self.last_expiry.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                if last.replace(t.expires_on) != Some(t.expires_on) {
+                    crate::metrics::get().token(self.counted_as, true);
+                }
+            }
+            Err(_) => crate::metrics::get().token(self.counted_as, false),
+        }
+        got.map_err(|e| self.label(e))
     }
 }
 

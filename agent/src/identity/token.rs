@@ -37,6 +37,8 @@ const REMEMBER_REFUSAL: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub(super) struct Cached<F> {
     fetch: F,
+    /// The `[identity] source` name token requests are counted under (metrics).
+    source: &'static str,
     /// The lock is held across a fetch: the single flight.
     state: tokio::sync::Mutex<State>,
 }
@@ -51,7 +53,13 @@ struct State {
 
 impl<F> Cached<F> {
     pub(super) fn new(fetch: F) -> Self {
-        Self { fetch, state: tokio::sync::Mutex::new(State::default()) }
+        Self { fetch, source: "unknown", state: tokio::sync::Mutex::new(State::default()) }
+    }
+
+    /// Counts this credential's token requests under `source` in the metrics.
+    pub(super) fn counted_as(mut self, source: &'static str) -> Self {
+        self.source = source;
+        self
     }
 }
 
@@ -73,7 +81,9 @@ impl<F: Fetch> TokenCredential for Cached<F> {
         if let Some((_, f, _)) = state.refusals.iter().find(|(r, _, _)| *r == resource) {
             return Err(f.clone().into_error());
         }
-        let token = match self.fetch.fetch(&resource).await {
+        let fetched = self.fetch.fetch(&resource).await;
+        crate::metrics::get().token(self.source, fetched.is_ok());
+        let token = match fetched {
             Ok(t) => t,
             Err(e) => {
                 if let Some(f) = e.downcast_ref::<IdentityFailure>().filter(|f| f.permanent) {
