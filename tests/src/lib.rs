@@ -143,6 +143,7 @@ pub struct AgentBuilder {
     limits: String,
     nofile: Option<u64>,
     audit_extra: String,
+    sections: String,
 }
 
 /// A Key Vault at an emulator, reached with one identity source.
@@ -186,6 +187,7 @@ impl Agent {
             limits: String::new(),
             nofile: None,
             audit_extra: String::new(),
+            sections: String::new(),
         }
     }
 }
@@ -303,6 +305,13 @@ impl AgentBuilder {
         self
     }
 
+    /// Whole sections appended to the config, e.g. `"[metrics]\nlisten = \"127.0.0.1:9464\""`.
+    pub fn section(mut self, text: &str) -> Self {
+        self.sections.push_str(text);
+        self.sections.push_str("\n\n");
+        self
+    }
+
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
         self
@@ -356,7 +365,7 @@ impl AgentBuilder {
              [cache]\n{cache}\n\
              [limits]\n{limits}\n\
              [audit]\npath = \"{audit}\"\ndurability = \"{dur}\"\n{audit_extra}\n\
-             [policy]\nfile = \"policy.toml\"\n",
+             [policy]\nfile = \"policy.toml\"\n\n{sections}",
             sock = d.join("agent.sock").display(),
             admin = d.join("admin.sock").display(),
             mode = self.socket_mode,
@@ -365,6 +374,7 @@ impl AgentBuilder {
             cache = self.cache,
             limits = self.limits,
             audit_extra = self.audit_extra,
+            sections = self.sections,
         );
         write_mode(&config, &text, 0o644);
         config

@@ -17,6 +17,7 @@ mod keyvault;
 mod launch;
 mod lifecycle;
 mod mask;
+mod metrics;
 mod policy;
 mod proxy;
 mod read;
