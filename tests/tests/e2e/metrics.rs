@@ -404,6 +404,16 @@ fn health_degrades_while_the_vault_fails_and_recovers() {
     let (s, h) = get_json(&agent, "/v1/health");
     assert_eq!((s, h["status"].as_str()), (503, Some("degraded")), "{h}");
     assert_eq!(get_json(&agent, "/v1/health?ready").0, 200, "stale values are still served: ready");
+    // Reads in the stale period: served stale until max_stale, 502 after; each counted so.
+    let mid = parse(&scrape_admin(&agent).1);
+    let (mut stale, mut unavailable) = (0, 0);
+    for _ in 0..5 {
+        match get_json(&agent, "/v1/secrets/s") {
+            (200, v) if v["stale"] == true => stale += 1,
+            (502, v) if v["error"]["code"] == "UpstreamUnavailable" => unavailable += 1,
+            other => panic!("neither stale nor 502: {other:?}"),
+        }
+    }
     let during = parse(&scrape_admin(&agent).1);
     assert!(
         delta(
@@ -415,6 +425,16 @@ fn health_degrades_while_the_vault_fails_and_recovers() {
     );
     assert!(during[&series("kvbroker_vault_failing_seconds", &[("vault", "default")])] >= 3.0);
     assert_eq!(during[&series("kvbroker_cache_stale_entries", &[])], 1.0);
+    let reads = "kvbroker_secret_reads_total";
+    assert_eq!(delta(&mid, &during, reads, &[("outcome", "allowed"), ("cache", "stale")]), f64::from(stale));
+    assert_eq!(
+        delta(&mid, &during, reads, &[("outcome", "error"), ("cache", "none")]),
+        f64::from(unavailable)
+    );
+    assert_eq!(
+        delta(&mid, &during, "kvbroker_secret_read_errors_total", &[("code", "UpstreamUnavailable")]),
+        f64::from(unavailable)
+    );
 
     emu.clear_faults();
     wait_for("health to recover", Duration::from_secs(10), || get_json(&agent, "/v1/health").0 == 200);
@@ -501,4 +521,39 @@ fn json_logs_parse_line_by_line_and_hold_no_value() {
     assert!(messages.iter().any(|m| m == "secret read decided"), "debug level applies: {out}");
     assert!(messages.iter().any(|m| m == "kvbroker agent stopped"), "{out}");
     agent.assert_no_canary(&[&value], &[]);
+}
+
+/// `?ready` in `kvbroker launch`: 503 "starting" while `--prefetch` waits for the vault (a
+/// readiness probe must not send work yet), 200 "ready" once the command runs; plain health
+/// is not held back (liveness).
+#[test]
+fn launch_is_not_ready_until_prefetch_is_done() {
+    let value = canary("ready");
+    let job = crate::launch::Job::new("ready", &[("s", &value)]);
+    job.emu.fault(&Fault { latency_ms: Some(3000), count: Some(1), ..Fault::default() });
+    let runtime = kvbroker_tests::TempDir::new("ready-xdg");
+    let script = "curl -s --unix-socket \"$KVBROKER_SOCKET\" http://x/v1/health?ready > \"$OUT/ready.json\"";
+    let mut cmd = job.command(&["--prefetch", "s"], script);
+    cmd.env("XDG_RUNTIME_DIR", runtime.path()).stdout(Stdio::null()).stderr(Stdio::null());
+    let mut launched = kvbroker_tests::Proc::spawn(&mut cmd);
+    let mut socket = None;
+    wait_for("the launch socket", Duration::from_secs(10), || {
+        socket = std::fs::read_dir(runtime.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| e.path().join("agent.sock"))
+            .find(|p| p.exists());
+        socket.is_some()
+    });
+    let socket = socket.unwrap();
+    let (s, body) = raw_get(&socket, "/v1/health?ready", &[]).unwrap();
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((s, v["status"].as_str()), (503, Some("starting")), "{body}");
+    assert!(v["reasons"].to_string().contains("prefetched"), "{body}");
+    assert_eq!(raw_get(&socket, "/v1/health", &[]).unwrap().0, 200, "liveness is not held back");
+    let status = launched.wait_timeout(Duration::from_secs(30)).expect("launch did not finish");
+    assert!(status.success(), "{status}");
+    let ready: Value =
+        serde_json::from_str(&std::fs::read_to_string(job.out().join("ready.json")).unwrap()).unwrap();
+    assert_eq!(ready["status"], "ready", "{ready}");
 }
