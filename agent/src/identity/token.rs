@@ -238,6 +238,30 @@ mod tests {
         assert_eq!(r.0.load(Ordering::SeqCst), 1);
     }
 
+    /// The token metric counts requests to the endpoint (not cache hits), by result; a
+    /// remembered refusal is not asked again, so not counted again.
+    #[tokio::test]
+    async fn token_requests_are_counted_not_cache_hits() {
+        let count = |source: &str, result: &str| {
+            let text = crate::metrics::get().render(crate::metrics::Snapshot::default());
+            let series =
+                format!("kvbroker_token_acquisitions_total{{source=\"{source}\",result=\"{result}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .map_or(0, |v| v.parse::<u64>().unwrap())
+        };
+        let ok = Cached::new(Arc::new(Counting(AtomicU32::new(0), 3600))).counted_as("test-ok-source");
+        for _ in 0..3 {
+            ok.get_token(&["r/.default"], None).await.unwrap();
+        }
+        assert_eq!(count("test-ok-source", "ok"), 1);
+        let refused = Cached::new(Arc::new(Refusing::default())).counted_as("test-refused-source");
+        for _ in 0..3 {
+            refused.get_token(&["r/.default"], None).await.unwrap_err();
+        }
+        assert_eq!((count("test-refused-source", "error"), count("test-refused-source", "ok")), (1, 0));
+    }
+
     /// MSAL renews long-lived tokens at half-life; we renewed only 5 min before expiry.
     #[test]
     fn long_lived_tokens_renew_at_half_life_short_ones_five_minutes_early() {
