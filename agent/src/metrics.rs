@@ -176,6 +176,18 @@ pub(crate) struct VaultStats {
     last_success: AtomicU64,
     /// Nanoseconds after the epoch + 1 of the first failure since the last success; 0 = not failing.
     failing_since: AtomicU64,
+    /// Nanoseconds after the epoch + 1 of the last call, whatever its outcome.
+    last_attempt: AtomicU64,
+}
+
+/// A vault whose fetches have failed with no success since.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct FailingVault {
+    pub(crate) vault: String,
+    /// Since the first failure.
+    pub(crate) failing_for: Duration,
+    /// Since the last attempt (nothing retries a vault no cached secret needs).
+    pub(crate) last_attempt: Duration,
 }
 
 /// Every metric of the agent, and the registry that renders them.
@@ -413,6 +425,7 @@ impl Metrics {
                 latency,
                 last_success: AtomicU64::new(0),
                 failing_since: AtomicU64::new(0),
+                last_attempt: AtomicU64::new(0),
             })
         });
         Arc::clone(stats)
@@ -432,6 +445,7 @@ impl Metrics {
         let v = self.vault(alias);
         v.calls[status as usize].inc();
         v.latency.observe(took.as_secs_f64());
+        v.last_attempt.store(self.now_mark(), Ordering::Relaxed);
         if status == VaultStatus::Unavailable {
             let _ = v.failing_since.compare_exchange(0, self.now_mark(), Ordering::AcqRel, Ordering::Relaxed);
         } else {
@@ -440,16 +454,20 @@ impl Metrics {
         }
     }
 
-    /// Vaults whose fetches have failed, with no success, for at least `limit`: (alias, for how long).
-    pub(crate) fn vaults_failing_for(&self, limit: Duration) -> Vec<(String, Duration)> {
+    /// Vaults whose fetches have failed, with no success, for at least `limit`.
+    pub(crate) fn vaults_failing_for(&self, limit: Duration) -> Vec<FailingVault> {
         let vaults = self.vaults.read().unwrap_or_else(PoisonError::into_inner);
         let mut out: Vec<_> = vaults
             .iter()
             .filter_map(|(alias, v)| match v.failing_since.load(Ordering::Relaxed) {
                 0 => None,
-                mark => Some((alias.clone(), self.since_mark(mark))),
+                mark => Some(FailingVault {
+                    vault: alias.clone(),
+                    failing_for: self.since_mark(mark),
+                    last_attempt: self.since_mark(v.last_attempt.load(Ordering::Relaxed)),
+                }),
             })
-            .filter(|(_, d)| *d >= limit)
+            .filter(|f| f.failing_for >= limit)
             .collect();
         out.sort();
         out

@@ -77,6 +77,8 @@ fn vault_failing_time_runs_until_a_success() {
     m.vault_call("kv", VaultStatus::Unavailable, Duration::from_millis(2));
     let failing = m.vaults_failing_for(Duration::from_millis(10));
     assert_eq!(failing.len(), 1, "measured from the first failure: {failing:?}");
+    assert_eq!(failing[0].vault, "kv");
+    assert!(failing[0].last_attempt < failing[0].failing_for, "{failing:?}");
     assert!(m.vaults_failing_for(Duration::from_secs(60)).is_empty());
     let text = m.render(Snapshot::default());
     assert_eq!(sample(&text, "kvbroker_vault_calls_total{vault=\"kv\",status=\"unavailable\"}"), 2.0);
@@ -112,4 +114,23 @@ fn token_acquisitions_by_source_and_result() {
     let text = m.render(Snapshot::default());
     assert_eq!(sample(&text, "kvbroker_token_acquisitions_total{source=\"imds\",result=\"ok\"}"), 2.0);
     assert_eq!(sample(&text, "kvbroker_token_acquisitions_total{source=\"imds\",result=\"error\"}"), 1.0);
+}
+
+/// The counters are held in arrays indexed by the enums: each enum's `ALL` must list its
+/// variants in declaration order, or a read would count under another label.
+#[test]
+fn label_arrays_are_indexed_by_declaration_order() {
+    assert!(ReadOutcome::ALL.iter().enumerate().all(|(i, v)| *v as usize == i));
+    assert!(CacheUse::ALL.iter().enumerate().all(|(i, v)| *v as usize == i));
+    assert!(DenyReason::ALL.iter().enumerate().all(|(i, v)| *v as usize == i));
+    assert!(Limit::ALL.iter().enumerate().all(|(i, v)| *v as usize == i));
+    assert!(VaultStatus::ALL.iter().enumerate().all(|(i, v)| *v as usize == i));
+    let m = Metrics::new();
+    m.read(ReadOutcome::Error, CacheUse::Stale, None);
+    m.denied(DenyReason::NotLaunched);
+    m.limited(Limit::Connections);
+    let text = m.render(Snapshot::default());
+    assert_eq!(sample(&text, "kvbroker_secret_reads_total{outcome=\"error\",cache=\"stale\"}"), 1.0);
+    assert_eq!(sample(&text, "kvbroker_denials_total{reason=\"not_launched\"}"), 1.0);
+    assert_eq!(sample(&text, "kvbroker_rate_limited_total{limit=\"connections\"}"), 1.0);
 }

@@ -129,11 +129,14 @@ impl State {
             r.push(format!("{stale} cached secret(s) served stale: refresh from the vault is overdue"));
         }
         let max_stale = self.cache.max_stale();
-        for (vault, failing) in crate::metrics::get().vaults_failing_for(max_stale) {
+        for f in crate::metrics::get().vaults_failing_for(max_stale) {
             r.push(format!(
-                "vault {vault} has had no successful fetch for {}s (max_stale is {}s): check its reachability and the identity's access",
-                failing.as_secs(),
-                max_stale.as_secs()
+                "vault {} has had no successful fetch for {}s (max_stale is {}s; last attempt {}s ago): \
+                 check its reachability and the identity's access",
+                f.vault,
+                f.failing_for.as_secs(),
+                max_stale.as_secs(),
+                f.last_attempt.as_secs()
             ));
         }
         r
