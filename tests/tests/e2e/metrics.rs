@@ -557,3 +557,43 @@ fn launch_is_not_ready_until_prefetch_is_done() {
         serde_json::from_str(&std::fs::read_to_string(job.out().join("ready.json")).unwrap()).unwrap();
     assert_eq!(ready["status"], "ready", "{ready}");
 }
+
+/// The TCP listener cannot be used to pin the agent's fds: it holds at most 16 connections
+/// (more are closed at once), drops one that sends no request head within 5 s, and serves
+/// again as soon as room frees.
+#[test]
+fn metrics_listener_is_bounded_and_times_out_idle_connections() {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let agent = Agent::builder("metricsbound")
+        .secret("s", "x")
+        .allow_uid(0)
+        .section(&format!("[metrics]\nlisten = \"{addr}\""))
+        .start();
+    let started = Instant::now();
+    let held: Vec<_> = (0..16).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    // Wait until all 16 are accepted (the 17th is then closed by the agent, not queued).
+    wait_for("a 17th connection to be closed at once", Duration::from_secs(4), || {
+        let mut extra = std::net::TcpStream::connect(&addr).unwrap();
+        extra.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let _ = extra.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut buf = [0u8; 64];
+        match extra.read(&mut buf) {
+            Ok(0) => true,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+            Ok(_) => false,
+        }
+    });
+    // The idle ones are dropped after the head timeout; then scrapes work again.
+    for mut c in held {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        let n = c.read(&mut buf).unwrap_or(0);
+        assert!(
+            n == 0 || String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 408"),
+            "idle connection answered"
+        );
+    }
+    assert!(started.elapsed() >= Duration::from_secs(4), "closed by the 5 s head timeout, not at once");
+    parse(&scrape_tcp(&addr));
+    drop(agent);
+}
