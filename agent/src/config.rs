@@ -474,16 +474,8 @@ impl Config {
             log: telemetry::RawLog,
         }
         let Ok(text) = std::fs::read_to_string(path) else { return LogConfig::default() };
-        // Every other section is ignored here (and checked by `load`).
-        let Ok(table) = toml::from_str::<toml::Table>(&text) else { return LogConfig::default() };
-        let log = table.get("log").cloned().unwrap_or_else(|| toml::Value::Table(toml::Table::new()));
-        let mut only = toml::Table::new();
-        only.insert("log".into(), log);
-        toml::Value::Table(only)
-            .try_into::<OnlyLog>()
-            .ok()
-            .and_then(|o| o.log.validate().ok())
-            .unwrap_or_default()
+        // Other sections are skipped here (and checked by `load`).
+        toml::from_str::<OnlyLog>(&text).ok().and_then(|o| o.log.validate().ok()).unwrap_or_default()
     }
 
     /// Reads a config for `kvbroker launch`, which supplies the audit log and policy a file
@@ -669,8 +661,13 @@ impl Config {
         }
         let network =
             NetworkConfig { proxy: raw.network.proxy, no_proxy: raw.network.no_proxy.unwrap_or_default() };
-        let metrics = raw.metrics.validate().map_err(invalid)?;
-        let log = raw.log.validate().map_err(invalid)?;
+        let refused = |(at, message): telemetry::Refused| ConfigError::At {
+            path: path.to_owned(),
+            line: line_at(text, at),
+            message,
+        };
+        let metrics = raw.metrics.validate().map_err(refused)?;
+        let log = raw.log.validate().map_err(refused)?;
         Ok(Config {
             path: path.to_owned(),
             agent,

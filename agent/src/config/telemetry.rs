@@ -39,7 +39,7 @@ pub enum LogFormat {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMetrics {
-    listen: Option<String>,
+    listen: Option<toml::Spanned<String>>,
     allow_remote: Option<bool>,
     per_secret: Option<bool>,
 }
@@ -48,26 +48,34 @@ pub(super) struct RawMetrics {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLog {
     format: Option<LogFormat>,
-    level: Option<String>,
+    level: Option<toml::Spanned<String>>,
 }
 
+/// A value refused after parsing: the byte offset of the value in the file (for its line),
+/// and what to do.
+pub(super) type Refused = (usize, String);
+
 impl RawMetrics {
-    pub(super) fn validate(self) -> Result<MetricsConfig, String> {
+    pub(super) fn validate(self) -> Result<MetricsConfig, Refused> {
         let allow_remote = self.allow_remote.unwrap_or(false);
         let listen = match self.listen {
             None => None,
-            Some(s) => {
-                let addr: SocketAddr = s.parse().map_err(|_| {
-                    format!(
+            Some(spanned) => {
+                let at = spanned.span().start;
+                let s = spanned.into_inner();
+                let Ok(addr) = s.parse::<SocketAddr>() else {
+                    let m = format!(
                         "[metrics] listen {s:?} is not an address: write IP:PORT, like \"127.0.0.1:9464\""
-                    )
-                })?;
+                    );
+                    return Err((at, m));
+                };
                 if !addr.ip().is_loopback() && !allow_remote {
-                    return Err(format!(
+                    let m = format!(
                         "[metrics] listen {addr} is not a loopback address, so anyone on the network could \
                          read the metrics: use 127.0.0.1:{port} (or [::1]:{port}), or set allow_remote = true",
                         port = addr.port()
-                    ));
+                    );
+                    return Err((at, m));
                 }
                 Some(addr)
             }
@@ -77,14 +85,21 @@ impl RawMetrics {
 }
 
 impl RawLog {
-    pub(super) fn validate(self) -> Result<LogConfig, String> {
-        if let Some(level) = &self.level {
-            tracing_subscriber::EnvFilter::try_new(level).map_err(|e| {
-                format!(
-                    "[log] level {level:?} is not a log filter ({e}): write one of error, warn, info, debug, trace"
-                )
-            })?;
-        }
-        Ok(LogConfig { format: self.format.unwrap_or_default(), level: self.level })
+    pub(super) fn validate(self) -> Result<LogConfig, Refused> {
+        let level = match self.level {
+            None => None,
+            Some(spanned) => {
+                let at = spanned.span().start;
+                let level = spanned.into_inner();
+                if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+                    let m = format!(
+                        "[log] level {level:?} is not a log filter ({e}): write one of error, warn, info, debug, trace"
+                    );
+                    return Err((at, m));
+                }
+                Some(level)
+            }
+        };
+        Ok(LogConfig { format: self.format.unwrap_or_default(), level })
     }
 }

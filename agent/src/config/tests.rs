@@ -256,7 +256,10 @@ fn metrics_listen_is_loopback_unless_allowed() {
     assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
     assert!(c.metrics.per_secret);
     assert!(load(&format!("{GOOD}\n[metrics]\nlisten = \"[::1]:9464\"\n")).is_ok());
-    let e = load(&format!("{GOOD}\n[metrics]\nlisten = \"0.0.0.0:9464\"\n")).unwrap_err().to_string();
+    let text = format!("{GOOD}\n[metrics]\nlisten = \"0.0.0.0:9464\"\n");
+    let e = load(&text).unwrap_err().to_string();
+    let line = text.lines().position(|l| l.starts_with("listen")).unwrap() + 1;
+    assert!(e.starts_with(&format!("/etc/kvbroker/config.toml:{line}: ")), "names the line: {e}");
     assert!(e.contains("[metrics] listen 0.0.0.0:9464 is not a loopback address"), "{e}");
     assert!(e.contains("allow_remote = true"), "{e}");
     let c = load(&format!("{GOOD}\n[metrics]\nlisten = \"0.0.0.0:9464\"\nallow_remote = true\n")).unwrap();
