@@ -134,3 +134,36 @@ fn label_arrays_are_indexed_by_declaration_order() {
     assert_eq!(sample(&text, "kvbroker_denials_total{reason=\"not_launched\"}"), 1.0);
     assert_eq!(sample(&text, "kvbroker_rate_limited_total{limit=\"connections\"}"), 1.0);
 }
+
+/// Drift: every metric the agent renders is documented in docs/metrics.md (under the name a
+/// scrape shows), and the doc names no metric the agent does not have.
+#[test]
+fn docs_list_every_metric() {
+    let m = Metrics::new();
+    m.set_per_secret(true);
+    m.read_of("v", "s");
+    m.register_vault("v");
+    m.token("imds", true);
+    let text = m.render(Snapshot::default());
+    let docs = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/metrics.md")).unwrap();
+    let mut rendered = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, ty) = rest.split_once(' ').unwrap();
+            let shown = match ty {
+                "counter" => format!("{name}_total"),
+                "info" => format!("{name}_info"),
+                _ => name.to_owned(),
+            };
+            assert!(docs.contains(&format!("| `{shown}` |")), "docs/metrics.md has no row for {shown}");
+            rendered.push(shown);
+        }
+    }
+    for row in docs.lines().filter_map(|l| l.strip_prefix("| `kvbroker_")) {
+        let name = format!("kvbroker_{}", &row[..row.find('`').unwrap()]);
+        assert!(
+            rendered.contains(&name),
+            "docs/metrics.md documents {name}, which the agent does not render"
+        );
+    }
+}
