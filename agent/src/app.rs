@@ -37,7 +37,12 @@ pub(crate) struct RunInfo {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub(crate) async fn run(config: Config, info: RunInfo) -> Result<(), Error> {
-    run_until(config, info, None, |_| async { Ok(((), shutdown::terminate().await)) }).await
+    run_until(config, info, None, |state| async move {
+        // Nothing to prefetch: serving from the first accepted connection.
+        state.set_ready();
+        Ok(((), shutdown::terminate().await))
+    })
+    .await
 }
 
 /// Runs the agent until `body` (given the running agent) finishes, then drains and stops.
@@ -79,6 +84,18 @@ where
     let (listener, socket_file) =
         server::bind(&config.agent.socket, config.agent.socket_mode, config.agent.socket_group.as_deref())?;
     let (admin_listener, admin_file) = server::bind(&config.agent.admin_socket, 0o600, None)?;
+    let metrics_listener = match config.metrics.listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| server::SocketError::MetricsListen { addr, source })?,
+        ),
+        None => None,
+    };
+    crate::metrics::get().set_per_secret(config.metrics.per_secret);
+    for v in &config.vaults {
+        crate::metrics::get().register_vault(v.alias.as_str());
+    }
     // Every byte on the agent socket is labelled with its sender (accepted sockets inherit
     // the options): requests are decided as the process that wrote them.
     match crate::sys::pass_sender_credentials(std::os::fd::AsFd::as_fd(&listener)) {
@@ -186,6 +203,15 @@ where
         ))
     });
     let stop_watchdog = watchdog.as_ref().map(tokio::task::JoinHandle::abort_handle);
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    let metrics_tcp = metrics_listener.map(|listener| {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "serving /metrics over TCP");
+        }
+        tokio::spawn(crate::admin::scrape::serve_tcp(listener, Arc::clone(&state), async move {
+            let _ = metrics_stopped.await;
+        }))
+    });
     let state_for_stop = Arc::clone(&state);
     let agent_socket = Arc::new(AgentSocket(Arc::clone(&state)));
     let body = body(state);
@@ -211,6 +237,10 @@ where
     reload.abort();
     let _ = stop_admin.send(());
     let _ = admin.await;
+    let _ = stop_metrics.send(());
+    if let Some(t) = metrics_tcp {
+        let _ = t.await;
+    }
     drop(admin_file);
     refresher.abort();
     summaries.abort();

@@ -29,6 +29,7 @@ use tokio::sync::{OnceCell, watch};
 
 use crate::audit::Auditor;
 use crate::config::CacheConfig;
+use crate::metrics::VaultStatus;
 use crate::vault::{Budget, Fetched, VaultError, Vaults};
 
 type Key = (VaultAlias, String);
@@ -242,7 +243,12 @@ impl Cache {
                     upstream_request_id: None,
                     upstream: None,
                 })?;
+                let started = Instant::now();
                 let result = backend.get(name, version, budget).await.map(Arc::new);
+                if !backend.counts_own_calls() {
+                    let status = result.as_ref().map_or_else(VaultStatus::of, |_| VaultStatus::Ok);
+                    crate::metrics::get().vault_call(vault.as_str(), status, started.elapsed());
+                }
                 // Installed before the flight ends, so no later reader misses it.
                 self.install(vault, name, version.is_some(), &result);
                 result
@@ -429,6 +435,18 @@ impl Cache {
     pub(crate) fn stale_count(&self) -> usize {
         let now = Instant::now();
         self.entries().values().filter(|e| e.is_stale(now)).count()
+    }
+
+    /// `[cache] max_stale`, for health.
+    pub(crate) fn max_stale(&self) -> Duration {
+        self.inner.cfg.max_stale
+    }
+
+    /// (entries, stale entries), for the metrics.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let now = Instant::now();
+        let entries = self.entries();
+        (entries.len(), entries.values().filter(|e| e.is_stale(now)).count())
     }
 
     /// Drops every cached value (each is wiped once no request holds it).

@@ -99,6 +99,15 @@ pub enum PolicyCommand {
 }
 
 impl Command {
+    /// The config file of a command that runs an agent, whose `[log]` sets up its log.
+    pub fn agent_config(&self) -> Option<&std::path::Path> {
+        match self {
+            Command::Run { config } => Some(config),
+            Command::Launch(a) => a.config.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The log level when `RUST_LOG` is not set: the agent's own progress for the commands
     /// that run an agent, only warnings for one-shot commands (whose output is their answer:
     /// `check-config` prints one line, not the Azure SDK's client set-up).

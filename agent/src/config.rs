@@ -11,6 +11,9 @@ use kvbroker_proto::{SecretName, SecretPath, VaultAlias};
 use serde::Deserialize;
 
 pub use crate::transport::ConnectTo;
+pub use telemetry::{LogConfig, LogFormat, MetricsConfig};
+
+mod telemetry;
 
 /// A configuration problem, with where it is and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +46,8 @@ pub struct Config {
     /// `[kubernetes]`: how to ask the node's kubelet about pods; `None` refuses `k8s_*`
     /// selectors.
     pub kubernetes: Option<KubernetesConfig>,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
 }
 
 /// `[kubernetes]`: the node's kubelet, for the `k8s_*` policy selectors.
@@ -299,6 +304,10 @@ struct Raw {
     #[serde(default)]
     network: RawNetwork,
     kubernetes: Option<RawKubernetes>,
+    #[serde(default)]
+    metrics: telemetry::RawMetrics,
+    #[serde(default)]
+    log: telemetry::RawLog,
 }
 
 #[derive(Deserialize, Default)]
@@ -497,6 +506,19 @@ impl Config {
         Config::parse(path, text, None, env)
     }
 
+    /// The `[log]` section of the config at `path`, read before logging is set up. Any
+    /// problem gives the defaults: loading the config properly reports it a moment later.
+    pub fn log_settings(path: &Path) -> LogConfig {
+        #[derive(Deserialize)]
+        struct OnlyLog {
+            #[serde(default)]
+            log: telemetry::RawLog,
+        }
+        let Ok(text) = std::fs::read_to_string(path) else { return LogConfig::default() };
+        // Other sections are skipped here (and checked by `load`).
+        toml::from_str::<OnlyLog>(&text).ok().and_then(|o| o.log.validate().ok()).unwrap_or_default()
+    }
+
     /// Reads a config for `kvbroker launch`, which supplies the audit log and policy a file
     /// may leave out (`[audit]`, `[policy]`); given sections apply as they are.
     pub(crate) fn load_for_launch(path: &Path, defaults: &LaunchDefaults) -> Result<Config, ConfigError> {
@@ -689,6 +711,13 @@ impl Config {
             None => None,
             Some(k) => Some(kubernetes(k, env, &resolve).map_err(invalid)?),
         };
+        let refused = |(at, message): telemetry::Refused| ConfigError::At {
+            path: path.to_owned(),
+            line: line_at(text, at),
+            message,
+        };
+        let metrics = raw.metrics.validate().map_err(refused)?;
+        let log = raw.log.validate().map_err(refused)?;
         Ok(Config {
             path: path.to_owned(),
             agent,
@@ -700,6 +729,8 @@ impl Config {
             limits,
             network,
             kubernetes,
+            metrics,
+            log,
         })
     }
 

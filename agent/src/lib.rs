@@ -6,6 +6,7 @@
 //!
 //! - `sys`: every `unsafe` syscall wrapper. `shutdown`: signals. `terminal`: escaping and
 //!   tables for what commands print. `supervise`: restarting background tasks that die.
+//!   `metrics`: the Prometheus counters every layer above counts into.
 //! - `peer`: kernel-attested caller facts. [`config`]: TOML → validated `Config`.
 //! - `policy`: deciding. `identity`: managed identity credentials, over `transport` (rustls,
 //!   connect_to overrides, loopback-only guard). `kube`: the node's kubelet and its pod
@@ -29,6 +30,7 @@ mod commands;
 pub mod config;
 mod identity;
 mod kube;
+mod metrics;
 mod notify;
 mod peer;
 mod policy;
@@ -155,7 +157,7 @@ mod layering {
 
     /// Lowest first. A module may use modules on its own layer or below.
     const LAYERS: &[&[&str]] = &[
-        &["sys", "shutdown", "transport", "rate", "terminal", "trust", "supervise", "probe"],
+        &["sys", "shutdown", "transport", "rate", "terminal", "trust", "supervise", "probe", "metrics"],
         &["peer", "config"],
         &["policy", "identity", "kube"],
         &["vault", "audit"],

@@ -10,7 +10,7 @@ use crate::value::{self, SecretValue};
 /// `GET /v1/health`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
-    /// `ok` or `degraded`.
+    /// `ok` or `degraded`; on `/v1/health?ready`, `ready`, `starting` or `degraded`.
     pub status: String,
     /// The agent's version.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -145,7 +145,7 @@ pub struct AgentBuilder {
     limits: String,
     nofile: Option<u64>,
     audit_extra: String,
-    config_extra: String,
+    sections: String,
 }
 
 /// A Key Vault at an emulator, reached with one identity source.
@@ -189,7 +189,7 @@ impl Agent {
             limits: String::new(),
             nofile: None,
             audit_extra: String::new(),
-            config_extra: String::new(),
+            sections: String::new(),
         }
     }
 }
@@ -307,10 +307,10 @@ impl AgentBuilder {
         self
     }
 
-    /// Extra config sections, appended to the file (e.g. a `[kubernetes]` section).
-    pub fn config_extra(mut self, text: &str) -> Self {
-        self.config_extra.push_str(text);
-        self.config_extra.push('\n');
+    /// Whole sections appended to the config, e.g. `"[metrics]\nlisten = \"127.0.0.1:9464\""`.
+    pub fn section(mut self, text: &str) -> Self {
+        self.sections.push_str(text);
+        self.sections.push_str("\n\n");
         self
     }
 
@@ -367,7 +367,7 @@ impl AgentBuilder {
              [cache]\n{cache}\n\
              [limits]\n{limits}\n\
              [audit]\npath = \"{audit}\"\ndurability = \"{dur}\"\n{audit_extra}\n\
-             [policy]\nfile = \"policy.toml\"\n\n{config_extra}",
+             [policy]\nfile = \"policy.toml\"\n\n{sections}",
             sock = d.join("agent.sock").display(),
             admin = d.join("admin.sock").display(),
             mode = self.socket_mode,
@@ -376,7 +376,7 @@ impl AgentBuilder {
             cache = self.cache,
             limits = self.limits,
             audit_extra = self.audit_extra,
-            config_extra = self.config_extra,
+            sections = self.sections,
         );
         write_mode(&config, &text, 0o644);
         config

@@ -126,6 +126,7 @@ async fn handle(admin: &AdminSocket, req: Request<Incoming>) -> Response<Full<By
                 Err(e) => reply(StatusCode::BAD_GATEWAY, json!({"error": e.to_string()})),
             }
         }
+        (Method::GET, "/metrics") => super::scrape::metrics(ctx),
         (Method::POST, "/v1/reload") => {
             let (ok, message) = ctx.reload_policy(policy_file).await;
             reply(
@@ -135,7 +136,7 @@ async fn handle(admin: &AdminSocket, req: Request<Incoming>) -> Response<Full<By
         }
         _ => reply(
             StatusCode::NOT_FOUND,
-            json!({"error": "GET /v1/status, POST /v1/refresh, POST /v1/reload"}),
+            json!({"error": "GET /v1/status, GET /metrics, POST /v1/refresh, POST /v1/reload"}),
         ),
     }
 }

@@ -160,6 +160,7 @@ impl Auditor {
             Ok(Err(_)) => Err(AuditError::Stopped),
             Err(_) => {
                 self.healthy.store(false, Ordering::Relaxed);
+                crate::metrics::get().audit_failed();
                 Err(AuditError::Timeout(self.wait))
             }
         }

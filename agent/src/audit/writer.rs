@@ -96,6 +96,7 @@ impl State {
 
     /// Writes sealed lines; on failure cuts the file back to its last whole record.
     fn commit(&mut self, buf: &[u8], seq: u64, prev: String) -> Result<(), AuditError> {
+        let started = Instant::now();
         let result = self
             .file
             .write_all(buf)
@@ -104,6 +105,7 @@ impl State {
             let _ = self.file.set_len(self.len);
             return Err(self.err(&e));
         }
+        crate::metrics::get().audit_written(seq - self.seq, buf.len(), started.elapsed());
         self.len += buf.len() as u64;
         self.seq = seq;
         self.prev = prev;
@@ -209,6 +211,9 @@ impl State {
             self.commit(&buf, seq, prev).map(|()| first)
         });
         self.healthy.store(result.is_ok(), Ordering::Relaxed);
+        if result.is_err() {
+            crate::metrics::get().audit_failed();
+        }
         result
     }
 

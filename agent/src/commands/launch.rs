@@ -114,6 +114,7 @@ fn launch(args: LaunchArgs) -> Result<ExitCode, Error> {
         .map_err(Error::Runtime)?;
     let code = rt.block_on(app::run_until(config, info, Some(Arc::clone(&root)), |ctx| async move {
         prefetch(&ctx, &args.prefetch, args.min_validity).await?;
+        ctx.set_ready();
         run_command(&args.command, &socket, &root, mask).await
     }))?;
     drop(dir);

@@ -295,3 +295,52 @@ fn kubernetes_section() {
     let e = with("", Some("node/../x")).unwrap_err().to_string();
     assert!(e.contains("NODE_NAME \"node/../x\" is not a host name"), "{e}");
 }
+
+/// Issue 16: metrics on a non-loopback address would let anyone on the network read them;
+/// refused at load (so check-config refuses it too) unless the operator says so.
+#[test]
+fn metrics_listen_is_loopback_unless_allowed() {
+    let c = load(&format!("{GOOD}\n[metrics]\nlisten = \"127.0.0.1:9464\"\nper_secret = true\n")).unwrap();
+    assert_eq!(c.metrics.listen, Some("127.0.0.1:9464".parse().unwrap()));
+    assert!(c.metrics.per_secret);
+    assert!(load(&format!("{GOOD}\n[metrics]\nlisten = \"[::1]:9464\"\n")).is_ok());
+    let text = format!("{GOOD}\n[metrics]\nlisten = \"0.0.0.0:9464\"\n");
+    let e = load(&text).unwrap_err().to_string();
+    let line = text.lines().position(|l| l.starts_with("listen")).unwrap() + 1;
+    assert!(e.starts_with(&format!("/etc/kvbroker/config.toml:{line}: ")), "names the line: {e}");
+    assert!(e.contains("[metrics] listen 0.0.0.0:9464 is not a loopback address"), "{e}");
+    assert!(e.contains("allow_remote = true"), "{e}");
+    let c = load(&format!("{GOOD}\n[metrics]\nlisten = \"0.0.0.0:9464\"\nallow_remote = true\n")).unwrap();
+    assert!(c.metrics.allow_remote);
+    let e = load(&format!("{GOOD}\n[metrics]\nlisten = \"localhost\"\n")).unwrap_err().to_string();
+    assert!(e.contains("write IP:PORT"), "{e}");
+    let e = load(&format!("{GOOD}\n[metrics]\nlisten_on = \"127.0.0.1:1\"\n")).unwrap_err().to_string();
+    assert!(e.contains("listen_on"), "{e}");
+    assert_eq!(load(GOOD).unwrap().metrics.listen, None, "off by default");
+}
+
+#[test]
+fn log_format_and_level() {
+    let c = load(&format!("{GOOD}\n[log]\nformat = \"json\"\nlevel = \"debug\"\n")).unwrap();
+    assert_eq!(c.log.format, LogFormat::Json);
+    assert_eq!(c.log.level.as_deref(), Some("debug"));
+    assert_eq!(load(GOOD).unwrap().log.format, LogFormat::Text);
+    let e = load(&format!("{GOOD}\n[log]\nformat = \"xml\"\n")).unwrap_err().to_string();
+    assert!(e.contains("xml"), "{e}");
+    let e = load(&format!("{GOOD}\n[log]\nlevel = \"loud=[\"\n")).unwrap_err().to_string();
+    assert!(e.contains("[log] level"), "{e}");
+}
+
+/// `[log]` is read before logging starts, ignoring the rest of the file.
+#[test]
+fn log_settings_read_only_the_log_section() {
+    let dir = std::env::temp_dir().join(format!("kvbroker-logcfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("config.toml");
+    std::fs::write(&f, "[log]\nformat = \"json\"\nlevel = \"warn\"\n[whatever]\nx = 1\n").unwrap();
+    let l = Config::log_settings(&f);
+    assert_eq!((l.format, l.level.as_deref()), (LogFormat::Json, Some("warn")));
+    std::fs::write(&f, "[log]\nformat = \"xml\"\n").unwrap();
+    assert_eq!(Config::log_settings(&f).format, LogFormat::Text, "a bad [log] gives the defaults");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

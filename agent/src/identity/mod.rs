@@ -228,7 +228,7 @@ pub(crate) fn build(
     let (credential, description): (Arc<dyn TokenCredential>, String) = match source {
         IdentitySource::Imds => {
             let cred = imds::ImdsCredential::new(cfg.client_id.clone(), http).map_err(sdk)?;
-            (Arc::new(token::Cached::new(cred)), who(cfg.client_id.as_deref()))
+            (Arc::new(token::Cached::new(cred).counted_as(name)), who(cfg.client_id.as_deref()))
         }
         IdentitySource::AppService => {
             let (Some(endpoint), true) = (env.get("IDENTITY_ENDPOINT"), env.has("IDENTITY_HEADER")) else {
@@ -248,7 +248,7 @@ pub(crate) fn build(
             });
             build().map_err(sdk)?;
             let fresh = sdk_credential::Fresh::new(build, "App Service", endpoint);
-            (Arc::new(token::Cached::new(fresh)), who(cfg.client_id.as_deref()))
+            (Arc::new(token::Cached::new(fresh).counted_as(name)), who(cfg.client_id.as_deref()))
         }
         IdentitySource::AzureMl => {
             // Config first: a compute instance's systemd agent does not see the job's variables.
@@ -283,13 +283,13 @@ pub(crate) fn build(
                 check_guid(name, "DEFAULT_IDENTITY_CLIENT_ID", client_id)?;
             }
             let cred = azure_ml::AzureMlCredential::new(endpoint, secret, client_id, http).map_err(sdk)?;
-            (Arc::new(token::Cached::new(cred)), who(Some(client_id)))
+            (Arc::new(token::Cached::new(cred).counted_as(name)), who(Some(client_id)))
         }
         IdentitySource::AzureArc => {
             let endpoint = env.get("IDENTITY_ENDPOINT").unwrap_or(arc::DEFAULT_ENDPOINT);
             let dir = cfg.arc_token_dir.clone().unwrap_or_else(|| PathBuf::from(arc::TOKEN_DIR));
             let cred = arc::ArcCredential::new(endpoint, dir, http).map_err(sdk)?;
-            (Arc::new(token::Cached::new(cred)), who(None))
+            (Arc::new(token::Cached::new(cred).counted_as(name)), who(None))
         }
         IdentitySource::WorkloadIdentity => {
             let client_id = cfg.client_id.clone();
@@ -308,7 +308,7 @@ pub(crate) fn build(
             let authority = env.get("AZURE_AUTHORITY_HOST").unwrap_or("https://login.microsoftonline.com");
             let fresh = sdk_credential::Fresh::new(build, "Entra ID (workload identity)", authority);
             (
-                Arc::new(token::Cached::new(fresh)),
+                Arc::new(token::Cached::new(fresh).counted_as(name)),
                 format!("workload identity (client id {})", id.as_deref().unwrap_or("?")),
             )
         }
@@ -317,7 +317,10 @@ pub(crate) fn build(
                 Box::new(|| Ok(AzureCliCredential::new(None)? as Arc<dyn TokenCredential>));
             build().map_err(sdk)?;
             let fresh = sdk_credential::Fresh::new(build, "Azure CLI", "az account get-access-token");
-            (Arc::new(token::Cached::new(fresh)), "the Azure CLI's signed-in account".to_owned())
+            (
+                Arc::new(token::Cached::new(fresh).counted_as(name)),
+                "the Azure CLI's signed-in account".to_owned(),
+            )
         }
         IdentitySource::Auto => unreachable_auto(),
     };

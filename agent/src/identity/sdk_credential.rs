@@ -51,6 +51,8 @@ impl<C: TokenCredential + ?Sized> TokenCredential for Labelled<C> {
         scopes: &[&str],
         options: Option<TokenRequestOptions<'_>>,
     ) -> azure_core::Result<AccessToken> {
+        // Counted in the metrics by `token::Cached`, which asks through here only when it
+        // needs a new token.
         self.inner.get_token(scopes, options).await.map_err(|e| self.label(e))
     }
 }

@@ -37,6 +37,8 @@ const REMEMBER_REFUSAL: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub(super) struct Cached<F> {
     fetch: F,
+    /// The `[identity] source` name token requests are counted under (metrics).
+    source: &'static str,
     /// The lock is held across a fetch: the single flight.
     state: tokio::sync::Mutex<State>,
 }
@@ -51,7 +53,13 @@ struct State {
 
 impl<F> Cached<F> {
     pub(super) fn new(fetch: F) -> Self {
-        Self { fetch, state: tokio::sync::Mutex::new(State::default()) }
+        Self { fetch, source: "unknown", state: tokio::sync::Mutex::new(State::default()) }
+    }
+
+    /// Counts this credential's token requests under `source` in the metrics.
+    pub(super) fn counted_as(mut self, source: &'static str) -> Self {
+        self.source = source;
+        self
     }
 }
 
@@ -73,7 +81,9 @@ impl<F: Fetch> TokenCredential for Cached<F> {
         if let Some((_, f, _)) = state.refusals.iter().find(|(r, _, _)| *r == resource) {
             return Err(f.clone().into_error());
         }
-        let token = match self.fetch.fetch(&resource).await {
+        let fetched = self.fetch.fetch(&resource).await;
+        crate::metrics::get().token(self.source, fetched.is_ok());
+        let token = match fetched {
             Ok(t) => t,
             Err(e) => {
                 if let Some(f) = e.downcast_ref::<IdentityFailure>().filter(|f| f.permanent) {
@@ -226,6 +236,30 @@ mod tests {
             assert!(e.to_string().contains("Identity not found"), "{e}");
         }
         assert_eq!(r.0.load(Ordering::SeqCst), 1);
+    }
+
+    /// The token metric counts requests to the endpoint (not cache hits), by result; a
+    /// remembered refusal is not asked again, so not counted again.
+    #[tokio::test]
+    async fn token_requests_are_counted_not_cache_hits() {
+        let count = |source: &str, result: &str| {
+            let text = crate::metrics::get().render(crate::metrics::Snapshot::default());
+            let series =
+                format!("kvbroker_token_acquisitions_total{{source=\"{source}\",result=\"{result}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))
+                .map_or(0, |v| v.parse::<u64>().unwrap())
+        };
+        let ok = Cached::new(Arc::new(Counting(AtomicU32::new(0), 3600))).counted_as("test-ok-source");
+        for _ in 0..3 {
+            ok.get_token(&["r/.default"], None).await.unwrap();
+        }
+        assert_eq!(count("test-ok-source", "ok"), 1);
+        let refused = Cached::new(Arc::new(Refusing::default())).counted_as("test-refused-source");
+        for _ in 0..3 {
+            refused.get_token(&["r/.default"], None).await.unwrap_err();
+        }
+        assert_eq!((count("test-refused-source", "error"), count("test-refused-source", "ok")), (1, 0));
     }
 
     /// MSAL renews long-lived tokens at half-life; we renewed only 5 min before expiry.

@@ -40,6 +40,8 @@ pub enum SocketError {
     NoGroup { group: String },
     #[error("{path}: {what}: {source}")]
     Io { path: PathBuf, what: &'static str, source: io::Error },
+    #[error("[metrics] listen {addr}: cannot listen: {source} (is another process using the port?)")]
+    MetricsListen { addr: std::net::SocketAddr, source: io::Error },
 }
 
 /// The socket file of a bound listener; removed when this is dropped. Kept apart from the
@@ -299,6 +301,7 @@ impl Handler for AgentSocket {
             Admit::Served(slot) => (slot, false),
             Admit::Refused(slot) => (slot, true),
             Admit::Closed => {
+                crate::metrics::get().limited(crate::metrics::Limit::Connections);
                 let _ = stream.try_write(NO_ROOM);
                 tracing::debug!(uid, "no room for another connection: closed");
                 return None;

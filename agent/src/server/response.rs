@@ -32,6 +32,8 @@ pub(crate) enum Failure {
         /// Set when the policy said no: the caller's own facts, repeated in its answer so it
         /// can see what to change. Telling a caller about itself leaks nothing.
         caller: Option<Box<DeniedRead>>,
+        /// For the denials metric.
+        why: crate::metrics::DenyReason,
     },
     /// Denied, and the connection must close (the peer's exe changed).
     Reconnect {
@@ -48,6 +50,8 @@ pub(crate) enum Failure {
     Audit,
     TooMany {
         retry_after: std::time::Duration,
+        /// For the rate-limit metric.
+        by: crate::metrics::Limit,
         reason: String,
     },
     NoRoute,
@@ -84,7 +88,7 @@ impl Failure {
         match self {
             Failure::BadRequest(m) => m.clone(),
             Failure::Denied { caller: Some(c), .. } => c.to_string(),
-            Failure::Denied { reason, caller: None } | Failure::Reconnect { reason } => {
+            Failure::Denied { reason, caller: None, .. } | Failure::Reconnect { reason } => {
                 format!("permission denied: {reason}")
             }
             Failure::VersionNotFound { vault, name, version } => {
@@ -200,6 +204,19 @@ pub(crate) fn health(reasons: Vec<String>) -> Response<Body> {
         reasons,
     };
     json(if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, &body)
+}
+
+/// `/v1/health?ready`: 200 once able to serve, 503 `starting` before, 503 `degraded` when
+/// nothing can be served.
+pub(crate) fn readiness(r: crate::state::Readiness) -> Response<Body> {
+    use crate::state::Readiness;
+    let (status, code, reasons) = match r {
+        Readiness::Ready => ("ready", StatusCode::OK, Vec::new()),
+        Readiness::Starting(why) => ("starting", StatusCode::SERVICE_UNAVAILABLE, vec![why]),
+        Readiness::Degraded(why) => ("degraded", StatusCode::SERVICE_UNAVAILABLE, vec![why]),
+    };
+    let body = Health { status: status.into(), version: Some(env!("CARGO_PKG_VERSION").into()), reasons };
+    json(code, &body)
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {

@@ -9,6 +9,7 @@ use kvbroker_proto::{AuditRecord, CacheState, Event, Outcome, SecretName, Secret
 use super::response::{self, Body, DeniedRead, Failure, Served};
 use crate::config::{RateKey, UnknownVault};
 use crate::kube::PodLookup;
+use crate::metrics::{self, CacheUse, DenyReason, Limit, ReadOutcome};
 use crate::peer::{ConnPeer, PeerError};
 use crate::policy::Decision;
 use crate::state::State;
@@ -27,9 +28,17 @@ pub(crate) async fn handle<B>(
         if over_cap {
             // Health counts like any request: a caller over its connection cap cannot use
             // health polls to hold connections either.
+            metrics::get().limited(Limit::Connections);
             response::failure(&over_cap_failure(peer.uid), &request_id)
         } else if req.method() == Method::GET {
-            response::health(ctx.health_reasons())
+            match req.uri().query() {
+                None | Some("") => response::health(ctx.health_reasons()),
+                Some("ready" | "ready=1" | "ready=true") => response::readiness(ctx.readiness()),
+                Some(_) => response::failure(
+                    &Failure::BadRequest("/v1/health takes no parameter but ready (/v1/health?ready)".into()),
+                    &request_id,
+                ),
+            }
         } else {
             response::failure(&Failure::Method, &request_id)
         }
@@ -53,6 +62,7 @@ pub(crate) async fn handle<B>(
 fn over_cap_failure(uid: u32) -> Failure {
     Failure::TooMany {
         retry_after: Duration::from_secs(1),
+        by: Limit::Connections,
         reason: format!(
             "uid {uid} has too many open connections to the agent, all busy: close some, or reuse one"
         ),
@@ -79,6 +89,7 @@ async fn read_secret<B>(
     rec.peer = Some(peer.info());
     let result = decide_and_fetch(ctx, peer, over_cap, req, raw_name, &mut rec).await;
     let raw = wants_raw(req);
+    let mut cache_use = CacheUse::None;
     let answer = result.and_then(|served| match served {
         Some(served) => {
             if let Some(mask) = &ctx.mask {
@@ -88,6 +99,13 @@ async fn read_secret<B>(
             }
             let r = response::secret(&served, raw)?;
             rec.cache = Some(served.state);
+            cache_use = match served.state {
+                CacheState::Hit => CacheUse::Hit,
+                CacheState::Miss => CacheUse::Miss,
+                CacheState::Stale => CacheUse::Stale,
+                _ => CacheUse::None,
+            };
+            metrics::get().read_of(served.vault.as_str(), served.fetched.name.as_str());
             Ok(r)
         }
         None => {
@@ -98,6 +116,7 @@ async fn read_secret<B>(
     match &answer {
         Ok(_) => rec.outcome = Some(Outcome::Allowed),
         Err(f) => {
+            count_refusal(f);
             rec.outcome = Some(if matches!(f, Failure::Denied { .. } | Failure::Reconnect { .. }) {
                 Outcome::Denied
             } else {
@@ -126,11 +145,29 @@ async fn read_secret<B>(
     };
     if let Err(e) = written {
         tracing::error!(error = %e, request_id, "audit write failed: answering 503");
+        metrics::get().read(ReadOutcome::Error, CacheUse::None, Some(Failure::Audit.code()));
         return response::failure(&Failure::Audit, request_id);
+    }
+    match &answer {
+        Ok(_) => metrics::get().read(ReadOutcome::Allowed, cache_use, None),
+        Err(f @ (Failure::Denied { .. } | Failure::Reconnect { .. })) => {
+            metrics::get().read(ReadOutcome::Denied, CacheUse::None, Some(f.code()));
+        }
+        Err(f) => metrics::get().read(ReadOutcome::Error, CacheUse::None, Some(f.code())),
     }
     match answer {
         Ok(r) => r,
         Err(f) => response::failure(&f, request_id),
+    }
+}
+
+/// Counts a refused read's denial reason or limit (its outcome is counted once audited).
+fn count_refusal(f: &Failure) {
+    match f {
+        Failure::Denied { why, .. } => metrics::get().denied(*why),
+        Failure::Reconnect { .. } => metrics::get().denied(DenyReason::PeerChanged),
+        Failure::TooMany { by, .. } => metrics::get().limited(*by),
+        _ => {}
     }
 }
 
@@ -175,6 +212,7 @@ async fn decide_and_fetch<B>(
     let limited = |key: &str, who: String| {
         ctx.limits.take(key).map_err(|retry_after| Failure::TooMany {
             retry_after,
+            by: Limit::Rate,
             reason: format!("{who} is over its read rate limit; retry after the Retry-After seconds"),
         })
     };
@@ -187,7 +225,7 @@ async fn decide_and_fetch<B>(
         PeerError::ExeChanged | PeerError::CgroupChanged | PeerError::SecondWriter { .. } => {
             Failure::Reconnect { reason: e.to_string() }
         }
-        e => Failure::Denied { reason: e.to_string(), caller: None },
+        e => Failure::Denied { reason: e.to_string(), caller: None, why: DenyReason::Unattested },
     })?;
     rec.peer = Some(facts.info());
     if let Some(root) = &ctx.launch_root {
@@ -197,12 +235,14 @@ async fn decide_and_fetch<B>(
                 return Err(Failure::Denied {
                     reason: "not the launched command or one of its descendants".into(),
                     caller: None,
+                    why: DenyReason::NotLaunched,
                 });
             }
             None => {
                 return Err(Failure::Denied {
                     reason: "the launched command has not started yet".into(),
                     caller: None,
+                    why: DenyReason::NotLaunched,
                 });
             }
         }
@@ -240,7 +280,7 @@ async fn decide_and_fetch<B>(
         }
         Decision::Deny { reason } if facts.pod_uid().is_some() && matches!(pod, PodLookup::NotFound) => {
             rec.peer = Some(peer_info());
-            return Err(Failure::Denied { reason, caller: None });
+            return Err(Failure::Denied { reason, caller: None, why: DenyReason::Policy });
         }
         Decision::Deny { reason } => {
             // Facts the decision computed (an exe hash) are recorded for denials too.
@@ -254,7 +294,7 @@ async fn decide_and_fetch<B>(
                 vault: vault.clone(),
                 name: name.clone(),
             };
-            return Err(Failure::Denied { reason, caller: Some(Box::new(caller)) });
+            return Err(Failure::Denied { reason, caller: Some(Box::new(caller)), why: DenyReason::Policy });
         }
     }
     // Facts the decision computed (the exe hash, the pod) go to the audit record too.

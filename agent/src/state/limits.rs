@@ -91,6 +91,7 @@ impl Activity {
     /// Marks a request in flight until the guard drops.
     pub(crate) fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        crate::metrics::get().busy(true);
         self.touch();
         Busy(Arc::clone(self))
     }
@@ -108,6 +109,7 @@ impl Drop for Busy {
     fn drop(&mut self) {
         self.0.touch();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        crate::metrics::get().busy(false);
     }
 }
 
@@ -130,6 +132,11 @@ pub(crate) struct ConnSlot {
 }
 
 impl ConnSlot {
+    fn new(limits: Arc<Limits>, uid: u32, served: Option<(u64, Arc<Activity>)>) -> Self {
+        crate::metrics::get().conn_opened(served.is_none());
+        Self { limits, uid, served }
+    }
+
     pub(crate) fn activity(&self) -> Option<&Arc<Activity>> {
         self.served.as_ref().map(|(_, a)| a)
     }
@@ -137,6 +144,7 @@ impl ConnSlot {
 
 impl Drop for ConnSlot {
     fn drop(&mut self) {
+        crate::metrics::get().conn_closed(self.served.is_none());
         let mut conns = self.limits.conns();
         conns.total = conns.total.saturating_sub(1);
         let Some(u) = conns.uids.get_mut(&self.uid) else { return };
@@ -209,7 +217,7 @@ impl Limits {
                 None if u.refusing < REFUSING_PER_UID => {
                     u.refusing += 1;
                     conns.total += 1;
-                    return Admit::Refused(ConnSlot { limits: Arc::clone(self), uid, served: None });
+                    return Admit::Refused(ConnSlot::new(Arc::clone(self), uid, None));
                 }
                 None => return Admit::Closed,
             }
@@ -218,7 +226,7 @@ impl Limits {
         a.touch();
         u.served.insert(id, Arc::clone(&a));
         conns.total += 1;
-        Admit::Served(ConnSlot { limits: Arc::clone(self), uid, served: Some((id, a)) })
+        Admit::Served(ConnSlot::new(Arc::clone(self), uid, Some((id, a))))
     }
 
     /// Takes one read from `key`'s bucket; `Err(retry_after)` when it is empty.

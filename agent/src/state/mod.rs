@@ -7,6 +7,7 @@
 pub(crate) mod limits;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use kvbroker_proto::mask::MaskValues;
@@ -20,6 +21,16 @@ use crate::policy::Policy;
 use crate::supervise::Tasks;
 
 pub(crate) use limits::Limits;
+
+/// What `/v1/health?ready` answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Readiness {
+    Ready,
+    /// Not yet able to serve (startup, prefetch pending).
+    Starting(String),
+    /// Running, but nothing can be served (the audit log cannot be written).
+    Degraded(String),
+}
 
 /// In `kvbroker launch`: the launched command's (pid, start time), once it runs. Only it
 /// and its verified descendants are served.
@@ -43,6 +54,8 @@ pub(crate) struct State {
     stopping: tokio::sync::watch::Sender<bool>,
     /// `[kubernetes]`: the node's pods, for `k8s_*` selectors (and reloads accept them).
     pub(crate) kube: Option<Pods>,
+    /// Able to serve (`/v1/health?ready`): set once serving (run), after prefetch (launch).
+    ready: AtomicBool,
 }
 
 impl State {
@@ -65,6 +78,7 @@ impl State {
             tasks: Arc::new(Tasks::default()),
             stopping: tokio::sync::watch::Sender::new(false),
             kube: None,
+            ready: AtomicBool::new(false),
         }
     }
 
@@ -85,6 +99,40 @@ impl State {
         let _ = rx.wait_for(|s| *s).await;
     }
 
+    /// From now on `/v1/health?ready` answers ready (unless the audit log cannot be written).
+    pub(crate) fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    /// What `/v1/health?ready` says: `Err(why)` while the agent cannot serve yet (or at all).
+    pub(crate) fn readiness(&self) -> Readiness {
+        if !self.ready.load(Ordering::Acquire) {
+            let why = if self.launch_root.is_some() {
+                "starting: the launched job's secrets are being prefetched"
+            } else {
+                "starting: not serving yet"
+            };
+            return Readiness::Starting(why.to_owned());
+        }
+        if !self.auditor.healthy() {
+            return Readiness::Degraded(self.audit_reason());
+        }
+        Readiness::Ready
+    }
+
+    fn audit_reason(&self) -> String {
+        format!(
+            "audit log {} is not writable: reads are refused until it is (check its disk and permissions)",
+            self.auditor.path().display()
+        )
+    }
+
+    /// The gauges `/metrics` reads from the agent's state.
+    pub(crate) fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let (cache_entries, stale_entries) = self.cache.counts();
+        crate::metrics::Snapshot { cache_entries, stale_entries }
+    }
+
     /// The policy in force now (a reload swaps it; requests in flight keep the one they took).
     pub(crate) fn policy(&self) -> Arc<Policy> {
         Arc::clone(&self.policy.read().unwrap_or_else(PoisonError::into_inner))
@@ -98,12 +146,23 @@ impl State {
     pub(crate) fn health_reasons(&self) -> Vec<String> {
         let mut r = Vec::new();
         if !self.auditor.healthy() {
-            r.push(format!("audit log {} is not writable", self.auditor.path().display()));
+            r.push(self.audit_reason());
         }
         r.extend(self.tasks.health_reasons());
         let stale = self.cache.stale_count();
         if stale > 0 {
             r.push(format!("{stale} cached secret(s) served stale: refresh from the vault is overdue"));
+        }
+        let max_stale = self.cache.max_stale();
+        for f in crate::metrics::get().vaults_failing_for(max_stale) {
+            r.push(format!(
+                "vault {} has had no successful fetch for {}s (max_stale is {}s; last attempt {}s ago): \
+                 check its reachability and the identity's access",
+                f.vault,
+                f.failing_for.as_secs(),
+                max_stale.as_secs(),
+                f.last_attempt.as_secs()
+            ));
         }
         r
     }

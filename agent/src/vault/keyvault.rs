@@ -28,6 +28,7 @@ use zeroize::{Zeroize, Zeroizing};
 use super::kv_error::{self, KvError};
 use super::{Backend, BoxFuture, Budget, Fetched, VaultError};
 use crate::identity::{Identity, IdentityFailure};
+use crate::metrics::VaultStatus;
 use crate::rate::TokenBucket;
 use crate::transport::HyperTransport;
 
@@ -167,15 +168,22 @@ impl KeyVaultBackend {
                 secret_version: version.map(|v| v.as_str().to_owned()),
                 ..Default::default()
             };
+            let asked = Instant::now();
             let err = match self.client.get_secret(name.as_str(), Some(options)).await {
                 Ok(resp) => {
                     self.pace.answered();
                     let body: bytes::Bytes = resp.into_body().into();
-                    return self.parse(body, name, request_id);
+                    let parsed = self.parse(body, name, request_id);
+                    let status = if parsed.is_ok() { VaultStatus::Ok } else { VaultStatus::Unavailable };
+                    crate::metrics::get().vault_call(self.alias.as_str(), status, asked.elapsed());
+                    return parsed;
                 }
                 Err(e) => e,
             };
             let (failure, retry_after) = self.classify(&err, name, request_id);
+            // Every request sent is a call, retries included: a background refresh may retry
+            // for 90 s, and its failures must show while it does.
+            crate::metrics::get().vault_call(self.alias.as_str(), VaultStatus::of(&failure), asked.elapsed());
             let Some(mut delay) = retry_after else { return Err(failure) };
             if let VaultError::Unavailable { reason, upstream, .. } = &failure {
                 *last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
@@ -339,6 +347,10 @@ impl KeyVaultBackend {
 }
 
 impl Backend for KeyVaultBackend {
+    fn counts_own_calls(&self) -> bool {
+        true
+    }
+
     fn get<'a>(
         &'a self,
         name: &'a SecretName,

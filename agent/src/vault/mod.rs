@@ -164,6 +164,23 @@ pub(crate) trait Backend: Send + Sync {
         version: Option<&'a VersionId>,
         budget: Budget,
     ) -> BoxFuture<'a, Result<Fetched, VaultError>>;
+
+    /// Whether the backend counts each request it sends in the metrics itself (Key Vault:
+    /// retries are calls too), so the cache does not count its fetches again.
+    fn counts_own_calls(&self) -> bool {
+        false
+    }
+}
+
+impl crate::metrics::VaultStatus {
+    /// How a fetch that failed with `e` ended, for the metrics.
+    pub(crate) fn of(e: &VaultError) -> Self {
+        match e {
+            VaultError::NotFound { .. } => Self::NotFound,
+            VaultError::Disabled { .. } => Self::Disabled,
+            VaultError::Unavailable { .. } => Self::Unavailable,
+        }
+    }
 }
 
 /// The configured vaults, by alias.

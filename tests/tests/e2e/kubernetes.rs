@@ -120,7 +120,7 @@ fn agent(kubelet: &Kubelet, ttl: &str, value: &str) -> Agent {
     for r in RULES {
         b = b.rule(r);
     }
-    b.config_extra(&kubelet.config_section(ttl)).start()
+    b.section(&kubelet.config_section(ttl)).start()
 }
 
 /// Issue 18: pods of the allowed namespace and service account (with the label) are served,

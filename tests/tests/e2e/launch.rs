@@ -9,7 +9,7 @@ use kvbroker_tests::{Agent, EmulatorProc, Proc, TempDir, bin, canary, kvb, run};
 use serde_json::json;
 
 pub(crate) struct Job {
-    emu: EmulatorProc,
+    pub(crate) emu: EmulatorProc,
     dir: TempDir,
     config: PathBuf,
     _agent_dir: TempDir,

@@ -18,6 +18,7 @@ mod kubernetes;
 mod launch;
 mod lifecycle;
 mod mask;
+mod metrics;
 mod policy;
 mod proxy;
 mod read;
