@@ -292,6 +292,7 @@ fn repo() -> PathBuf {
 /// `hidepid=invisible` (ProtectProc=invisible); another uid reads a secret through an `exe`
 /// rule (its /proc/PID/exe read with CAP_SYS_PTRACE alone), and every system call the agent
 /// made from start to stop — traced with strace — is one the unit's SystemCallFilter= allows.
+/// The same trace shows READY=1 sent only after the agent wrote its first health answer.
 /// Without CAP_SYS_PTRACE the same read is denied: the capability is needed, not decoration.
 #[test]
 fn agent_serves_inside_the_units_sandbox() {
@@ -419,7 +420,20 @@ fn agent_serves_inside_the_units_sandbox() {
     assert!(status.success(), "{status}: {}", std::fs::read_to_string(d.join("agent.err")).unwrap());
     assert!(got.text().contains("STOPPING=1"));
 
-    let used = syscalls_after_exec(&std::fs::read_to_string(&trace).unwrap(), &kvbroker);
+    let trace_text = std::fs::read_to_string(&trace).unwrap();
+    // READY=1 went out only after the agent had answered a health request on its socket.
+    let ready_at = trace_text.lines().position(|l| l.contains("READY=1")).expect("READY=1 in the trace");
+    let answered_at = trace_text.lines().position(|l| l.contains("\"HTTP/1.1 200 OK")).unwrap_or_else(|| {
+        panic!(
+            "no HTTP answer in the trace:\n{}",
+            trace_text.lines().filter(|l| l.contains("HTTP")).collect::<Vec<_>>().join("\n")
+        )
+    });
+    assert!(
+        answered_at < ready_at,
+        "READY=1 (trace line {ready_at}) before the first answer (line {answered_at})"
+    );
+    let used = syscalls_after_exec(&trace_text, &kvbroker);
     assert!(
         used.contains("mlock") && used.contains("pidfd_send_signal") && used.contains("recvmsg"),
         "the trace covers a read: {used:?}"
