@@ -150,6 +150,65 @@ fn notify_ready_watchdog_status_and_stopping() {
     agent.assert_no_canary(&[&value], &[&got.text()]);
 }
 
+/// A degraded agent (audit disk full: reads fail closed) still serves, so it still pings the
+/// watchdog — a restart would not free the disk and would drop the cache — and says why in
+/// STATUS=; once space is back, STATUS=serving again.
+#[test]
+fn degraded_agent_still_pings_and_says_why() {
+    let value = canary("degraded");
+    let dir = TempDir::new("degraded-rx");
+    let got = Received::listen(&dir.path().join("notify.sock"));
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let (code, _, err) =
+        run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&mnt));
+    assert_eq!(code, 0, "mount tmpfs (tests run as root): {err}");
+    let _unmount = Unmount(mnt.clone());
+    let agent = Agent::builder("degraded")
+        .secret("s", &value)
+        .allow_uid(0)
+        .audit_path(mnt.join("audit.jsonl"))
+        .env("NOTIFY_SOCKET", dir.path().join("notify.sock").to_str().unwrap())
+        .env("WATCHDOG_USEC", "600000")
+        .start();
+    got.wait_for(Duration::from_secs(10), |l| l == "READY=1").expect("READY=1");
+
+    // Fill the disk; reads then fail closed (503) and health turns degraded.
+    let filler = mnt.join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[b'x'; 4096]).is_ok() {}
+        while f.write_all(b"x").is_ok() {}
+    }
+    let failed = (0..40).any(|_| raw_get(&agent.socket, "/v1/secrets/s", &[]).unwrap().0 == 503);
+    assert!(failed, "audit writes never failed on a full disk");
+    let degraded = got
+        .wait_for(Duration::from_secs(5), |l| {
+            l.starts_with("STATUS=serving, degraded: ") && l.contains("audit log")
+        })
+        .unwrap_or_else(|| panic!("no degraded STATUS:\n{}", got.text()));
+    std::thread::sleep(Duration::from_millis(1500));
+    let pings = got.pings_between(degraded, Instant::now()).len();
+    assert!(pings >= 3, "{pings} pings in 1.5 s while degraded (one every 300 ms expected)");
+
+    std::fs::remove_file(&filler).unwrap();
+    let (code, out, _) = run(kvb(&agent.socket, None).args(["get", "s"]));
+    assert_eq!((code, out.as_str()), (0, value.as_str()));
+    got.wait_for(Duration::from_secs(5), |l| l == "STATUS=serving")
+        .filter(|t| *t > degraded)
+        .unwrap_or_else(|| panic!("no STATUS=serving after recovery:\n{}", got.text()));
+    agent.assert_no_canary(&[&value], &[&got.text()]);
+}
+
+/// Unmounts (lazily) when dropped.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// An agent not started by systemd never connects to itself: nothing in the log about it.
 #[test]
 fn no_notify_socket_no_notifications() {
