@@ -89,6 +89,7 @@ pub(crate) struct Notifier {
     sock: UnixDatagram,
     addr: SocketAddr,
     watchdog: Option<Duration>,
+    warned: std::sync::atomic::AtomicBool,
 }
 
 impl Notifier {
@@ -130,13 +131,18 @@ impl Notifier {
         };
         let sock = UnixDatagram::unbound()?;
         sock.set_nonblocking(true)?;
-        Ok(Notifier { sock, addr, watchdog: setup.watchdog })
+        Ok(Notifier { sock, addr, watchdog: setup.watchdog, warned: Default::default() })
     }
 
-    /// Sends one message (`KEY=VALUE` lines).
+    /// Sends one message (`KEY=VALUE` lines). A failure is logged as a warning once, then
+    /// at debug level: a watchdog ping that cannot be sent would otherwise log every period.
     pub(crate) fn send(&self, message: &str) {
         if let Err(e) = self.sock.send_to_addr(message.as_bytes(), &self.addr) {
-            tracing::warn!(error = %e, "cannot notify systemd");
+            if self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::debug!(error = %e, "cannot notify systemd");
+            } else {
+                tracing::warn!(error = %e, "cannot notify systemd (further failures are logged at debug level)");
+            }
         }
     }
 

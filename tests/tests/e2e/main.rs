@@ -13,6 +13,7 @@ mod doctor;
 mod emulator;
 mod emulator_cli;
 mod first_hour;
+mod k8s;
 mod keyvault;
 mod kubernetes;
 mod launch;
