@@ -348,7 +348,7 @@ fn repo() -> PathBuf {
 /// The unit's sandbox, rebuilt without systemd, still serves: the agent runs as a system user
 /// of its own with exactly the unit's capabilities (CapabilityBoundingSet=, ambient),
 /// no_new_privs, the unit's LimitNOFILE and LimitMEMLOCK and a `/proc` mounted
-/// `hidepid=invisible` (ProtectProc=invisible); another uid reads a secret through an `exe`
+/// `hidepid=invisible,subset=pid` (ProtectProc=invisible, ProcSubset=pid); another uid reads a secret through an `exe`
 /// rule (its /proc/PID/exe read with CAP_SYS_PTRACE alone), and every system call the agent
 /// made from start to stop — traced with strace — is one the unit's SystemCallFilter= allows.
 /// The same trace shows READY=1 sent only after the agent wrote its first health answer.
@@ -421,7 +421,7 @@ fn agent_serves_inside_the_units_sandbox() {
         let notify = d.join(format!("notify-{}.sock", fastrand::u32(..)));
         let got = Received::listen(&notify);
         let inner = format!(
-            "mount -t proc -o hidepid=invisible proc /proc && exec prlimit --nofile={nofile}:{nofile} \
+            "mount -t proc -o hidepid=invisible,subset=pid proc /proc && exec prlimit --nofile={nofile}:{nofile} \
              --memlock={memlock}:{memlock} -- setpriv --reuid={u} --regid={g} --init-groups \
              --inh-caps=-all{caps} --ambient-caps=-all{caps} --bounding-set=-all{caps} --no-new-privs \
              {kvbroker} run --config {config}",
