@@ -348,8 +348,9 @@ fn repo() -> PathBuf {
 /// The unit's sandbox, rebuilt without systemd, still serves: the agent runs as a system user
 /// of its own with exactly the unit's capabilities (CapabilityBoundingSet=, ambient),
 /// no_new_privs, the unit's LimitNOFILE and LimitMEMLOCK and a `/proc` mounted
-/// `hidepid=invisible,subset=pid` (ProtectProc=invisible, ProcSubset=pid); another uid reads a secret through an `exe`
-/// rule (its /proc/PID/exe read with CAP_SYS_PTRACE alone), and every system call the agent
+/// `hidepid=invisible,subset=pid` (ProtectProc=invisible, ProcSubset=pid); another uid reads
+/// a secret through an `exe` rule (its /proc/PID/exe read with CAP_SYS_PTRACE alone), and
+/// every system call the agent
 /// made from start to stop — traced with strace — is one the unit's SystemCallFilter= allows.
 /// The same trace shows READY=1 sent only after the agent wrote its first health answer.
 /// Without CAP_SYS_PTRACE the same read is denied: the capability is needed, not decoration.
