@@ -346,7 +346,8 @@ fn repo() -> PathBuf {
 }
 
 /// The unit's sandbox, rebuilt without systemd, still serves: the agent runs as a system user
-/// of its own with exactly the unit's capabilities (CapabilityBoundingSet=, ambient),
+/// of its own with exactly the unit's capabilities (CapabilityBoundingSet=, ambient), a
+/// read-only filesystem but its runtime and logs directories (ProtectSystem=strict),
 /// no_new_privs, the unit's LimitNOFILE and LimitMEMLOCK and a `/proc` mounted
 /// `hidepid=invisible,subset=pid` (ProtectProc=invisible, ProcSubset=pid); another uid reads
 /// a secret through an `exe` rule (its /proc/PID/exe read with CAP_SYS_PTRACE alone), and
@@ -421,11 +422,15 @@ fn agent_serves_inside_the_units_sandbox() {
     let start = |caps: &str, trace: Option<&Path>| -> (kvbroker_tests::Proc, Received) {
         let notify = d.join(format!("notify-{}.sock", fastrand::u32(..)));
         let got = Received::listen(&notify);
+        // ProtectSystem=strict: everything read-only but the runtime and logs directories.
         let inner = format!(
-            "mount -t proc -o hidepid=invisible,subset=pid proc /proc && exec prlimit --nofile={nofile}:{nofile} \
+            "mount --bind {run} {run} && mount --bind {log} {log} && mount -o remount,bind,ro / && \
+             mount -t proc -o hidepid=invisible,subset=pid proc /proc && exec prlimit --nofile={nofile}:{nofile} \
              --memlock={memlock}:{memlock} -- setpriv --reuid={u} --regid={g} --init-groups \
              --inh-caps=-all{caps} --ambient-caps=-all{caps} --bounding-set=-all{caps} --no-new-privs \
              {kvbroker} run --config {config}",
+            run = d.join("run").display(),
+            log = d.join("log").display(),
             u = user.uid,
             g = user.gid,
             kvbroker = kvbroker.display(),
