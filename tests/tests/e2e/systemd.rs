@@ -352,7 +352,8 @@ fn repo() -> PathBuf {
 /// `hidepid=invisible,subset=pid` (ProtectProc=invisible, ProcSubset=pid); another uid reads
 /// a secret through an `exe` rule (its /proc/PID/exe read with CAP_SYS_PTRACE alone), and
 /// every system call the agent
-/// made from start to stop — traced with strace — is one the unit's SystemCallFilter= allows.
+/// made from start to stop — traced with strace — is one the unit's SystemCallFilter= allows,
+/// every socket of a family its RestrictAddressFamilies= allows.
 /// The same trace shows READY=1 sent only after the agent wrote its first health answer.
 /// Without CAP_SYS_PTRACE the same read is denied: the capability is needed, not decoration.
 #[test]
@@ -498,14 +499,25 @@ fn agent_serves_inside_the_units_sandbox() {
         answered_at < ready_at,
         "READY=1 (trace line {ready_at}) before the first answer (line {answered_at})"
     );
-    let used = syscalls_after_exec(&trace_text, &kvbroker);
+    let calls = syscalls_after_exec(&trace_text, &kvbroker);
+    let used: std::collections::BTreeSet<&str> = calls.iter().map(|(name, _)| *name).collect();
     assert!(
         used.contains("mlock") && used.contains("pidfd_send_signal") && used.contains("recvmsg"),
         "the trace covers a read: {used:?}"
     );
     let allowed = allowed_syscalls(&unit);
-    let refused: Vec<&String> = used.iter().filter(|s| !allowed.contains(*s)).collect();
+    let refused: Vec<&&str> = used.iter().filter(|s| !allowed.contains(**s)).collect();
     assert!(refused.is_empty(), "system calls the unit's SystemCallFilter= refuses: {refused:?}");
+    // Every socket it opened is of a family RestrictAddressFamilies= allows.
+    let families = unit_values(&unit, "RestrictAddressFamilies");
+    for (name, rest) in &calls {
+        if ["socket", "socketpair"].contains(name)
+            && let Some(family) = rest.split(['(', ',']).nth(1)
+        {
+            assert!(families.iter().any(|f| f == family), "{name} with {family}: not in {families:?}");
+        }
+    }
+    assert!(calls.iter().any(|(n, r)| *n == "socket" && r.contains("AF_UNIX")), "the trace has socket calls");
 
     // Without CAP_SYS_PTRACE, the other uid's process cannot be attested: denied.
     let without: String = setpriv_caps
@@ -619,11 +631,11 @@ fn allowed_syscalls(unit: &str) -> std::collections::BTreeSet<String> {
 }
 
 /// System calls in an `strace -f` log made by the process that exec'd `exe` (from that
-/// exec on) and by every thread or child it started.
-fn syscalls_after_exec(trace: &str, exe: &Path) -> std::collections::BTreeSet<String> {
+/// exec on) and by every thread or child it started: (name, the rest of the line).
+fn syscalls_after_exec<'a>(trace: &'a str, exe: &Path) -> Vec<(&'a str, &'a str)> {
     let exec = format!("execve(\"{}\"", exe.display());
     let mut ours = std::collections::HashSet::new();
-    let mut used = std::collections::BTreeSet::new();
+    let mut used = Vec::new();
     for line in trace.lines() {
         let Some((pid, rest)) = line.split_once(' ') else { continue };
         let rest = rest.trim_start();
@@ -648,7 +660,7 @@ fn syscalls_after_exec(trace: &str, exe: &Path) -> std::collections::BTreeSet<St
         {
             ours.insert(child.to_string());
         }
-        used.insert(name.to_owned());
+        used.push((name, rest));
     }
     assert!(!ours.is_empty(), "no {exec} in the trace");
     used
