@@ -36,7 +36,7 @@ impl Tasks {
         let deaths = self.deaths.lock().unwrap_or_else(PoisonError::into_inner);
         deaths
             .iter()
-            .filter(|d| d.at.elapsed() < DEGRADED_FOR)
+            .filter(|d| d.at.elapsed() < degraded_for())
             .map(|d| {
                 format!(
                     "background task {} {} {}s ago; restarted ({} time(s) since start)",
@@ -70,8 +70,15 @@ where
 {
     tokio::spawn(async move {
         let mut backoff = Duration::from_secs(1);
+        let mut inject = injected_panic(task);
         loop {
-            let mut running = AbortOnDrop(tokio::spawn(make()));
+            let mut running = if std::mem::take(&mut inject) {
+                AbortOnDrop(tokio::spawn(
+                    async move { panic!("injected by KVBROKER_TEST_PANIC_TASK={task}") },
+                ))
+            } else {
+                AbortOnDrop(tokio::spawn(make()))
+            };
             let why = match running.await_inner().await {
                 Ok(()) => "exited".to_owned(),
                 Err(e) if e.is_panic() => format!("panicked: {}", panic_message(e.into_panic())),
@@ -83,6 +90,34 @@ where
             backoff = (backoff * 2).min(Duration::from_secs(60));
         }
     })
+}
+
+/// Fault injection for the e2e tests, in debug builds only (a release build never reads
+/// these variables): `KVBROKER_TEST_PANIC_TASK=NAME` makes the first run of task NAME panic,
+/// so the whole path — death, log, health, restart — runs in a real agent.
+#[cfg(debug_assertions)]
+fn injected_panic(task: &str) -> bool {
+    std::env::var("KVBROKER_TEST_PANIC_TASK").is_ok_and(|t| t == task)
+}
+
+#[cfg(not(debug_assertions))]
+fn injected_panic(_task: &str) -> bool {
+    false
+}
+
+/// [`DEGRADED_FOR`]; debug builds take `KVBROKER_TEST_DEGRADED_FOR_MS` (e2e tests, which
+/// cannot wait a minute to see health recover).
+#[cfg(debug_assertions)]
+fn degraded_for() -> Duration {
+    std::env::var("KVBROKER_TEST_DEGRADED_FOR_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(DEGRADED_FOR, Duration::from_millis)
+}
+
+#[cfg(not(debug_assertions))]
+fn degraded_for() -> Duration {
+    DEGRADED_FOR
 }
 
 /// The inner task is aborted when the supervisor is (its handle's future is dropped).

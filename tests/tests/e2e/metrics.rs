@@ -597,3 +597,37 @@ fn metrics_listener_is_bounded_and_times_out_idle_connections() {
     parse(&scrape_tcp(&addr));
     drop(agent);
 }
+
+/// Issue 16: a background task that died was shown only by a unit test. Here a real agent's
+/// refresher panics on its first run (fault injection, debug builds only): health degrades
+/// naming the task, the refresher is restarted and picks up a rotation, the agent serves
+/// throughout, and health recovers once the death is older than the degraded period.
+#[test]
+fn a_dead_background_task_degrades_health_until_it_is_back() {
+    let (v1, v2) = (canary("taskdied1"), canary("taskdied2"));
+    let emu = EmulatorProc::start(&[("s", &v1)]);
+    let agent = Agent::builder("taskdied")
+        .keyvault(&emu, "azure-ml")
+        .allow_uid(0)
+        .cache("refresh_interval = \"1s\"")
+        .env("KVBROKER_TEST_PANIC_TASK", "refresher")
+        .env("KVBROKER_TEST_DEGRADED_FOR_MS", "4000")
+        .start();
+    let value = |agent: &Agent| get_json(agent, "/v1/secrets/s").1["value"].as_str().unwrap_or("").to_owned();
+    assert_eq!(value(&agent), v1);
+    let reasons = || get_json(&agent, "/v1/health").1["reasons"].to_string();
+    wait_for("health to name the dead refresher", Duration::from_secs(10), || {
+        reasons().contains("background task refresher panicked: injected by KVBROKER_TEST_PANIC_TASK")
+    });
+    let (s, h) = get_json(&agent, "/v1/health");
+    assert_eq!((s, h["status"].as_str()), (503, Some("degraded")), "{h}");
+    assert_eq!(value(&agent), v1, "reads are served while a background task is down");
+    // The restarted refresher does its job: a rotation reaches readers.
+    emu.set_secret("s", &v2, serde_json::json!({}));
+    wait_for("the restarted refresher to pick up the rotation", Duration::from_secs(15), || {
+        value(&agent) == v2
+    });
+    wait_for("health to recover", Duration::from_secs(15), || get_json(&agent, "/v1/health").0 == 200);
+    assert!(agent.output().contains("background task died; restarting it"), "the death is logged");
+    agent.assert_no_canary(&[&v1, &v2], &[]);
+}
