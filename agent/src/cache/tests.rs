@@ -37,6 +37,7 @@ impl Backend for Scripted {
                 expires_on: None,
                 fetched_at: SystemTime::now(),
                 upstream_request_id: None,
+                answer: crate::vault::Answer::default(),
             })
         })
     }

@@ -311,27 +311,46 @@ pub(crate) fn secret(s: &Served, raw: bool) -> Result<Response<Body>, Failure> {
         }
         return Ok(r);
     }
-    let body = SecretJson {
-        vault: &s.vault,
-        name: &f.name,
-        version: &f.version,
-        value: &f.value,
-        content_type: f.content_type.as_deref(),
-        not_before: f.not_before.map(rfc3339),
-        expires_on: f.expires_on.map(rfc3339),
-        fetched_at: rfc3339(f.fetched_at),
-        stale: s.stale(),
+    let build = || {
+        let body = SecretJson {
+            vault: &s.vault,
+            name: &f.name,
+            version: &f.version,
+            value: &f.value,
+            content_type: f.content_type.as_deref(),
+            not_before: f.not_before.map(rfc3339),
+            expires_on: f.expires_on.map(rfc3339),
+            fetched_at: rfc3339(f.fetched_at),
+            stale: s.stale(),
+        };
+        // Sized for the worst case (every byte escaped as \uXXXX) so the buffer never grows:
+        // growing would leave an unwiped copy of the value in freed memory.
+        let mut buf = Zeroizing::new(Vec::with_capacity(f.value.len() * 6 + 1024));
+        serde_json::to_writer(&mut *buf, &body).ok()?;
+        Some(Bytes::from_owner(buf))
     };
-    // Sized for the worst case (every byte escaped as \uXXXX) so the buffer never grows:
-    // growing would leave an unwiped copy of the value in freed memory.
-    let mut buf = Zeroizing::new(Vec::with_capacity(f.value.len() * 6 + 1024));
-    serde_json::to_writer(&mut *buf, &body).map_err(|_| {
+    let not_text = || {
         Failure::NotUsable(format!(
             "secret {} is not UTF-8 text: request it with Accept: application/octet-stream",
             f.name
         ))
-    })?;
-    let mut r = Response::new(Full::new(Bytes::from_owner(buf)));
+    };
+    // A fresh hit shares the version's answer, built at its first hit; a stale answer (rare:
+    // Key Vault failing) is built each time, since it says `"stale": true`.
+    let body = if s.stale() {
+        build().ok_or_else(not_text)?
+    } else {
+        f.answer
+            .get_or_build(|| {
+                let b = build()?;
+                if let Err(e) = crate::sys::lock_and_hide(&b) {
+                    tracing::debug!(error = %e, "cannot mlock a cached answer");
+                }
+                Some(b)
+            })
+            .ok_or_else(not_text)?
+    };
+    let mut r = Response::new(Full::new(body));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(r)
 }

@@ -340,6 +340,7 @@ impl KeyVaultBackend {
             expires_on: time(attrs.exp),
             fetched_at: SystemTime::now(),
             upstream_request_id: Some(rid.to_owned()),
+            answer: super::Answer::default(),
         };
         owned.zeroize();
         Ok(fetched)

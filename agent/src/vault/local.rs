@@ -305,6 +305,7 @@ impl Backend for LocalBackend {
                 expires_on: entry.attrs.expires_on,
                 fetched_at: entry.loaded_at,
                 upstream_request_id: None,
+                answer: super::Answer::default(),
             })
         })
     }

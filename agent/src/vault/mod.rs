@@ -61,6 +61,33 @@ pub(crate) struct Fetched {
     pub(crate) fetched_at: SystemTime,
     /// `x-ms-client-request-id` of the Key Vault call that fetched it.
     pub(crate) upstream_request_id: Option<String>,
+    /// The JSON body of a fresh answer for this version, built at its first hit (issue 19).
+    pub(crate) answer: Answer,
+}
+
+/// A version's JSON answer, built once and then shared by every hit: a hit copies no value
+/// and serializes nothing. The bytes live in zeroizing memory (wiped when the version leaves
+/// the cache and the last answer using them is sent) and are locked like the value.
+#[derive(Default)]
+pub(crate) struct Answer(std::sync::OnceLock<bytes::Bytes>);
+
+impl Answer {
+    /// The answer, building it with `build` the first time. `None` if `build` fails (a
+    /// value that is not UTF-8 text); nothing is kept then.
+    pub(crate) fn get_or_build(&self, build: impl FnOnce() -> Option<bytes::Bytes>) -> Option<bytes::Bytes> {
+        if let Some(b) = self.0.get() {
+            return Some(b.clone());
+        }
+        let built = build()?;
+        // Two first hits at once may both build; one is kept, the other is sent and wiped.
+        Some(self.0.get_or_init(|| built).clone())
+    }
+}
+
+impl std::fmt::Debug for Answer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() { "Answer(built)" } else { "Answer(not built)" })
+    }
 }
 
 impl Fetched {
