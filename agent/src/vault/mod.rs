@@ -314,3 +314,27 @@ impl Vaults {
         self.by_alias.get(alias)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Answer;
+
+    /// Issue 19: a hit reuses the answer built at the first hit; a build that fails (a value
+    /// that is not text) keeps nothing, so the next hit tries again.
+    #[test]
+    fn an_answer_is_built_once_and_a_failed_build_keeps_nothing() {
+        let a = Answer::default();
+        assert_eq!(a.get_or_build(|| None), None);
+        assert_eq!(format!("{a:?}"), "Answer(not built)");
+        let mut builds = 0;
+        for _ in 0..3 {
+            let b = a.get_or_build(|| {
+                builds += 1;
+                Some(bytes::Bytes::from_static(b"{\"value\":\"x\"}"))
+            });
+            assert_eq!(b.as_deref(), Some(&b"{\"value\":\"x\"}"[..]));
+        }
+        assert_eq!(builds, 1);
+        assert_eq!(format!("{a:?}"), "Answer(built)", "Debug shows no bytes");
+    }
+}
