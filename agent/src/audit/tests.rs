@@ -137,6 +137,41 @@ async fn records_queued_during_a_write_go_out_in_one_write_by_the_writing_reques
     assert_eq!(verify(&one(&c.path), None).unwrap().records, 11);
 }
 
+/// In `fsync` mode the writing request writes only its own record and hands what queued
+/// meanwhile to the writer thread, which writes (and fsyncs) it and then lets go.
+#[tokio::test]
+async fn in_fsync_mode_the_queue_goes_to_the_writer_thread() {
+    let d = TempDir::new();
+    let mut c = cfg(&d);
+    c.durability = Durability::Fsync;
+    let (a, _) = Auditor::open(&c).unwrap();
+    let a = Arc::new(a);
+    assert!(a.core.take_lead(), "nobody was writing");
+    let tasks: Vec<_> = (1..=5)
+        .map(|i| {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move { a.append(read(i)).await.unwrap() })
+        })
+        .collect();
+    while a.core.queued().0 < 5 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(a.core.lead(read(0), &a.tx).unwrap(), 1);
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (2..=6).collect::<Vec<_>>(), "the writer thread wrote the queued five");
+    let t = std::time::Instant::now();
+    while a.core.queued() != (0, false) {
+        assert!(t.elapsed() < Duration::from_secs(5), "the writer thread kept the turn");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(a.append(read(7)).await.unwrap(), 7, "the next request writes for itself again");
+    assert_eq!(verify(&one(&c.path), None).unwrap().records, 7);
+}
+
 #[tokio::test]
 async fn partial_last_line_is_kept_aside_and_removed() {
     let d = TempDir::new();
