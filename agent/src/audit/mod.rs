@@ -1,11 +1,13 @@
 //! The audit log: one JSON line per event, hash-chained, written before the answer.
 //!
 //! `Auditor::append` writes the record itself when no other write is in progress (the
-//! common case: one `write(2)`, no thread hop). Otherwise it hands the record to the writer
-//! thread (`writer`) and waits — at most `write_timeout` — for it to be in the file (and
-//! fsynced, in `fsync` mode); records queued together are written and fsynced together
-//! (group commit). A hung disk can stall the one request writing at that moment; every other
-//! request gives up after `write_timeout` with 503.
+//! common case: one `write(2)`, no thread hop), and then, in `write` mode, the records other
+//! requests queued meanwhile, each batch in one `write(2)`. A request that finds a write in
+//! progress queues its record and waits — at most `write_timeout` — for it to be in the file
+//! (and fsynced, in `fsync` mode); records queued together are written and fsynced together
+//! (group commit), by the writing request or, after a few batches (after one in `fsync`
+//! mode), by the writer thread (`writer`). A hung disk can stall the one request writing at
+//! that moment; every other request gives up after `write_timeout` with 503.
 //! A record that cannot be written fails its request closed (503 `AuditUnavailable`); a
 //! failed write is rolled back to the last whole line, so the chain stays intact, and the
 //! writer recovers by itself when writing works again (a removed or replaced file is
@@ -60,8 +62,9 @@ pub enum AuditError {
 
 /// The audit log. Cheap to share behind an `Arc`.
 pub(crate) struct Auditor {
-    state: writer::Shared,
-    tx: std::sync::mpsc::Sender<writer::Job>,
+    core: Arc<writer::Core>,
+    /// Hands the queue to the writer thread.
+    tx: std::sync::mpsc::Sender<()>,
     /// The writer thread, to tell whether it still runs (the systemd watchdog asks).
     writer: std::thread::JoinHandle<()>,
     healthy: Arc<AtomicBool>,
@@ -137,10 +140,10 @@ impl Auditor {
         let keyed = key.is_some();
         let state =
             writer::State::new(cfg, file, len, seq, prev, key, Arc::clone(&healthy)).map_err(open_err)?;
-        let state = Arc::new(std::sync::Mutex::new(state));
-        let (tx, writer) = writer::spawn(Arc::clone(&state)).map_err(open_err)?;
+        let core = writer::Core::new(state);
+        let (tx, writer) = writer::spawn(Arc::clone(&core)).map_err(open_err)?;
         Ok((
-            Auditor { state, tx, writer, healthy, path, wait: cfg.write_timeout, _lock: lock, keyed },
+            Auditor { core, tx, writer, healthy, path, wait: cfg.write_timeout, _lock: lock, keyed },
             resumed,
         ))
     }
@@ -148,13 +151,12 @@ impl Auditor {
     /// Writes `record` (filling in `seq`, `ts`, `prev` and `hash`); returns its `seq` once
     /// the record is in the file. Waits at most `write_timeout`.
     pub(crate) async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
-        // Fast path: nobody else is writing, so write it here — one write(2), no thread hop.
-        // Under contention records queue for the writer thread, which writes them together.
-        if let Ok(mut state) = self.state.try_lock() {
-            return state.write(vec![record]);
-        }
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(writer::Job { record, reply }).map_err(|_| AuditError::Stopped)?;
+        // Nobody else is writing: write it here — one write(2), no thread hop. Otherwise the
+        // record queues for whoever is writing, who writes the queue together.
+        let rx = match self.core.write_or_queue(record, &self.tx) {
+            Ok(written) => return written,
+            Err(rx) => rx,
+        };
         match tokio::time::timeout(self.wait, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(AuditError::Stopped),

@@ -101,6 +101,77 @@ async fn concurrent_appends_are_all_chained_in_order() {
     assert_eq!(verify(&one(&c.path), None).unwrap().records, 200);
 }
 
+/// Issue 19: in `write` mode, records queued while a request writes go out together in one
+/// `write(2)`, written by that request before it returns (no hand-off to the writer thread).
+#[tokio::test]
+async fn records_queued_during_a_write_go_out_in_one_write_by_the_writing_request() {
+    let d = TempDir::new();
+    let c = cfg(&d);
+    let (a, _) = Auditor::open(&c).unwrap();
+    let a = Arc::new(a);
+    // Take the writing turn by hand, as a request does on finding nobody writing.
+    assert!(a.core.take_lead(), "nobody was writing");
+    let tasks: Vec<_> = (1..=10)
+        .map(|i| {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move { a.append(read(i)).await.unwrap() })
+        })
+        .collect();
+    while a.core.queued().0 < 10 {
+        tokio::task::yield_now().await;
+    }
+    let before = a.core.with_state(|s| s.commits);
+    assert_eq!(a.core.lead(read(0), &a.tx).unwrap(), 1);
+    assert_eq!(
+        a.core.with_state(|s| s.commits) - before,
+        2,
+        "its own record, then the ten queued in one write"
+    );
+    assert_eq!(a.core.queued(), (0, false), "nothing left for the writer thread; nobody leads");
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (2..=11).collect::<Vec<_>>());
+    assert_eq!(verify(&one(&c.path), None).unwrap().records, 11);
+}
+
+/// In `fsync` mode the writing request writes only its own record and hands what queued
+/// meanwhile to the writer thread, which writes (and fsyncs) it and then lets go.
+#[tokio::test]
+async fn in_fsync_mode_the_queue_goes_to_the_writer_thread() {
+    let d = TempDir::new();
+    let mut c = cfg(&d);
+    c.durability = Durability::Fsync;
+    let (a, _) = Auditor::open(&c).unwrap();
+    let a = Arc::new(a);
+    assert!(a.core.take_lead(), "nobody was writing");
+    let tasks: Vec<_> = (1..=5)
+        .map(|i| {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move { a.append(read(i)).await.unwrap() })
+        })
+        .collect();
+    while a.core.queued().0 < 5 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(a.core.lead(read(0), &a.tx).unwrap(), 1);
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (2..=6).collect::<Vec<_>>(), "the writer thread wrote the queued five");
+    let t = std::time::Instant::now();
+    while a.core.queued() != (0, false) {
+        assert!(t.elapsed() < Duration::from_secs(5), "the writer thread kept the turn");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(a.append(read(7)).await.unwrap(), 7, "the next request writes for itself again");
+    assert_eq!(verify(&one(&c.path), None).unwrap().records, 7);
+}
+
 #[tokio::test]
 async fn partial_last_line_is_kept_aside_and_removed() {
     let d = TempDir::new();
@@ -144,6 +215,8 @@ async fn replaced_file_fails_closed_then_recovers() {
     write_n(&a, 2).await;
     let moved = d.0.join("moved.jsonl");
     std::fs::rename(&c.path, &moved).unwrap();
+    // Detection is bounded by `RECHECK` (the inotify watch is usually far quicker).
+    tokio::time::sleep(writer::RECHECK + Duration::from_millis(20)).await;
     assert!(matches!(a.append(read(2)).await, Err(AuditError::Replaced { .. })));
     assert!(!a.healthy());
     assert_eq!(a.append(read(3)).await.unwrap(), 4, "the reopen notice took seq 3");
@@ -155,6 +228,83 @@ async fn replaced_file_fails_closed_then_recovers() {
         recs[0]
     );
     verify(&[moved, c.path.clone()], None).unwrap();
+}
+
+/// Issue 19: the inotify watch alone notices a replaced file (the periodic comparison is
+/// pushed out of the way), and long before `RECHECK`; no per-record `statx` is involved.
+#[tokio::test]
+async fn inotify_watch_notices_a_replaced_file() {
+    let d = TempDir::new();
+    let c = cfg(&d);
+    let (a, _) = Auditor::open(&c).unwrap();
+    a.core.with_state(|s| s.set_watch(Some(&c.path), Duration::from_secs(3600)));
+    write_n(&a, 2).await;
+    // Our own writes raise nothing (IN_MODIFY is not watched).
+    assert!(!a.core.with_state(|s| s.change_seen()));
+    std::fs::write(d.0.join("other.txt"), b"x").unwrap();
+    let replacement = d.0.join("new.jsonl");
+    std::fs::write(&replacement, b"").unwrap();
+    std::fs::rename(&replacement, &c.path).unwrap();
+    let t = std::time::Instant::now();
+    while !a.core.with_state(|s| s.change_seen()) {
+        assert!(t.elapsed() < Duration::from_secs(5), "the watch never saw the rename");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(matches!(a.append(read(2)).await, Err(AuditError::Replaced { .. })));
+    assert_eq!(a.append(read(3)).await.unwrap(), 4, "the reopen notice took seq 3");
+}
+
+/// Without the watch, the periodic comparison still bounds how long records go to a removed
+/// file: at most `recheck` after the removal.
+#[tokio::test]
+async fn periodic_check_notices_a_removed_file_without_the_watch() {
+    let d = TempDir::new();
+    let c = cfg(&d);
+    let (a, _) = Auditor::open(&c).unwrap();
+    write_n(&a, 1).await;
+    // A live watch that cannot see our file (it watches another directory), so only the
+    // periodic comparison, every 50 ms, can notice.
+    let elsewhere = TempDir::new();
+    a.core.with_state(|s| s.set_watch(Some(&elsewhere.0.join("x")), Duration::from_millis(50)));
+    write_n(&a, 1).await;
+    std::fs::remove_file(&c.path).unwrap();
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(matches!(a.append(read(2)).await, Err(AuditError::Replaced { .. })));
+}
+
+/// Without a live watch (inotify unavailable or lost), every batch is compared: the first
+/// record after the rename already fails closed.
+#[tokio::test]
+async fn without_a_watch_every_batch_is_checked() {
+    let d = TempDir::new();
+    let c = cfg(&d);
+    let (a, _) = Auditor::open(&c).unwrap();
+    a.core.with_state(|s| s.set_watch(None, Duration::from_secs(3600)));
+    write_n(&a, 2).await;
+    std::fs::rename(&c.path, d.0.join("moved.jsonl")).unwrap();
+    assert!(matches!(a.append(read(2)).await, Err(AuditError::Replaced { .. })));
+}
+
+/// The watch is lost when its directory goes; the reopen after the directory is back
+/// watches it again.
+#[tokio::test]
+async fn watch_is_rearmed_after_its_directory_returns() {
+    let d = TempDir::new();
+    let sub = d.0.join("logs");
+    std::fs::create_dir_all(&sub).unwrap();
+    let c = AuditConfig::for_tests(sub.join("audit.jsonl"));
+    let (a, _) = Auditor::open(&c).unwrap();
+    write_n(&a, 1).await;
+    std::fs::rename(&sub, d.0.join("logs.old")).unwrap();
+    std::fs::create_dir_all(&sub).unwrap();
+    let t = std::time::Instant::now();
+    while a.core.with_state(|s| s.watch_live()) {
+        assert!(t.elapsed() < Duration::from_secs(5), "the watch never saw its directory move");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(matches!(a.append(read(1)).await, Err(AuditError::Replaced { .. })));
+    a.append(read(2)).await.unwrap();
+    assert!(a.core.with_state(|s| s.watch_live()), "the reopen watches the directory again");
 }
 
 fn tamper(path: &Path, edit: impl FnOnce(&mut Vec<String>)) {

@@ -1,13 +1,25 @@
-//! The audit writer thread: group commit, rollback of torn writes, size rotation, reopening
-//! a removed or replaced file, and periodic checkpoints.
+//! Writing the audit log: group commit (a leading request, or the writer thread, writes the
+//! records queued meanwhile in one `write(2)`), rollback of torn writes, size rotation,
+//! reopening a removed or replaced file, and periodic checkpoints.
+//!
+//! **Noticing a removed or replaced file without a syscall per record.** A watcher thread
+//! holds an inotify watch on the log's directory and raises a flag when an entry of the log's
+//! name is created, deleted or renamed (or the directory itself is removed or moved, or the
+//! event queue overflows). Before each batch the writer reads the flag (an atomic load) and,
+//! when it is raised, compares the path's device and inode with the open file's. Whatever
+//! inotify cannot see (a parent directory renamed, a mount over the directory) is caught by
+//! the same comparison made at least every [`RECHECK`]; without a watch (inotify unavailable,
+//! or the watch lost) every batch is compared, as before. So no record goes into a removed
+//! or replaced file more than [`RECHECK`] after the change, and in practice none after the
+//! watcher thread has run once (microseconds).
 
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use kvbroker_proto::{AuditRecord, Event, Outcome};
@@ -23,6 +35,98 @@ pub(super) struct Job {
 
 /// Records written in one go, at most.
 const MAX_BATCH: usize = 1024;
+
+/// The longest a record may be written without the audit path being compared with the open
+/// file (device and inode), whatever the inotify watch saw or missed.
+pub(crate) const RECHECK: Duration = Duration::from_millis(100);
+
+/// How many batches a request that found nobody writing writes before it hands the queue to
+/// the writer thread: its own record, then what queued meanwhile (in `write` mode). In
+/// `fsync` mode it writes only its own and the writer thread does the group commits, so no
+/// request (and no runtime worker) waits for more than one fsync of someone else's.
+const LEAD_BATCHES_WRITE: usize = 8;
+const LEAD_BATCHES_FSYNC: usize = 1;
+
+/// The inotify watch of the log's directory, as the writer sees it.
+struct Watch {
+    /// Raised by the watcher thread when an entry of the log's name changed.
+    changed: Arc<AtomicBool>,
+    /// False when no watcher thread runs: then every batch compares the path.
+    live: Arc<AtomicBool>,
+}
+
+impl Watch {
+    /// Starts a watcher thread on `path`'s directory; without inotify, a watch that is not live.
+    fn start(path: &Path) -> Self {
+        let changed = Arc::new(AtomicBool::new(false));
+        let live = Arc::new(AtomicBool::new(false));
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let Some(name) = path.file_name().map(|n| n.as_encoded_bytes().to_vec()) else {
+            return Self { changed, live };
+        };
+        let fd = match crate::sys::watch_dir_entries(&dir) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    error = %e,
+                    "cannot watch the audit directory with inotify: the audit path is checked before every write instead"
+                );
+                return Self { changed, live };
+            }
+        };
+        live.store(true, Ordering::Release);
+        let (weak, live2) = (Arc::downgrade(&changed), Arc::clone(&live));
+        let spawned = std::thread::Builder::new()
+            .name("kvbroker-audit-watch".into())
+            .spawn(move || watch_loop(&fd, &name, &weak, &live2));
+        if spawned.is_err() {
+            live.store(false, Ordering::Release);
+        }
+        Self { changed, live }
+    }
+
+    /// Not watching: every batch compares the path (tests use this to force either path).
+    #[cfg(test)]
+    fn none() -> Self {
+        Self { changed: Arc::new(AtomicBool::new(false)), live: Arc::new(AtomicBool::new(false)) }
+    }
+}
+
+/// The watcher thread: raises `changed` on events about the log's name; on losing the watch
+/// (the directory removed or moved, an error) marks it not live and ends. Ends too, within
+/// a second, once the writer state (the only strong holder of `changed`) is gone.
+fn watch_loop(fd: &std::os::fd::OwnedFd, name: &[u8], changed: &Weak<AtomicBool>, live: &AtomicBool) {
+    use std::os::fd::AsFd;
+    const LOST: u32 = libc::IN_DELETE_SELF | libc::IN_MOVE_SELF | libc::IN_IGNORED | libc::IN_UNMOUNT;
+    loop {
+        let events = crate::sys::read_dir_events(fd.as_fd(), 1000);
+        let Some(flag) = changed.upgrade() else { return };
+        match events {
+            Ok(events) => {
+                for e in events {
+                    if e.mask & LOST != 0 {
+                        live.store(false, Ordering::Release);
+                        flag.store(true, Ordering::Release);
+                        return;
+                    }
+                    if e.mask & libc::IN_Q_OVERFLOW != 0 || e.name == name {
+                        flag.store(true, Ordering::Release);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "audit directory watch failed: the audit path is checked before every write instead");
+                live.store(false, Ordering::Release);
+                flag.store(true, Ordering::Release);
+                return;
+            }
+        }
+    }
+}
 
 pub(super) struct State {
     path: PathBuf,
@@ -41,6 +145,13 @@ pub(super) struct State {
     last_checkpoint: Instant,
     /// Set when the file was replaced: the next batch reopens it first.
     reopen: bool,
+    watch: Watch,
+    /// Writes made (tests count batches with it).
+    #[cfg(test)]
+    pub(super) commits: u64,
+    /// When the path was last compared with the open file.
+    last_check: Instant,
+    recheck: Duration,
 }
 
 impl State {
@@ -69,7 +180,48 @@ impl State {
             healthy,
             last_checkpoint: Instant::now(),
             reopen: false,
+            watch: Watch::start(&cfg.path),
+            #[cfg(test)]
+            commits: 0,
+            last_check: Instant::now(),
+            recheck: RECHECK,
         })
+    }
+
+    /// Tests: an inotify watch for `watched` (our own path, another, or none), and the path
+    /// compared at least every `recheck`.
+    #[cfg(test)]
+    pub(super) fn set_watch(&mut self, watched: Option<&Path>, recheck: Duration) {
+        self.watch = watched.map_or_else(Watch::none, Watch::start);
+        self.recheck = recheck;
+    }
+
+    /// Tests: whether a watcher thread runs.
+    #[cfg(test)]
+    pub(super) fn watch_live(&self) -> bool {
+        self.watch.live.load(Ordering::Acquire)
+    }
+
+    /// Tests: whether the watcher thread has raised its flag.
+    #[cfg(test)]
+    pub(super) fn change_seen(&self) -> bool {
+        self.watch.changed.load(Ordering::Acquire)
+    }
+
+    /// Whether this batch must compare the path with the open file: the watch saw the name
+    /// change, or there is no watch, or the last comparison is `recheck` old.
+    fn check_due(&mut self) -> bool {
+        let now = Instant::now();
+        let changed =
+            self.watch.changed.load(Ordering::Acquire) && self.watch.changed.swap(false, Ordering::AcqRel);
+        if changed
+            || !self.watch.live.load(Ordering::Acquire)
+            || now.duration_since(self.last_check) >= self.recheck
+        {
+            self.last_check = now;
+            return true;
+        }
+        false
     }
 
     fn err(&self, e: &std::io::Error) -> AuditError {
@@ -107,6 +259,10 @@ impl State {
         }
         crate::metrics::get().audit_written(seq - self.seq, buf.len(), started.elapsed());
         self.len += buf.len() as u64;
+        #[cfg(test)]
+        {
+            self.commits += 1;
+        }
         self.seq = seq;
         self.prev = prev;
         Ok(())
@@ -137,6 +293,10 @@ impl State {
                 .into(),
         );
         self.reopen = false;
+        if !self.watch.live.load(Ordering::Acquire) {
+            // The watch was lost (its directory removed or moved): watch the directory again.
+            self.watch = Watch::start(&self.path);
+        }
         self.write_own(vec![rec])
     }
 
@@ -233,7 +393,7 @@ impl State {
         if self.reopen {
             self.reopen()?;
         }
-        if !self.same_file() {
+        if self.check_due() && !self.same_file() {
             self.reopen = true;
             return Err(AuditError::Replaced { path: self.path.clone() });
         }
@@ -246,7 +406,7 @@ impl State {
 
 /// `seq A..B` of a log file's first and last whole records (read from its two ends), or
 /// what could not be read.
-fn seq_range(path: &std::path::Path) -> String {
+fn seq_range(path: &Path) -> String {
     use std::io::{BufRead, Read, Seek, SeekFrom};
     let seq_of = |line: &[u8]| serde_json::from_slice::<AuditRecord>(line).ok().map(|r| r.seq);
     let Ok(mut f) = File::open(path) else { return "seq unknown (unreadable file)".into() };
@@ -262,39 +422,158 @@ fn seq_range(path: &std::path::Path) -> String {
     }
 }
 
-pub(super) type Shared = Arc<std::sync::Mutex<State>>;
+/// Records waiting for the request (or the writer thread) that is writing.
+#[derive(Default)]
+struct Queue {
+    jobs: Vec<Job>,
+    /// Someone is writing and will write `jobs` before it stops.
+    leading: bool,
+}
 
-pub(super) fn spawn(state: Shared) -> std::io::Result<(Sender<Job>, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = std::sync::mpsc::channel::<Job>();
-    let thread = std::thread::Builder::new().name("kvbroker-audit".into()).spawn(move || run(&state, &rx))?;
+/// The writer state and its queue, shared by requests and the writer thread.
+pub(super) struct Core {
+    state: Mutex<State>,
+    queue: Mutex<Queue>,
+    lead_batches: usize,
+}
+
+impl Core {
+    pub(super) fn new(state: State) -> Arc<Self> {
+        let lead_batches =
+            if state.durability == Durability::Fsync { LEAD_BATCHES_FSYNC } else { LEAD_BATCHES_WRITE };
+        Arc::new(Self { state: Mutex::new(state), queue: Mutex::new(Queue::default()), lead_batches })
+    }
+
+    /// Tests: the writer state, locked.
+    #[cfg(test)]
+    pub(super) fn with_state<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        f(&mut self.state())
+    }
+
+    /// Tests: (records queued, whether someone leads).
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> (usize, bool) {
+        let q = self.queue();
+        (q.jobs.len(), q.leading)
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes `record` here and now if nobody is writing (see [`Core::lead`]); otherwise
+    /// queues it for whoever is, and gives the channel its answer comes on.
+    pub(super) fn write_or_queue(
+        &self,
+        record: AuditRecord,
+        kick: &Sender<()>,
+    ) -> Result<Result<u64, AuditError>, tokio::sync::oneshot::Receiver<Result<u64, AuditError>>> {
+        let mut q = self.queue();
+        if q.leading {
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            q.jobs.push(Job { record, reply });
+            return Err(rx);
+        }
+        q.leading = true;
+        drop(q);
+        Ok(self.lead(record, kick))
+    }
+
+    /// Tests: takes the writing turn as a request that found nobody writing does.
+    #[cfg(test)]
+    pub(super) fn take_lead(&self) -> bool {
+        !std::mem::replace(&mut self.queue().leading, true)
+    }
+
+    /// Writes `record` now (one `write(2)`), then, in `write` mode, up to a few batches of
+    /// what other requests queued meanwhile, each in one `write(2)`; whatever is still
+    /// queued then goes to the writer thread (`kick`). Synchronous, so a cancelled request
+    /// cannot leave the queue without a writer.
+    /// Called only by whoever set `leading`.
+    pub(super) fn lead(&self, record: AuditRecord, kick: &Sender<()>) -> Result<u64, AuditError> {
+        let _lead = Leadership { core: self, kick };
+        let mine = self.state().write(vec![record]);
+        for _ in 1..self.lead_batches {
+            let batch = self.take();
+            if batch.is_empty() {
+                break;
+            }
+            self.state().handle(batch);
+        }
+        mine
+    }
+
+    /// The queue's next batch (empty if none), leadership kept.
+    fn take(&self) -> Vec<Job> {
+        let mut q = self.queue();
+        let n = q.jobs.len().min(MAX_BATCH);
+        q.jobs.drain(..n).collect()
+    }
+
+    /// The queue's next batch; when it is empty, leadership ends in the same step.
+    fn take_or_release(&self) -> Vec<Job> {
+        let mut q = self.queue();
+        if q.jobs.is_empty() {
+            q.leading = false;
+            return Vec::new();
+        }
+        let n = q.jobs.len().min(MAX_BATCH);
+        q.jobs.drain(..n).collect()
+    }
+}
+
+/// The leading writer's turn; ending it (also by unwinding) either finds the queue empty
+/// and ends leadership, or hands the queue to the writer thread, which leads on.
+struct Leadership<'a> {
+    core: &'a Core,
+    kick: &'a Sender<()>,
+}
+
+impl Drop for Leadership<'_> {
+    fn drop(&mut self) {
+        let mut q = self.core.queue();
+        if q.jobs.is_empty() {
+            q.leading = false;
+            return;
+        }
+        drop(q);
+        if self.kick.send(()).is_err() {
+            // No writer thread: nobody will write what is queued. Dropping the jobs answers
+            // their requests with `Stopped` (503) instead of leaving them to time out.
+            let mut q = self.core.queue();
+            q.jobs.clear();
+            q.leading = false;
+        }
+    }
+}
+
+pub(super) fn spawn(core: Arc<Core>) -> std::io::Result<(Sender<()>, std::thread::JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::Builder::new().name("kvbroker-audit".into()).spawn(move || run(&core, &rx))?;
     Ok((tx, thread))
 }
 
-fn lock(state: &Shared) -> std::sync::MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn run(state: &Shared, rx: &Receiver<Job>) {
+/// The writer thread: checkpoints on time, and leads when a request hands it the queue.
+fn run(core: &Core, rx: &Receiver<()>) {
     loop {
         let wait = {
-            let s = lock(state);
+            let s = core.state();
             s.checkpoint_every.saturating_sub(s.last_checkpoint.elapsed())
         };
-        let first = match rx.recv_timeout(wait) {
-            Ok(j) => j,
-            Err(RecvTimeoutError::Timeout) => {
-                lock(state).checkpoint();
-                continue;
-            }
+        match rx.recv_timeout(wait) {
+            Ok(()) => loop {
+                let batch = core.take_or_release();
+                if batch.is_empty() {
+                    break;
+                }
+                core.state().handle(batch);
+            },
+            Err(RecvTimeoutError::Timeout) => core.state().checkpoint(),
             Err(RecvTimeoutError::Disconnected) => return,
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(j) => batch.push(j),
-                Err(_) => break,
-            }
         }
-        lock(state).handle(batch);
     }
 }

@@ -1,10 +1,14 @@
-//! `kvbroker-bench [--quick] [--out FILE] [SCENARIO…]`: where kvbroker stands against the
+//! `kvbroker-bench [--quick] [--strace] [--out FILE] [SCENARIO…]`: where kvbroker stands against the
 //! floor. Starts the real agent (and the emulator for cold reads), drives it through the
 //! real client crate, and runs the same load against a bare hyper server on a Unix socket
 //! in this process (no attestation, policy or audit) to report ratios.
 //!
 //! Scenarios: `cached` (with `floor`), `cold`, `scale`, `audit`, `mask` (job-output masker
 //! throughput in process, and added latency per line through `kvb exec`). Default: all.
+//! `oha` (not in the default set): the same cached read and floor, loaded by `oha`, an HTTP
+//! load generator we did not write (installed with `cargo install oha --locked` if missing):
+//! 3 rounds × 1/16/64 kept-alive connections × 5 s, agent and floor interleaved; `--strace`
+//! adds system calls per read (`strace -f -c` on the agent over 20,000 oha reads).
 //! Build with `--release` first: `cargo run --release -p kvbroker-tests --bin kvbroker-bench`.
 #![allow(
     clippy::unwrap_used,
@@ -487,6 +491,193 @@ fn mask(o: &Opts, rows: &mut Vec<Value>) {
     }
 }
 
+/// What one `oha` run measured.
+struct OhaRun {
+    reads_per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// Answers that were not 200 (plus transport errors other than the deadline's aborts).
+    bad: u64,
+    ok: u64,
+}
+
+fn oha_bin() -> PathBuf {
+    let found = std::process::Command::new("oha").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !found {
+        println!("oha not found: cargo install oha --locked (a few minutes)");
+        let st = std::process::Command::new("cargo").args(["install", "oha", "--locked"]).status().unwrap();
+        assert!(st.success(), "cargo install oha failed");
+    }
+    PathBuf::from("oha")
+}
+
+/// `oha` against a Unix socket (the URL's host is not resolved: no network), for `secs`
+/// seconds or `n` requests, with `clients` kept-alive connections.
+fn oha(socket: &Path, clients: usize, secs: Option<u64>, n: Option<u64>) -> OhaRun {
+    let mut cmd = std::process::Command::new(oha_bin());
+    cmd.args(["--no-tui", "--output-format", "json", "-c", &clients.to_string()]);
+    if let Some(s) = secs {
+        cmd.args(["-z", &format!("{s}s")]);
+    }
+    if let Some(n) = n {
+        cmd.args(["-n", &n.to_string()]);
+    }
+    cmd.arg("--unix-socket").arg(socket).arg("http://localhost/v1/secrets/bench-secret");
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "oha failed: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let codes = v["statusCodeDistribution"].as_object().cloned().unwrap_or_default();
+    let ok = codes.get("200").and_then(Value::as_u64).unwrap_or(0);
+    let not_ok: u64 = codes.iter().filter(|(k, _)| *k != "200").filter_map(|(_, n)| n.as_u64()).sum();
+    let errors: u64 = v["errorDistribution"]
+        .as_object()
+        .map(|m| m.iter().filter(|(k, _)| !k.contains("deadline")).filter_map(|(_, n)| n.as_u64()).sum())
+        .unwrap_or(0);
+    let total = v["summary"]["total"].as_f64().unwrap_or(1.0);
+    let lat = |p: &str| v["latencyPercentiles"][p].as_f64().unwrap_or(0.0) * 1e6;
+    OhaRun {
+        reads_per_sec: ok as f64 / total,
+        p50_us: lat("p50"),
+        p99_us: lat("p99"),
+        bad: not_ok + errors,
+        ok,
+    }
+}
+
+/// The agent's answer to a read, exactly as sent: the floor answers with the same bytes.
+fn raw_answer(socket: &Path) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.write_all(b"GET /v1/secrets/bench-secret HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let at = out.windows(4).position(|w| w == b"\r\n\r\n").expect("an HTTP answer") + 4;
+    assert!(out.starts_with(b"HTTP/1.1 200"), "the agent did not answer 200");
+    out[at..].to_vec()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// System calls the agent made per read: `strace -f -c` attached to it while oha makes `n`
+/// reads on `clients` connections.
+fn syscalls_per_read(agent_pid: u32, socket: &Path, clients: usize, n: u64) -> (f64, String) {
+    let out = std::env::temp_dir().join(format!("kvbroker-bench-strace-{}", std::process::id()));
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-c", "-o"])
+        .arg(&out)
+        .args(["-p", &agent_pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("strace (apt-get install strace)");
+    std::thread::sleep(Duration::from_millis(500));
+    let run = oha(socket, clients, None, Some(n));
+    // SIGINT: strace detaches and writes its summary.
+    let _ = std::process::Command::new("kill").args(["-INT", &strace.id().to_string()]).status();
+    strace.wait().unwrap();
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    if let Ok(keep) = std::env::var("KVBROKER_BENCH_STRACE_DIR") {
+        let _ = std::fs::write(Path::new(&keep).join(format!("strace-{clients}.txt")), &text);
+    }
+    // The `total` line: `100.00  SECONDS  USECS/CALL  CALLS  [ERRORS]  total`.
+    let total: u64 = text
+        .lines()
+        .find(|l| l.trim_end().ends_with("total"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    if total == 0 {
+        println!("(no strace total found in: {text})");
+    }
+    (total as f64 / run.ok.max(1) as f64, text)
+}
+
+fn oha_scenario(o: &Opts, strace: bool, rows: &mut Vec<Value>) {
+    let rounds = if o.quick { 1 } else { 3 };
+    let secs = if o.quick { 1 } else { 5 };
+    let clients: &[usize] = &[1, 16, 64];
+    let secrets = vec![("bench-secret".to_owned(), value_of(100))];
+    let agent = bench_agent("bench-oha", &secrets, "write");
+    let fl = floor(raw_answer(&agent.socket));
+    println!(
+        "\n== oha: cached reads, 100 B secret, audit `write`, kept-alive connections; agent and floor interleaved, {rounds} rounds × {secs} s"
+    );
+    println!(
+        "{:>5} {:>4} | {:>10} {:>8} {:>8} | {:>10} {:>8} {:>8} | {:>6} {:>6}",
+        "round", "cli", "agent r/s", "p50µs", "p99µs", "floor r/s", "p50µs", "p99µs", "x r/s", "x p50"
+    );
+    // Per client count: agent reads/s, floor reads/s, agent p50, floor p50, one per round.
+    #[allow(clippy::type_complexity, reason = "a local table, named by the comment above")]
+    let mut by_clients: Vec<(usize, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>)> =
+        clients.iter().map(|&c| (c, Vec::new(), Vec::new(), Vec::new(), Vec::new())).collect();
+    for round in 1..=rounds {
+        for (c, a_rs, f_rs, a_p50, f_p50) in &mut by_clients {
+            let a = oha(&agent.socket, *c, Some(secs), None);
+            let f = oha(&fl.socket, *c, Some(secs), None);
+            println!(
+                "{:>5} {:>4} | {:>10.0} {:>8.1} {:>8.1} | {:>10.0} {:>8.1} {:>8.1} | {:>6.2} {:>6.2}{}",
+                round,
+                c,
+                a.reads_per_sec,
+                a.p50_us,
+                a.p99_us,
+                f.reads_per_sec,
+                f.p50_us,
+                f.p99_us,
+                a.reads_per_sec / f.reads_per_sec,
+                a.p50_us / f.p50_us,
+                if a.bad + f.bad > 0 {
+                    format!("  not 200 / errors: {}/{}", a.bad, f.bad)
+                } else {
+                    String::new()
+                }
+            );
+            rows.push(json!({
+                "scenario": "oha", "round": round, "clients": *c, "seconds": secs,
+                "reads_per_sec": a.reads_per_sec, "p50_us": a.p50_us, "p99_us": a.p99_us, "bad": a.bad,
+                "floor_reads_per_sec": f.reads_per_sec, "floor_p50_us": f.p50_us, "floor_p99_us": f.p99_us, "floor_bad": f.bad
+            }));
+            a_rs.push(a.reads_per_sec);
+            f_rs.push(f.reads_per_sec);
+            a_p50.push(a.p50_us);
+            f_p50.push(f.p50_us);
+        }
+    }
+    println!("medians:");
+    for (c, a_rs, f_rs, a_p50, f_p50) in by_clients {
+        let (a, f, ap, fp) = (median(a_rs), median(f_rs), median(a_p50), median(f_p50));
+        println!(
+            "{:>5} {:>4} | {:>10.0} {:>8.1} {:>8} | {:>10.0} {:>8.1} {:>8} | {:>6.2} {:>6.2}",
+            "med",
+            c,
+            a,
+            ap,
+            "",
+            f,
+            fp,
+            "",
+            a / f,
+            ap / fp
+        );
+    }
+    if strace {
+        let n = if o.quick { 2_000 } else { 20_000 };
+        for c in [1usize, 64] {
+            let (per_read, _) = syscalls_per_read(agent.proc.pid(), &agent.socket, c, n);
+            println!(
+                "agent system calls per read, {c} client(s), {n} reads under strace -f -c: {per_read:.2}"
+            );
+            rows.push(
+                json!({"scenario": "oha-strace", "clients": c, "reads": n, "syscalls_per_read": per_read}),
+            );
+        }
+    }
+}
+
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
@@ -495,12 +686,13 @@ fn main() {
         out = PathBuf::from(args.get(i + 1).expect("--out FILE"));
         args.drain(i..=i + 1);
     }
-    args.retain(|a| a != "--quick");
+    let strace = args.iter().any(|a| a == "--strace");
+    args.retain(|a| a != "--quick" && a != "--strace");
     let all = ["cached", "cold", "scale", "audit", "mask"];
     let chosen: Vec<&str> =
         if args.is_empty() { all.to_vec() } else { args.iter().map(String::as_str).collect() };
     for c in &chosen {
-        assert!(all.contains(c), "unknown scenario {c}: choose from {all:?}");
+        assert!(all.contains(c) || *c == "oha", "unknown scenario {c}: choose from {all:?} or oha");
     }
     raise_fd_limit();
     let o = Opts { quick, run_for: if quick { Duration::from_millis(300) } else { Duration::from_secs(2) } };
@@ -520,6 +712,7 @@ fn main() {
             "scale" => scale(&rt, &o, &mut rows),
             "audit" => audit(&rt, &o, &mut rows),
             "mask" => mask(&o, &mut rows),
+            "oha" => oha_scenario(&o, strace, &mut rows),
             _ => {}
         }
     }
