@@ -21,8 +21,8 @@ pub(crate) fn kill(pid: u32, sig: i32) -> std::io::Result<()> {
 }
 
 /// An anonymous, sealed in-memory file holding `bytes`: it never touches a disk, cannot be
-/// written, grown or shrunk by anyone (seals), and is close-on-exec in kvb, so no process kvb
-/// starts has it unless [`inherit_in_child`] says so.
+/// written, grown or shrunk by anyone (seals), and is close-on-exec, so no process kvb starts
+/// has it: a command opens it by path (`/proc/KVB_PID/fd/N`).
 pub(crate) fn sealed_memfd(label: &str, bytes: &[u8]) -> std::io::Result<OwnedFd> {
     let name =
         CString::new(format!("kvb-{label}")).map_err(|_| std::io::Error::other("NUL in memfd name"))?;
