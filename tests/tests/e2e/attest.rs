@@ -15,7 +15,7 @@ use std::time::Duration;
 use kvbroker_tests::{Agent, Proc, TempDir, bin, canary, kvb, run};
 use serde_json::Value;
 
-use super::policy::cgroup2_root;
+use super::policy::Cgroups;
 
 /// Perl: one request for `$ARGV[1]` on a new connection to `$ARGV[0]`; prints the status line.
 const PERL_ASK: &str = r#"
@@ -458,36 +458,6 @@ print(after.st_size == st.st_size, after.st_mtime_ns == st.st_mtime_ns, after.st
     agent.assert_no_canary(&[&value], &[]);
 }
 
-/// Cgroups made for a test below the cgroup v2 root, removed deepest first when dropped.
-struct Cgroups(Vec<PathBuf>);
-
-impl Cgroups {
-    /// Makes the cgroup `rel` (e.g. `/x.slice/train.service`), owned by `uid`.
-    fn make(&mut self, rel: &str, uid: u32) -> PathBuf {
-        let p = cgroup2_root().join(rel.trim_start_matches('/'));
-        std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
-        self.0.push(p.clone());
-        if uid != 0 {
-            std::os::unix::fs::chown(&p, Some(uid), Some(uid)).unwrap();
-        }
-        p
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for p in self.0.iter().rev() {
-            // A process that just exited may still be leaving it.
-            for _ in 0..100 {
-                if std::fs::remove_dir(p).is_ok() || !p.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-}
-
 /// `kvb get name`, run after moving itself into the cgroup at `dir`: kvb's exit code.
 fn kvb_in_cgroup(dir: &Path, socket: &Path, name: &str) -> i32 {
     let script = r#"echo $$ > "$1/cgroup.procs" && exec "$2" get "$3" >/dev/null"#;
@@ -510,7 +480,7 @@ fn unit_and_container_names_in_a_delegated_subtree_do_not_count() {
     let value = canary("cgnames");
     let tag = format!("kvbtest-{:x}", std::process::id());
     let id = format!("{:016x}", u64::from(std::process::id()) | 0xabc0_0000_0000_0000).repeat(4);
-    let mut cgs = Cgroups(Vec::new());
+    let mut cgs = Cgroups::default();
     let (delegated, genuine) = (format!("/{tag}-delegated.slice"), format!("/{tag}-root.slice"));
     cgs.make(&delegated, 0);
     let d_unit = cgs.make(&format!("{delegated}/train.service"), 65534);
@@ -618,7 +588,7 @@ fn star_does_not_cross_a_slash_and_double_star_does() {
 fn cgroup_move_on_a_kept_alive_connection_is_refused_and_closes_it() {
     let value = canary("cgmove");
     let tag = format!("kvbtest-{:x}-move", std::process::id());
-    let mut cgs = Cgroups(Vec::new());
+    let mut cgs = Cgroups::default();
     let allowed = cgs.make(&format!("/{tag}-a"), 0);
     let other = cgs.make(&format!("/{tag}-b"), 0);
     let agent = Agent::builder("attest-cgmove")

@@ -14,7 +14,7 @@ use kvbroker_tests::kubelet::{Kubelet, KubeletMode, fixture};
 use kvbroker_tests::{Agent, Proc, bin, canary, run};
 use serde_json::Value;
 
-use super::policy::cgroup2_root;
+use super::policy::Cgroups;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -37,58 +37,19 @@ const RULES: &[&str] = &[
     "name = \"root-plain\"\nuids = [0]\nsecrets = [\"default/plain\"]",
 ];
 
-/// Cgroups made for a test below the cgroup v2 root, removed deepest first when dropped
-/// (only those this guard created).
-struct Cgroups(Vec<PathBuf>);
-
-impl Cgroups {
-    /// Makes every missing directory of `rel`, owned by `uid` from `owned_from` (a path
-    /// prefix) down; returns the deepest.
-    fn make(&mut self, rel: &str, uid: u32, owned_from: Option<&str>) -> PathBuf {
-        let mut p = cgroup2_root();
-        let mut so_far = String::new();
-        for seg in rel.split('/').filter(|s| !s.is_empty()) {
-            so_far.push('/');
-            so_far.push_str(seg);
-            p.push(seg);
-            if !p.exists() {
-                std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
-                self.0.push(p.clone());
-                if owned_from.is_some_and(|o| so_far.starts_with(o)) {
-                    std::os::unix::fs::chown(&p, Some(uid), Some(uid)).unwrap();
-                }
-            }
+/// The systemd driver's cgroup for a container of pod `pod` in QoS class `qos`.
+fn pod_cgroup(cgs: &mut Cgroups, qos: &str, pod: (&str, &str)) -> PathBuf {
+    let uid = pod.0.replace('-', "_");
+    let rel = match qos {
+        "guaranteed" => {
+            format!("/kubepods.slice/kubepods-pod{uid}.slice/cri-containerd-{}.scope", ctr(pod))
         }
-        p
-    }
-
-    /// The systemd driver's cgroup for a container of pod `pod` in QoS class `qos`.
-    fn systemd(&mut self, qos: &str, pod: (&str, &str)) -> PathBuf {
-        let uid = pod.0.replace('-', "_");
-        let rel = match qos {
-            "guaranteed" => {
-                format!("/kubepods.slice/kubepods-pod{uid}.slice/cri-containerd-{}.scope", ctr(pod))
-            }
-            q => format!(
-                "/kubepods.slice/kubepods-{q}.slice/kubepods-{q}-pod{uid}.slice/cri-containerd-{}.scope",
-                ctr(pod)
-            ),
-        };
-        self.make(&rel, 0, None)
-    }
-}
-
-impl Drop for Cgroups {
-    fn drop(&mut self) {
-        for p in self.0.iter().rev() {
-            for _ in 0..100 {
-                if std::fs::remove_dir(p).is_ok() || !p.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
+        q => format!(
+            "/kubepods.slice/kubepods-{q}.slice/kubepods-{q}-pod{uid}.slice/cri-containerd-{}.scope",
+            ctr(pod)
+        ),
+    };
+    cgs.make_all(&rel, 0, None)
 }
 
 /// `curl` for `/v1/secrets/NAME`, run after moving itself into the cgroup `dir`:
@@ -135,13 +96,13 @@ fn pods_are_judged_by_namespace_service_account_and_labels() {
     let token = canary("k8s-token");
     let kubelet = Kubelet::start(&fixture("kubelet-pod.json"), &token);
     let agent = agent(&kubelet, "30s", &value);
-    let mut cgs = Cgroups(Vec::new());
-    let trainer = cgs.systemd("burstable", TRAINER);
-    let other_sa = cgs.systemd("besteffort", OTHER_SA);
-    let other_ns = cgs.systemd("guaranteed", OTHER_NS);
-    let other_label = cgs.systemd("burstable", OTHER_LABEL);
-    let unknown = cgs.systemd("burstable", UNKNOWN);
-    let cgroupfs = cgs.make(
+    let mut cgs = Cgroups::default();
+    let trainer = pod_cgroup(&mut cgs, "burstable", TRAINER);
+    let other_sa = pod_cgroup(&mut cgs, "besteffort", OTHER_SA);
+    let other_ns = pod_cgroup(&mut cgs, "guaranteed", OTHER_NS);
+    let other_label = pod_cgroup(&mut cgs, "burstable", OTHER_LABEL);
+    let unknown = pod_cgroup(&mut cgs, "burstable", UNKNOWN);
+    let cgroupfs = cgs.make_all(
         &format!("/kubepods/burstable/pod{}/{}", TRAINER_CGROUPFS.0, ctr(TRAINER_CGROUPFS)),
         0,
         None,
@@ -154,7 +115,7 @@ fn pods_are_judged_by_namespace_service_account_and_labels() {
         TRAINER.0.replace('-', "_"),
         ctr(TRAINER)
     );
-    let look_alike = cgs.make(&look_alike_rel, 65534, Some(&format!("/{tag}-delegated.slice")));
+    let look_alike = cgs.make_all(&look_alike_rel, 65534, Some(&format!("/{tag}-delegated.slice")));
 
     let (status, body, _) = read_in(&trainer, &agent.socket, "db-password");
     assert_eq!(status, 200, "{body}");
@@ -267,8 +228,8 @@ fn a_rotated_token_is_picked_up() {
     let (old, new) = (canary("k8s-token-old"), canary("k8s-token-new"));
     let kubelet = Kubelet::start(&fixture("kubelet-pod.json"), &old);
     let agent = agent(&kubelet, "1s", &value);
-    let mut cgs = Cgroups(Vec::new());
-    let trainer = cgs.systemd("burstable", TRAINER);
+    let mut cgs = Cgroups::default();
+    let trainer = pod_cgroup(&mut cgs, "burstable", TRAINER);
     assert_eq!(read_in(&trainer, &agent.socket, "db-password").0, 200);
 
     kubelet.accept_only(&new);
@@ -312,8 +273,8 @@ fn kubelet_down_fails_closed_within_a_bounded_time_while_other_rules_work() {
     let token = canary("k8s-token");
     let mut kubelet = Kubelet::start(&fixture("kubelet-pod.json"), &token);
     let agent = agent(&kubelet, "1s", &value);
-    let mut cgs = Cgroups(Vec::new());
-    let trainer = cgs.systemd("burstable", TRAINER);
+    let mut cgs = Cgroups::default();
+    let trainer = pod_cgroup(&mut cgs, "burstable", TRAINER);
 
     kubelet.set_mode(KubeletMode::Oversize);
     let (status, body, _) = read_in(&trainer, &agent.socket, "db-password");
@@ -387,9 +348,9 @@ fn concurrent_first_reads_share_one_kubelet_call() {
     let token = canary("k8s-token");
     let kubelet = Kubelet::start(&fixture("kubelet-pod.json"), &token);
     let agent = agent(&kubelet, "30s", &value);
-    let mut cgs = Cgroups(Vec::new());
-    let trainer = cgs.systemd("burstable", TRAINER);
-    let other_ns = cgs.systemd("guaranteed", OTHER_NS);
+    let mut cgs = Cgroups::default();
+    let trainer = pod_cgroup(&mut cgs, "burstable", TRAINER);
+    let other_ns = pod_cgroup(&mut cgs, "guaranteed", OTHER_NS);
     let statuses: Vec<u16> = std::thread::scope(|s| {
         let readers: Vec<_> = [&trainer, &other_ns, &trainer, &other_ns, &trainer, &trainer]
             .into_iter()

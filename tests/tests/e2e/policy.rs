@@ -107,6 +107,57 @@ pub(super) fn cgroup2_root() -> PathBuf {
     PathBuf::from(line.split_whitespace().nth(1).unwrap())
 }
 
+/// Cgroups made for a test below the cgroup v2 root, removed deepest first when dropped.
+#[derive(Default)]
+pub(super) struct Cgroups(Vec<PathBuf>);
+
+impl Cgroups {
+    /// Makes the cgroup `rel` (e.g. `/x.slice/train.service`), owned by `uid`.
+    pub(super) fn make(&mut self, rel: &str, uid: u32) -> PathBuf {
+        let p = cgroup2_root().join(rel.trim_start_matches('/'));
+        std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        self.0.push(p.clone());
+        if uid != 0 {
+            std::os::unix::fs::chown(&p, Some(uid), Some(uid)).unwrap();
+        }
+        p
+    }
+
+    /// Makes every missing directory of `rel`, owned by `uid` from `owned_from` (a path
+    /// prefix) down; returns the deepest.
+    pub(super) fn make_all(&mut self, rel: &str, uid: u32, owned_from: Option<&str>) -> PathBuf {
+        let mut p = cgroup2_root();
+        let mut so_far = String::new();
+        for seg in rel.split('/').filter(|s| !s.is_empty()) {
+            so_far.push('/');
+            so_far.push_str(seg);
+            p.push(seg);
+            if !p.exists() {
+                std::fs::create_dir(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+                self.0.push(p.clone());
+                if owned_from.is_some_and(|o| so_far.starts_with(o)) {
+                    std::os::unix::fs::chown(&p, Some(uid), Some(uid)).unwrap();
+                }
+            }
+        }
+        p
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            // A process that just exited may still be leaving it.
+            for _ in 0..100 {
+                if std::fs::remove_dir(p).is_ok() || !p.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 /// A cgroup created for the test, removed on drop.
 struct TestCgroup(PathBuf);
 
