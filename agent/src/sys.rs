@@ -151,6 +151,18 @@ pub(crate) fn recv_labelled(sock: BorrowedFd<'_>, buf: &mut tokio::io::ReadBuf<'
     Ok(sender)
 }
 
+/// Registers a connected Unix stream with the tokio reactor as an `AsyncFd`, whose read
+/// readiness can be cleared after a successful read (tokio's own stream clears it only on
+/// `EAGAIN` or a short read, and reads with plain `recv`). Must run inside the runtime.
+pub(crate) fn register_stream(
+    stream: std::os::unix::net::UnixStream,
+) -> io::Result<tokio::io::unix::AsyncFd<std::os::unix::net::UnixStream>> {
+    stream.set_nonblocking(true)?;
+    // SAFETY: the `UnixStream` owns its descriptor: it stays open, and `as_raw_fd` returns
+    // the same one, until the `AsyncFd` (its only owner) drops it.
+    Ok(unsafe { tokio::io::unix::AsyncFd::register(stream) }?)
+}
+
 /// Whether the process a pidfd refers to is still running (not exited, not reaped).
 pub(crate) fn pidfd_alive(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: a plain syscall with a valid descriptor, signal 0 (no signal is sent, only
@@ -323,6 +335,39 @@ pub(crate) fn ignore_sigpipe() {
 pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid takes no arguments, cannot fail and touches no memory of ours.
     unsafe { libc::geteuid() }
+}
+
+/// Test support: sends `bytes` with `SCM_CREDENTIALS` naming `pid` (another process's pid
+/// needs `CAP_SYS_ADMIN`: the tests run as root), as a second writer on a connection would.
+#[cfg(test)]
+pub(crate) fn send_as_pid(sock: BorrowedFd<'_>, bytes: &[u8], pid: u32) -> io::Result<()> {
+    #[repr(C, align(8))]
+    struct Control([u8; 64]);
+    let mut control = Control([0; 64]);
+    let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut _, iov_len: bytes.len() };
+    let cred = libc::ucred {
+        pid: libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+        // SAFETY: getuid/getgid cannot fail.
+        uid: unsafe { libc::getuid() },
+        // SAFETY: as above.
+        gid: unsafe { libc::getgid() },
+    };
+    // SAFETY: test code; every pointer is to a live local of the stated size, and the one
+    // control message fits the 64-byte buffer.
+    let sent = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(size_of::<libc::ucred>() as u32) as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_CREDENTIALS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::ucred>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::ucred>(), cred);
+        libc::sendmsg(sock.as_raw_fd(), &raw const msg, 0)
+    };
+    if sent < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 #[cfg(test)]

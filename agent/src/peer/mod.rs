@@ -328,7 +328,7 @@ mod tests {
         assert_eq!(peer.pid, std::process::id());
         assert!(matches!(peer.facts(true), Err(PeerError::Unlabelled)), "nothing written yet");
         b.write_all(b"GET").await.unwrap();
-        let mut stream = sender::LabelledStream::new(a, log);
+        let mut stream = sender::LabelledStream::new(a, log).unwrap();
         let mut got = [0u8; 3];
         stream.read_exact(&mut got).await.unwrap();
         let f = peer.facts(true).unwrap();

@@ -12,13 +12,14 @@
 //! its whole head has been read, so a refused-or-not verdict taken at dispatch covers every
 //! byte of that request.)
 
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 
 use crate::sys;
@@ -124,41 +125,61 @@ impl SenderLog {
 /// The agent socket's connection as hyper sees it: reads go through `recvmsg` and label the
 /// connection's [`SenderLog`]; writes go straight through.
 ///
-/// Unlike tokio's own stream, a read shorter than the buffer does not mean the socket is
-/// drained: `recvmsg` stops at a change of sender, and the other sender's bytes may already
-/// be queued (with edge-triggered readiness, no new event would come for them). So readiness
-/// is cleared only by `EAGAIN` — one more `recvmsg` per request than a plain read loop.
+/// A read shorter than the buffer does not by itself mean the socket is drained: `recvmsg`
+/// stops at a change of sender, and the other sender's bytes may already be queued (with
+/// edge-triggered readiness, no new event would come for them). So readiness is kept after
+/// a short read — the next read finds those bytes or `EAGAIN` — except when the bytes read
+/// end a request head (`\r\n\r\n`; requests carry no body). Then hyper has a whole
+/// request to dispatch, labelled by this read, and the `EAGAIN` read is saved (one system
+/// call per request): bytes of another sender queued right behind it are read, labelled and
+/// refused at the connection's next wake-up — the next write by anyone on it, or its close
+/// — instead of at once. No byte is ever decided as a sender other than the one the kernel
+/// named for it.
 pub(crate) struct LabelledStream {
-    inner: UnixStream,
+    inner: AsyncFd<std::os::unix::net::UnixStream>,
     log: Arc<SenderLog>,
 }
 
 impl LabelledStream {
-    pub(crate) fn new(inner: UnixStream, log: Arc<SenderLog>) -> Self {
-        Self { inner, log }
+    pub(crate) fn new(inner: UnixStream, log: Arc<SenderLog>) -> io::Result<Self> {
+        // tokio's stream cannot clear read readiness after a successful read; an `AsyncFd`
+        // can.
+        Ok(Self { inner: sys::register_stream(inner.into_std()?)?, log })
     }
+}
+
+/// Whether a read that stopped short of the buffer can be taken as the end of what is
+/// queued: it ends a request head.
+fn ends_request_head(read: &[u8]) -> bool {
+    read.ends_with(b"\r\n\r\n")
 }
 
 impl AsyncRead for LabelledStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         loop {
-            ready!(this.inner.poll_read_ready(cx))?;
-            let fd = this.inner.as_fd();
-            match this.inner.try_io(Interest::READABLE, || sys::recv_labelled(fd, buf)) {
-                Ok(label) => {
-                    if label.len > 0 && this.log.record(label) {
+            let mut ready = ready!(this.inner.poll_read_ready(cx))?;
+            let room = buf.remaining();
+            let before = buf.filled().len();
+            match ready.try_io(|fd| sys::recv_labelled(fd.as_fd(), buf)) {
+                Ok(Ok(label)) => {
+                    let n = label.len;
+                    if n > 0 && this.log.record(label) {
                         // The first writer's pidfd is kept; later messages need only their
                         // credentials (compared by pid while that pidfd proves the process
                         // alive), so the kernel need not make a pidfd for each one.
-                        if let Err(e) = sys::stop_passing_pidfds(fd) {
+                        if let Err(e) = sys::stop_passing_pidfds(this.inner.as_fd()) {
                             tracing::debug!(error = %e, "cannot turn off SO_PASSPIDFD on a connection");
                         }
                     }
+                    if n > 0 && n < room && ends_request_head(&buf.filled()[before..]) {
+                        ready.clear_ready();
+                    }
                     return Poll::Ready(Ok(()));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // `EAGAIN`: readiness cleared; wait for the next edge.
+                Err(_would_block) => {}
             }
         }
     }
@@ -166,7 +187,13 @@ impl AsyncRead for LabelledStream {
 
 impl AsyncWrite for LabelledStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        loop {
+            let mut ready = ready!(this.inner.poll_write_ready(cx))?;
+            if let Ok(r) = ready.try_io(|fd| fd.get_ref().write(buf)) {
+                return Poll::Ready(r);
+            }
+        }
     }
 
     fn poll_write_vectored(
@@ -174,19 +201,25 @@ impl AsyncWrite for LabelledStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        loop {
+            let mut ready = ready!(this.inner.poll_write_ready(cx))?;
+            if let Ok(r) = ready.try_io(|fd| fd.get_ref().write_vectored(bufs)) {
+                return Poll::Ready(r);
+            }
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        true
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.inner.get_ref().shutdown(std::net::Shutdown::Write))
     }
 }
 
@@ -209,6 +242,46 @@ mod tests {
         assert!(matches!(log.writer(), Err(NotOneWriter::Mixed { .. })));
         log.record(label(u32::MAX - 1));
         assert!(matches!(log.writer(), Err(NotOneWriter::Mixed { .. })), "stays poisoned");
+    }
+
+    /// Two senders' bytes queued at once: the first read returns only the first sender's
+    /// request. When those bytes end a request head, readiness is cleared (no `EAGAIN` read)
+    /// and the second sender's bytes wait for the next wake-up; otherwise they are read at
+    /// once. Either way they are labelled as the second sender and poison the connection.
+    #[tokio::test]
+    async fn a_second_senders_bytes_are_labelled_as_theirs_now_or_at_the_next_wake_up() {
+        use tokio::io::AsyncReadExt;
+        const HEAD: &[u8] = b"GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\n\r\n";
+        let me = std::process::id();
+        for (first, ends_head) in [(HEAD, true), (&HEAD[..20], false)] {
+            let (a, b) = tokio::net::UnixStream::pair().unwrap();
+            assert!(sys::pass_sender_credentials(a.as_fd()).is_ok());
+            sys::send_as_pid(b.as_fd(), first, me).unwrap();
+            // pid 1 (init) stands in for a second process writing on the same connection.
+            sys::send_as_pid(b.as_fd(), b"XY", 1).unwrap();
+            let log = Arc::new(SenderLog::default());
+            let mut stream = LabelledStream::new(a, Arc::clone(&log)).unwrap();
+            let mut got = vec![0u8; 4096];
+            let n = stream.read(&mut got).await.unwrap();
+            assert_eq!(&got[..n], first, "a read never spans two senders");
+            assert_eq!(log.writer().unwrap().pid, me);
+            let second =
+                tokio::time::timeout(std::time::Duration::from_millis(200), stream.read(&mut got)).await;
+            if ends_head {
+                assert!(second.is_err(), "after a whole head, the next read waits for a wake-up");
+                assert_eq!(log.writer().unwrap().pid, me, "nothing of the second sender read yet");
+                // The next write by anyone wakes the connection: the queued bytes come first.
+                sys::send_as_pid(b.as_fd(), b"Z", me).unwrap();
+                let n = stream.read(&mut got).await.unwrap();
+                assert_eq!(&got[..n], b"XY");
+            } else {
+                assert_eq!(&got[..second.unwrap().unwrap()], b"XY", "a partial head reads on at once");
+            }
+            assert!(
+                matches!(log.writer(), Err(NotOneWriter::Mixed { ref other, .. }) if other.pid == 1),
+                "the second sender's bytes poison the connection"
+            );
+        }
     }
 
     #[test]

@@ -309,7 +309,13 @@ impl Handler for AgentSocket {
         };
         let senders = Arc::new(SenderLog::default());
         match ConnPeer::of(&stream, Arc::clone(&senders)) {
-            Ok(peer) => Some((AgentConn { peer, slot, refused }, LabelledStream::new(stream, senders))),
+            Ok(peer) => match LabelledStream::new(stream, senders) {
+                Ok(io) => Some((AgentConn { peer, slot, refused }, io)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot register an accepted connection: closing it");
+                    None
+                }
+            },
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read peer credentials: closing connection");
                 None
