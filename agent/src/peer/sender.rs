@@ -254,7 +254,7 @@ mod tests {
         const HEAD: &[u8] = b"GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\n\r\n";
         let me = std::process::id();
         for (first, ends_head) in [(HEAD, true), (&HEAD[..20], false)] {
-            let (a, b) = tokio::net::UnixStream::pair().unwrap();
+            let (a, b) = UnixStream::pair().unwrap();
             assert!(sys::pass_sender_credentials(a.as_fd()).is_ok());
             sys::send_as_pid(b.as_fd(), first, me).unwrap();
             // pid 1 (init) stands in for a second process writing on the same connection.
