@@ -75,6 +75,25 @@ pub(crate) struct Auditor {
     keyed: bool,
 }
 
+/// Returns `Pending` once, waking itself: the task goes to the back of its worker's run
+/// queue, behind the tasks already ready there, without a system call (the other worker is
+/// woken only if it is idle — and records are gathered only while other connections have
+/// requests waiting, so at one client this path is not taken).
+struct StepAside(bool);
+
+impl Future for StepAside {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 /// What opening found at the end of an existing log.
 #[derive(Debug, Default)]
 pub(crate) struct Resumed {
@@ -151,11 +170,33 @@ impl Auditor {
     /// Writes `record` (filling in `seq`, `ts`, `prev` and `hash`); returns its `seq` once
     /// the record is in the file. Waits at most `write_timeout`.
     pub(crate) async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
-        // Nobody else is writing: write it here — one write(2), no thread hop. Otherwise the
-        // record queues for whoever is writing, who writes the queue together.
-        let rx = match self.core.write_or_queue(record, &self.tx) {
-            Ok(written) => return written,
-            Err(rx) => rx,
+        self.append_gathering(record, false).await
+    }
+
+    /// [`append`](Self::append); with `others_ready` (other connections have requests
+    /// waiting to be read), this record waits for theirs to share its `write(2)`.
+    pub(crate) async fn append_gathering(
+        &self,
+        record: AuditRecord,
+        others_ready: bool,
+    ) -> Result<u64, AuditError> {
+        let rx = if others_ready {
+            // Queue this record and, holding the writing turn, step aside once so the
+            // requests this worker thread has ready queue theirs behind it; then one
+            // write(2) carries them all.
+            let (rx, turn) = self.core.enqueue(record, &self.tx);
+            if let Some(turn) = turn {
+                StepAside(false).await;
+                turn.write_queued();
+            }
+            rx
+        } else {
+            // Nobody else is writing: write it here — one write(2), no thread hop. Otherwise
+            // the record queues for whoever is writing, who writes the queue together.
+            match self.core.write_or_queue(record, &self.tx) {
+                Ok(written) => return written,
+                Err(rx) => rx,
+            }
         };
         match tokio::time::timeout(self.wait, rx).await {
             Ok(Ok(r)) => r,

@@ -137,6 +137,68 @@ async fn records_queued_during_a_write_go_out_in_one_write_by_the_writing_reques
     assert_eq!(verify(&one(&c.path), None).unwrap().records, 11);
 }
 
+/// Issue 19: while several reads are in progress, the records of requests that are ready
+/// together on one worker thread share one `write(2)`: the first takes the turn and steps
+/// aside once, the others queue behind it. In `fsync` mode they share one fsync too.
+#[tokio::test(flavor = "current_thread")]
+async fn records_of_reads_ready_together_share_one_write() {
+    for durability in [Durability::Write, Durability::Fsync] {
+        let d = TempDir::new();
+        let mut c = cfg(&d);
+        c.durability = durability;
+        let (a, _) = Auditor::open(&c).unwrap();
+        let a = Arc::new(a);
+        let before = a.core.with_state(|s| s.commits);
+        let tasks: Vec<_> = (1..=20)
+            .map(|i| {
+                let a = Arc::clone(&a);
+                // As the server does while other connections have requests waiting.
+                tokio::spawn(async move { a.append_gathering(read(i), true).await.unwrap() })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap());
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "{durability:?}");
+        assert_eq!(a.core.with_state(|s| s.commits) - before, 1, "{durability:?}: twenty records, one write");
+        assert_eq!(a.core.queued(), (0, false), "{durability:?}: nobody leads afterwards");
+        assert_eq!(verify(&one(&c.path), None).unwrap().records, 20);
+    }
+}
+
+/// A request that took the turn and is cancelled while it steps aside still gets its record
+/// (and the queue behind it) written: the writer thread takes over.
+#[tokio::test(flavor = "current_thread")]
+async fn a_gathering_request_cancelled_midway_leaves_its_records_to_the_writer_thread() {
+    let d = TempDir::new();
+    let (a, _) = Auditor::open(&cfg(&d)).unwrap();
+    let mut append = Box::pin(a.append_gathering(read(1), true));
+    assert!(poll_once(append.as_mut()).is_pending(), "it steps aside once");
+    assert_eq!(a.core.queued(), (1, true), "its record queued, the turn held");
+    drop(append);
+    let t = std::time::Instant::now();
+    while a.core.queued() != (0, false) {
+        assert!(t.elapsed() < Duration::from_secs(5), "the writer thread did not take over");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(
+        verify(&one(&c_path(&d)), None).unwrap().records,
+        1,
+        "the cancelled request's record is written"
+    );
+}
+
+fn poll_once<F: Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    f.poll(&mut cx)
+}
+
+fn c_path(d: &TempDir) -> PathBuf {
+    cfg(d).path
+}
+
 /// In `fsync` mode the writing request writes only its own record and hands what queued
 /// meanwhile to the writer thread, which writes (and fsyncs) it and then lets go.
 #[tokio::test]

@@ -507,6 +507,23 @@ impl Core {
         mine
     }
 
+    /// Queues `record` and takes the writing turn if nobody has it, so records of requests
+    /// that arrive together can share one `write(2)`: the caller lets them queue behind its
+    /// own, then writes the queue with [`Turn::write_queued`]. Returns where the record's
+    /// answer comes, and the turn if it was free.
+    pub(super) fn enqueue<'a>(
+        &'a self,
+        record: AuditRecord,
+        kick: &'a Sender<()>,
+    ) -> (tokio::sync::oneshot::Receiver<Result<u64, AuditError>>, Option<Turn<'a>>) {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let mut q = self.queue();
+        q.jobs.push(Job { record, reply });
+        let lead = !std::mem::replace(&mut q.leading, true);
+        drop(q);
+        (rx, lead.then(|| Turn(Leadership { core: self, kick })))
+    }
+
     /// The queue's next batch (empty if none), leadership kept.
     fn take(&self) -> Vec<Job> {
         let mut q = self.queue();
@@ -523,6 +540,26 @@ impl Core {
         }
         let n = q.jobs.len().min(MAX_BATCH);
         q.jobs.drain(..n).collect()
+    }
+}
+
+/// The writing turn of a request that queued its own record first ([`Core::enqueue`]).
+/// Dropped unused (the request was cancelled), it hands the queue to the writer thread, so
+/// every queued record is still written.
+pub(super) struct Turn<'a>(Leadership<'a>);
+
+impl Turn<'_> {
+    /// Writes what is queued — the turn's own record among it — one `write(2)` per batch,
+    /// up to a few batches; the rest goes to the writer thread.
+    pub(super) fn write_queued(self) {
+        let core = self.0.core;
+        for _ in 0..core.lead_batches {
+            let batch = core.take();
+            if batch.is_empty() {
+                break;
+            }
+            core.state().handle(batch);
+        }
     }
 }
 

@@ -15,8 +15,9 @@
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -138,13 +139,72 @@ impl SenderLog {
 pub(crate) struct LabelledStream {
     inner: AsyncFd<std::os::unix::net::UnixStream>,
     log: Arc<SenderLog>,
+    /// Given to the reactor instead of the task's own waker, to count this connection in
+    /// [`WAITING`] from the moment its socket is readable until its task reads it.
+    wake: Arc<ReadWake>,
+    waker: Waker,
+}
+
+/// Connections, agent-wide, whose socket has become readable and whose task has not read
+/// it yet: requests on their way. While there are some, a request's audit record waits for
+/// theirs to share one `write(2)` (`Auditor::append_gathering`).
+static WAITING: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether other connections have requests waiting to be read.
+pub(crate) fn others_ready() -> bool {
+    WAITING.load(Ordering::Relaxed) > 0
+}
+
+/// A connection's read waker: counts it as waiting, then wakes its task.
+#[derive(Default)]
+struct ReadWake {
+    task: Mutex<Option<Waker>>,
+    counted: AtomicBool,
+}
+
+impl ReadWake {
+    fn uncount(&self) {
+        if self.counted.swap(false, Ordering::AcqRel) {
+            WAITING.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+impl ReadWake {
+    fn wake_by_ref_for_test(self: &Arc<Self>) {
+        std::task::Wake::wake_by_ref(self);
+    }
+}
+
+impl std::task::Wake for ReadWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.counted.swap(true, Ordering::AcqRel) {
+            WAITING.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(task) = self.task.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            task.wake_by_ref();
+        }
+    }
 }
 
 impl LabelledStream {
     pub(crate) fn new(inner: UnixStream, log: Arc<SenderLog>) -> io::Result<Self> {
+        let wake = Arc::new(ReadWake::default());
+        let waker = Waker::from(Arc::clone(&wake));
         // tokio's stream cannot clear read readiness after a successful read; an `AsyncFd`
         // can.
-        Ok(Self { inner: sys::register_stream(inner.into_std()?)?, log })
+        Ok(Self { inner: sys::register_stream(inner.into_std()?)?, log, wake, waker })
+    }
+}
+
+impl Drop for LabelledStream {
+    fn drop(&mut self) {
+        self.wake.uncount();
     }
 }
 
@@ -157,8 +217,16 @@ fn ends_request_head(read: &[u8]) -> bool {
 impl AsyncRead for LabelledStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        {
+            let mut task = this.wake.task.lock().unwrap_or_else(PoisonError::into_inner);
+            if !task.as_ref().is_some_and(|t| t.will_wake(cx.waker())) {
+                *task = Some(cx.waker().clone());
+            }
+        }
+        let mut counting = Context::from_waker(&this.waker);
         loop {
-            let mut ready = ready!(this.inner.poll_read_ready(cx))?;
+            let mut ready = ready!(this.inner.poll_read_ready(&mut counting))?;
+            this.wake.uncount();
             let room = buf.remaining();
             let before = buf.filled().len();
             match ready.try_io(|fd| sys::recv_labelled(fd.as_fd(), buf)) {
@@ -282,6 +350,35 @@ mod tests {
                 "the second sender's bytes poison the connection"
             );
         }
+    }
+
+    /// A connection counts as waiting from the moment its socket is readable until its task
+    /// reads it (the audit writer gathers records while some wait), and not after it closes.
+    #[tokio::test]
+    async fn a_readable_connection_counts_as_waiting_until_its_task_reads() {
+        use tokio::io::AsyncReadExt;
+        let (a, b) = UnixStream::pair().unwrap();
+        assert!(sys::pass_sender_credentials(a.as_fd()).is_ok());
+        let mut stream = LabelledStream::new(a, Arc::new(SenderLog::default())).unwrap();
+        let wake = Arc::clone(&stream.wake);
+        let counted = || wake.counted.load(Ordering::Acquire);
+        let mut got = [0u8; 64];
+        let reader = tokio::spawn(async move {
+            let n = stream.read(&mut got).await.unwrap();
+            (stream, n)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!counted(), "nothing to read: not waiting");
+        sys::send_as_pid(b.as_fd(), b"GET / HTTP/1.1\r\n\r\n", std::process::id()).unwrap();
+        let (stream, n) = reader.await.unwrap();
+        assert_eq!(n, 18);
+        assert!(!counted(), "read: no longer waiting");
+        // Readable again, and dropped before its task reads: the count is given back.
+        sys::send_as_pid(b.as_fd(), b"GET / HTTP/1.1\r\n\r\n", std::process::id()).unwrap();
+        stream.wake.wake_by_ref_for_test();
+        assert!(counted());
+        drop(stream);
+        assert!(!counted(), "a dropped connection does not stay counted");
     }
 
     #[test]

@@ -139,7 +139,7 @@ async fn read_secret<B>(
     // An allowed read always has its own record; refusals do while the uid has budget, and
     // are counted into a summary past it (audit::refusals).
     let written = if rec.outcome == Some(Outcome::Allowed) {
-        ctx.auditor.append(rec).await.map(|_| ())
+        ctx.auditor.append_gathering(rec, crate::peer::sender::others_ready()).await.map(|_| ())
     } else {
         ctx.refusals.record(rec).await.map(|_| ())
     };
