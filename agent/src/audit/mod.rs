@@ -6,7 +6,8 @@
 //! progress queues its record and waits — at most `write_timeout` — for it to be in the file
 //! (and fsynced, in `fsync` mode); records queued together are written and fsynced together
 //! (group commit), by the writing request or, after a few batches (after one in `fsync`
-//! mode), by the writer thread (`writer`). A hung disk can stall the one request writing at
+//! mode), by the writer thread (`writer`). Under load, [`Auditor::append_gathering`] makes
+//! requests that arrive together share a `write(2)` even when none is in progress yet. A hung disk can stall the one request writing at
 //! that moment; every other request gives up after `write_timeout` with 503.
 //! A record that cannot be written fails its request closed (503 `AuditUnavailable`); a
 //! failed write is rolled back to the last whole line, so the chain stays intact, and the
