@@ -8,7 +8,8 @@
 //! `oha` (not in the default set): the same cached read and floor, loaded by `oha`, an HTTP
 //! load generator we did not write (installed with `cargo install oha --locked` if missing):
 //! 3 rounds × 1/16/64 kept-alive connections × 5 s, agent and floor interleaved; `--strace`
-//! adds system calls per read (`strace -f -c` on the agent over 20,000 oha reads).
+//! adds system calls per read (`strace -f -c` on the agent over 20,000 oha reads). Then audit
+//! `fsync` against `write` at 64 connections, interleaved, 3 rounds.
 //! Build with `--release` first: `cargo run --release -p kvbroker-tests --bin kvbroker-bench`.
 #![allow(
     clippy::unwrap_used,
@@ -664,6 +665,34 @@ fn oha_scenario(o: &Opts, strace: bool, rows: &mut Vec<Value>) {
             ap / fp
         );
     }
+    // Audit durability under load: `fsync` against `write` at 64 connections, interleaved.
+    let synced = bench_agent("bench-oha-fsync", &secrets, "fsync");
+    let (mut w_rs, mut f_rs) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        let w = oha(&agent.socket, 64, Some(secs), None);
+        let f = oha(&synced.socket, 64, Some(secs), None);
+        println!(
+            "audit fsync vs write, 64 clients, round {round}: write {:.0} r/s, fsync {:.0} r/s ({:.2}×){}",
+            w.reads_per_sec,
+            f.reads_per_sec,
+            f.reads_per_sec / w.reads_per_sec,
+            if w.bad + f.bad > 0 {
+                format!("  not 200 / errors: {}/{}", w.bad, f.bad)
+            } else {
+                String::new()
+            }
+        );
+        rows.push(json!({
+            "scenario": "oha-durability", "round": round, "clients": 64, "seconds": secs,
+            "write_reads_per_sec": w.reads_per_sec, "fsync_reads_per_sec": f.reads_per_sec,
+            "write_p50_us": w.p50_us, "fsync_p50_us": f.p50_us
+        }));
+        w_rs.push(w.reads_per_sec);
+        f_rs.push(f.reads_per_sec);
+    }
+    let (w, f) = (median(w_rs), median(f_rs));
+    println!("audit fsync vs write, 64 clients, medians: write {w:.0} r/s, fsync {f:.0} r/s ({:.2}×)", f / w);
+    drop(synced);
     if strace {
         let n = if o.quick { 2_000 } else { 20_000 };
         for c in [1usize, 64] {
