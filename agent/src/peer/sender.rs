@@ -15,12 +15,14 @@
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::UnixStream;
 
+use super::events;
 use crate::sys;
 
 /// One process that wrote on a connection.
@@ -58,9 +60,14 @@ enum Seen {
     Unlabelled,
 }
 
-/// The senders of one connection's bytes.
+/// The senders of one connection's bytes, and when its last bytes were received.
 #[derive(Debug, Default)]
-pub(crate) struct SenderLog(Mutex<Seen>);
+pub(crate) struct SenderLog {
+    seen: Mutex<Seen>,
+    /// [`events::now`] read after the latest `recvmsg` that returned bytes: every byte of
+    /// a request being decided was received before it (the exec/exit events' lag proof).
+    received_at: AtomicU64,
+}
 
 /// Why a connection's requests cannot be attributed to one process.
 #[derive(Debug, Clone)]
@@ -78,7 +85,7 @@ pub(crate) enum NotOneWriter {
 impl SenderLog {
     /// Records who sent a run of bytes; returns whether this was the connection's first.
     pub(crate) fn record(&self, label: sys::Sender) -> bool {
-        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         let first_label = matches!(*seen, Seen::Nothing);
         let next = match std::mem::take(&mut *seen) {
             Seen::Nothing => match Writer::from_label(label) {
@@ -108,9 +115,14 @@ impl SenderLog {
         first_label
     }
 
+    /// When the connection's latest bytes were received ([`events::now`]; 0: none yet).
+    pub(crate) fn received_at(&self) -> u64 {
+        self.received_at.load(Ordering::Acquire)
+    }
+
     /// The one process that has written on this connection.
     pub(crate) fn writer(&self) -> Result<Arc<Writer>, NotOneWriter> {
-        match &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
+        match &*self.seen.lock().unwrap_or_else(PoisonError::into_inner) {
             Seen::One(w) => Ok(Arc::clone(w)),
             Seen::Mixed { first, other } => {
                 Err(NotOneWriter::Mixed { first: Arc::clone(first), other: Arc::clone(other) })
@@ -147,6 +159,9 @@ impl AsyncRead for LabelledStream {
             let fd = this.inner.as_fd();
             match this.inner.try_io(Interest::READABLE, || sys::recv_labelled(fd, buf)) {
                 Ok(label) => {
+                    // After the recvmsg returned: an event the kernel queued before these
+                    // bytes were sent is older than this stamp.
+                    this.log.received_at.store(events::now(), Ordering::Release);
                     if label.len > 0 && this.log.record(label) {
                         // The first writer's pidfd is kept; later messages need only their
                         // credentials (compared by pid while that pidfd proves the process

@@ -308,7 +308,7 @@ impl Handler for AgentSocket {
             }
         };
         let senders = Arc::new(SenderLog::default());
-        match ConnPeer::of(&stream, Arc::clone(&senders)) {
+        match ConnPeer::of(&stream, Arc::clone(&senders), crate::peer::events::global()) {
             Ok(peer) => Some((AgentConn { peer, slot, refused }, LabelledStream::new(stream, senders))),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read peer credentials: closing connection");
