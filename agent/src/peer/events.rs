@@ -23,8 +23,8 @@
 //!    (the clock never goes back, and the inequality is strict), which was before the queue
 //!    was found empty — so it had been received and counted. When the reader thread has not
 //!    drained past the stamp, the request drains the queue itself (one `recv` that finds it
-//!    empty, shared: requests waiting on the lock are covered by whoever drained after
-//!    their stamp).
+//!    empty; a request that finds another drain under way does not wait for it but is
+//!    re-checked).
 //!
 //! When a watch does not vouch, the caller is re-checked as before (pidfd, exe), and a check
 //! that passes takes a fresh [`Mark`] — read *before* the check, so an event that arrives
@@ -211,9 +211,16 @@ impl Source {
     }
 
     /// Drains the queue, unless someone already has since `stamp`; whether `drained_at`
-    /// is now past `stamp`.
+    /// is now past `stamp`. Never waits for another drainer (the reader thread could be
+    /// descheduled while draining): the request is then re-checked instead.
     fn drain_past(&self, stamp: u64) -> bool {
-        let guard = self.socket.lock().unwrap_or_else(PoisonError::into_inner);
+        let guard = match self.socket.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return self.drained_at.load(Ordering::Acquire) > stamp;
+            }
+        };
         if self.drained_at.load(Ordering::Acquire) > stamp {
             return true;
         }
