@@ -77,12 +77,15 @@ pub(crate) fn start() -> Arc<Source> {
     Arc::clone(source)
 }
 
-/// One proc connector event: its type (`PROC_EVENT_*`), the thread and the process.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One proc connector event: its type (`PROC_EVENT_*`), the thread and the process. An
+/// acknowledgement of a subscription (`what` 0) carries its errno in `pid` and the
+/// request's ack number plus one in `ack`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Event {
     pub(crate) what: u32,
     pub(crate) pid: u32,
     pub(crate) tgid: u32,
+    pub(crate) ack: u32,
 }
 
 /// What one non-blocking receive found.
@@ -148,7 +151,7 @@ impl Source {
 
     /// Whether a live subscription is in place now.
     pub(crate) fn active(&self) -> bool {
-        self.generation.load(Ordering::Acquire) % 2 == 0
+        self.generation.load(Ordering::Acquire).is_multiple_of(2)
     }
 
     /// Registers a watch on `pid`. Call it before reading the facts it is to vouch for.
@@ -163,7 +166,7 @@ impl Source {
         *self.socket.lock().unwrap_or_else(PoisonError::into_inner) = Some(socket);
         let _ = self
             .generation
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| (g % 2 == 1).then_some(g + 1));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| (!g.is_multiple_of(2)).then_some(g + 1));
         crate::metrics::get().exec_events_active(true);
     }
 
@@ -173,7 +176,7 @@ impl Source {
         self.socket.lock().unwrap_or_else(PoisonError::into_inner).take();
         let _ = self
             .generation
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| (g % 2 == 0).then_some(g + 1));
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |g| g.is_multiple_of(2).then_some(g + 1));
         crate::metrics::get().exec_events_active(false);
     }
 
@@ -262,7 +265,7 @@ impl Watch {
     /// received by `stamp` (see the module doc for why this is sound).
     pub(crate) fn vouches(&self, mark: Mark, stamp: u64) -> bool {
         let src = &self.source;
-        let live = |g: u64| g % 2 == 0 && g == mark.generation;
+        let live = |g: u64| g.is_multiple_of(2) && g == mark.generation;
         if !live(src.generation.load(Ordering::Acquire)) {
             return false;
         }
@@ -347,18 +350,23 @@ pub(crate) fn parse(mut datagram: &[u8], each: &mut dyn FnMut(Event)) {
             && u32_at(msg, NLMSG_HDRLEN + 4) == Some(libc::CN_VAL_PROC);
         if kind == NLMSG_DONE
             && for_proc
-            && let (Some(what), Some(pid), Some(tgid)) =
-                (u32_at(msg, EVENT_AT), u32_at(msg, DATA_AT), u32_at(msg, DATA_AT + 4))
+            && let (Some(what), Some(pid), Some(tgid), Some(ack)) = (
+                u32_at(msg, EVENT_AT),
+                u32_at(msg, DATA_AT),
+                u32_at(msg, DATA_AT + 4),
+                u32_at(msg, NLMSG_HDRLEN + 12),
+            )
         {
-            each(Event { what, pid, tgid });
+            each(Event { what, pid, tgid, ack });
         }
         datagram = &datagram[len.next_multiple_of(4).min(datagram.len())..];
     }
 }
 
 /// The subscription request: `PROC_CN_MCAST_LISTEN`, with an event filter (`proc_input`,
-/// Linux 6.6+; older kernels ignore a message of that size) or without.
-pub(crate) fn listen_message(filtered: bool) -> Vec<u8> {
+/// Linux 6.6+; older kernels ignore a message of that size) or without. The kernel
+/// acknowledges it to every listener with `ack + 1`.
+pub(crate) fn listen_message(filtered: bool, ack: u32) -> Vec<u8> {
     let mut data = 1u32.to_ne_bytes().to_vec(); // PROC_CN_MCAST_LISTEN
     if filtered {
         data.extend_from_slice(&WATCHED.to_ne_bytes());
@@ -373,7 +381,7 @@ pub(crate) fn listen_message(filtered: bool) -> Vec<u8> {
     m.extend_from_slice(&libc::CN_IDX_PROC.to_ne_bytes());
     m.extend_from_slice(&libc::CN_VAL_PROC.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes()); // seq
-    m.extend_from_slice(&0u32.to_ne_bytes()); // ack
+    m.extend_from_slice(&ack.to_ne_bytes());
     m.extend_from_slice(&u16::try_from(data.len()).unwrap_or(0).to_ne_bytes());
     m.extend_from_slice(&0u16.to_ne_bytes()); // flags
     m.extend_from_slice(&data);
@@ -402,7 +410,8 @@ fn subscribe() -> Result<Arc<dyn EventSocket>, Unusable> {
     }
     let fd = sys::proc_connector_socket(RCVBUF).map_err(|e| match e.raw_os_error() {
         Some(libc::EPERM | libc::EACCES) => Unusable::ForGood(
-            "listening to the proc connector needs CAP_NET_ADMIN (run the agent as root)".into(),
+            "listening to the proc connector needs CAP_NET_ADMIN before Linux 6.6 (run the agent as root)"
+                .into(),
         ),
         Some(libc::EPROTONOSUPPORT | libc::EAFNOSUPPORT) => {
             Unusable::ForGood(format!("this kernel has no proc connector ({e})"))
@@ -410,23 +419,57 @@ fn subscribe() -> Result<Arc<dyn EventSocket>, Unusable> {
         _ => Unusable::ForNow(format!("cannot open a proc connector socket: {e}")),
     })?;
     let socket = Connector(fd);
-    for filtered in [true, false] {
-        sys::netlink_send_to_kernel(socket.0.as_fd(), &listen_message(filtered))
-            .map_err(|e| Unusable::ForNow(format!("cannot subscribe to the proc connector: {e}")))?;
-        if sees_own_thread_exit(&socket) {
-            return Ok(Arc::new(socket));
+    // Unique enough to tell our acknowledgement from other listeners' (each reaches every
+    // listener).
+    let ack = (now() as u32) | 1;
+    // Unfiltered first: only then does the kernel's acknowledgement reach us (a filtered
+    // listener's filter drops it), and only our own acknowledged subscription keeps events
+    // coming — events delivered because another process listens could stop without notice.
+    sys::netlink_send_to_kernel(socket.0.as_fd(), &listen_message(false, ack))
+        .map_err(|e| Unusable::ForNow(format!("cannot subscribe to the proc connector: {e}")))?;
+    match proven(&socket, ack.wrapping_add(1)) {
+        Proof::Both => {}
+        Proof::Refused(errno) => {
+            return Err(Unusable::ForGood(format!(
+                "the kernel refused the proc connector subscription: {}",
+                io::Error::from_raw_os_error(i32::try_from(errno).unwrap_or(0))
+            )));
+        }
+        Proof::NoAck => {
+            return Err(Unusable::ForGood(
+                "the kernel did not acknowledge the proc connector subscription".into(),
+            ));
+        }
+        Proof::NoExit => {
+            return Err(Unusable::ForGood(
+                "the proc connector did not report the agent's own thread exiting (another \
+                 network namespace?)"
+                    .into(),
+            ));
         }
     }
-    Err(Unusable::ForGood(
-        "the proc connector did not report the agent's own thread exiting (another network \
-         namespace?)"
-            .into(),
-    ))
+    // Then narrow it to the events we count (Linux 6.6+; older kernels ignore this message
+    // and keep sending everything, which is only more work).
+    if let Err(e) = sys::netlink_send_to_kernel(socket.0.as_fd(), &listen_message(true, ack.wrapping_add(2)))
+    {
+        tracing::debug!(error = %e, "cannot narrow the proc connector subscription; receiving every event");
+    }
+    Ok(Arc::new(socket))
 }
 
-/// Starts a thread that exits at once and waits (up to 2 s) for its `EXIT` event with the
-/// pids this process sees: proof that events flow and name processes as the agent does.
-fn sees_own_thread_exit(socket: &Connector) -> bool {
+/// What [`proven`] saw.
+enum Proof {
+    /// Our subscription acknowledged, and our own thread's exit reported.
+    Both,
+    Refused(u32),
+    NoAck,
+    NoExit,
+}
+
+/// Waits (up to 2 s) for the kernel's acknowledgement of *our* subscription and for the
+/// `EXIT` event of a thread started here, with the pids this process sees: proof that
+/// events flow and name processes as the agent does.
+fn proven(socket: &Connector, ack: u32) -> Proof {
     let tid = std::thread::spawn(|| {
         std::fs::read_link("/proc/thread-self")
             .ok()
@@ -435,22 +478,33 @@ fn sees_own_thread_exit(socket: &Connector) -> bool {
     .join()
     .ok()
     .flatten();
-    let Some(tid) = tid else { return false };
+    let Some(tid) = tid else { return Proof::NoExit };
     let me = std::process::id();
     let deadline = Instant::now() + Duration::from_secs(2);
-    let mut seen = false;
-    while !seen && Instant::now() < deadline {
-        match socket.recv(&mut |ev| seen |= ev == Event { what: PROC_EVENT_EXIT, pid: tid, tgid: me }) {
+    let (mut acked, mut refused, mut exited) = (false, None, false);
+    while !(acked && exited) && refused.is_none() && Instant::now() < deadline {
+        let mut each = |ev: Event| match ev.what {
+            0 if ev.ack == ack && ev.pid == 0 => acked = true,
+            0 if ev.ack == ack => refused = Some(ev.pid),
+            PROC_EVENT_EXIT if ev.pid == tid && ev.tgid == me => exited = true,
+            _ => {}
+        };
+        match socket.recv(&mut each) {
             Recv::Empty => {
                 if socket.wait(100).is_err() {
-                    return false;
+                    return Proof::NoExit;
                 }
             }
             Recv::Got | Recv::Overflow => {}
-            Recv::Failed(_) => return false,
+            Recv::Failed(_) => return Proof::NoExit,
         }
     }
-    seen
+    match (refused, acked, exited) {
+        (Some(errno), ..) => Proof::Refused(errno),
+        (None, true, true) => Proof::Both,
+        (None, false, _) => Proof::NoAck,
+        (None, true, false) => Proof::NoExit,
+    }
 }
 
 /// The reader thread: subscribes, drains as events come, re-subscribes after a failure;

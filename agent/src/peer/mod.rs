@@ -52,7 +52,14 @@ struct Bound {
     watch: Option<events::Watch>,
     /// The watch as it was when the facts were last checked.
     mark: Option<events::Mark>,
+    /// When they were last checked ([`events::now`], taken before the check).
+    checked_at: u64,
 }
+
+/// However clean its watch, a kept-alive caller is re-checked at least this often: the
+/// kernel drops an event without telling anyone when it cannot allocate its message (see
+/// docs/security.md), and this bounds how long such a loss could go unnoticed.
+const RECHECK_AT_LEAST_EVERY_NS: u64 = 1_000_000_000;
 
 /// Facts about a caller, read for one request.
 #[derive(Debug, Clone, Default)]
@@ -134,18 +141,20 @@ impl ConnPeer {
             // and the pidfd unless the kernel's events vouch that nothing changed.
             let stamp = self.senders.received_at();
             let vouched = match (&b.watch, b.mark) {
-                (Some(w), Some(m)) => w.vouches(m, stamp),
+                (Some(w), Some(m)) => {
+                    stamp.saturating_sub(b.checked_at) < RECHECK_AT_LEAST_EVERY_NS && w.vouches(m, stamp)
+                }
                 _ => false,
             };
             if !vouched {
                 crate::metrics::get().peer_recheck();
                 // Taken before the check: an event during it still counts against it.
-                let mark = b.watch.as_ref().map(events::Watch::mark);
+                let (mark, at) = (b.watch.as_ref().map(events::Watch::mark), events::now());
                 check_alive(&writer)?;
                 if proc::exe(writer.pid)? != b.facts.exe {
                     return Err(PeerError::ExeChanged);
                 }
-                b.mark = mark;
+                (b.mark, b.checked_at) = (mark, at);
             }
             if recheck_cgroup && proc::cgroup(writer.pid)? != b.facts.cgroup {
                 return Err(PeerError::CgroupChanged);
@@ -154,11 +163,11 @@ impl ConnPeer {
         }
         // Watching before reading: an exec or exit after this is counted against the facts.
         let watch = self.events.as_ref().map(|e| e.watch(writer.pid));
-        let mark = watch.as_ref().map(events::Watch::mark);
+        let (mark, checked_at) = (watch.as_ref().map(events::Watch::mark), events::now());
         let mut facts = read_facts(&writer)?;
         facts.connected_pid = (self.pid != writer.pid).then_some(self.pid);
         let facts = Arc::new(facts);
-        *bound = Some(Bound { facts: Arc::clone(&facts), watch, mark });
+        *bound = Some(Bound { facts: Arc::clone(&facts), watch, mark, checked_at });
         Ok(facts)
     }
 

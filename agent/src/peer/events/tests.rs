@@ -22,7 +22,7 @@ impl Fake {
     }
 
     fn exec(&self, pid: u32) {
-        self.push(Item::Ev(Event { what: PROC_EVENT_EXEC, pid, tgid: pid }));
+        self.push(Item::Ev(Event { what: PROC_EVENT_EXEC, pid, tgid: pid, ack: 0 }));
     }
 
     fn recvs(&self) -> usize {
@@ -109,8 +109,8 @@ fn events_of_other_processes_and_other_kinds_do_not_dirty() {
     let w = source.watch(10);
     let mark = w.mark();
     fake.exec(11);
-    fake.push(Item::Ev(Event { what: 0x1, pid: 10, tgid: 10 })); // fork of the watched pid
-    fake.push(Item::Ev(Event { what: 0x200, pid: 10, tgid: 10 })); // comm
+    fake.push(Item::Ev(Event { what: 0x1, pid: 10, tgid: 10, ack: 0 })); // fork of the watched pid
+    fake.push(Item::Ev(Event { what: 0x200, pid: 10, tgid: 10, ack: 0 })); // comm
     assert!(w.vouches(mark, now()));
 }
 
@@ -120,7 +120,7 @@ fn exit_of_any_thread_and_id_changes_dirty() {
         let (source, fake) = active();
         let w = source.watch(10);
         let mark = w.mark();
-        fake.push(Item::Ev(Event { what, pid: 12, tgid: 10 }));
+        fake.push(Item::Ev(Event { what, pid: 12, tgid: 10, ack: 0 }));
         assert!(!w.vouches(mark, now()), "{what:#x}");
     }
 }
@@ -219,7 +219,10 @@ fn parses_every_message_of_a_datagram_and_skips_junk() {
     parse(&d, &mut |e| got.push(e));
     assert_eq!(
         got,
-        [Event { what: PROC_EVENT_EXEC, pid: 7, tgid: 7 }, Event { what: PROC_EVENT_EXIT, pid: 8, tgid: 7 }]
+        [
+            Event { what: PROC_EVENT_EXEC, pid: 7, tgid: 7, ack: 0 },
+            Event { what: PROC_EVENT_EXIT, pid: 8, tgid: 7, ack: 0 }
+        ]
     );
     let mut other = datagram(PROC_EVENT_EXEC, 7, 7);
     other[16] = 9; // another connector index
@@ -233,13 +236,14 @@ fn parses_every_message_of_a_datagram_and_skips_junk() {
 
 #[test]
 fn listen_message_is_a_connector_message_with_the_filter() {
-    let m = listen_message(true);
+    let m = listen_message(true, 77);
     assert_eq!(u32_at(&m, 0), Some(u32::try_from(m.len()).unwrap()));
     assert_eq!(u32_at(&m, 16), Some(libc::CN_IDX_PROC));
     assert_eq!(&m[32..34], &8u16.to_ne_bytes(), "proc_input: op and event mask");
     assert_eq!(u32_at(&m, EVENT_AT), Some(1), "PROC_CN_MCAST_LISTEN");
     assert_eq!(u32_at(&m, EVENT_AT + 4), Some(WATCHED));
-    assert_eq!(listen_message(false).len(), EVENT_AT + 4);
+    assert_eq!(u32_at(&m, 28), Some(77), "the ack number the kernel answers with, plus one");
+    assert_eq!(listen_message(false, 77).len(), EVENT_AT + 4);
 }
 
 /// With the real proc connector (as root, in the initial namespaces; skipped elsewhere): a
