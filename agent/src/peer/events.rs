@@ -23,8 +23,8 @@
 //!    (the clock never goes back, and the inequality is strict), which was before the queue
 //!    was found empty — so it had been received and counted. When the reader thread has not
 //!    drained past the stamp, the request drains the queue itself (one `recv` that finds it
-//!    empty; a request that finds another drain under way does not wait for it but is
-//!    re-checked).
+//!    empty; a request that finds another drain under way yields briefly for it, never
+//!    blocks on it, and is re-checked if it does not finish).
 //!
 //! When a watch does not vouch, the caller is re-checked as before (pidfd, exe), and a check
 //! that passes takes a fresh [`Mark`] — read *before* the check, so an event that arrives
@@ -139,6 +139,9 @@ pub(crate) struct Watch {
 /// drain keeps up, a request re-checks rather than waits.
 const DRAIN_LIMIT: usize = 4096;
 
+/// How many times a request yields for another drain to finish before it re-checks instead.
+const DRAIN_YIELDS: u32 = 32;
+
 impl Source {
     pub(crate) fn new() -> Self {
         Self {
@@ -214,14 +217,25 @@ impl Source {
     }
 
     /// Drains the queue, unless someone already has since `stamp`; whether `drained_at`
-    /// is now past `stamp`. Never waits for another drainer (the reader thread could be
-    /// descheduled while draining): the request is then re-checked instead.
+    /// is now past `stamp`. Never blocks on another drainer (the reader thread could be
+    /// stopped while draining): it yields a few times for a drain under way (one `recv`,
+    /// about a microsecond) to finish, then gives up and the request is re-checked.
     fn drain_past(&self, stamp: u64) -> bool {
-        let guard = match self.socket.try_lock() {
-            Ok(g) => g,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                return self.drained_at.load(Ordering::Acquire) > stamp;
+        let mut tries = 0;
+        let guard = loop {
+            match self.socket.try_lock() {
+                Ok(g) => break g,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    if self.drained_at.load(Ordering::Acquire) > stamp {
+                        return true;
+                    }
+                    tries += 1;
+                    if tries > DRAIN_YIELDS {
+                        return false;
+                    }
+                    std::thread::yield_now();
+                }
             }
         };
         if self.drained_at.load(Ordering::Acquire) > stamp {
@@ -425,8 +439,15 @@ fn subscribe() -> Result<Arc<dyn EventSocket>, Unusable> {
     // Unfiltered first: only then does the kernel's acknowledgement reach us (a filtered
     // listener's filter drops it), and only our own acknowledged subscription keeps events
     // coming — events delivered because another process listens could stop without notice.
-    sys::netlink_send_to_kernel(socket.0.as_fd(), &listen_message(false, ack))
-        .map_err(|e| Unusable::ForNow(format!("cannot subscribe to the proc connector: {e}")))?;
+    sys::netlink_send_to_kernel(socket.0.as_fd(), &listen_message(false, ack)).map_err(|e| {
+        match e.raw_os_error() {
+            // The connector exists only in the initial network namespace.
+            Some(libc::ECONNREFUSED) => Unusable::ForGood(format!(
+                "cannot subscribe to the proc connector ({e}): the agent is not in the initial network namespace"
+            )),
+            _ => Unusable::ForNow(format!("cannot subscribe to the proc connector: {e}")),
+        }
+    })?;
     match proven(&socket, ack.wrapping_add(1)) {
         Proof::Both => {}
         Proof::Refused(errno) => {
