@@ -96,6 +96,9 @@ where
     for v in &config.vaults {
         crate::metrics::get().register_vault(v.alias.as_str());
     }
+    // The kernel's exec/exit events, so kept-alive callers need not be re-checked through
+    // /proc on every request; the reader thread logs whether they are in use.
+    crate::peer::events::start();
     // Every byte on the agent socket is labelled with its sender (accepted sockets inherit
     // the options): requests are decided as the process that wrote them.
     match crate::sys::pass_sender_credentials(std::os::fd::AsFd::as_fd(&listener)) {

@@ -216,6 +216,9 @@ pub(crate) struct Metrics {
     audit_failures: Counter,
     per_secret: AtomicBool,
     secret_reads: Family<SecretLabels, Counter>,
+    exec_events_active: Gauge,
+    exec_events_lost: Counter,
+    peer_rechecks: Counter,
 }
 
 /// Gauges read from the agent's state at scrape time.
@@ -325,6 +328,25 @@ impl Metrics {
             "Allowed reads per secret (only with [metrics] per_secret = true)",
             secret_reads.clone(),
         );
+        let exec_events_active = Gauge::default();
+        r.register(
+            "exec_events_active",
+            "1 while the kernel's exec/exit events (proc connector) vouch for kept-alive callers, else 0",
+            exec_events_active.clone(),
+        );
+        let exec_events_lost = Counter::default();
+        r.register(
+            "exec_events_lost",
+            "Times the proc connector dropped events (each makes every kept-alive caller be re-checked once)",
+            exec_events_lost.clone(),
+        );
+        let peer_rechecks = Counter::default();
+        r.register(
+            "peer_rechecks",
+            "Requests on a kept-alive connection whose caller was re-checked through /proc and its pidfd \
+             (no exec/exit event watch vouched for it)",
+            peer_rechecks.clone(),
+        );
         Self {
             registry: r,
             epoch: Instant::now(),
@@ -350,6 +372,9 @@ impl Metrics {
             audit_failures,
             per_secret: AtomicBool::new(false),
             secret_reads,
+            exec_events_active,
+            exec_events_lost,
+            peer_rechecks,
         }
     }
 
@@ -484,6 +509,20 @@ impl Metrics {
         self.audit_records.inc_by(records);
         self.audit_bytes.inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
         self.audit_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Whether the kernel's exec/exit events are in use.
+    pub(crate) fn exec_events_active(&self, on: bool) {
+        self.exec_events_active.set(i64::from(on));
+    }
+
+    pub(crate) fn exec_events_lost(&self) {
+        self.exec_events_lost.inc();
+    }
+
+    /// A kept-alive connection's caller re-checked through `/proc` and its pidfd.
+    pub(crate) fn peer_recheck(&self) {
+        self.peer_rechecks.inc();
     }
 
     pub(crate) fn audit_failed(&self) {

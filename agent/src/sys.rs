@@ -7,6 +7,9 @@
 //! - `getgrnam_r`: a group name to its gid (through NSS, so LDAP groups work too).
 //! - `inotify_init1`, `inotify_add_watch`, `poll` and `read` of the inotify descriptor: the
 //!   audit log's directory tells us when the log's name is removed, renamed or replaced.
+//! - `socket(AF_NETLINK, NETLINK_CONNECTOR)`, `bind`, `sendto`, `recvfrom` and `poll`: the
+//!   kernel's proc connector, which reports every `execve` and exit on the host
+//!   (`peer::events`).
 //! - `mlock` + `madvise(MADV_DONTDUMP)`: keep cached secret values out of swap and core
 //!   dumps; `prctl(PR_SET_DUMPABLE, 0)`: no core dumps or ptrace by non-root at all.
 //! - [`ZeroOnFree`]: the agent's global allocator, which wipes every block as it is freed,
@@ -186,6 +189,118 @@ pub(crate) fn pidfd_alive(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
         Some(libc::EPERM) => Ok(true),
         _ => Err(err),
     }
+}
+
+/// A netlink socket on the kernel connector (`NETLINK_CONNECTOR`), bound to the proc
+/// connector's multicast group (`CN_IDX_PROC`; needs `CAP_NET_ADMIN`), non-blocking, with a
+/// receive buffer of `rcvbuf` bytes where the kernel allows it (`SO_RCVBUFFORCE` as root,
+/// else `SO_RCVBUF` up to `rmem_max`): the larger it is, the rarer an overflow.
+pub(crate) fn proc_connector_socket(rcvbuf: usize) -> io::Result<OwnedFd> {
+    // SAFETY: a plain syscall with integer arguments; the descriptor is checked below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            libc::NETLINK_CONNECTOR,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let size = libc::c_int::try_from(rcvbuf).unwrap_or(libc::c_int::MAX);
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a valid descriptor; the option value is a live int of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                owned.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const size).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
+    }
+    // SAFETY: an all-zero sockaddr_nl is valid; the fields that matter are set below.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    addr.nl_groups = libc::CN_IDX_PROC;
+    // SAFETY: `addr` is a live sockaddr_nl of the length passed.
+    let rc = unsafe {
+        libc::bind(
+            owned.as_raw_fd(),
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(owned)
+}
+
+/// Sends one netlink message (`bytes`, header included) to the kernel.
+pub(crate) fn netlink_send_to_kernel(sock: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: an all-zero sockaddr_nl is valid: port 0 is the kernel.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: `bytes` and `addr` are live for the call and their lengths are the ones passed.
+    let rc = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            0,
+            (&raw const addr).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Receives one netlink datagram into `buf` without blocking: its length and the sender's
+/// port id (0: the kernel). `WouldBlock` when the queue is empty; `ENOBUFS` when the kernel
+/// dropped messages since the last call (the socket's buffer overflowed).
+pub(crate) fn netlink_recv(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, u32)> {
+    // SAFETY: an all-zero sockaddr_nl is valid; the kernel overwrites it.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+    // SAFETY: `buf`, `addr` and `len` are live for the call; the kernel writes at most
+    // `buf.len()` bytes into `buf` and at most `len` bytes into `addr`.
+    let n = unsafe {
+        libc::recvfrom(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+            (&raw mut addr).cast(),
+            &raw mut len,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((n.unsigned_abs(), addr.nl_pid))
+}
+
+/// Waits up to `timeout_ms` until `fd` is readable (or has an error to report); returns
+/// whether it is. An interrupted wait counts as not readable.
+pub(crate) fn wait_readable(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid, initialised pollfd, and its count.
+    let rc = unsafe { libc::poll(&raw mut pfd, 1, timeout_ms) };
+    if rc < 0 {
+        let err = io::Error::last_os_error();
+        return if err.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(err) };
+    }
+    Ok(rc > 0)
 }
 
 /// The gid of a group name, or `None` if there is no such group.

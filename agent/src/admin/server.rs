@@ -101,6 +101,7 @@ async fn handle(admin: &AdminSocket, req: Request<Incoming>) -> Response<Full<By
                 "audit": {"path": ctx.auditor.path().display().to_string(), "healthy": ctx.auditor.healthy()},
                 "policy": {"file": policy_file.display().to_string(), "rules": ctx.policy().len()},
                 "secrets": ctx.cache.status(),
+                "exec_events": {"active": crate::peer::events::global().is_some_and(|e| e.active())},
             }),
         ),
         (Method::POST, "/v1/refresh") => {

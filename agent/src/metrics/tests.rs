@@ -24,6 +24,9 @@ fn every_metric_is_rendered_from_the_start() {
         "kvbroker_vault_call_duration_seconds_count{vault=\"default\"}",
         "kvbroker_audit_records_total",
         "kvbroker_audit_write_failures_total",
+        "kvbroker_exec_events_active",
+        "kvbroker_exec_events_lost_total",
+        "kvbroker_peer_rechecks_total",
     ] {
         assert_eq!(sample(&text, name), 0.0, "{name}");
     }

@@ -8,14 +8,17 @@
 //! before and after stands in.)
 //!
 //! The connection is then bound to those facts. Each later request on it re-checks that
-//! the process is alive and that its exe is unchanged; a process that `execve`d is denied
-//! and the connection closed, so it must reconnect and be judged as what it is now. Facts
-//! that only root can change for a running process (groups, cgroup) are not re-read.
+//! the process is alive and that its exe is unchanged — unless the kernel's exec/exit
+//! events ([`events`]) vouch that nothing of the kind happened to it since the last check;
+//! a process that `execve`d is denied and the connection closed, so it must reconnect and
+//! be judged as what it is now. Facts that only root can change for a running process
+//! (groups, cgroup) are not re-read, except the cgroup when a rule reads it.
 //!
 //! Never read `cmdline` or `environ`: the process can rewrite them.
 
 pub(crate) mod ancestry;
 pub(crate) mod cgroup;
+pub(crate) mod events;
 pub(crate) mod exe_hash;
 mod proc;
 pub(crate) mod sender;
@@ -36,9 +39,27 @@ pub(crate) struct ConnPeer {
     pub(crate) uid: u32,
     pub(crate) gid: u32,
     senders: Arc<SenderLog>,
+    /// The kernel's exec/exit events, when the agent listens to them.
+    events: Option<Arc<events::Source>>,
     /// The facts of this connection's writer, read at its first request.
-    bound: Mutex<Option<Arc<PeerFacts>>>,
+    bound: Mutex<Option<Bound>>,
 }
+
+/// A connection's writer's facts, and what vouches for them on later requests.
+struct Bound {
+    facts: Arc<PeerFacts>,
+    /// Registered before the facts were read.
+    watch: Option<events::Watch>,
+    /// The watch as it was when the facts were last checked.
+    mark: Option<events::Mark>,
+    /// When they were last checked ([`events::now`], taken before the check).
+    checked_at: u64,
+}
+
+/// However clean its watch, a kept-alive caller is re-checked at least this often: the
+/// kernel drops an event without telling anyone when it cannot allocate its message (see
+/// docs/security.md), and this bounds how long such a loss could go unnoticed.
+const RECHECK_AT_LEAST_EVERY_NS: u64 = 1_000_000_000;
 
 /// Facts about a caller, read for one request.
 #[derive(Debug, Clone, Default)]
@@ -87,11 +108,16 @@ pub(crate) enum PeerError {
 
 impl ConnPeer {
     /// Takes the connector's credentials of an accepted connection; `senders` is filled in
-    /// by the connection's [`sender::LabelledStream`].
-    pub(crate) fn of(stream: &tokio::net::UnixStream, senders: Arc<SenderLog>) -> std::io::Result<Self> {
+    /// by the connection's [`sender::LabelledStream`]; `events`, when given, may vouch for
+    /// the writer on later requests.
+    pub(crate) fn of(
+        stream: &tokio::net::UnixStream,
+        senders: Arc<SenderLog>,
+        events: Option<Arc<events::Source>>,
+    ) -> std::io::Result<Self> {
         let cred = stream.peer_cred()?;
         let pid = cred.pid().map_or(0, |p| u32::try_from(p).unwrap_or(0));
-        Ok(Self { pid, uid: cred.uid(), gid: cred.gid(), senders, bound: Mutex::new(None) })
+        Ok(Self { pid, uid: cred.uid(), gid: cred.gid(), senders, events, bound: Mutex::new(None) })
     }
 
     /// The facts of the process that wrote this request, read at the connection's first
@@ -108,22 +134,40 @@ impl ConnPeer {
         if writer.pid == 0 {
             return Err(PeerError::OtherNamespace);
         }
-        let bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner).clone();
-        if let Some(facts) = bound {
-            // A later request from the same writer: still alive, same exe?
-            check_alive(&writer)?;
-            if proc::exe(writer.pid)? != facts.exe {
-                return Err(PeerError::ExeChanged);
+        // Requests on one connection are decided one at a time: the lock is never contended.
+        let mut bound = self.bound.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(b) = bound.as_mut() {
+            // A later request from the same writer: still alive, same exe? Asked of /proc
+            // and the pidfd unless the kernel's events vouch that nothing changed.
+            let stamp = self.senders.received_at();
+            let vouched = match (&b.watch, b.mark) {
+                (Some(w), Some(m)) => {
+                    stamp.saturating_sub(b.checked_at) < RECHECK_AT_LEAST_EVERY_NS && w.vouches(m, stamp)
+                }
+                _ => false,
+            };
+            if !vouched {
+                crate::metrics::get().peer_recheck();
+                // Taken before the check: an event during it still counts against it.
+                let (mark, at) = (b.watch.as_ref().map(events::Watch::mark), events::now());
+                check_alive(&writer)?;
+                if proc::exe(writer.pid)? != b.facts.exe {
+                    return Err(PeerError::ExeChanged);
+                }
+                (b.mark, b.checked_at) = (mark, at);
             }
-            if recheck_cgroup && proc::cgroup(writer.pid)? != facts.cgroup {
+            if recheck_cgroup && proc::cgroup(writer.pid)? != b.facts.cgroup {
                 return Err(PeerError::CgroupChanged);
             }
-            return Ok(facts);
+            return Ok(Arc::clone(&b.facts));
         }
+        // Watching before reading: an exec or exit after this is counted against the facts.
+        let watch = self.events.as_ref().map(|e| e.watch(writer.pid));
+        let (mark, checked_at) = (watch.as_ref().map(events::Watch::mark), events::now());
         let mut facts = read_facts(&writer)?;
         facts.connected_pid = (self.pid != writer.pid).then_some(self.pid);
         let facts = Arc::new(facts);
-        *self.bound.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&facts));
+        *bound = Some(Bound { facts: Arc::clone(&facts), watch, mark, checked_at });
         Ok(facts)
     }
 
@@ -324,7 +368,7 @@ mod tests {
         let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
         assert!(sys::pass_sender_credentials(a.as_fd()).is_ok());
         let log = Arc::new(SenderLog::default());
-        let peer = ConnPeer::of(&a, Arc::clone(&log)).unwrap();
+        let peer = ConnPeer::of(&a, Arc::clone(&log), None).unwrap();
         assert_eq!(peer.pid, std::process::id());
         assert!(matches!(peer.facts(true), Err(PeerError::Unlabelled)), "nothing written yet");
         b.write_all(b"GET").await.unwrap();
@@ -349,7 +393,7 @@ mod tests {
         let a = tokio::net::UnixStream::from_std(a).unwrap();
         let log = Arc::new(SenderLog::default());
         log.record(sys::Sender { cred: Some((0, 1000, 1000)), pidfd: None, len: 1 });
-        let p = ConnPeer::of(&a, log).unwrap();
+        let p = ConnPeer::of(&a, log, None).unwrap();
         assert!(matches!(p.facts(true), Err(PeerError::OtherNamespace)));
     }
 }

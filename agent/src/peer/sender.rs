@@ -15,7 +15,7 @@
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 
@@ -23,6 +23,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 
+use super::events;
 use crate::sys;
 
 /// One process that wrote on a connection.
@@ -60,9 +61,14 @@ enum Seen {
     Unlabelled,
 }
 
-/// The senders of one connection's bytes.
+/// The senders of one connection's bytes, and when its last bytes were received.
 #[derive(Debug, Default)]
-pub(crate) struct SenderLog(Mutex<Seen>);
+pub(crate) struct SenderLog {
+    seen: Mutex<Seen>,
+    /// [`events::now`] read after the latest `recvmsg` that returned bytes: every byte of
+    /// a request being decided was received before it (the exec/exit events' lag proof).
+    received_at: AtomicU64,
+}
 
 /// Why a connection's requests cannot be attributed to one process.
 #[derive(Debug, Clone)]
@@ -80,7 +86,7 @@ pub(crate) enum NotOneWriter {
 impl SenderLog {
     /// Records who sent a run of bytes; returns whether this was the connection's first.
     pub(crate) fn record(&self, label: sys::Sender) -> bool {
-        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
         let first_label = matches!(*seen, Seen::Nothing);
         let next = match std::mem::take(&mut *seen) {
             Seen::Nothing => match Writer::from_label(label) {
@@ -110,9 +116,14 @@ impl SenderLog {
         first_label
     }
 
+    /// When the connection's latest bytes were received ([`events::now`]; 0: none yet).
+    pub(crate) fn received_at(&self) -> u64 {
+        self.received_at.load(Ordering::Acquire)
+    }
+
     /// The one process that has written on this connection.
     pub(crate) fn writer(&self) -> Result<Arc<Writer>, NotOneWriter> {
-        match &*self.0.lock().unwrap_or_else(PoisonError::into_inner) {
+        match &*self.seen.lock().unwrap_or_else(PoisonError::into_inner) {
             Seen::One(w) => Ok(Arc::clone(w)),
             Seen::Mixed { first, other } => {
                 Err(NotOneWriter::Mixed { first: Arc::clone(first), other: Arc::clone(other) })
@@ -231,6 +242,9 @@ impl AsyncRead for LabelledStream {
             let before = buf.filled().len();
             match ready.try_io(|fd| sys::recv_labelled(fd.as_fd(), buf)) {
                 Ok(Ok(label)) => {
+                    // After the recvmsg returned: an event the kernel queued before these
+                    // bytes were sent is older than this stamp.
+                    this.log.received_at.store(events::now(), Ordering::Release);
                     let n = label.len;
                     if n > 0 && this.log.record(label) {
                         // The first writer's pidfd is kept; later messages need only their

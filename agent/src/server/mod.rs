@@ -308,7 +308,7 @@ impl Handler for AgentSocket {
             }
         };
         let senders = Arc::new(SenderLog::default());
-        match ConnPeer::of(&stream, Arc::clone(&senders)) {
+        match ConnPeer::of(&stream, Arc::clone(&senders), crate::peer::events::global()) {
             Ok(peer) => match LabelledStream::new(stream, senders) {
                 Ok(io) => Some((AgentConn { peer, slot, refused }, io)),
                 Err(e) => {
