@@ -81,9 +81,13 @@ where
         }
         None => None,
     };
-    let (listener, socket_file) =
-        server::bind(&config.agent.socket, config.agent.socket_mode, config.agent.socket_group.as_deref())?;
-    let (admin_listener, admin_file) = server::bind(&config.agent.admin_socket, 0o600, None)?;
+    let (listener, socket_file) = server::bind(
+        &config.agent.socket,
+        config.agent.socket_mode,
+        config.agent.socket_group.as_deref(),
+        true,
+    )?;
+    let (admin_listener, admin_file) = server::bind(&config.agent.admin_socket, 0o600, None, false)?;
     let metrics_listener = match config.metrics.listen {
         Some(addr) => Some(
             tokio::net::TcpListener::bind(addr)
@@ -99,23 +103,6 @@ where
     // The kernel's exec/exit events, so kept-alive callers need not be re-checked through
     // /proc on every request; the reader thread logs whether they are in use.
     crate::peer::events::start();
-    // Every byte on the agent socket is labelled with its sender (accepted sockets inherit
-    // the options): requests are decided as the process that wrote them.
-    match crate::sys::pass_sender_credentials(std::os::fd::AsFd::as_fd(&listener)) {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!(
-            "this kernel has no SO_PASSPIDFD (Linux 6.5+): senders are pinned by pid and start time"
-        ),
-        Err(e) => {
-            return Err(server::SocketError::Io {
-                path: config.agent.socket.clone(),
-                what: "cannot enable sender credentials (SO_PASSCRED)",
-                source: e,
-            }
-            .into());
-        }
-    }
-
     let agent = AgentInfo {
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),

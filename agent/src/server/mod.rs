@@ -57,10 +57,15 @@ impl Drop for SocketFile {
 
 /// Binds the socket at `path` with `mode` and `group`, replacing a stale socket file but
 /// never a live agent's socket or a file that is not a socket.
+///
+/// With `label_senders` (the agent socket), every byte it will carry is labelled with its
+/// sender ([`crate::sys::pass_sender_credentials`]): the options are set before `listen()`,
+/// so no connection can be accepted without them (accepted sockets inherit them).
 pub(crate) fn bind(
     path: &Path,
     mode: u32,
     group: Option<&str>,
+    label_senders: bool,
 ) -> Result<(UnixListener, SocketFile), SocketError> {
     let io_err = |what, source| SocketError::Io { path: path.to_owned(), what, source };
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -87,7 +92,7 @@ pub(crate) fn bind(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("cannot inspect", e)),
     }
-    let std_listener = std::os::unix::net::UnixListener::bind(path).map_err(|e| io_err("cannot bind", e))?;
+    let std_listener = listen_on(path, label_senders)?;
     // From here on the file is ours: removed if anything below fails.
     let file = SocketFile(path.to_owned());
     // The directory is trusted (no one else can swap the path); still, never chmod through
@@ -105,6 +110,26 @@ pub(crate) fn bind(
     std_listener.set_nonblocking(true).map_err(|e| io_err("cannot set non-blocking", e))?;
     let listener = UnixListener::from_std(std_listener).map_err(|e| io_err("cannot register", e))?;
     Ok((listener, file))
+}
+
+/// A listening socket at `path`, with sender labelling switched on before `listen()`.
+fn listen_on(path: &Path, label_senders: bool) -> Result<std::os::unix::net::UnixListener, SocketError> {
+    let io_err = |what, source| SocketError::Io { path: path.to_owned(), what, source };
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
+        .map_err(|e| io_err("cannot create socket", e))?;
+    if label_senders {
+        match crate::sys::pass_sender_credentials(std::os::fd::AsFd::as_fd(&socket)) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                "this kernel has no SO_PASSPIDFD (Linux 6.5+): senders are pinned by pid and start time"
+            ),
+            Err(e) => return Err(io_err("cannot enable sender credentials (SO_PASSCRED)", e)),
+        }
+    }
+    let addr = socket2::SockAddr::unix(path).map_err(|e| io_err("cannot use as a socket path", e))?;
+    socket.bind(&addr).map_err(|e| io_err("cannot bind", e))?;
+    socket.listen(1024).map_err(|e| io_err("cannot listen", e))?;
+    Ok(socket.into())
 }
 
 /// The gid of `socket_group` (a name or a number); `path` is the socket, for messages.
@@ -333,5 +358,40 @@ impl Handler for AgentSocket {
 
     async fn handle(&self, c: &AgentConn, req: hyper::Request<Incoming>) -> hyper::Response<response::Body> {
         routes::handle(&self.0, &c.peer, c.refused, req).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    use super::*;
+
+    /// The agent socket labels senders from its very first connection: the option is set
+    /// before `listen()`, not after (a client that connected in between was refused as
+    /// unlabelled). The admin socket does not label.
+    #[tokio::test]
+    async fn the_agent_socket_labels_its_first_connection() {
+        let dir = std::env::temp_dir().join(format!("kvbroker-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, label) in [("agent.sock", true), ("admin.sock", false)] {
+            let path = dir.join(name);
+            let (listener, _file) = bind(&path, 0o600, None, label).unwrap();
+            let mut client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            client.write_all(b"GET").unwrap();
+            let (conn, _) = listener.accept().await.unwrap();
+            conn.readable().await.unwrap();
+            let mut buf = [0u8; 8];
+            let mut read = tokio::io::ReadBuf::new(&mut buf);
+            let sender = crate::sys::recv_labelled(conn.as_fd(), &mut read).unwrap();
+            assert_eq!(read.filled(), b"GET");
+            assert_eq!(
+                sender.cred.map(|(pid, _, _)| pid),
+                label.then_some(std::process::id()),
+                "{name}: labelled from the first connection on"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
