@@ -17,6 +17,7 @@
 
 pub(crate) mod chain;
 pub mod query;
+pub(crate) mod record;
 pub(crate) mod refusals;
 pub mod verify;
 mod writer;
@@ -151,12 +152,32 @@ impl Auditor {
     /// Writes `record` (filling in `seq`, `ts`, `prev` and `hash`); returns its `seq` once
     /// the record is in the file. Waits at most `write_timeout`.
     pub(crate) async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
-        // Nobody else is writing: write it here — one write(2), no thread hop. Otherwise the
-        // record queues for whoever is writing, who writes the queue together.
-        let rx = match self.core.write_or_queue(record, &self.tx) {
-            Ok(written) => return written,
-            Err(rx) => rx,
-        };
+        self.append_fields(&record).await
+    }
+
+    /// [`append`](Self::append) for a record in any [`Fields`] form (an allowed read's
+    /// borrowed [`record::ReadRecord`]). The record is written, or serialized into the
+    /// queue, before this returns; the future only waits for the queue's writer.
+    pub(crate) fn append_fields(
+        &self,
+        record: &dyn record::Fields,
+    ) -> impl Future<Output = Result<u64, AuditError>> + Send + '_ {
+        // Nobody else is writing: write it here — serialized straight into the writer's
+        // buffer, one write(2), no thread hop. Otherwise the record queues for whoever is
+        // writing, who writes the queue together.
+        let queued = self.core.write_or_queue(record, &self.tx);
+        async move {
+            match queued {
+                Ok(written) => written,
+                Err(rx) => self.queued(rx).await,
+            }
+        }
+    }
+
+    async fn queued(
+        &self,
+        rx: tokio::sync::oneshot::Receiver<Result<u64, AuditError>>,
+    ) -> Result<u64, AuditError> {
         match tokio::time::timeout(self.wait, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(AuditError::Stopped),
@@ -261,11 +282,6 @@ fn lock_log(path: &Path) -> Result<File, AuditError> {
 
 pub(crate) fn open_append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().read(true).append(true).create(true).mode(0o640).open(path)
-}
-
-/// RFC 3339 in UTC with microseconds, as in SPEC.md.
-pub(crate) fn now_rfc3339() -> String {
-    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
 }
 
 fn aside_path(path: &Path, what: &str) -> PathBuf {

@@ -121,7 +121,7 @@ async fn records_queued_during_a_write_go_out_in_one_write_by_the_writing_reques
         tokio::task::yield_now().await;
     }
     let before = a.core.with_state(|s| s.commits);
-    assert_eq!(a.core.lead(read(0), &a.tx).unwrap(), 1);
+    assert_eq!(a.core.lead(&read(0), &a.tx).unwrap(), 1);
     assert_eq!(
         a.core.with_state(|s| s.commits) - before,
         2,
@@ -156,7 +156,7 @@ async fn in_fsync_mode_the_queue_goes_to_the_writer_thread() {
     while a.core.queued().0 < 5 {
         tokio::task::yield_now().await;
     }
-    assert_eq!(a.core.lead(read(0), &a.tx).unwrap(), 1);
+    assert_eq!(a.core.lead(&read(0), &a.tx).unwrap(), 1);
     let mut seqs = Vec::new();
     for t in tasks {
         seqs.push(t.await.unwrap());
