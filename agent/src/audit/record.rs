@@ -12,7 +12,7 @@
 //!
 //! Never holds a value or a token: the fields are names, versions, ids and process facts.
 
-use kvbroker_proto::{AuditRecord, CacheState, Event, Outcome};
+use kvbroker_proto::{AuditRecord, CacheState, Event, Outcome, PeerInfo};
 use serde::Serialize;
 
 /// Something the writer can put in the log: it writes its fields object into `out`.
@@ -107,7 +107,7 @@ pub(super) fn body(
     out.extend_from_slice(b"\"}");
 }
 
-/// [`kvbroker_proto::PeerInfo`], borrowed.
+/// [`PeerInfo`], borrowed.
 #[derive(Serialize, Default)]
 pub(crate) struct PeerView<'a> {
     pub(crate) pid: u32,
@@ -141,6 +141,30 @@ pub(crate) struct PeerView<'a> {
     pub(crate) k8s_container_name: Option<&'a str>,
 }
 
+impl<'a> PeerView<'a> {
+    /// A view of facts already made into a [`PeerInfo`].
+    pub(crate) fn of_info(p: &'a PeerInfo) -> Self {
+        Self {
+            pid: p.pid,
+            uid: p.uid,
+            gid: p.gid,
+            groups: &p.groups,
+            exe: p.exe.as_deref(),
+            exe_unverified: p.exe_unverified.as_deref(),
+            connected_pid: p.connected_pid,
+            exe_sha256: p.exe_sha256.as_deref(),
+            cgroup: p.cgroup.as_deref(),
+            unit: p.unit.as_deref(),
+            container_id: p.container_id.as_deref(),
+            k8s_namespace: p.k8s_namespace.as_deref(),
+            k8s_service_account: p.k8s_service_account.as_deref(),
+            k8s_pod_name: p.k8s_pod_name.as_deref(),
+            k8s_pod_uid: p.k8s_pod_uid.as_deref(),
+            k8s_container_name: p.k8s_container_name.as_deref(),
+        }
+    }
+}
+
 /// [`kvbroker_proto::SecretRef`] of a read, borrowed.
 #[derive(Serialize)]
 pub(crate) struct SecretView<'a> {
@@ -160,7 +184,7 @@ fn rfind(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use kvbroker_proto::{PeerInfo, SecretRef};
+    use kvbroker_proto::SecretRef;
 
     use super::*;
 
@@ -199,27 +223,6 @@ mod tests {
             k8s_pod_name: Some("job-0".into()),
             k8s_pod_uid: Some("0f0e".into()),
             k8s_container_name: Some("main".into()),
-        }
-    }
-
-    fn view(p: &PeerInfo) -> PeerView<'_> {
-        PeerView {
-            pid: p.pid,
-            uid: p.uid,
-            gid: p.gid,
-            groups: &p.groups,
-            exe: p.exe.as_deref(),
-            exe_unverified: p.exe_unverified.as_deref(),
-            connected_pid: p.connected_pid,
-            exe_sha256: p.exe_sha256.as_deref(),
-            cgroup: p.cgroup.as_deref(),
-            unit: p.unit.as_deref(),
-            container_id: p.container_id.as_deref(),
-            k8s_namespace: p.k8s_namespace.as_deref(),
-            k8s_service_account: p.k8s_service_account.as_deref(),
-            k8s_pod_name: p.k8s_pod_name.as_deref(),
-            k8s_pod_uid: p.k8s_pod_uid.as_deref(),
-            k8s_container_name: p.k8s_container_name.as_deref(),
         }
     }
 
@@ -273,7 +276,7 @@ mod tests {
                 event: r.event,
                 outcome: r.outcome,
                 request_id: r.request_id.as_deref(),
-                peer: Some(view(&p)),
+                peer: Some(PeerView::of_info(&p)),
                 secret: Some(SecretView {
                     vault: &secret.vault,
                     name: &secret.name,
