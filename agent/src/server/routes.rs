@@ -42,7 +42,7 @@ pub(crate) async fn handle<B>(
                 Some("ready" | "ready=1" | "ready=true") => response::readiness(ctx.readiness()),
                 Some(_) => response::failure(
                     &Failure::BadRequest("/v1/health takes no parameter but ready (/v1/health?ready)".into()),
-                    &request_id,
+                    request_id,
                 ),
             }
         } else {
