@@ -272,12 +272,21 @@ impl Policy {
         vault: &str,
         name_key: &str,
     ) -> Decision {
-        let target = format!("{vault}/{name_key}");
+        // `VAULT/NAME` on the stack: deciding allocates nothing on a read's hot path.
+        let mut buf = [0u8; 256];
+        let joined;
+        let target = match join_on_stack(&mut buf, vault, name_key) {
+            Some(t) => t,
+            None => {
+                joined = format!("{vault}/{name_key}");
+                &joined
+            }
+        };
         let mut missing = None;
         let mut unavailable = None;
         for rule in &self.rules {
-            if !rule.secrets.iter().any(|g| g.matches(&target))
-                || !rule.selectors.iter().filter(|s| !s.is_k8s()).all(|s| s.check(facts, pod).is_ok())
+            if !rule.secrets.iter().any(|g| g.matches(target))
+                || !rule.selectors.iter().filter(|s| !s.is_k8s()).all(|s| s.fits(facts, pod))
             {
                 continue;
             }
@@ -290,7 +299,7 @@ impl Policy {
                     PodLookup::Found(_) => {}
                 }
             }
-            if rule.selectors.iter().filter(|s| s.is_k8s()).all(|s| s.check(facts, pod).is_ok()) {
+            if rule.selectors.iter().filter(|s| s.is_k8s()).all(|s| s.fits(facts, pod)) {
                 return Decision::Allow { rule: rule.name.clone() };
             }
         }
@@ -430,6 +439,37 @@ impl Selector {
         }
     }
 
+    /// Whether the caller fits: [`check`](Self::check)'s verdict without its explanation,
+    /// so a decision formats no text.
+    fn fits(&self, f: &PeerFacts, pod: &PodLookup) -> bool {
+        let glob_fact =
+            |globs: &[Glob], fact: Option<&str>| fact.is_some_and(|v| globs.iter().any(|g| g.matches(v)));
+        let fits = if f.exe_unverified.is_some()
+            && matches!(self, Selector::Exe(_) | Selector::ExeSha256(_) | Selector::AncestorExe(_))
+        {
+            false
+        } else {
+            match self {
+                Selector::Uids(uids) => uids.contains(&f.uid),
+                Selector::Gids(gids) => gids.contains(&f.gid) || f.groups.iter().any(|g| gids.contains(g)),
+                Selector::Exe(globs) => glob_fact(globs, f.exe.as_deref()),
+                Selector::Cgroup(globs) => glob_fact(globs, f.cgroup.as_deref()),
+                Selector::SystemdUnit(globs) => glob_fact(globs, f.systemd_unit()),
+                Selector::ContainerId(globs) => glob_fact(globs, f.container_id()),
+                Selector::AncestorExe(globs) => f
+                    .ancestors()
+                    .iter()
+                    .any(|a| a.exe.as_deref().is_some_and(|exe| globs.iter().any(|g| g.matches(exe)))),
+                Selector::ExeSha256(hashes) => f.exe_sha256().is_ok_and(|h| hashes.iter().any(|x| x == h)),
+                // Rare (pod callers only): the explained check.
+                Selector::K8s(k) => k.check(f, pod).is_ok(),
+            }
+        };
+        // Every test that decides also proves the two agree.
+        debug_assert_eq!(fits, self.check(f, pod).is_ok(), "fits and check disagree");
+        fits
+    }
+
     /// `Ok(why it fits)` or `Err(why not)`.
     fn check(&self, f: &PeerFacts, pod: &PodLookup) -> Result<String, String> {
         let glob_fact = |globs: &[Glob], fact: Option<&str>, what: &str| match fact {
@@ -483,6 +523,18 @@ impl Selector {
             Selector::K8s(k) => k.check(f, pod),
         }
     }
+}
+
+/// `VAULT/NAME` in `buf`, or `None` if it does not fit.
+fn join_on_stack<'b>(buf: &'b mut [u8; 256], vault: &str, name: &str) -> Option<&'b str> {
+    let n = vault.len() + 1 + name.len();
+    if n > buf.len() {
+        return None;
+    }
+    buf[..vault.len()].copy_from_slice(vault.as_bytes());
+    buf[vault.len()] = b'/';
+    buf[vault.len() + 1..n].copy_from_slice(name.as_bytes());
+    std::str::from_utf8(&buf[..n]).ok()
 }
 
 fn secret_pattern(s: &str) -> Result<Glob, String> {

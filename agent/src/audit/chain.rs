@@ -17,17 +17,24 @@ pub(crate) const GENESIS: &str = "0000000000000000000000000000000000000000000000
 
 const HASH_KEY: &[u8] = b",\"hash\":\"";
 
-/// Seals a serialized record body (no `hash`) into a full line with trailing newline.
-/// Returns the line and its hash.
-pub(crate) fn seal(mut body: Vec<u8>, key: Option<&[u8]>) -> (Vec<u8>, String) {
-    let hash = hash_of(&body, key);
-    if body.last() == Some(&b'}') {
-        body.pop();
+/// Seals the record body that ends `buf` (from `start`; no `hash`) into a full line with
+/// trailing newline, in place. Returns its hash (lowercase hex).
+pub(crate) fn seal_in_place(buf: &mut Vec<u8>, start: usize, key: Option<&[u8]>) -> [u8; 64] {
+    let hash = digest_hex(&buf[start..], key);
+    if buf.last() == Some(&b'}') {
+        buf.pop();
     }
-    body.extend_from_slice(HASH_KEY);
-    body.extend_from_slice(hash.as_bytes());
-    body.extend_from_slice(b"\"}\n");
-    (body, hash)
+    buf.extend_from_slice(HASH_KEY);
+    buf.extend_from_slice(&hash);
+    buf.extend_from_slice(b"\"}\n");
+    hash
+}
+
+/// [`seal_in_place`] for a body of its own (tests).
+#[cfg(test)]
+pub(crate) fn seal(mut body: Vec<u8>, key: Option<&[u8]>) -> (Vec<u8>, String) {
+    let hash = seal_in_place(&mut body, 0, key);
+    (body, String::from_utf8_lossy(&hash).into_owned())
 }
 
 /// Splits a written line (without newline) into the body that was hashed and the hash
@@ -51,10 +58,19 @@ pub(crate) fn unseal(line: &[u8]) -> Option<(Vec<u8>, &str)> {
 
 /// The hash a body should carry: SHA-256, or HMAC-SHA-256 under `key`.
 pub(crate) fn hash_of(body: &[u8], key: Option<&[u8]>) -> String {
-    match key {
-        None => hex::encode(Sha256::digest(body)),
-        Some(k) => hex::encode(hmac_sha256(k, body)),
-    }
+    String::from_utf8_lossy(&digest_hex(body, key)).into_owned()
+}
+
+/// [`hash_of`] into a buffer of its own (the writer's path: no allocation).
+pub(crate) fn digest_hex(body: &[u8], key: Option<&[u8]>) -> [u8; 64] {
+    let digest: [u8; 32] = match key {
+        None => Sha256::digest(body).into(),
+        Some(k) => hmac_sha256(k, body),
+    };
+    let mut out = [0u8; 64];
+    // 32 bytes always fit 64 hex digits.
+    let _ = hex::encode_to_slice(digest, &mut out);
+    out
 }
 
 /// HMAC-SHA-256 (RFC 2104).

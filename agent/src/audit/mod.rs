@@ -18,6 +18,7 @@
 
 pub(crate) mod chain;
 pub mod query;
+pub(crate) mod record;
 pub(crate) mod refusals;
 pub mod verify;
 mod writer;
@@ -74,6 +75,14 @@ pub(crate) struct Auditor {
     /// `<audit>.lock`, flocked for as long as this agent writes the log: one writer per log.
     _lock: File,
     keyed: bool,
+}
+
+/// Where [`Auditor::append_fields`] left a record.
+enum Written<'a> {
+    Done(Result<u64, AuditError>),
+    Queued(tokio::sync::oneshot::Receiver<Result<u64, AuditError>>),
+    /// Queued first, with the writing turn if it was free.
+    Gather(tokio::sync::oneshot::Receiver<Result<u64, AuditError>>, Option<writer::Turn<'a>>),
 }
 
 /// Returns `Pending` once, waking itself: the task goes to the back of its worker's run
@@ -171,34 +180,53 @@ impl Auditor {
     /// Writes `record` (filling in `seq`, `ts`, `prev` and `hash`); returns its `seq` once
     /// the record is in the file. Waits at most `write_timeout`.
     pub(crate) async fn append(&self, record: AuditRecord) -> Result<u64, AuditError> {
-        self.append_gathering(record, false).await
+        self.append_fields(&record, false).await
     }
 
-    /// [`append`](Self::append); with `others_ready` (other connections have requests
-    /// waiting to be read), this record waits for theirs to share its `write(2)`.
-    pub(crate) async fn append_gathering(
+    /// [`append`](Self::append) for a record in any [`Fields`] form (an allowed read's
+    /// borrowed [`record::ReadRecord`]). The record is written, or serialized into the
+    /// queue, before this returns; the future only waits for the queue's writer. With
+    /// `others_ready` (other connections have requests waiting to be read), the record waits
+    /// for theirs to share its `write(2)`.
+    pub(crate) fn append_fields(
         &self,
-        record: AuditRecord,
+        record: &dyn record::Fields,
         others_ready: bool,
-    ) -> Result<u64, AuditError> {
-        let rx = if others_ready {
+    ) -> impl Future<Output = Result<u64, AuditError>> + Send + '_ {
+        let path = if others_ready {
             // Queue this record and, holding the writing turn, step aside once so the
             // requests this worker thread has ready queue theirs behind it; then one
             // write(2) carries them all.
             let (rx, turn) = self.core.enqueue(record, &self.tx);
-            if let Some(turn) = turn {
-                StepAside(false).await;
-                turn.write_queued();
-            }
-            rx
+            Written::Gather(rx, turn)
         } else {
-            // Nobody else is writing: write it here — one write(2), no thread hop. Otherwise
-            // the record queues for whoever is writing, who writes the queue together.
+            // Nobody else is writing: write it here — serialized straight into the writer's
+            // buffer, one write(2), no thread hop. Otherwise the record queues for whoever
+            // is writing, who writes the queue together.
             match self.core.write_or_queue(record, &self.tx) {
-                Ok(written) => return written,
-                Err(rx) => rx,
+                Ok(written) => Written::Done(written),
+                Err(rx) => Written::Queued(rx),
             }
         };
+        async move {
+            match path {
+                Written::Done(written) => written,
+                Written::Queued(rx) => self.queued(rx).await,
+                Written::Gather(rx, turn) => {
+                    if let Some(turn) = turn {
+                        StepAside(false).await;
+                        turn.write_queued();
+                    }
+                    self.queued(rx).await
+                }
+            }
+        }
+    }
+
+    async fn queued(
+        &self,
+        rx: tokio::sync::oneshot::Receiver<Result<u64, AuditError>>,
+    ) -> Result<u64, AuditError> {
         match tokio::time::timeout(self.wait, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(AuditError::Stopped),
@@ -303,11 +331,6 @@ fn lock_log(path: &Path) -> Result<File, AuditError> {
 
 pub(crate) fn open_append(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().read(true).append(true).create(true).mode(0o640).open(path)
-}
-
-/// RFC 3339 in UTC with microseconds, as in SPEC.md.
-pub(crate) fn now_rfc3339() -> String {
-    humantime::format_rfc3339_micros(SystemTime::now()).to_string()
 }
 
 fn aside_path(path: &Path, what: &str) -> PathBuf {

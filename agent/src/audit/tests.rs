@@ -121,7 +121,7 @@ async fn records_queued_during_a_write_go_out_in_one_write_by_the_writing_reques
         tokio::task::yield_now().await;
     }
     let before = a.core.with_state(|s| s.commits);
-    assert_eq!(a.core.lead(read(0), &a.tx).unwrap(), 1);
+    assert_eq!(a.core.lead(&read(0), &a.tx).unwrap(), 1);
     assert_eq!(
         a.core.with_state(|s| s.commits) - before,
         2,
@@ -153,7 +153,7 @@ async fn records_of_reads_ready_together_share_one_write() {
             .map(|i| {
                 let a = Arc::clone(&a);
                 // As the server does while other connections have requests waiting.
-                tokio::spawn(async move { a.append_gathering(read(i), true).await.unwrap() })
+                tokio::spawn(async move { a.append_fields(&read(i), true).await.unwrap() })
             })
             .collect();
         let mut seqs = Vec::new();
@@ -174,7 +174,8 @@ async fn records_of_reads_ready_together_share_one_write() {
 async fn a_gathering_request_cancelled_midway_leaves_its_records_to_the_writer_thread() {
     let d = TempDir::new();
     let (a, _) = Auditor::open(&cfg(&d)).unwrap();
-    let mut append = Box::pin(a.append_gathering(read(1), true));
+    let record = read(1);
+    let mut append = Box::pin(a.append_fields(&record, true));
     assert!(poll_once(append.as_mut()).is_pending(), "it steps aside once");
     assert_eq!(a.core.queued(), (1, true), "its record queued, the turn held");
     drop(append);
@@ -218,7 +219,7 @@ async fn in_fsync_mode_the_queue_goes_to_the_writer_thread() {
     while a.core.queued().0 < 5 {
         tokio::task::yield_now().await;
     }
-    assert_eq!(a.core.lead(read(0), &a.tx).unwrap(), 1);
+    assert_eq!(a.core.lead(&read(0), &a.tx).unwrap(), 1);
     let mut seqs = Vec::new();
     for t in tasks {
         seqs.push(t.await.unwrap());

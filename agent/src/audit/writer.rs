@@ -25,16 +25,22 @@ use std::time::{Duration, Instant};
 use kvbroker_proto::{AuditRecord, Event, Outcome};
 use zeroize::Zeroizing;
 
-use super::{AuditError, chain, now_rfc3339, open_append};
+use super::record::{self, Fields};
+use super::{AuditError, chain, open_append};
 use crate::config::{AuditConfig, Durability};
 
 pub(super) struct Job {
-    pub(super) record: AuditRecord,
+    /// The record's fields object ([`Fields`]), serialized by the request that queued it.
+    pub(super) fields: Vec<u8>,
     pub(super) reply: tokio::sync::oneshot::Sender<Result<u64, AuditError>>,
 }
 
 /// Records written in one go, at most.
 const MAX_BATCH: usize = 1024;
+
+/// The batch buffer is kept between batches up to this capacity (a burst's larger buffer
+/// is let go).
+const KEEP_BUF: usize = 64 * 1024;
 
 /// The longest a record may be written without the audit path being compared with the open
 /// file (device and inode), whatever the inotify watch saw or missed.
@@ -139,8 +145,12 @@ pub(super) struct State {
     id: (u64, u64),
     len: u64,
     seq: u64,
-    prev: String,
+    /// The last record's hash (lowercase hex).
+    prev: [u8; 64],
     key: Option<Zeroizing<Vec<u8>>>,
+    /// The lines of the batch being written, reused from batch to batch (audit lines hold
+    /// no value, so nothing needs wiping between batches).
+    buf: Vec<u8>,
     healthy: Arc<AtomicBool>,
     last_checkpoint: Instant,
     /// Set when the file was replaced: the next batch reopens it first.
@@ -175,8 +185,9 @@ impl State {
             id: (m.dev(), m.ino()),
             len,
             seq,
-            prev,
+            prev: hex64(&prev),
             key,
+            buf: Vec::new(),
             healthy,
             last_checkpoint: Instant::now(),
             reopen: false,
@@ -228,37 +239,46 @@ impl State {
         AuditError::Write { path: self.path.clone(), reason: e.to_string() }
     }
 
-    /// Seals `records` into lines continuing the chain; the state advances only on commit.
-    fn seal(&self, records: &mut [AuditRecord]) -> (Vec<u8>, u64, String) {
-        let (mut seq, mut prev) = (self.seq, self.prev.clone());
-        let mut buf = Vec::with_capacity(records.len() * 512);
-        for r in records.iter_mut() {
-            seq += 1;
-            r.seq = seq;
-            r.ts = now_rfc3339();
-            r.prev = prev;
-            r.hash = None;
-            let body = serde_json::to_vec(&*r).unwrap_or_default();
-            let (line, hash) = chain::seal(body, self.key.as_ref().map(|k| k.as_slice()));
-            buf.extend_from_slice(&line);
-            prev = hash;
-        }
-        (buf, seq, prev)
+    /// The last record's hash.
+    fn prev(&self) -> &str {
+        std::str::from_utf8(&self.prev).unwrap_or(chain::GENESIS)
     }
 
-    /// Writes sealed lines; on failure cuts the file back to its last whole record.
-    fn commit(&mut self, buf: &[u8], seq: u64, prev: String) -> Result<(), AuditError> {
+    /// Seals `n` records (the `i`th written by `fields(i, …)`) into lines continuing the
+    /// chain, in `buf`; the state advances only on commit. Returns the last `seq` and hash.
+    fn seal(&mut self, n: usize, mut fields: impl FnMut(usize, &mut Vec<u8>)) -> (u64, [u8; 64]) {
+        let (mut seq, mut prev) = (self.seq, self.prev);
+        let key = self.key.as_ref().map(|k| k.as_slice());
+        self.buf.clear();
+        for i in 0..n {
+            seq += 1;
+            let start = self.buf.len();
+            let ts = humantime::format_rfc3339_micros(std::time::SystemTime::now());
+            let prev_hex = std::str::from_utf8(&prev).unwrap_or(chain::GENESIS);
+            record::body(&mut self.buf, seq, ts, |out| fields(i, out), prev_hex);
+            prev = chain::seal_in_place(&mut self.buf, start, key);
+        }
+        (seq, prev)
+    }
+
+    /// Writes the sealed lines in `buf`; on failure cuts the file back to its last whole
+    /// record.
+    fn commit(&mut self, seq: u64, prev: [u8; 64]) -> Result<(), AuditError> {
         let started = Instant::now();
         let result = self
             .file
-            .write_all(buf)
+            .write_all(&self.buf)
             .and_then(|()| if self.durability == Durability::Fsync { self.file.sync_data() } else { Ok(()) });
+        let written = self.buf.len();
+        if self.buf.capacity() > KEEP_BUF {
+            self.buf = Vec::new();
+        }
         if let Err(e) = result {
             let _ = self.file.set_len(self.len);
             return Err(self.err(&e));
         }
-        crate::metrics::get().audit_written(seq - self.seq, buf.len(), started.elapsed());
-        self.len += buf.len() as u64;
+        crate::metrics::get().audit_written(seq - self.seq, written, started.elapsed());
+        self.len += written as u64;
         #[cfg(test)]
         {
             self.commits += 1;
@@ -268,10 +288,10 @@ impl State {
         Ok(())
     }
 
-    /// Writes internal records (rotation, checkpoint, reopen) on their own.
-    fn write_own(&mut self, mut records: Vec<AuditRecord>) -> Result<(), AuditError> {
-        let (buf, seq, prev) = self.seal(&mut records);
-        self.commit(&buf, seq, prev)
+    /// Writes an internal record (rotation, checkpoint, reopen) on its own.
+    fn write_own(&mut self, record: &AuditRecord) -> Result<(), AuditError> {
+        let (seq, prev) = self.seal(1, |_, out| record.write_fields(out));
+        self.commit(seq, prev)
     }
 
     fn same_file(&self) -> bool {
@@ -297,7 +317,7 @@ impl State {
             // The watch was lost (its directory removed or moved): watch the directory again.
             self.watch = Watch::start(&self.path);
         }
-        self.write_own(vec![rec])
+        self.write_own(&rec)
     }
 
     /// Size rotation: audit.jsonl → .1 → .2 …, keeping `rotate_keep` old files, then an
@@ -337,7 +357,7 @@ impl State {
             "previous file {} ({old_len} bytes) ends with seq {} hash {}",
             name(1).display(),
             self.seq,
-            self.prev
+            self.prev()
         );
         if let Some(range) = dropped {
             reason.push_str(&format!(
@@ -347,7 +367,7 @@ impl State {
             ));
         }
         rec.reason = Some(reason);
-        self.write_own(vec![rec])
+        self.write_own(&rec)
     }
 
     /// A checkpoint: the chain head, in the log and in the agent's own log, so truncation of
@@ -355,20 +375,21 @@ impl State {
     fn checkpoint(&mut self) {
         let mut rec = AuditRecord::new(Event::AuditCheckpoint);
         rec.outcome = Some(Outcome::Ok);
-        rec.reason = Some(format!("chain head before this record: seq {} hash {}", self.seq, self.prev));
-        match self.write_own(vec![rec]) {
-            Ok(()) => tracing::info!(seq = self.seq, head = self.prev.as_str(), "audit checkpoint"),
+        rec.reason = Some(format!("chain head before this record: seq {} hash {}", self.seq, self.prev()));
+        match self.write_own(&rec) {
+            Ok(()) => tracing::info!(seq = self.seq, head = self.prev(), "audit checkpoint"),
             Err(e) => tracing::error!(error = %e, "cannot write audit checkpoint"),
         }
         self.last_checkpoint = Instant::now();
     }
 
-    /// Writes `records` in one go; returns the first one's `seq`.
-    pub(super) fn write(&mut self, mut records: Vec<AuditRecord>) -> Result<u64, AuditError> {
+    /// Writes `n` records in one go (the `i`th written by `fields(i, …)`); returns the first
+    /// one's `seq`.
+    fn write(&mut self, n: usize, fields: impl FnMut(usize, &mut Vec<u8>)) -> Result<u64, AuditError> {
         let result = self.prepare().and_then(|()| {
-            let (buf, seq, prev) = self.seal(&mut records);
+            let (seq, prev) = self.seal(n, fields);
             let first = self.seq + 1;
-            self.commit(&buf, seq, prev).map(|()| first)
+            self.commit(seq, prev).map(|()| first)
         });
         self.healthy.store(result.is_ok(), Ordering::Relaxed);
         if result.is_err() {
@@ -377,12 +398,13 @@ impl State {
         result
     }
 
-    fn handle(&mut self, mut batch: Vec<Job>) {
-        let records = batch
-            .iter_mut()
-            .map(|j| std::mem::replace(&mut j.record, AuditRecord::new(Event::AgentStart)))
-            .collect();
-        let result = self.write(records);
+    /// Writes one record, serialized straight into the batch buffer.
+    pub(super) fn write_one(&mut self, record: &dyn Fields) -> Result<u64, AuditError> {
+        self.write(1, |_, out| record.write_fields(out))
+    }
+
+    fn handle(&mut self, batch: Vec<Job>) {
+        let result = self.write(batch.len(), |i, out| out.extend_from_slice(&batch[i].fields));
         for (i, job) in batch.into_iter().enumerate() {
             let _ = job.reply.send(result.clone().map(|first| first + i as u64));
         }
@@ -402,6 +424,16 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// A hash as the state keeps it; anything but 64 hex digits (cannot happen: it comes from
+/// a verified line or is the genesis value) starts from genesis.
+fn hex64(hash: &str) -> [u8; 64] {
+    let mut out = [b'0'; 64];
+    if hash.len() == 64 {
+        out.copy_from_slice(hash.as_bytes());
+    }
+    out
 }
 
 /// `seq A..B` of a log file's first and last whole records (read from its two ends), or
@@ -469,14 +501,25 @@ impl Core {
     /// queues it for whoever is, and gives the channel its answer comes on.
     pub(super) fn write_or_queue(
         &self,
-        record: AuditRecord,
+        record: &dyn Fields,
         kick: &Sender<()>,
     ) -> Result<Result<u64, AuditError>, tokio::sync::oneshot::Receiver<Result<u64, AuditError>>> {
         let mut q = self.queue();
         if q.leading {
+            drop(q);
+            // Serialized outside the queue's lock; written by whoever leads.
+            let mut fields = Vec::with_capacity(512);
+            record.write_fields(&mut fields);
             let (reply, rx) = tokio::sync::oneshot::channel();
-            q.jobs.push(Job { record, reply });
-            return Err(rx);
+            let mut q = self.queue();
+            if q.leading {
+                q.jobs.push(Job { fields, reply });
+                return Err(rx);
+            }
+            // The writer finished meanwhile: lead after all.
+            q.leading = true;
+            drop(q);
+            return Ok(self.lead(&fields, kick));
         }
         q.leading = true;
         drop(q);
@@ -494,9 +537,9 @@ impl Core {
     /// queued then goes to the writer thread (`kick`). Synchronous, so a cancelled request
     /// cannot leave the queue without a writer.
     /// Called only by whoever set `leading`.
-    pub(super) fn lead(&self, record: AuditRecord, kick: &Sender<()>) -> Result<u64, AuditError> {
+    pub(super) fn lead(&self, record: &dyn Fields, kick: &Sender<()>) -> Result<u64, AuditError> {
         let _lead = Leadership { core: self, kick };
-        let mine = self.state().write(vec![record]);
+        let mine = self.state().write_one(record);
         for _ in 1..self.lead_batches {
             let batch = self.take();
             if batch.is_empty() {
@@ -513,12 +556,14 @@ impl Core {
     /// answer comes, and the turn if it was free.
     pub(super) fn enqueue<'a>(
         &'a self,
-        record: AuditRecord,
+        record: &dyn Fields,
         kick: &'a Sender<()>,
     ) -> (tokio::sync::oneshot::Receiver<Result<u64, AuditError>>, Option<Turn<'a>>) {
+        let mut fields = Vec::with_capacity(512);
+        record.write_fields(&mut fields);
         let (reply, rx) = tokio::sync::oneshot::channel();
         let mut q = self.queue();
-        q.jobs.push(Job { record, reply });
+        q.jobs.push(Job { fields, reply });
         let lead = !std::mem::replace(&mut q.leading, true);
         drop(q);
         (rx, lead.then(|| Turn(Leadership { core: self, kick })))

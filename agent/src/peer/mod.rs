@@ -292,6 +292,11 @@ impl PeerFacts {
             .map_err(String::as_str)
     }
 
+    /// The executable's SHA-256 if a rule already needed it (the audit record's), else `None`.
+    pub(crate) fn exe_sha256_if_computed(&self) -> Option<&str> {
+        self.exe_sha256.get().and_then(|r| r.as_deref().ok())
+    }
+
     /// The caller's verified ancestors, nearest first (none for facts given by hand).
     pub(crate) fn ancestors(&self) -> &[ancestry::Ancestor] {
         self.ancestors.get_or_init(|| {
@@ -348,7 +353,7 @@ impl PeerFacts {
             exe: self.exe.clone(),
             exe_unverified: self.exe_unverified.clone(),
             connected_pid: self.connected_pid,
-            exe_sha256: self.exe_sha256.get().and_then(|r| r.as_ref().ok()).cloned(),
+            exe_sha256: self.exe_sha256_if_computed().map(str::to_owned),
             cgroup: self.cgroup.clone(),
             unit: self.systemd_unit().map(str::to_owned),
             container_id: self.container_id().map(str::to_owned),

@@ -1,19 +1,24 @@
 //! Request handling: route, attest, decide, fetch, audit, answer — in that order. The audit
 //! record is written before the answer leaves; if it cannot be, the answer is 503.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use http::{Method, Request, Response, header};
-use kvbroker_proto::{AuditRecord, CacheState, Event, Outcome, SecretName, SecretQuery, SecretRef};
+use kvbroker_proto::{
+    AuditRecord, CacheState, Event, Outcome, SecretName, SecretQuery, SecretRef, Upstream, VaultAlias,
+    VersionId,
+};
 
 use super::response::{self, Body, DeniedRead, Failure, Served};
+use crate::audit::record::{PeerView, ReadRecord, SecretView};
 use crate::config::{RateKey, UnknownVault};
 use crate::kube::PodLookup;
 use crate::metrics::{self, CacheUse, DenyReason, Limit, ReadOutcome};
-use crate::peer::{ConnPeer, PeerError};
+use crate::peer::{ConnPeer, PeerError, PeerFacts};
 use crate::policy::Decision;
 use crate::state::State;
-use crate::vault::VaultError;
+use crate::vault::{Fetched, VaultError};
 
 pub(crate) async fn handle<B>(
     ctx: &State,
@@ -21,7 +26,8 @@ pub(crate) async fn handle<B>(
     over_cap: bool,
     req: Request<B>,
 ) -> Response<Body> {
-    let request_id = new_request_id();
+    let request_id = RequestId::new();
+    let request_id = request_id.as_str();
     let path = req.uri().path();
     tracing::trace!(request_id, method = %req.method(), path, "request");
     let r = if path == "/v1/health" {
@@ -29,29 +35,29 @@ pub(crate) async fn handle<B>(
             // Health counts like any request: a caller over its connection cap cannot use
             // health polls to hold connections either.
             metrics::get().limited(Limit::Connections);
-            response::failure(&over_cap_failure(peer.uid), &request_id)
+            response::failure(&over_cap_failure(peer.uid), request_id)
         } else if req.method() == Method::GET {
             match req.uri().query() {
                 None | Some("") => response::health(ctx.health_reasons()),
                 Some("ready" | "ready=1" | "ready=true") => response::readiness(ctx.readiness()),
                 Some(_) => response::failure(
                     &Failure::BadRequest("/v1/health takes no parameter but ready (/v1/health?ready)".into()),
-                    &request_id,
+                    request_id,
                 ),
             }
         } else {
-            response::failure(&Failure::Method, &request_id)
+            response::failure(&Failure::Method, request_id)
         }
     } else if let Some(name) = path.strip_prefix("/v1/secrets/") {
         if req.method() != Method::GET {
-            response::failure(&Failure::Method, &request_id)
+            response::failure(&Failure::Method, request_id)
         } else {
-            read_secret(ctx, peer, over_cap, &req, name, &request_id).await
+            read_secret(ctx, peer, over_cap, &req, name, request_id).await
         }
     } else {
-        response::failure(&Failure::NoRoute, &request_id)
+        response::failure(&Failure::NoRoute, request_id)
     };
-    let mut r = response::finish(r, &request_id);
+    let mut r = response::finish(r, request_id);
     if over_cap {
         // Answered, then closed: an over-cap connection is never kept open.
         r.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
@@ -71,9 +77,23 @@ fn over_cap_failure(uid: u32) -> Failure {
 
 /// 32 lowercase hex digits (a v4 UUID without hyphens), as in SPEC's examples. Its bits come
 /// from the thread's fast generator, not the OS: a request id names, it does not protect, and
-/// `getrandom` on every request was a syscall on the hot path.
-fn new_request_id() -> String {
-    uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid().simple().to_string()
+/// `getrandom` on every request was a syscall on the hot path. Kept on the stack.
+struct RequestId([u8; 32]);
+
+impl RequestId {
+    fn new() -> Self {
+        let mut buf = [0u8; 32];
+        uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes())
+            .into_uuid()
+            .simple()
+            .encode_lower(&mut buf);
+        Self(buf)
+    }
+
+    fn as_str(&self) -> &str {
+        // Hex digits only.
+        std::str::from_utf8(&self.0).unwrap_or("")
+    }
 }
 
 async fn read_secret<B>(
@@ -84,10 +104,8 @@ async fn read_secret<B>(
     raw_name: &str,
     request_id: &str,
 ) -> Response<Body> {
-    let mut rec = AuditRecord::new(Event::SecretRead);
-    rec.request_id = Some(request_id.to_owned());
-    rec.peer = Some(peer.info());
-    let result = decide_and_fetch(ctx, peer, over_cap, req, raw_name, &mut rec).await;
+    let mut log = ReadLog::default();
+    let result = decide_and_fetch(ctx, peer, over_cap, req, raw_name, &mut log).await;
     let raw = wants_raw(req);
     let mut cache_use = CacheUse::None;
     let answer = result.and_then(|served| match served {
@@ -98,7 +116,7 @@ async fn read_secret<B>(
                 response::teach_mask(mask, &served);
             }
             let r = response::secret(&served, raw)?;
-            rec.cache = Some(served.state);
+            log.cache = Some(served.state);
             cache_use = match served.state {
                 CacheState::Hit => CacheUse::Hit,
                 CacheState::Miss => CacheUse::Miss,
@@ -109,39 +127,41 @@ async fn read_secret<B>(
             Ok(r)
         }
         None => {
-            rec.reason = Some("not modified (long poll ended with no new version)".into());
+            log.not_modified = true;
             Ok(response::not_modified())
         }
     });
-    match &answer {
-        Ok(_) => rec.outcome = Some(Outcome::Allowed),
-        Err(f) => {
-            count_refusal(f);
-            rec.outcome = Some(if matches!(f, Failure::Denied { .. } | Failure::Reconnect { .. }) {
-                Outcome::Denied
-            } else {
-                Outcome::Error
-            });
-            rec.error = Some(f.code());
-            rec.reason = Some(match f {
-                Failure::Denied { reason, .. } | Failure::Reconnect { reason } => reason.clone(),
-                other => other.message(),
-            });
-        }
-    }
     tracing::debug!(
         request_id,
-        outcome = rec.outcome.map_or("", |o| o.as_str()),
-        uid = rec.peer.as_ref().map_or(0, |p| p.uid),
-        secret = rec.secret.as_ref().map_or("", |s| s.name.as_str()),
+        outcome = match &answer {
+            Ok(_) => Outcome::Allowed.as_str(),
+            Err(f) => refused_outcome(f).as_str(),
+        },
+        uid = log.facts.as_ref().map_or(peer.uid, |f| f.uid),
+        secret = log.name().unwrap_or(""),
         "secret read decided"
     );
-    // An allowed read always has its own record; refusals do while the uid has budget, and
-    // are counted into a summary past it (audit::refusals).
-    let written = if rec.outcome == Some(Outcome::Allowed) {
-        ctx.auditor.append_gathering(rec, crate::peer::sender::others_ready()).await.map(|_| ())
-    } else {
-        ctx.refusals.record(rec).await.map(|_| ())
+    // An allowed read always has its own record — written from borrowed parts, straight into
+    // the audit writer's buffer; refusals do while the uid has budget, and are counted into
+    // a summary past it (audit::refusals).
+    let written = match &answer {
+        Ok(_) => {
+            let conn_info;
+            let peer_view = match &log.facts {
+                Some(f) => peer_view(f, &log.pod),
+                // Cannot happen (an allowed read has facts); record the connection's then.
+                None => {
+                    conn_info = peer.info();
+                    PeerView::of_info(&conn_info)
+                }
+            };
+            let rec = log.allowed(request_id, peer_view);
+            ctx.auditor.append_fields(&rec, crate::peer::sender::others_ready()).await.map(|_| ())
+        }
+        Err(f) => {
+            count_refusal(f);
+            ctx.refusals.record(log.refused(peer, request_id, f)).await.map(|_| ())
+        }
     };
     if let Err(e) = written {
         tracing::error!(error = %e, request_id, "audit write failed: answering 503");
@@ -159,6 +179,153 @@ async fn read_secret<B>(
         Ok(r) => r,
         Err(f) => response::failure(&f, request_id),
     }
+}
+
+/// The reason an allowed read's record gives for a long poll that ended with nothing new.
+const NOT_MODIFIED: &str = "not modified (long poll ended with no new version)";
+
+/// What a read's audit record will say, gathered as the request goes. Names and facts are
+/// kept as they are (the caller's facts shared with its connection), so an allowed read's
+/// record borrows them ([`ReadLog::allowed`]) instead of copying each into a `String`; a
+/// refusal's record is built from them ([`ReadLog::refused`]).
+struct ReadLog {
+    /// The caller's facts, once established, and its pod if a rule needed it.
+    facts: Option<Arc<PeerFacts>>,
+    pod: PodLookup,
+    /// The secret asked for, once the request named one: vault, name and version as asked.
+    asked: Option<(VaultAlias, SecretName, Option<VersionId>)>,
+    /// The version found, once found (its name as the vault spells it).
+    fetched: Option<Arc<Fetched>>,
+    rule: Option<String>,
+    cache: Option<CacheState>,
+    not_modified: bool,
+    upstream_request_id: Option<String>,
+    upstream: Option<Upstream>,
+}
+
+impl Default for ReadLog {
+    fn default() -> Self {
+        Self {
+            facts: None,
+            pod: PodLookup::NotAsked,
+            asked: None,
+            fetched: None,
+            rule: None,
+            cache: None,
+            not_modified: false,
+            upstream_request_id: None,
+            upstream: None,
+        }
+    }
+}
+
+impl ReadLog {
+    /// The secret's name as the record gives it: as the vault spells it once found.
+    fn name(&self) -> Option<&str> {
+        match (&self.fetched, &self.asked) {
+            (Some(f), Some(_)) => Some(f.name.as_str()),
+            (_, Some((_, name, _))) => Some(name.as_str()),
+            _ => None,
+        }
+    }
+
+    fn secret_view(&self) -> Option<SecretView<'_>> {
+        let (vault, name, version) = self.asked.as_ref()?;
+        Some(match &self.fetched {
+            Some(f) => {
+                SecretView { vault: vault.as_str(), name: f.name.as_str(), version: Some(f.version.as_str()) }
+            }
+            None => SecretView {
+                vault: vault.as_str(),
+                name: name.as_str(),
+                version: version.as_ref().map(VersionId::as_str),
+            },
+        })
+    }
+
+    /// The record of an allowed read, borrowing everything.
+    fn allowed<'a>(&'a self, request_id: &'a str, peer: PeerView<'a>) -> ReadRecord<'a> {
+        ReadRecord {
+            event: Event::SecretRead,
+            outcome: Some(Outcome::Allowed),
+            request_id: Some(request_id),
+            peer: Some(peer),
+            secret: self.secret_view(),
+            rule: self.rule.as_deref(),
+            reason: self.not_modified.then_some(NOT_MODIFIED),
+            cache: self.cache,
+            upstream_request_id: self.upstream_request_id.as_deref(),
+        }
+    }
+
+    /// The record of a refused read.
+    fn refused(self, conn: &ConnPeer, request_id: &str, f: &Failure) -> AuditRecord {
+        let mut rec = AuditRecord::new(Event::SecretRead);
+        rec.request_id = Some(request_id.to_owned());
+        rec.peer = Some(match &self.facts {
+            Some(facts) => {
+                // Facts the decision computed (an exe hash, the pod) are recorded too.
+                let mut info = facts.info();
+                self.pod.annotate(&mut info);
+                info
+            }
+            // Refused before the caller's facts were established: who connected and wrote.
+            None => conn.info(),
+        });
+        rec.secret = self.secret_view().map(|s| SecretRef {
+            vault: s.vault.to_owned(),
+            name: s.name.to_owned(),
+            version: s.version.map(str::to_owned),
+            previous_version: None,
+        });
+        rec.rule = self.rule;
+        rec.cache = self.cache;
+        rec.upstream_request_id = self.upstream_request_id;
+        rec.upstream = self.upstream;
+        rec.outcome = Some(refused_outcome(f));
+        rec.error = Some(f.code());
+        rec.reason = Some(match f {
+            Failure::Denied { reason, .. } | Failure::Reconnect { reason } => reason.clone(),
+            other => other.message(),
+        });
+        rec
+    }
+}
+
+/// A refused read is `denied` when the policy or the caller's facts refused it, else `error`.
+fn refused_outcome(f: &Failure) -> Outcome {
+    if matches!(f, Failure::Denied { .. } | Failure::Reconnect { .. }) {
+        Outcome::Denied
+    } else {
+        Outcome::Error
+    }
+}
+
+/// The audit record's view of the caller: its facts and, if looked up, its pod (what
+/// [`PeerFacts::info`] and [`PodLookup::annotate`] make, borrowed).
+fn peer_view<'a>(f: &'a PeerFacts, pod: &'a PodLookup) -> PeerView<'a> {
+    let mut v = PeerView {
+        pid: f.pid,
+        uid: f.uid,
+        gid: f.gid,
+        groups: &f.groups,
+        exe: f.exe.as_deref(),
+        exe_unverified: f.exe_unverified.as_deref(),
+        connected_pid: f.connected_pid,
+        exe_sha256: f.exe_sha256_if_computed(),
+        cgroup: f.cgroup.as_deref(),
+        unit: f.systemd_unit(),
+        container_id: f.container_id(),
+        k8s_pod_uid: f.pod_uid(),
+        ..PeerView::default()
+    };
+    if let PodLookup::Found(p) = pod {
+        v.k8s_namespace = Some(&p.namespace);
+        v.k8s_service_account = Some(&p.service_account);
+        v.k8s_pod_name = Some(&p.name);
+        v.k8s_container_name = v.container_id.and_then(|id| p.container(id)).map(|c| c.name.as_str());
+    }
+    v
 }
 
 /// Counts a refused read's denial reason or limit (its outcome is counted once audited).
@@ -179,7 +346,7 @@ async fn decide_and_fetch<B>(
     over_cap: bool,
     req: &Request<B>,
     raw_name: &str,
-    rec: &mut AuditRecord,
+    log: &mut ReadLog,
 ) -> Result<Option<Served>, Failure> {
     if has_body(req) {
         return Err(Failure::BodyTooLarge);
@@ -199,17 +366,13 @@ async fn decide_and_fetch<B>(
         };
         Failure::BadRequest(unknown.to_string())
     })?;
-    rec.secret = Some(SecretRef {
-        vault: vault.to_string(),
-        name: name.to_string(),
-        version: query.version.as_ref().map(ToString::to_string),
-        previous_version: None,
-    });
+    log.asked = Some((vault.clone(), name.clone(), query.version.clone()));
 
     if over_cap {
         return Err(over_cap_failure(peer.uid));
     }
-    let limited = |key: &str, who: String| {
+    // `who` is formatted only for a caller over its limit.
+    let limited = |key: &str, who: &dyn std::fmt::Display| {
         ctx.limits.take(key).map_err(|retry_after| Failure::TooMany {
             retry_after,
             by: Limit::Rate,
@@ -217,7 +380,8 @@ async fn decide_and_fetch<B>(
         })
     };
     if ctx.limits.key() == RateKey::Uid {
-        limited(&peer.uid.to_string(), format!("uid {}", peer.uid))?;
+        let mut key = [0u8; 10];
+        limited(decimal(peer.uid, &mut key), &format_args!("uid {}", peer.uid))?;
     }
 
     let policy = ctx.policy();
@@ -227,7 +391,7 @@ async fn decide_and_fetch<B>(
         }
         e => Failure::Denied { reason: e.to_string(), caller: None, why: DenyReason::Unattested },
     })?;
-    rec.peer = Some(facts.info());
+    log.facts = Some(Arc::clone(&facts));
     if let Some(root) = &ctx.launch_root {
         match root.get() {
             Some((pid, start)) if facts.descends_from(*pid, *start) => {}
@@ -247,44 +411,35 @@ async fn decide_and_fetch<B>(
             }
         }
     }
-    let mut pod = PodLookup::NotAsked;
-    let mut decision = policy.decide_with(&facts, &pod, vault.as_str(), name.key());
+    let mut decision = policy.decide_with(&facts, &log.pod, vault.as_str(), name.key());
     if decision == Decision::NeedPod {
         // Only now, and only for a pod caller: rules without k8s selectors never wait.
-        pod = match (&ctx.kube, facts.pod_uid()) {
+        log.pod = match (&ctx.kube, facts.pod_uid()) {
             (Some(kube), Some(uid)) => kube.lookup(uid).await,
             _ => PodLookup::Unavailable("no [kubernetes] section in the agent config".into()),
         };
-        decision = policy.decide_with(&facts, &pod, vault.as_str(), name.key());
+        decision = policy.decide_with(&facts, &log.pod, vault.as_str(), name.key());
     }
-    let peer_info = || {
-        let mut info = facts.info();
-        pod.annotate(&mut info);
-        info
-    };
+    // The record takes the caller's facts as they are when it is written: with what the
+    // decision computed (the exe hash) and the pod, for denials too.
     match decision {
         Decision::Allow { rule } => {
             if ctx.limits.key() == RateKey::Rule {
-                limited(&rule, format!("rule {rule:?}"))?;
+                limited(&rule, &format_args!("rule {rule:?}"))?;
             }
-            rec.rule = Some(rule);
+            log.rule = Some(rule);
         }
         Decision::NeedPod => {
             // Decided again with the pod: a second NeedPod cannot happen. Fail closed.
-            rec.peer = Some(peer_info());
             return Err(Failure::Kubelet("the caller's pod could not be looked up".into()));
         }
         Decision::KubeletUnavailable { reason } => {
-            rec.peer = Some(peer_info());
             return Err(Failure::Kubelet(reason));
         }
-        Decision::Deny { reason } if facts.pod_uid().is_some() && matches!(pod, PodLookup::NotFound) => {
-            rec.peer = Some(peer_info());
+        Decision::Deny { reason } if facts.pod_uid().is_some() && matches!(log.pod, PodLookup::NotFound) => {
             return Err(Failure::Denied { reason, caller: None, why: DenyReason::Policy });
         }
         Decision::Deny { reason } => {
-            // Facts the decision computed (an exe hash) are recorded for denials too.
-            rec.peer = Some(peer_info());
             let caller = DeniedRead {
                 uid: facts.uid,
                 gid: facts.gid,
@@ -297,8 +452,6 @@ async fn decide_and_fetch<B>(
             return Err(Failure::Denied { reason, caller: Some(Box::new(caller)), why: DenyReason::Policy });
         }
     }
-    // Facts the decision computed (the exe hash, the pod) go to the audit record too.
-    rec.peer = Some(peer_info());
 
     let looked_up = match (&query.changed_from, query.wait) {
         (Some(from), Some(wait)) => {
@@ -316,8 +469,8 @@ async fn decide_and_fetch<B>(
         Ok(Some(l)) => l,
         Ok(None) => return Ok(None),
         Err(e) => {
-            rec.upstream_request_id = e.upstream_request_id().map(str::to_owned);
-            rec.upstream = e.upstream().cloned();
+            log.upstream_request_id = e.upstream_request_id().map(str::to_owned);
+            log.upstream = e.upstream().cloned();
             return Err(match (e, &query.version) {
                 (VaultError::NotFound { .. }, Some(version)) => {
                     Failure::VersionNotFound { vault, name, version: version.clone() }
@@ -328,18 +481,30 @@ async fn decide_and_fetch<B>(
     };
     let fetched = looked_up.fetched;
     if looked_up.state == CacheState::Miss {
-        rec.upstream_request_id = fetched.upstream_request_id.clone();
+        log.upstream_request_id.clone_from(&fetched.upstream_request_id);
     }
-    if let Some(s) = rec.secret.as_mut() {
-        s.name = fetched.name.to_string();
-        s.version = Some(fetched.version.to_string());
-    }
+    log.fetched = Some(Arc::clone(&fetched));
     check_usable(&fetched, &vault)?;
     Ok(Some(Served { vault, fetched, state: looked_up.state }))
 }
 
+/// `n` in decimal, in `buf` (a rate-limit key without an allocation).
+fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // ASCII digits only.
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
 /// `enabled`, `nbf` and `exp`, enforced by the agent: Key Vault returns expired secrets.
-fn check_usable(f: &crate::vault::Fetched, vault: &kvbroker_proto::VaultAlias) -> Result<(), Failure> {
+fn check_usable(f: &Fetched, vault: &VaultAlias) -> Result<(), Failure> {
     match f.unusable(SystemTime::now()) {
         Some(w) => Err(Failure::NotUsable(format!("secret {} in vault {vault} is not usable: {w}", f.name))),
         None => Ok(()),
@@ -369,9 +534,43 @@ mod tests {
 
     #[test]
     fn request_ids_are_32_lowercase_hex_and_fresh() {
-        let id = new_request_id();
+        let id = RequestId::new();
+        let id = id.as_str();
         assert_eq!(id.len(), 32);
         assert!(id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)), "{id}");
-        assert_ne!(new_request_id(), id);
+        assert_ne!(RequestId::new().as_str(), id);
+    }
+
+    #[test]
+    fn decimal_keys_match_to_string() {
+        for n in [0, 7, 10, 1000, 65_534, u32::MAX] {
+            assert_eq!(decimal(n, &mut [0; 10]), n.to_string());
+        }
+    }
+
+    /// The allowed read's borrowed view of the caller writes what `PeerFacts::info` (the
+    /// refusal's record) writes, so both kinds of record describe a caller the same way.
+    #[test]
+    fn peer_view_writes_what_peer_info_writes() {
+        let mut f = PeerFacts::given(1000, 100, vec![4, 27], Some("/usr/bin/python3".into()), None);
+        f.pid = 42;
+        f.connected_pid = Some(41);
+        f.exe_unverified = Some("mount namespace".into());
+        f.set_cgroup_trusted(
+            "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0f0e0d0c_0b0a_0908_0706_050403020100.slice/cri-containerd-\
+             aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa.scope",
+        );
+        let pod = PodLookup::NotAsked;
+        let info = f.info();
+        assert!(info.k8s_pod_uid.is_some() && info.container_id.is_some(), "{info:?}");
+        assert_eq!(
+            serde_json::to_string(&peer_view(&f, &pod)).unwrap(),
+            serde_json::to_string(&info).unwrap()
+        );
+        let bare = PeerFacts::given(0, 0, Vec::new(), None, None);
+        assert_eq!(
+            serde_json::to_string(&peer_view(&bare, &pod)).unwrap(),
+            serde_json::to_string(&bare.info()).unwrap()
+        );
     }
 }

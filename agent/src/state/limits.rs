@@ -237,6 +237,10 @@ impl Limits {
             // Forget idle callers rather than grow without bound.
             buckets.retain(|_, b| now.duration_since(b.last_used()) < Duration::from_secs(60));
         }
+        // A known caller's key is looked up without copying it (a read's hot path).
+        if let Some(b) = buckets.get_mut(key) {
+            return b.try_take(now);
+        }
         buckets
             .entry(key.to_owned())
             .or_insert_with(|| TokenBucket::full(self.cfg.rate_per_second, self.cfg.burst, now))
