@@ -244,7 +244,7 @@ impl Cache {
                     upstream: None,
                 })?;
                 let started = Instant::now();
-                let result = backend.get(name, version, budget).await.map(Arc::new);
+                let result = backend.get_shared(name, version, budget).await;
                 if !backend.counts_own_calls() {
                     let status = result.as_ref().map_or_else(VaultStatus::of, |_| VaultStatus::Ok);
                     crate::metrics::get().vault_call(vault.as_str(), status, started.elapsed());

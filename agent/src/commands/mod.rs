@@ -41,5 +41,6 @@ pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
 
 /// The multi-threaded runtime the agent and the commands that talk to it run on.
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    crate::sys::limit_malloc_arenas();
     tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(Error::Runtime)
 }

@@ -192,6 +192,18 @@ pub(crate) trait Backend: Send + Sync {
         budget: Budget,
     ) -> BoxFuture<'a, Result<Fetched, VaultError>>;
 
+    /// As [`Backend::get`], sharing the backend's own copy where it keeps one: a `local`
+    /// vault's table already holds every secret, so the cache keeps that same `Fetched` (and
+    /// the answer built for it) rather than a second copy (issue 19).
+    fn get_shared<'a>(
+        &'a self,
+        name: &'a SecretName,
+        version: Option<&'a VersionId>,
+        budget: Budget,
+    ) -> BoxFuture<'a, Result<Arc<Fetched>, VaultError>> {
+        Box::pin(async move { self.get(name, version, budget).await.map(Arc::new) })
+    }
+
     /// Whether the backend counts each request it sends in the metrics itself (Key Vault:
     /// retries are calls too), so the cache does not count its fetches again.
     fn counts_own_calls(&self) -> bool {
