@@ -58,6 +58,8 @@ struct Inner {
     entries: Mutex<Entries>,
     flights: Mutex<HashMap<FlightKey, Flight>>,
     cfg: CacheConfig,
+    /// Where [`Tick`]s count from.
+    epoch: Instant,
     vaults: Arc<Vaults>,
     auditor: Arc<Auditor>,
 }
@@ -65,11 +67,11 @@ struct Inner {
 struct Entry {
     /// The current version; `None` after a 404/disabled, or for pinned-only entries.
     current: Option<Arc<Fetched>>,
-    last_read: Instant,
-    last_good: Instant,
+    last_read: Tick,
+    last_good: Tick,
     /// `last_good` + the jittered `refresh_interval`: served as fresh until then.
-    fresh_until: Instant,
-    next_refresh: Instant,
+    fresh_until: Tick,
+    next_refresh: Tick,
     /// What most entries never need; `None` whenever all of it is empty.
     rare: Option<Box<Rare>>,
 }
@@ -104,7 +106,7 @@ impl Rare {
 }
 
 impl Entry {
-    fn new(now: Instant) -> Self {
+    fn new(now: Tick) -> Self {
         Self {
             current: None,
             last_read: now,
@@ -143,7 +145,7 @@ impl Entry {
     }
 
     /// Served marked stale: a refresh failed, or none has succeeded in time.
-    fn is_stale(&self, now: Instant) -> bool {
+    fn is_stale(&self, now: Tick) -> bool {
         self.current.is_some() && (self.failing_since().is_some() || now > self.fresh_until)
     }
 
@@ -179,10 +181,22 @@ fn jitter(d: Duration) -> Duration {
     Duration::try_from_secs_f64(d.as_secs_f64() * (0.9 + fastrand::f64() * 0.2)).unwrap_or(d)
 }
 
-/// `now + d`, saturating instead of panicking on an `Instant` overflow.
-pub(crate) fn later(now: Instant, d: Duration) -> Instant {
-    const FAR: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-    now.checked_add(d).or_else(|| now.checked_add(FAR)).unwrap_or(now)
+/// A point in time as nanoseconds since the cache was made: 8 bytes where an `Instant` takes
+/// 16, for the four timestamps of every entry (issue 19). Lasts 584 years; arithmetic
+/// saturates instead of panicking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Tick(u64);
+
+impl Tick {
+    /// `self + d`.
+    fn after(self, d: Duration) -> Tick {
+        Tick(self.0.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
+    }
+
+    /// How long after `earlier` this is (zero if it is not after it).
+    fn since(self, earlier: Tick) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
 }
 
 /// How long before a value goes stale its refresh starts: one sweep tick and a second for the
@@ -202,6 +216,7 @@ impl Cache {
             entries: Mutex::new(HashMap::new()),
             flights: Mutex::new(HashMap::new()),
             cfg,
+            epoch: Instant::now(),
             vaults,
             auditor,
         };
@@ -210,6 +225,11 @@ impl Cache {
 
     pub(crate) fn vaults(&self) -> &Vaults {
         &self.inner.vaults
+    }
+
+    /// Now, as a [`Tick`].
+    fn now(&self) -> Tick {
+        Tick(u64::try_from(self.inner.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX))
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
@@ -223,7 +243,7 @@ impl Cache {
         name: &SecretName,
         version: Option<&VersionId>,
     ) -> Result<Lookup, VaultError> {
-        let now = Instant::now();
+        let now = self.now();
         {
             let mut entries = self.entries();
             if let Some(e) = entries.get_mut(vault).and_then(|names| names.get_mut(name.key())) {
@@ -242,13 +262,13 @@ impl Cache {
                             if !e.is_stale(now) {
                                 return Ok(Lookup { fetched: Arc::clone(cur), state: CacheState::Hit });
                             }
-                            let age = now.duration_since(e.last_good);
+                            let age = now.since(e.last_good);
                             if age <= self.inner.cfg.max_stale {
                                 return Ok(Lookup { fetched: Arc::clone(cur), state: CacheState::Stale });
                             }
                             let why = match (e.last_error(), e.failing_since()) {
                                 (Some(err), Some(since)) => {
-                                    format!("failing for {}s: {err}", now.duration_since(since).as_secs())
+                                    format!("failing for {}s: {err}", since.elapsed().as_secs())
                                 }
                                 _ => "a refresh is still in progress".to_owned(),
                             };
@@ -330,7 +350,7 @@ impl Cache {
         pinned: bool,
         result: &Result<Arc<Fetched>, VaultError>,
     ) {
-        let now = Instant::now();
+        let (at, now) = (Instant::now(), self.now());
         let cfg = &self.inner.cfg;
         let mut entries = self.entries();
         let names = entries.entry(vault.clone()).or_default();
@@ -356,8 +376,8 @@ impl Cache {
                 }
                 e.last_good = now;
                 let fresh_for = jitter(cfg.refresh_interval);
-                e.fresh_until = later(now, fresh_for);
-                e.next_refresh = later(now, fresh_for.saturating_sub(refresh_lead(cfg.refresh_interval)));
+                e.fresh_until = now.after(fresh_for);
+                e.next_refresh = now.after(fresh_for.saturating_sub(refresh_lead(cfg.refresh_interval)));
                 let wake = |e: &Entry| {
                     if let Some(tx) = e.rare.as_ref().and_then(|r| r.changed.as_ref()) {
                         tx.send_replace(Some(f.version.clone()));
@@ -365,7 +385,7 @@ impl Cache {
                 };
                 let changed = match previous {
                     Some(p) if p.version != f.version => {
-                        e.rare_mut().retired.push((p.clone(), now));
+                        e.rare_mut().retired.push((p.clone(), at));
                         wake(e);
                         Some((p, Arc::clone(f)))
                     }
@@ -385,18 +405,18 @@ impl Cache {
                     let r = e.rare_mut();
                     r.gone = Some(err.clone());
                     r.failing_since = None;
-                    e.next_refresh = later(now, jitter(cfg.refresh_interval));
+                    e.next_refresh = now.after(jitter(cfg.refresh_interval));
                 }
                 None
             }
             Err(err) if !pinned => {
                 if let Some(e) = names.get_mut(name.key()) {
                     let r = e.rare_mut();
-                    r.failing_since.get_or_insert(now);
+                    r.failing_since.get_or_insert(at);
                     r.last_error = Some(err.to_string());
                     r.failures = r.failures.saturating_add(1);
                     let backoff = Duration::from_secs(1u64 << r.failures.min(6)).min(cfg.refresh_interval);
-                    e.next_refresh = later(now, jitter(backoff));
+                    e.next_refresh = now.after(jitter(backoff));
                 }
                 None
             }
@@ -417,7 +437,7 @@ impl Cache {
             version: Some(new.version.to_string()),
             previous_version: Some(old.version.to_string()),
         });
-        rec.upstream_request_id = new.upstream_request_id.clone();
+        rec.upstream_request_id = new.upstream_request_id.as_deref().map(str::to_owned);
         tracing::info!(vault = %vault, secret = %new.name, version = %new.version, "new version cached");
         // Called while installing a fetch (no await there): the writer orders it.
         let auditor = Arc::clone(&self.inner.auditor);
@@ -469,7 +489,7 @@ impl Cache {
 
     /// What is cached, without values.
     pub(crate) fn status(&self) -> Vec<EntryStatus> {
-        let now = Instant::now();
+        let now = self.now();
         let entries = self.entries();
         let mut out: Vec<EntryStatus> = entries
             .iter()
@@ -478,8 +498,8 @@ impl Cache {
                 vault: vault.to_string(),
                 name: e.current.as_ref().map_or_else(|| key.to_string(), |f| f.name.to_string()),
                 version: e.current.as_ref().map(|f| f.version.to_string()),
-                age_secs: now.duration_since(e.last_good).as_secs(),
-                idle_secs: now.duration_since(e.last_read).as_secs(),
+                age_secs: now.since(e.last_good).as_secs(),
+                idle_secs: now.since(e.last_read).as_secs(),
                 stale: e.is_stale(now),
                 retired_versions: e.retired_count(),
                 last_error: e.last_error().cloned().or_else(|| e.gone().map(ToString::to_string)),
@@ -491,7 +511,7 @@ impl Cache {
 
     /// Cached values being served stale now (for `/v1/health`).
     pub(crate) fn stale_count(&self) -> usize {
-        let now = Instant::now();
+        let now = self.now();
         self.entries().values().flat_map(HashMap::values).filter(|e| e.is_stale(now)).count()
     }
 
@@ -502,7 +522,7 @@ impl Cache {
 
     /// (entries, stale entries), for the metrics.
     pub(crate) fn counts(&self) -> (usize, usize) {
-        let now = Instant::now();
+        let now = self.now();
         let entries = self.entries();
         let all = || entries.values().flat_map(HashMap::values);
         (all().count(), all().filter(|e| e.is_stale(now)).count())
@@ -515,11 +535,11 @@ impl Cache {
 
     /// Evicts idle entries and retired versions past their grace; returns the due refreshes.
     fn sweep(&self) -> Vec<(VaultAlias, SecretName)> {
-        let now = Instant::now();
+        let (at, now) = (Instant::now(), self.now());
         let cfg = &self.inner.cfg;
         let mut entries = self.entries();
         for names in entries.values_mut() {
-            names.retain(|_, e| now.duration_since(e.last_read) <= cfg.evict_idle);
+            names.retain(|_, e| now.since(e.last_read) <= cfg.evict_idle);
         }
         entries.retain(|_, names| !names.is_empty());
         let mut due = Vec::new();
@@ -527,7 +547,7 @@ impl Cache {
             entries.iter_mut().flat_map(|(vault, names)| names.values_mut().map(move |e| (&*vault, e)))
         {
             if let Some(r) = &mut e.rare {
-                r.retired.retain(|(_, at)| now.duration_since(*at) <= cfg.version_grace);
+                r.retired.retain(|(_, retired)| at.duration_since(*retired) <= cfg.version_grace);
             }
             e.tidy();
             let tracked = e.current.as_ref().map(|f| f.name.clone()).or_else(|| match e.gone() {
@@ -540,7 +560,7 @@ impl Cache {
                 && e.next_refresh <= now
             {
                 // Not due again until this refresh reports back.
-                e.next_refresh = later(now, cfg.refresh_interval);
+                e.next_refresh = now.after(cfg.refresh_interval);
                 due.push((vault.clone(), name));
             }
         }

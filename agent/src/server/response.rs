@@ -315,7 +315,7 @@ pub(crate) fn secret(s: &Served, raw: bool) -> Result<Response<Body>, Failure> {
         put(h::VERSION, f.version.as_str());
         put(h::FETCHED_AT, &rfc3339(f.fetched_at));
         put(h::STALE, if s.stale() { "true" } else { "false" });
-        if let Some(ct) = &f.content_type {
+        if let Some(ct) = f.content_type.as_deref() {
             put(h::CONTENT_TYPE, ct);
         }
         if let Some(t) = f.not_before {

@@ -328,7 +328,7 @@ async fn decide_and_fetch<B>(
     };
     let fetched = looked_up.fetched;
     if looked_up.state == CacheState::Miss {
-        rec.upstream_request_id = fetched.upstream_request_id.clone();
+        rec.upstream_request_id = fetched.upstream_request_id.as_deref().map(str::to_owned);
     }
     if let Some(s) = rec.secret.as_mut() {
         s.name = fetched.name.to_string();

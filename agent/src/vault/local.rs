@@ -109,7 +109,7 @@ impl Attrs {
         self.enabled == f.enabled
             && self.not_before == f.not_before
             && self.expires_on == f.expires_on
-            && self.content_type == f.content_type
+            && self.content_type.as_deref() == f.content_type.as_deref()
     }
 }
 
@@ -244,7 +244,7 @@ fn read_file(path: &Path, before: Option<&HashSet<Shared>>) -> Result<(HashSet<S
                 name,
                 version,
                 value: Arc::new(value),
-                content_type: attrs.content_type,
+                content_type: attrs.content_type.map(Into::into),
                 enabled: attrs.enabled,
                 not_before: attrs.not_before,
                 expires_on: attrs.expires_on,

@@ -54,13 +54,13 @@ pub(crate) struct Fetched {
     pub(crate) name: SecretName,
     pub(crate) version: VersionId,
     pub(crate) value: Arc<SecretValue>,
-    pub(crate) content_type: Option<String>,
+    pub(crate) content_type: Option<Box<str>>,
     pub(crate) enabled: bool,
     pub(crate) not_before: Option<SystemTime>,
     pub(crate) expires_on: Option<SystemTime>,
     pub(crate) fetched_at: SystemTime,
     /// `x-ms-client-request-id` of the Key Vault call that fetched it.
-    pub(crate) upstream_request_id: Option<String>,
+    pub(crate) upstream_request_id: Option<Box<str>>,
     /// The JSON body of a fresh answer for this version, built at its first hit (issue 19).
     pub(crate) answer: Answer,
 }
