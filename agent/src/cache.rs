@@ -27,6 +27,7 @@
 //! Never logs values; the audit records it writes carry names, versions and request ids.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,7 +40,32 @@ use crate::metrics::VaultStatus;
 use crate::vault::{Budget, Fetched, VaultError, Vaults};
 
 /// Entries by vault alias, then by lowercase name.
-type Entries = HashMap<VaultAlias, HashMap<Box<str>, Entry>>;
+type Entries = HashMap<VaultAlias, Names>;
+
+/// One vault's entries, found by lowercase name. A `HashTable` rather than a map keyed by
+/// the name: an entry's name is its current version's (`Fetched::name`), so most entries
+/// store no name of their own (issue 19).
+#[derive(Default)]
+struct Names {
+    table: hashbrown::HashTable<Entry>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Names {
+    fn get_mut(&mut self, key: &str) -> Option<&mut Entry> {
+        let hash = self.hasher.hash_one(key);
+        self.table.find_mut(hash, |e| e.key() == key)
+    }
+
+    /// The entry for `key`, made if there is none.
+    fn get_or_insert(&mut self, key: &str, now: Tick) -> &mut Entry {
+        let hasher = &self.hasher;
+        match self.table.entry(hasher.hash_one(key), |e| e.key() == key, |e| hasher.hash_one(e.key())) {
+            hashbrown::hash_table::Entry::Occupied(o) => o.into_mut(),
+            hashbrown::hash_table::Entry::Vacant(v) => v.insert(Entry::new(now, key)).into_mut(),
+        }
+    }
+}
 type FlightKey = (VaultAlias, String, Option<VersionId>, Budget);
 type Flight = Arc<OnceCell<Result<Arc<Fetched>, VaultError>>>;
 
@@ -80,6 +106,9 @@ struct Entry {
 /// a long poll fill in.
 #[derive(Default)]
 struct Rare {
+    /// The lowercase name the entry is filed under, when `current` does not hold it (no
+    /// current version, or one the vault spelled differently).
+    name: Option<Box<str>>,
     /// Why the secret is no longer served (404 or disabled), until a refresh finds it again.
     gone: Option<VaultError>,
     /// Versions replaced by a rotation, with when; readable by id until `version_grace`.
@@ -95,7 +124,8 @@ struct Rare {
 
 impl Rare {
     fn is_empty(&self) -> bool {
-        self.gone.is_none()
+        self.name.is_none()
+            && self.gone.is_none()
             && self.retired.is_empty()
             && self.pinned.is_empty()
             && self.failing_since.is_none()
@@ -106,14 +136,25 @@ impl Rare {
 }
 
 impl Entry {
-    fn new(now: Tick) -> Self {
+    fn new(now: Tick, key: &str) -> Self {
+        let rare = Rare { name: Some(key.into()), ..Rare::default() };
         Self {
             current: None,
             last_read: now,
             last_good: now,
             fresh_until: now,
             next_refresh: now,
-            rare: None,
+            rare: Some(Box::new(rare)),
+        }
+    }
+
+    /// The lowercase name the entry is filed under. Never changes while it is filed: the
+    /// name is kept in `rare` before `current` is cleared or holds another spelling.
+    fn key(&self) -> &str {
+        match (self.rare.as_ref().and_then(|r| r.name.as_deref()), &self.current) {
+            (Some(name), _) => name,
+            (None, Some(f)) => f.name.key(),
+            (None, None) => "",
         }
     }
 
@@ -121,8 +162,13 @@ impl Entry {
         self.rare.get_or_insert_with(Box::default)
     }
 
-    /// Drops the rare parts once none is in use.
+    /// Drops the rare parts once none is in use (the name too, once `current` holds it).
     fn tidy(&mut self) {
+        if let (Some(r), Some(f)) = (&mut self.rare, &self.current)
+            && r.name.as_deref() == Some(f.name.key())
+        {
+            r.name = None;
+        }
         if self.rare.as_ref().is_some_and(|r| r.is_empty()) {
             self.rare = None;
         }
@@ -359,14 +405,18 @@ impl Cache {
         }
         let changed = match result {
             Ok(f) if pinned => {
-                let e = names.entry(name.key().into()).or_insert_with(|| Entry::new(now));
+                let e = names.get_or_insert(name.key(), now);
                 let pinned = &mut e.rare_mut().pinned;
                 pinned.retain(|p| p.version != f.version);
                 pinned.push(Arc::clone(f));
                 None
             }
             Ok(f) => {
-                let e = names.entry(name.key().into()).or_insert_with(|| Entry::new(now));
+                let e = names.get_or_insert(name.key(), now);
+                if e.rare.as_ref().is_none_or(|r| r.name.is_none()) && f.name.key() != name.key() {
+                    // Filed under the name asked for, whatever the vault's spelling.
+                    e.rare_mut().name = Some(name.key().into());
+                }
                 let previous = e.current.replace(Arc::clone(f));
                 if let Some(r) = &mut e.rare {
                     r.gone = None;
@@ -401,6 +451,8 @@ impl Cache {
             Err(err @ (VaultError::NotFound { .. } | VaultError::Disabled { .. })) if !pinned => {
                 if let Some(e) = names.get_mut(name.key()) {
                     // Not transient: stop serving the value now (it is wiped once unused).
+                    let key: Box<str> = e.key().into();
+                    e.rare_mut().name.get_or_insert(key);
                     e.current = None;
                     let r = e.rare_mut();
                     r.gone = Some(err.clone());
@@ -493,10 +545,10 @@ impl Cache {
         let entries = self.entries();
         let mut out: Vec<EntryStatus> = entries
             .iter()
-            .flat_map(|(vault, names)| names.iter().map(move |(key, e)| (vault, key, e)))
-            .map(|(vault, key, e)| EntryStatus {
+            .flat_map(|(vault, names)| names.table.iter().map(move |e| (vault, e)))
+            .map(|(vault, e)| EntryStatus {
                 vault: vault.to_string(),
-                name: e.current.as_ref().map_or_else(|| key.to_string(), |f| f.name.to_string()),
+                name: e.current.as_ref().map_or_else(|| e.key().to_owned(), |f| f.name.to_string()),
                 version: e.current.as_ref().map(|f| f.version.to_string()),
                 age_secs: now.since(e.last_good).as_secs(),
                 idle_secs: now.since(e.last_read).as_secs(),
@@ -512,7 +564,7 @@ impl Cache {
     /// Cached values being served stale now (for `/v1/health`).
     pub(crate) fn stale_count(&self) -> usize {
         let now = self.now();
-        self.entries().values().flat_map(HashMap::values).filter(|e| e.is_stale(now)).count()
+        self.entries().values().flat_map(|names| names.table.iter()).filter(|e| e.is_stale(now)).count()
     }
 
     /// `[cache] max_stale`, for health.
@@ -524,7 +576,7 @@ impl Cache {
     pub(crate) fn counts(&self) -> (usize, usize) {
         let now = self.now();
         let entries = self.entries();
-        let all = || entries.values().flat_map(HashMap::values);
+        let all = || entries.values().flat_map(|names| names.table.iter());
         (all().count(), all().filter(|e| e.is_stale(now)).count())
     }
 
@@ -539,12 +591,12 @@ impl Cache {
         let cfg = &self.inner.cfg;
         let mut entries = self.entries();
         for names in entries.values_mut() {
-            names.retain(|_, e| now.since(e.last_read) <= cfg.evict_idle);
+            names.table.retain(|e| now.since(e.last_read) <= cfg.evict_idle);
         }
-        entries.retain(|_, names| !names.is_empty());
+        entries.retain(|_, names| !names.table.is_empty());
         let mut due = Vec::new();
         for (vault, e) in
-            entries.iter_mut().flat_map(|(vault, names)| names.values_mut().map(move |e| (&*vault, e)))
+            entries.iter_mut().flat_map(|(vault, names)| names.table.iter_mut().map(move |e| (&*vault, e)))
         {
             if let Some(r) = &mut e.rare {
                 r.retired.retain(|(_, retired)| at.duration_since(*retired) <= cfg.version_grace);
