@@ -389,6 +389,44 @@ pub(crate) fn finish(mut r: Response<Body>, request_id: &str) -> Response<Body> 
 mod tests {
     use super::ShellWord;
 
+    /// Issue 19: a cached answer is written into a buffer of exactly its size (a debug
+    /// assertion checks it never grows or has slack), escapes and all, and says what a
+    /// plain serialization says.
+    #[test]
+    fn an_answer_is_exactly_sized_and_matches_plain_json() {
+        use std::sync::Arc;
+        let value = "canary-\"q\\\n\u{1}é-end";
+        let fetched = Arc::new(crate::vault::Fetched {
+            name: "Db".parse().unwrap(),
+            version: kvbroker_proto::VersionId::from_bytes([7; 16]),
+            value: Arc::new(kvbroker_proto::SecretValue::from_slice(value.as_bytes())),
+            content_type: Some("text/plain".into()),
+            enabled: true,
+            not_before: None,
+            expires_on: None,
+            fetched_at: std::time::UNIX_EPOCH,
+            upstream_request_id: None,
+            answer: crate::vault::Answer::default(),
+        });
+        let served = super::Served {
+            vault: "default".parse().unwrap(),
+            fetched,
+            state: kvbroker_proto::CacheState::Hit,
+        };
+        let body = super::secret(&served, false).unwrap().into_body();
+        let bytes = futures_body(body);
+        let got: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(got["value"], value);
+        assert_eq!(got["name"], "Db");
+        assert_eq!(got["content_type"], "text/plain");
+        assert_eq!(got["stale"], false);
+    }
+
+    fn futures_body(body: super::Body) -> bytes::Bytes {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(http_body_util::BodyExt::collect(body)).unwrap().to_bytes()
+    }
+
     #[test]
     fn paths_in_the_suggested_command_are_one_shell_word() {
         assert_eq!(ShellWord("/usr/bin/python3.11").to_string(), "/usr/bin/python3.11");

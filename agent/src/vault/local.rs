@@ -453,6 +453,29 @@ mod tests {
         std::fs::remove_file(p).unwrap();
     }
 
+    /// Issue 19: the cache keeps the table's own `Fetched` (no second copy of name, version,
+    /// value or answer), and an unchanged secret keeps it across a re-read of the file.
+    #[tokio::test]
+    async fn the_cache_shares_the_tables_copy_until_the_secret_changes() {
+        let dir = std::env::temp_dir();
+        let p = write(&dir, "a = \"canary-s1\"\nb = \"canary-s2\"\n", 0o600);
+        let b = LocalBackend::load(alias(), &p, Duration::ZERO).unwrap();
+        let a: SecretName = "a".parse().unwrap();
+        let first = b.get_shared(&a, None, Budget::Caller).await.unwrap();
+        let again = b.get_shared(&a, None, Budget::Caller).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+
+        let tmp = p.with_extension("new");
+        std::fs::write(&tmp, "a = \"canary-s1\"\nb = \"canary-s3\"\n").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        let after = b.get_shared(&a, None, Budget::Caller).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &after), "unchanged secret, same Fetched");
+        let changed = b.get_shared(&"b".parse().unwrap(), None, Budget::Caller).await.unwrap();
+        assert_eq!(changed.value.expose_secret(), b"canary-s3");
+        std::fs::remove_file(p).unwrap();
+    }
+
     /// Issue 17: `ctl refresh` on a local vault re-read nothing, so there was no way to
     /// rotate in dev. An edited file is read again at the next fetch: an unchanged value keeps
     /// its version, a changed one gets a new version (or the one its `version` names), and a
