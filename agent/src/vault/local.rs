@@ -176,6 +176,10 @@ impl LocalBackend {
 
 /// Reads and checks the file: its secrets and its stamp. `before`: the secrets it held, whose
 /// versions are kept for values that did not change.
+#[expect(
+    clippy::mutable_key_type,
+    reason = "`Shared` hashes only the name, which never changes; the built answer is what is mutable"
+)]
 fn read_file(path: &Path, before: Option<&HashSet<Shared>>) -> Result<(HashSet<Shared>, Stamp), LocalError> {
     let read_err = |source| LocalError::Read { path: path.to_owned(), source };
     let meta = std::fs::metadata(path).map_err(read_err)?;
