@@ -17,10 +17,17 @@
 //!   id for `version_grace`. Pinned versions are immutable and served from cache.
 //! - **Memory**: values live only in `SecretValue` behind `Arc`; an evicted or replaced
 //!   value is zeroized when its last reader drops it. Idle entries go after `evict_idle`.
+//!   An entry is small (issue 19: ≤ 16 MiB RSS with 10,000 cached secrets): the current
+//!   version and four timestamps, keyed by the lowercase name under its vault's alias (stored
+//!   once per vault); what few entries need — a 404, a failing refresh, retired or pinned
+//!   versions, a long poll's channel — sits behind one optional box, dropped again once
+//!   empty. The name, version and metadata live once, in the shared `Fetched` (for a `local`
+//!   vault, the very one its table holds).
 //!
 //! Never logs values; the audit records it writes carry names, versions and request ids.
 
 use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,7 +39,33 @@ use crate::config::CacheConfig;
 use crate::metrics::VaultStatus;
 use crate::vault::{Budget, Fetched, VaultError, Vaults};
 
-type Key = (VaultAlias, String);
+/// Entries by vault alias, then by lowercase name.
+type Entries = HashMap<VaultAlias, Names>;
+
+/// One vault's entries, found by lowercase name. A `HashTable` rather than a map keyed by
+/// the name: an entry's name is its current version's (`Fetched::name`), so most entries
+/// store no name of their own (issue 19).
+#[derive(Default)]
+struct Names {
+    table: hashbrown::HashTable<Entry>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Names {
+    fn get_mut(&mut self, key: &str) -> Option<&mut Entry> {
+        let hash = self.hasher.hash_one(key);
+        self.table.find_mut(hash, |e| e.key() == key)
+    }
+
+    /// The entry for `key`, made if there is none.
+    fn get_or_insert(&mut self, key: &str, now: Tick) -> &mut Entry {
+        let hasher = &self.hasher;
+        match self.table.entry(hasher.hash_one(key), |e| e.key() == key, |e| hasher.hash_one(e.key())) {
+            hashbrown::hash_table::Entry::Occupied(o) => o.into_mut(),
+            hashbrown::hash_table::Entry::Vacant(v) => v.insert(Entry::new(now, key)).into_mut(),
+        }
+    }
+}
 type FlightKey = (VaultAlias, String, Option<VersionId>, Budget);
 type Flight = Arc<OnceCell<Result<Arc<Fetched>, VaultError>>>;
 
@@ -48,9 +81,11 @@ pub(crate) struct Cache {
 }
 
 struct Inner {
-    entries: Mutex<HashMap<Key, Entry>>,
+    entries: Mutex<Entries>,
     flights: Mutex<HashMap<FlightKey, Flight>>,
     cfg: CacheConfig,
+    /// Where [`Tick`]s count from.
+    epoch: Instant,
     vaults: Arc<Vaults>,
     auditor: Arc<Auditor>,
 }
@@ -58,52 +93,117 @@ struct Inner {
 struct Entry {
     /// The current version; `None` after a 404/disabled, or for pinned-only entries.
     current: Option<Arc<Fetched>>,
+    last_read: Tick,
+    last_good: Tick,
+    /// `last_good` + the jittered `refresh_interval`: served as fresh until then.
+    fresh_until: Tick,
+    next_refresh: Tick,
+    /// What most entries never need; `None` whenever all of it is empty.
+    rare: Option<Box<Rare>>,
+}
+
+/// The parts of an entry that only a 404, a failing vault, a rotation, a read by version or
+/// a long poll fill in.
+#[derive(Default)]
+struct Rare {
+    /// The lowercase name the entry is filed under, when `current` does not hold it (no
+    /// current version, or one the vault spelled differently).
+    name: Option<Box<str>>,
     /// Why the secret is no longer served (404 or disabled), until a refresh finds it again.
     gone: Option<VaultError>,
     /// Versions replaced by a rotation, with when; readable by id until `version_grace`.
     retired: Vec<(Arc<Fetched>, Instant)>,
     /// Versions read by id.
-    pinned: HashMap<VersionId, Arc<Fetched>>,
-    last_read: Instant,
-    last_good: Instant,
-    /// `last_good` + the jittered `refresh_interval`: served as fresh until then.
-    fresh_until: Instant,
+    pinned: Vec<Arc<Fetched>>,
     failing_since: Option<Instant>,
     last_error: Option<String>,
     failures: u32,
-    next_refresh: Instant,
-    /// Wakes long polls; created by the first long poll (most entries never have one).
+    /// Wakes long polls; created by the first long poll.
     changed: Option<watch::Sender<Option<VersionId>>>,
 }
 
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.name.is_none()
+            && self.gone.is_none()
+            && self.retired.is_empty()
+            && self.pinned.is_empty()
+            && self.failing_since.is_none()
+            && self.last_error.is_none()
+            && self.failures == 0
+            && self.changed.is_none()
+    }
+}
+
 impl Entry {
-    fn new(now: Instant) -> Self {
+    fn new(now: Tick, key: &str) -> Self {
+        let rare = Rare { name: Some(key.into()), ..Rare::default() };
         Self {
             current: None,
-            gone: None,
-            retired: Vec::new(),
-            pinned: HashMap::new(),
             last_read: now,
             last_good: now,
             fresh_until: now,
-            failing_since: None,
-            last_error: None,
-            failures: 0,
             next_refresh: now,
-            changed: None,
+            rare: Some(Box::new(rare)),
         }
     }
 
+    /// The lowercase name the entry is filed under. Never changes while it is filed: the
+    /// name is kept in `rare` before `current` is cleared or holds another spelling.
+    fn key(&self) -> &str {
+        match (self.rare.as_ref().and_then(|r| r.name.as_deref()), &self.current) {
+            (Some(name), _) => name,
+            (None, Some(f)) => f.name.key(),
+            (None, None) => "",
+        }
+    }
+
+    fn rare_mut(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Box::default)
+    }
+
+    /// Drops the rare parts once none is in use (the name too, once `current` holds it).
+    fn tidy(&mut self) {
+        if let (Some(r), Some(f)) = (&mut self.rare, &self.current)
+            && r.name.as_deref() == Some(f.name.key())
+        {
+            r.name = None;
+        }
+        if self.rare.as_ref().is_some_and(|r| r.is_empty()) {
+            self.rare = None;
+        }
+    }
+
+    fn gone(&self) -> Option<&VaultError> {
+        self.rare.as_ref()?.gone.as_ref()
+    }
+
+    fn failing_since(&self) -> Option<Instant> {
+        self.rare.as_ref()?.failing_since
+    }
+
+    fn last_error(&self) -> Option<&String> {
+        self.rare.as_ref()?.last_error.as_ref()
+    }
+
+    fn retired_count(&self) -> usize {
+        self.rare.as_ref().map_or(0, |r| r.retired.len())
+    }
+
     /// Served marked stale: a refresh failed, or none has succeeded in time.
-    fn is_stale(&self, now: Instant) -> bool {
-        self.current.is_some() && (self.failing_since.is_some() || now > self.fresh_until)
+    fn is_stale(&self, now: Tick) -> bool {
+        self.current.is_some() && (self.failing_since().is_some() || now > self.fresh_until)
     }
 
     fn find_version(&self, v: &VersionId) -> Option<&Arc<Fetched>> {
+        let (retired, pinned) = match &self.rare {
+            Some(r) => (&r.retired[..], &r.pinned[..]),
+            None => (&[][..], &[][..]),
+        };
         self.current
             .iter()
-            .chain(self.retired.iter().map(|(f, _)| f))
-            .chain(self.pinned.values())
+            .chain(retired.iter().map(|(f, _)| f))
+            .chain(pinned.iter())
             .find(|f| f.version == *v)
     }
 }
@@ -127,10 +227,22 @@ fn jitter(d: Duration) -> Duration {
     Duration::try_from_secs_f64(d.as_secs_f64() * (0.9 + fastrand::f64() * 0.2)).unwrap_or(d)
 }
 
-/// `now + d`, saturating instead of panicking on an `Instant` overflow.
-pub(crate) fn later(now: Instant, d: Duration) -> Instant {
-    const FAR: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-    now.checked_add(d).or_else(|| now.checked_add(FAR)).unwrap_or(now)
+/// A point in time as nanoseconds since the cache was made: 8 bytes where an `Instant` takes
+/// 16, for the four timestamps of every entry (issue 19). Lasts 584 years; arithmetic
+/// saturates instead of panicking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Tick(u64);
+
+impl Tick {
+    /// `self + d`.
+    fn after(self, d: Duration) -> Tick {
+        Tick(self.0.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
+    }
+
+    /// How long after `earlier` this is (zero if it is not after it).
+    fn since(self, earlier: Tick) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
 }
 
 /// How long before a value goes stale its refresh starts: one sweep tick and a second for the
@@ -150,6 +262,7 @@ impl Cache {
             entries: Mutex::new(HashMap::new()),
             flights: Mutex::new(HashMap::new()),
             cfg,
+            epoch: Instant::now(),
             vaults,
             auditor,
         };
@@ -160,7 +273,12 @@ impl Cache {
         &self.inner.vaults
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+    /// Now, as a [`Tick`].
+    fn now(&self) -> Tick {
+        Tick(u64::try_from(self.inner.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.inner.entries.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -171,11 +289,10 @@ impl Cache {
         name: &SecretName,
         version: Option<&VersionId>,
     ) -> Result<Lookup, VaultError> {
-        let key = (vault.clone(), name.key().to_owned());
-        let now = Instant::now();
+        let now = self.now();
         {
             let mut entries = self.entries();
-            if let Some(e) = entries.get_mut(&key) {
+            if let Some(e) = entries.get_mut(vault).and_then(|names| names.get_mut(name.key())) {
                 e.last_read = now;
                 match version {
                     Some(v) => {
@@ -184,20 +301,20 @@ impl Cache {
                         }
                     }
                     None => {
-                        if let Some(gone) = &e.gone {
+                        if let Some(gone) = e.gone() {
                             return Err(gone.clone());
                         }
                         if let Some(cur) = &e.current {
                             if !e.is_stale(now) {
                                 return Ok(Lookup { fetched: Arc::clone(cur), state: CacheState::Hit });
                             }
-                            let age = now.duration_since(e.last_good);
+                            let age = now.since(e.last_good);
                             if age <= self.inner.cfg.max_stale {
                                 return Ok(Lookup { fetched: Arc::clone(cur), state: CacheState::Stale });
                             }
-                            let why = match (&e.last_error, e.failing_since) {
+                            let why = match (e.last_error(), e.failing_since()) {
                                 (Some(err), Some(since)) => {
-                                    format!("failing for {}s: {err}", now.duration_since(since).as_secs())
+                                    format!("failing for {}s: {err}", since.elapsed().as_secs())
                                 }
                                 _ => "a refresh is still in progress".to_owned(),
                             };
@@ -244,7 +361,7 @@ impl Cache {
                     upstream: None,
                 })?;
                 let started = Instant::now();
-                let result = backend.get(name, version, budget).await.map(Arc::new);
+                let result = backend.get_shared(name, version, budget).await;
                 if !backend.counts_own_calls() {
                     let status = result.as_ref().map_or_else(VaultStatus::of, |_| VaultStatus::Ok);
                     crate::metrics::get().vault_call(vault.as_str(), status, started.elapsed());
@@ -279,67 +396,79 @@ impl Cache {
         pinned: bool,
         result: &Result<Arc<Fetched>, VaultError>,
     ) {
-        let key = (vault.clone(), name.key().to_owned());
-        let now = Instant::now();
+        let (at, now) = (Instant::now(), self.now());
         let cfg = &self.inner.cfg;
         let mut entries = self.entries();
+        let names = entries.entry(vault.clone()).or_default();
         if let Ok(f) = result {
             Self::install_locked(f);
         }
         let changed = match result {
             Ok(f) if pinned => {
-                entries
-                    .entry(key)
-                    .or_insert_with(|| Entry::new(now))
-                    .pinned
-                    .insert(f.version.clone(), Arc::clone(f));
+                let e = names.get_or_insert(name.key(), now);
+                let pinned = &mut e.rare_mut().pinned;
+                pinned.retain(|p| p.version != f.version);
+                pinned.push(Arc::clone(f));
                 None
             }
             Ok(f) => {
-                let e = entries.entry(key).or_insert_with(|| Entry::new(now));
+                let e = names.get_or_insert(name.key(), now);
+                if e.rare.as_ref().is_none_or(|r| r.name.is_none()) && f.name.key() != name.key() {
+                    // Filed under the name asked for, whatever the vault's spelling.
+                    e.rare_mut().name = Some(name.key().into());
+                }
                 let previous = e.current.replace(Arc::clone(f));
-                e.gone = None;
-                e.failing_since = None;
-                e.last_error = None;
-                e.failures = 0;
+                if let Some(r) = &mut e.rare {
+                    r.gone = None;
+                    r.failing_since = None;
+                    r.last_error = None;
+                    r.failures = 0;
+                }
                 e.last_good = now;
                 let fresh_for = jitter(cfg.refresh_interval);
-                e.fresh_until = later(now, fresh_for);
-                e.next_refresh = later(now, fresh_for.saturating_sub(refresh_lead(cfg.refresh_interval)));
-                match previous {
+                e.fresh_until = now.after(fresh_for);
+                e.next_refresh = now.after(fresh_for.saturating_sub(refresh_lead(cfg.refresh_interval)));
+                let wake = |e: &Entry| {
+                    if let Some(tx) = e.rare.as_ref().and_then(|r| r.changed.as_ref()) {
+                        tx.send_replace(Some(f.version.clone()));
+                    }
+                };
+                let changed = match previous {
                     Some(p) if p.version != f.version => {
-                        e.retired.push((p.clone(), now));
-                        if let Some(tx) = &e.changed {
-                            tx.send_replace(Some(f.version.clone()));
-                        }
+                        e.rare_mut().retired.push((p.clone(), at));
+                        wake(e);
                         Some((p, Arc::clone(f)))
                     }
                     None => {
-                        if let Some(tx) = &e.changed {
-                            tx.send_replace(Some(f.version.clone()));
-                        }
+                        wake(e);
                         None
                     }
                     Some(_) => None,
-                }
+                };
+                e.tidy();
+                changed
             }
             Err(err @ (VaultError::NotFound { .. } | VaultError::Disabled { .. })) if !pinned => {
-                if let Some(e) = entries.get_mut(&key) {
+                if let Some(e) = names.get_mut(name.key()) {
                     // Not transient: stop serving the value now (it is wiped once unused).
+                    let key: Box<str> = e.key().into();
+                    e.rare_mut().name.get_or_insert(key);
                     e.current = None;
-                    e.gone = Some(err.clone());
-                    e.failing_since = None;
-                    e.next_refresh = later(now, jitter(cfg.refresh_interval));
+                    let r = e.rare_mut();
+                    r.gone = Some(err.clone());
+                    r.failing_since = None;
+                    e.next_refresh = now.after(jitter(cfg.refresh_interval));
                 }
                 None
             }
             Err(err) if !pinned => {
-                if let Some(e) = entries.get_mut(&key) {
-                    e.failing_since.get_or_insert(now);
-                    e.last_error = Some(err.to_string());
-                    e.failures = e.failures.saturating_add(1);
-                    let backoff = Duration::from_secs(1u64 << e.failures.min(6)).min(cfg.refresh_interval);
-                    e.next_refresh = later(now, jitter(backoff));
+                if let Some(e) = names.get_mut(name.key()) {
+                    let r = e.rare_mut();
+                    r.failing_since.get_or_insert(at);
+                    r.last_error = Some(err.to_string());
+                    r.failures = r.failures.saturating_add(1);
+                    let backoff = Duration::from_secs(1u64 << r.failures.min(6)).min(cfg.refresh_interval);
+                    e.next_refresh = now.after(jitter(backoff));
                 }
                 None
             }
@@ -360,7 +489,7 @@ impl Cache {
             version: Some(new.version.to_string()),
             previous_version: Some(old.version.to_string()),
         });
-        rec.upstream_request_id = new.upstream_request_id.clone();
+        rec.upstream_request_id = new.upstream_request_id.as_deref().map(str::to_owned);
         tracing::info!(vault = %vault, secret = %new.name, version = %new.version, "new version cached");
         // Called while installing a fetch (no await there): the writer orders it.
         let auditor = Arc::clone(&self.inner.auditor);
@@ -388,8 +517,8 @@ impl Cache {
             }
             let mut rx = {
                 let mut entries = self.entries();
-                match entries.get_mut(&(vault.clone(), name.key().to_owned())) {
-                    Some(e) => e.changed.get_or_insert_with(|| watch::channel(None).0).subscribe(),
+                match entries.get_mut(vault).and_then(|names| names.get_mut(name.key())) {
+                    Some(e) => e.rare_mut().changed.get_or_insert_with(|| watch::channel(None).0).subscribe(),
                     None => continue,
                 }
             };
@@ -412,19 +541,20 @@ impl Cache {
 
     /// What is cached, without values.
     pub(crate) fn status(&self) -> Vec<EntryStatus> {
-        let now = Instant::now();
+        let now = self.now();
         let entries = self.entries();
         let mut out: Vec<EntryStatus> = entries
             .iter()
-            .map(|((vault, key), e)| EntryStatus {
+            .flat_map(|(vault, names)| names.table.iter().map(move |e| (vault, e)))
+            .map(|(vault, e)| EntryStatus {
                 vault: vault.to_string(),
-                name: e.current.as_ref().map_or_else(|| key.clone(), |f| f.name.to_string()),
+                name: e.current.as_ref().map_or_else(|| e.key().to_owned(), |f| f.name.to_string()),
                 version: e.current.as_ref().map(|f| f.version.to_string()),
-                age_secs: now.duration_since(e.last_good).as_secs(),
-                idle_secs: now.duration_since(e.last_read).as_secs(),
+                age_secs: now.since(e.last_good).as_secs(),
+                idle_secs: now.since(e.last_read).as_secs(),
                 stale: e.is_stale(now),
-                retired_versions: e.retired.len(),
-                last_error: e.last_error.clone().or_else(|| e.gone.as_ref().map(ToString::to_string)),
+                retired_versions: e.retired_count(),
+                last_error: e.last_error().cloned().or_else(|| e.gone().map(ToString::to_string)),
             })
             .collect();
         out.sort_by(|a, b| (&a.vault, &a.name).cmp(&(&b.vault, &b.name)));
@@ -433,8 +563,8 @@ impl Cache {
 
     /// Cached values being served stale now (for `/v1/health`).
     pub(crate) fn stale_count(&self) -> usize {
-        let now = Instant::now();
-        self.entries().values().filter(|e| e.is_stale(now)).count()
+        let now = self.now();
+        self.entries().values().flat_map(|names| names.table.iter()).filter(|e| e.is_stale(now)).count()
     }
 
     /// `[cache] max_stale`, for health.
@@ -444,9 +574,10 @@ impl Cache {
 
     /// (entries, stale entries), for the metrics.
     pub(crate) fn counts(&self) -> (usize, usize) {
-        let now = Instant::now();
+        let now = self.now();
         let entries = self.entries();
-        (entries.len(), entries.values().filter(|e| e.is_stale(now)).count())
+        let all = || entries.values().flat_map(|names| names.table.iter());
+        (all().count(), all().filter(|e| e.is_stale(now)).count())
     }
 
     /// Drops every cached value (each is wiped once no request holds it).
@@ -456,14 +587,22 @@ impl Cache {
 
     /// Evicts idle entries and retired versions past their grace; returns the due refreshes.
     fn sweep(&self) -> Vec<(VaultAlias, SecretName)> {
-        let now = Instant::now();
+        let (at, now) = (Instant::now(), self.now());
         let cfg = &self.inner.cfg;
         let mut entries = self.entries();
-        entries.retain(|_, e| now.duration_since(e.last_read) <= cfg.evict_idle);
+        for names in entries.values_mut() {
+            names.table.retain(|e| now.since(e.last_read) <= cfg.evict_idle);
+        }
+        entries.retain(|_, names| !names.table.is_empty());
         let mut due = Vec::new();
-        for ((vault, _), e) in entries.iter_mut() {
-            e.retired.retain(|(_, at)| now.duration_since(*at) <= cfg.version_grace);
-            let tracked = e.current.as_ref().map(|f| f.name.clone()).or_else(|| match &e.gone {
+        for (vault, e) in
+            entries.iter_mut().flat_map(|(vault, names)| names.table.iter_mut().map(move |e| (&*vault, e)))
+        {
+            if let Some(r) = &mut e.rare {
+                r.retired.retain(|(_, retired)| at.duration_since(*retired) <= cfg.version_grace);
+            }
+            e.tidy();
+            let tracked = e.current.as_ref().map(|f| f.name.clone()).or_else(|| match e.gone() {
                 Some(VaultError::NotFound { name, .. } | VaultError::Disabled { name, .. }) => {
                     name.parse().ok()
                 }
@@ -473,7 +612,7 @@ impl Cache {
                 && e.next_refresh <= now
             {
                 // Not due again until this refresh reports back.
-                e.next_refresh = later(now, cfg.refresh_interval);
+                e.next_refresh = now.after(cfg.refresh_interval);
                 due.push((vault.clone(), name));
             }
         }

@@ -12,6 +12,8 @@
 //!   (`peer::events`).
 //! - `mlock` + `madvise(MADV_DONTDUMP)`: keep cached secret values out of swap and core
 //!   dumps; `prctl(PR_SET_DUMPABLE, 0)`: no core dumps or ptrace by non-root at all.
+//! - `mallopt(M_ARENA_MAX)` and `malloc_trim`: fewer malloc arenas, and freed startup memory
+//!   given back, so a large cache costs less resident memory.
 //! - [`ZeroOnFree`]: the agent's global allocator, which wipes every block as it is freed,
 //!   so buffers we do not own (the Azure SDK's response bodies, hyper's and rustls's
 //!   buffers) leave no copy of a value behind in freed memory.
@@ -402,6 +404,18 @@ pub(crate) fn trim_heap() {
     // SAFETY: malloc_trim only releases free memory held by the allocator; no pointers.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Caps glibc malloc at two arenas. By default each thread that allocates may get its own
+/// arena (up to 8 per core), and cached entries installed from different worker threads then
+/// half-fill pages in several heaps: measured with 10,000 cached secrets, 2.5 MiB more RSS
+/// than with two arenas (issue 19). Call before the runtime starts its threads.
+pub(crate) fn limit_malloc_arenas() {
+    // SAFETY: mallopt takes two integers and only changes the allocator's tuning; glibc
+    // ignores a value it does not accept (it returns 0, which we need not act on).
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }
 

@@ -37,8 +37,10 @@ pub enum NameError {
 /// ```
 #[derive(Clone)]
 pub struct SecretName {
-    spelled: String,
-    key: String,
+    spelled: Box<str>,
+    /// The lowercase form, only when it differs from `spelled`: most names are written in
+    /// lowercase, and a cache of 10,000 secrets then holds 10,000 fewer strings (issue 19).
+    lower: Option<Box<str>>,
 }
 
 impl SecretName {
@@ -49,7 +51,7 @@ impl SecretName {
 
     /// The lowercase form used for policy matching, caching and single flight.
     pub fn key(&self) -> &str {
-        &self.key
+        self.lower.as_deref().unwrap_or(&self.spelled)
     }
 }
 
@@ -61,20 +63,21 @@ impl std::str::FromStr for SecretName {
         if !ok {
             return Err(NameError::SecretName);
         }
-        Ok(Self { spelled: s.to_owned(), key: s.to_ascii_lowercase() })
+        let lower = s.bytes().any(|b| b.is_ascii_uppercase()).then(|| s.to_ascii_lowercase().into());
+        Ok(Self { spelled: s.into(), lower })
     }
 }
 
 impl PartialEq for SecretName {
     fn eq(&self, other: &Self) -> bool {
-        self.key == other.key
+        self.key() == other.key()
     }
 }
 impl Eq for SecretName {}
 
 impl std::hash::Hash for SecretName {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.key.hash(state);
+        self.key().hash(state);
     }
 }
 
@@ -99,22 +102,26 @@ impl fmt::Debug for SecretName {
 /// assert!("9f1c".parse::<VersionId>().is_err());
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub struct VersionId(String);
+pub struct VersionId(
+    /// The lowercase hex digits, inline: no allocation per cached version (issue 19).
+    [u8; 32],
+);
 
 impl VersionId {
     /// The id as 32 lowercase hexadecimal characters.
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Every constructor stores ASCII hex digits, so this never falls back.
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 
     /// Builds a version id from 16 bytes (for backends that mint their own ids).
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
-        let mut s = String::with_capacity(32);
-        for b in bytes {
-            s.push(char::from(HEX[usize::from(b >> 4)]));
-            s.push(char::from(HEX[usize::from(b & 0xf)]));
+        let mut hex = [0u8; 32];
+        for (i, b) in bytes.into_iter().enumerate() {
+            hex[2 * i] = HEX[usize::from(b >> 4)];
+            hex[2 * i + 1] = HEX[usize::from(b & 0xf)];
         }
-        Self(s)
+        Self(hex)
     }
 }
 
@@ -124,8 +131,11 @@ impl std::str::FromStr for VersionId {
     type Err = NameError;
 
     fn from_str(s: &str) -> Result<Self, NameError> {
+        let mut hex = [0u8; 32];
         if s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
-            Ok(Self(s.to_ascii_lowercase()))
+            hex.copy_from_slice(s.as_bytes());
+            hex.make_ascii_lowercase();
+            Ok(Self(hex))
         } else {
             Err(NameError::Version)
         }
@@ -134,13 +144,13 @@ impl std::str::FromStr for VersionId {
 
 impl fmt::Display for VersionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
 impl fmt::Debug for VersionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "VersionId({})", self.0)
+        write!(f, "VersionId({})", self.as_str())
     }
 }
 

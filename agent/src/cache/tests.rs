@@ -206,3 +206,26 @@ async fn refreshes_run_under_the_background_budget_and_reads_under_the_callers()
     assert_eq!(Budget::Background.deadline(Duration::from_secs(15)), crate::vault::BACKGROUND_BUDGET);
     assert_eq!(Budget::Background.deadline(Duration::from_secs(120)), Duration::from_secs(120));
 }
+
+/// Issue 19: entries carry no key string of their own; one with no current version (a 404,
+/// or only versions read by id) is filed under a name kept for it, so it is still found and
+/// answered without another vault call.
+#[tokio::test]
+async fn entries_without_a_current_version_are_still_found() {
+    let f = fixture(Duration::from_secs(300), Duration::from_secs(3600));
+    let pinned: SecretName = "Pinned".parse().unwrap();
+    f.cache.get(&alias(), &pinned, Some(&v(1))).await.unwrap();
+    let hit = f.cache.get(&alias(), &"PINNED".parse().unwrap(), Some(&v(1))).await.unwrap();
+    assert_eq!(hit.state, CacheState::Hit);
+    assert_eq!(f.backend.calls.load(Ordering::SeqCst), 1);
+
+    let name: SecretName = "db".parse().unwrap();
+    f.cache.get(&alias(), &name, None).await.unwrap();
+    *f.backend.answer.lock().unwrap() =
+        Err(VaultError::NotFound { vault: alias(), name: "db".into(), upstream_request_id: None });
+    f.cache.fetch(&alias(), &name, None, Budget::Background).await.unwrap_err();
+    let calls = f.backend.calls.load(Ordering::SeqCst);
+    assert!(matches!(f.cache.get(&alias(), &name, None).await, Err(VaultError::NotFound { .. })));
+    assert_eq!(f.backend.calls.load(Ordering::SeqCst), calls, "answered from the entry");
+    assert_eq!(f.cache.counts().0, 2);
+}

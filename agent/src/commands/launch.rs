@@ -107,6 +107,7 @@ fn launch(args: LaunchArgs) -> Result<ExitCode, Error> {
         output_masking: Some(args.mask),
     };
     let root: LaunchRoot = Arc::new(std::sync::OnceLock::new());
+    crate::sys::limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

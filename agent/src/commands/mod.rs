@@ -42,6 +42,7 @@ pub fn execute(cli: Cli) -> Result<ExitCode, Error> {
 /// The multi-threaded runtime the agent and the commands that talk to it run on, shaped by
 /// the tuning variables of [`RuntimeShape`] (none set: tokio's defaults, a worker per core).
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    crate::sys::limit_malloc_arenas();
     let shape = RuntimeShape::from_lookup(|k| std::env::var(k).ok()).map_err(Error::Runtime)?;
     shape.builder().enable_all().build().map_err(Error::Runtime)
 }

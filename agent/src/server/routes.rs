@@ -481,7 +481,7 @@ async fn decide_and_fetch<B>(
     };
     let fetched = looked_up.fetched;
     if looked_up.state == CacheState::Miss {
-        log.upstream_request_id.clone_from(&fetched.upstream_request_id);
+        log.upstream_request_id = fetched.upstream_request_id.as_deref().map(str::to_owned);
     }
     log.fetched = Some(Arc::clone(&fetched));
     check_usable(&fetched, &vault)?;

@@ -334,12 +334,12 @@ impl KeyVaultBackend {
             name: name.parse().unwrap_or_else(|_| asked.clone()),
             version,
             value: Arc::new(value),
-            content_type: wire.content_type,
+            content_type: wire.content_type.map(Into::into),
             enabled: attrs.enabled.unwrap_or(true),
             not_before: time(attrs.nbf),
             expires_on: time(attrs.exp),
             fetched_at: SystemTime::now(),
-            upstream_request_id: Some(rid.to_owned()),
+            upstream_request_id: Some(rid.into()),
             answer: super::Answer::default(),
         };
         owned.zeroize();

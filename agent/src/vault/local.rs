@@ -11,8 +11,15 @@
 //! a fetch, so an edit or `kvbroker dev rotate` is picked up by the next refresh, long poll
 //! wake-up or `kvbroker ctl refresh`, as a Key Vault rotation is. A value that did not change
 //! keeps its version; a file that no longer loads is reported and the last good one served.
+//!
+//! The table is also the cache's copy: each secret is held as the [`Fetched`] the cache
+//! serves ([`Backend::get_shared`]), so a cached local secret costs no second copy of its
+//! name, version, value or built answer (issue 19). An unchanged secret keeps its `Fetched`
+//! across re-reads of the file.
 
-use std::collections::HashMap;
+use std::borrow::Borrow;
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -34,8 +41,8 @@ pub(crate) struct LocalBackend {
 
 /// The file as last read.
 struct Loaded {
-    /// Keyed by the lowercase name.
-    secrets: HashMap<String, Entry>,
+    /// Found by the lowercase name.
+    secrets: HashSet<Shared>,
     /// What the file looked like when read (or when a read last failed): a reload happens
     /// only when this changes.
     stamp: Option<Stamp>,
@@ -61,13 +68,30 @@ impl Stamp {
     }
 }
 
-struct Entry {
-    name: SecretName,
-    version: VersionId,
-    value: Arc<SecretValue>,
-    loaded_at: SystemTime,
-    attrs: Attrs,
+/// One secret of the file, as served, found by its lowercase name (which it already holds,
+/// so the table stores no second copy of the name).
+struct Shared(Arc<Fetched>);
+
+impl Borrow<str> for Shared {
+    fn borrow(&self) -> &str {
+        self.0.name.key()
+    }
 }
+
+// Hashes and compares as the `str` it borrows as, as `HashSet::get(&str)` requires.
+impl Hash for Shared {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.name.key().hash(state);
+    }
+}
+
+impl PartialEq for Shared {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.name.key() == other.0.name.key()
+    }
+}
+
+impl Eq for Shared {}
 
 #[derive(Default)]
 struct Attrs {
@@ -77,6 +101,16 @@ struct Attrs {
     not_before: Option<SystemTime>,
     expires_on: Option<SystemTime>,
     content_type: Option<String>,
+}
+
+impl Attrs {
+    /// Whether `f` was made from these same attributes (the version aside).
+    fn same_as(&self, f: &Fetched) -> bool {
+        self.enabled == f.enabled
+            && self.not_before == f.not_before
+            && self.expires_on == f.expires_on
+            && self.content_type.as_deref() == f.content_type.as_deref()
+    }
 }
 
 /// Why a local secrets file was refused.
@@ -142,10 +176,11 @@ impl LocalBackend {
 
 /// Reads and checks the file: its secrets and its stamp. `before`: the secrets it held, whose
 /// versions are kept for values that did not change.
-fn read_file(
-    path: &Path,
-    before: Option<&HashMap<String, Entry>>,
-) -> Result<(HashMap<String, Entry>, Stamp), LocalError> {
+#[expect(
+    clippy::mutable_key_type,
+    reason = "`Shared` hashes only the name, which never changes; the built answer is what is mutable"
+)]
+fn read_file(path: &Path, before: Option<&HashSet<Shared>>) -> Result<(HashSet<Shared>, Stamp), LocalError> {
     let read_err = |source| LocalError::Read { path: path.to_owned(), source };
     let meta = std::fs::metadata(path).map_err(read_err)?;
     let mode = meta.mode() & 0o777;
@@ -167,7 +202,7 @@ fn read_file(
     text.zeroize();
 
     let loaded_at = SystemTime::now();
-    let mut secrets = HashMap::new();
+    let mut secrets = HashSet::with_capacity(table.len());
     let mut result = Ok(());
     for (key, value) in std::mem::take(&mut table) {
         if result.is_err() {
@@ -189,18 +224,40 @@ fn read_file(
                 continue;
             }
         };
-        let old = before.and_then(|b| b.get(name.key()));
-        let same_value = old.is_some_and(|o| {
-            bool::from(o.value.expose_secret().ct_eq(value.expose_secret())) && attrs.version.is_none()
-        });
+        let old = before.and_then(|b| b.get(name.key())).map(|o| &o.0);
+        let same_bytes =
+            old.is_some_and(|o| bool::from(o.value.expose_secret().ct_eq(value.expose_secret())));
+        let same_value = same_bytes && attrs.version.is_none();
         let (version, at) = match (attrs.version.take(), old) {
-            (Some(v), Some(o)) if v == o.version => (v, o.loaded_at),
+            (Some(v), Some(o)) if v == o.version => (v, o.fetched_at),
             (Some(v), _) => (v, loaded_at),
-            (None, Some(o)) if same_value => (o.version.clone(), o.loaded_at),
+            (None, Some(o)) if same_value => (o.version.clone(), o.fetched_at),
             (None, _) => (VersionId::from_bytes(fastrand::u128(..).to_le_bytes()), loaded_at),
         };
-        let entry = Entry { version, value: Arc::new(value), name, loaded_at: at, attrs };
-        if secrets.insert(entry.name.key().to_owned(), entry).is_some() {
+        let fetched = match old {
+            // Nothing changed: keep the `Fetched` the cache may hold, with its built answer.
+            Some(o)
+                if same_bytes
+                    && o.version == version
+                    && attrs.same_as(o)
+                    && o.name.as_str() == name.as_str() =>
+            {
+                Arc::clone(o)
+            }
+            _ => Arc::new(Fetched {
+                name,
+                version,
+                value: Arc::new(value),
+                content_type: attrs.content_type.map(Into::into),
+                enabled: attrs.enabled,
+                not_before: attrs.not_before,
+                expires_on: attrs.expires_on,
+                fetched_at: at,
+                upstream_request_id: None,
+                answer: super::Answer::default(),
+            }),
+        };
+        if !secrets.insert(Shared(fetched)) {
             result = Err(LocalError::Duplicate { path: path.to_owned(), name: key });
         }
     }
@@ -270,8 +327,32 @@ impl Backend for LocalBackend {
         &'a self,
         name: &'a SecretName,
         version: Option<&'a VersionId>,
-        _budget: Budget,
+        budget: Budget,
     ) -> BoxFuture<'a, Result<Fetched, VaultError>> {
+        Box::pin(async move {
+            let f = self.get_shared(name, version, budget).await?;
+            Ok(Fetched {
+                name: f.name.clone(),
+                version: f.version.clone(),
+                value: Arc::clone(&f.value),
+                content_type: f.content_type.clone(),
+                enabled: f.enabled,
+                not_before: f.not_before,
+                expires_on: f.expires_on,
+                fetched_at: f.fetched_at,
+                upstream_request_id: None,
+                answer: super::Answer::default(),
+            })
+        })
+    }
+
+    /// The table's own `Fetched`: the cache keeps no second copy (issue 19).
+    fn get_shared<'a>(
+        &'a self,
+        name: &'a SecretName,
+        version: Option<&'a VersionId>,
+        _budget: Budget,
+    ) -> BoxFuture<'a, Result<Arc<Fetched>, VaultError>> {
         Box::pin(async move {
             if !self.latency.is_zero() {
                 tokio::time::sleep(self.latency).await;
@@ -283,30 +364,19 @@ impl Backend for LocalBackend {
             };
             self.reload_if_changed();
             let loaded = self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let entry = loaded.secrets.get(name.key()).ok_or_else(not_found)?;
+            let entry = &loaded.secrets.get(name.key()).ok_or_else(not_found)?.0;
             if version.is_some_and(|v| *v != entry.version) {
                 return Err(not_found());
             }
             // As Key Vault does: a disabled secret is refused by the vault itself.
-            if !entry.attrs.enabled {
+            if !entry.enabled {
                 return Err(VaultError::Disabled {
                     vault: self.alias.clone(),
                     name: entry.name.to_string(),
                     upstream_request_id: None,
                 });
             }
-            Ok(Fetched {
-                name: entry.name.clone(),
-                version: entry.version.clone(),
-                value: Arc::clone(&entry.value),
-                content_type: entry.attrs.content_type.clone(),
-                enabled: entry.attrs.enabled,
-                not_before: entry.attrs.not_before,
-                expires_on: entry.attrs.expires_on,
-                fetched_at: entry.loaded_at,
-                upstream_request_id: None,
-                answer: super::Answer::default(),
-            })
+            Ok(Arc::clone(entry))
         })
     }
 }
@@ -384,6 +454,29 @@ mod tests {
         std::fs::remove_file(p).unwrap();
         let p = write(&std::env::temp_dir(), "ab = 3\n", 0o600);
         assert!(matches!(LocalBackend::load(alias(), &p, Duration::ZERO), Err(LocalError::NotString { .. })));
+        std::fs::remove_file(p).unwrap();
+    }
+
+    /// Issue 19: the cache keeps the table's own `Fetched` (no second copy of name, version,
+    /// value or answer), and an unchanged secret keeps it across a re-read of the file.
+    #[tokio::test]
+    async fn the_cache_shares_the_tables_copy_until_the_secret_changes() {
+        let dir = std::env::temp_dir();
+        let p = write(&dir, "a = \"canary-s1\"\nb = \"canary-s2\"\n", 0o600);
+        let b = LocalBackend::load(alias(), &p, Duration::ZERO).unwrap();
+        let a: SecretName = "a".parse().unwrap();
+        let first = b.get_shared(&a, None, Budget::Caller).await.unwrap();
+        let again = b.get_shared(&a, None, Budget::Caller).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &again));
+
+        let tmp = p.with_extension("new");
+        std::fs::write(&tmp, "a = \"canary-s1\"\nb = \"canary-s3\"\n").unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::rename(&tmp, &p).unwrap();
+        let after = b.get_shared(&a, None, Budget::Caller).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &after), "unchanged secret, same Fetched");
+        let changed = b.get_shared(&"b".parse().unwrap(), None, Budget::Caller).await.unwrap();
+        assert_eq!(changed.value.expose_secret(), b"canary-s3");
         std::fs::remove_file(p).unwrap();
     }
 

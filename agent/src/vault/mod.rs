@@ -54,13 +54,13 @@ pub(crate) struct Fetched {
     pub(crate) name: SecretName,
     pub(crate) version: VersionId,
     pub(crate) value: Arc<SecretValue>,
-    pub(crate) content_type: Option<String>,
+    pub(crate) content_type: Option<Box<str>>,
     pub(crate) enabled: bool,
     pub(crate) not_before: Option<SystemTime>,
     pub(crate) expires_on: Option<SystemTime>,
     pub(crate) fetched_at: SystemTime,
     /// `x-ms-client-request-id` of the Key Vault call that fetched it.
-    pub(crate) upstream_request_id: Option<String>,
+    pub(crate) upstream_request_id: Option<Box<str>>,
     /// The JSON body of a fresh answer for this version, built at its first hit (issue 19).
     pub(crate) answer: Answer,
 }
@@ -191,6 +191,18 @@ pub(crate) trait Backend: Send + Sync {
         version: Option<&'a VersionId>,
         budget: Budget,
     ) -> BoxFuture<'a, Result<Fetched, VaultError>>;
+
+    /// As [`Backend::get`], sharing the backend's own copy where it keeps one: a `local`
+    /// vault's table already holds every secret, so the cache keeps that same `Fetched` (and
+    /// the answer built for it) rather than a second copy (issue 19).
+    fn get_shared<'a>(
+        &'a self,
+        name: &'a SecretName,
+        version: Option<&'a VersionId>,
+        budget: Budget,
+    ) -> BoxFuture<'a, Result<Arc<Fetched>, VaultError>> {
+        Box::pin(async move { self.get(name, version, budget).await.map(Arc::new) })
+    }
 
     /// Whether the backend counts each request it sends in the metrics itself (Key Vault:
     /// retries are calls too), so the cache does not count its fetches again.

@@ -10,6 +10,8 @@
 //! 3 rounds × 1/16/64 kept-alive connections × 5 s, agent and floor interleaved; `--strace`
 //! adds system calls per read (`strace -f -c` on the agent over 20,000 oha reads). Then audit
 //! `fsync` against `write` at 64 connections, interleaved, 3 rounds.
+//! `memory` (not in the default set either): RSS with 0 / 1,000 / 10,000 secrets, at ready and
+//! after one read of each, without load.
 //! Build with `--release` first: `cargo run --release -p kvbroker-tests --bin kvbroker-bench`.
 #![allow(
     clippy::unwrap_used,
@@ -345,6 +347,57 @@ fn scale(rt: &tokio::runtime::Runtime, o: &Opts, rows: &mut Vec<Value>) {
             ready.as_secs_f64() * 1000.0
         );
         rows.push(json!({"scenario": "scale", "secrets": n, "rss_mib": rss, "p99_us": load.p99_us, "reads_per_sec": load.reads_per_sec, "start_to_ready_ms": ready.as_secs_f64() * 1000.0}));
+    }
+}
+
+/// RSS and its parts, from `/proc/PID/status`, in KiB: (VmRSS, RssAnon, RssFile, VmLck).
+fn mem_kib(pid: u32) -> (u64, u64, u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("RssAnon:"), field("RssFile:"), field("VmLck:"))
+}
+
+/// `memory` (not in the default set): RSS of an agent with N secrets in a `local` vault, at
+/// ready and after one read of each (one connection, no load), with its anonymous, file-backed
+/// and locked parts. Deterministic enough to compare builds, unlike the reads/s columns.
+fn memory(rows: &mut Vec<Value>) {
+    println!("\n== memory: RSS with N cached secrets (local vault, ~60 B values, each read once)");
+    println!(
+        "{:>7} | {:>9} {:>9} | {:>9} {:>9} {:>9} {:>9} | {:>9}",
+        "secrets", "ready MiB", "anon", "read MiB", "anon", "file", "locked", "B/secret"
+    );
+    for n in [0usize, 1000, 10_000] {
+        let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+        let secrets: Vec<(String, String)> =
+            names.iter().map(|k| (k.clone(), format!("value-{k}-{}", "v".repeat(40)))).collect();
+        let agent = bench_agent("bench-memory", &secrets, "write");
+        let pid = agent.proc.pid();
+        let ready = mem_kib(pid);
+        let client = kvbroker_client::blocking::Client::with_socket(&agent.socket).unwrap();
+        for k in &names {
+            client.get(k).unwrap();
+        }
+        let read = mem_kib(pid);
+        let per = if n == 0 { 0 } else { (read.0.saturating_sub(ready.0) * 1024) / n as u64 };
+        let mib = |k: u64| k as f64 / 1024.0;
+        println!(
+            "{:>7} | {:>9.1} {:>9.1} | {:>9.1} {:>9.1} {:>9.1} {:>9.1} | {:>9}",
+            n,
+            mib(ready.0),
+            mib(ready.1),
+            mib(read.0),
+            mib(read.1),
+            mib(read.2),
+            mib(read.3),
+            per
+        );
+        rows.push(json!({"scenario": "memory", "secrets": n, "ready_rss_mib": mib(ready.0), "rss_mib": mib(read.0), "anon_mib": mib(read.1), "file_mib": mib(read.2), "locked_mib": mib(read.3)}));
     }
 }
 
@@ -721,7 +774,10 @@ fn main() {
     let chosen: Vec<&str> =
         if args.is_empty() { all.to_vec() } else { args.iter().map(String::as_str).collect() };
     for c in &chosen {
-        assert!(all.contains(c) || *c == "oha", "unknown scenario {c}: choose from {all:?} or oha");
+        assert!(
+            all.contains(c) || *c == "oha" || *c == "memory",
+            "unknown scenario {c}: choose from {all:?}, oha or memory"
+        );
     }
     raise_fd_limit();
     let o = Opts { quick, run_for: if quick { Duration::from_millis(300) } else { Duration::from_secs(2) } };
@@ -742,6 +798,7 @@ fn main() {
             "audit" => audit(&rt, &o, &mut rows),
             "mask" => mask(&o, &mut rows),
             "oha" => oha_scenario(&o, strace, &mut rows),
+            "memory" => memory(&mut rows),
             _ => {}
         }
     }
