@@ -193,7 +193,13 @@ impl Auditor {
         record: &dyn record::Fields,
         others_ready: bool,
     ) -> impl Future<Output = Result<u64, AuditError>> + Send + '_ {
-        let path = if others_ready {
+        let path = if self.core.hands_off() {
+            // `fsync`: the writer thread writes and fsyncs what queues meanwhile as one
+            // batch; the runtime worker goes on serving instead of waiting for the disk.
+            let (rx, turn) = self.core.enqueue(record, &self.tx);
+            drop(turn);
+            Written::Queued(rx)
+        } else if others_ready {
             // Queue this record and, holding the writing turn, step aside once so the
             // requests this worker thread has ready queue theirs behind it; then one
             // write(2) carries them all.

@@ -137,35 +137,62 @@ async fn records_queued_during_a_write_go_out_in_one_write_by_the_writing_reques
     assert_eq!(verify(&one(&c.path), None).unwrap().records, 11);
 }
 
-/// Issue 19: while several reads are in progress, the records of requests that are ready
-/// together on one worker thread share one `write(2)`: the first takes the turn and steps
-/// aside once, the others queue behind it. In `fsync` mode they share one fsync too.
+/// Issue 19: while other connections have requests waiting, the records of requests that
+/// are ready together on one worker thread share one `write(2)`: the first takes the turn
+/// and steps aside once, the others queue behind it.
 #[tokio::test(flavor = "current_thread")]
 async fn records_of_reads_ready_together_share_one_write() {
-    for durability in [Durability::Write, Durability::Fsync] {
-        let d = TempDir::new();
-        let mut c = cfg(&d);
-        c.durability = durability;
-        let (a, _) = Auditor::open(&c).unwrap();
-        let a = Arc::new(a);
-        let before = a.core.with_state(|s| s.commits);
-        let tasks: Vec<_> = (1..=20)
+    let d = TempDir::new();
+    let c = cfg(&d);
+    let (a, _) = Auditor::open(&c).unwrap();
+    let a = Arc::new(a);
+    let before = a.core.with_state(|s| s.commits);
+    let tasks: Vec<_> = (1..=20)
+        .map(|i| {
+            let a = Arc::clone(&a);
+            // As the server does while other connections have requests waiting.
+            tokio::spawn(async move { a.append_fields(&read(i), true).await.unwrap() })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+    assert_eq!(a.core.with_state(|s| s.commits) - before, 1, "twenty records, one write");
+    assert_eq!(
+        a.core.with_state(|s| s.last_commit_thread),
+        Some(std::thread::current().id()),
+        "written by the gathering request, on its own thread"
+    );
+    assert_eq!(a.core.queued(), (0, false), "nobody leads afterwards");
+    assert_eq!(verify(&one(&c.path), None).unwrap().records, 20);
+}
+
+/// In `fsync` mode no request writes on its runtime worker: every record goes to the writer
+/// thread, which writes and fsyncs what queued meanwhile together.
+#[tokio::test(flavor = "current_thread")]
+async fn in_fsync_mode_requests_hand_their_records_to_the_writer_thread() {
+    let d = TempDir::new();
+    let mut c = cfg(&d);
+    c.durability = Durability::Fsync;
+    let (a, _) = Auditor::open(&c).unwrap();
+    let a = Arc::new(a);
+    for gather in [false, true] {
+        let tasks: Vec<_> = (0..10)
             .map(|i| {
                 let a = Arc::clone(&a);
-                // As the server does while other connections have requests waiting.
-                tokio::spawn(async move { a.append_fields(&read(i), true).await.unwrap() })
+                tokio::spawn(async move { a.append_fields(&read(i), gather).await.unwrap() })
             })
             .collect();
-        let mut seqs = Vec::new();
         for t in tasks {
-            seqs.push(t.await.unwrap());
+            t.await.unwrap();
         }
-        seqs.sort_unstable();
-        assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "{durability:?}");
-        assert_eq!(a.core.with_state(|s| s.commits) - before, 1, "{durability:?}: twenty records, one write");
-        assert_eq!(a.core.queued(), (0, false), "{durability:?}: nobody leads afterwards");
-        assert_eq!(verify(&one(&c.path), None).unwrap().records, 20);
+        let writer = a.core.with_state(|s| s.last_commit_thread);
+        assert!(writer.is_some_and(|t| t != std::thread::current().id()), "written by the writer thread");
     }
+    assert_eq!(verify(&one(&c.path), None).unwrap().records, 20);
 }
 
 /// A request that took the turn and is cancelled while it steps aside still gets its record

@@ -48,8 +48,9 @@ pub(crate) const RECHECK: Duration = Duration::from_millis(100);
 
 /// How many batches a request that found nobody writing writes before it hands the queue to
 /// the writer thread: its own record, then what queued meanwhile (in `write` mode). In
-/// `fsync` mode it writes only its own and the writer thread does the group commits, so no
-/// request (and no runtime worker) waits for more than one fsync of someone else's.
+/// `fsync` mode requests hand every record to the writer thread ([`Core::hands_off`]),
+/// which writes and fsyncs what queued meanwhile as one batch, so no runtime worker blocks
+/// on an fsync; one batch is what a request that took the turn by hand (tests) writes.
 const LEAD_BATCHES_WRITE: usize = 8;
 const LEAD_BATCHES_FSYNC: usize = 1;
 
@@ -159,6 +160,9 @@ pub(super) struct State {
     /// Writes made (tests count batches with it).
     #[cfg(test)]
     pub(super) commits: u64,
+    /// The thread that made the last write (tests).
+    #[cfg(test)]
+    pub(super) last_commit_thread: Option<std::thread::ThreadId>,
     /// When the path was last compared with the open file.
     last_check: Instant,
     recheck: Duration,
@@ -194,6 +198,8 @@ impl State {
             watch: Watch::start(&cfg.path),
             #[cfg(test)]
             commits: 0,
+            #[cfg(test)]
+            last_commit_thread: None,
             last_check: Instant::now(),
             recheck: RECHECK,
         })
@@ -282,6 +288,7 @@ impl State {
         #[cfg(test)]
         {
             self.commits += 1;
+            self.last_commit_thread = Some(std::thread::current().id());
         }
         self.seq = seq;
         self.prev = prev;
@@ -474,6 +481,12 @@ impl Core {
         let lead_batches =
             if state.durability == Durability::Fsync { LEAD_BATCHES_FSYNC } else { LEAD_BATCHES_WRITE };
         Arc::new(Self { state: Mutex::new(state), queue: Mutex::new(Queue::default()), lead_batches })
+    }
+
+    /// Whether records go to the writer thread rather than being written by the request
+    /// (`fsync` mode: an fsync would block the runtime worker the request runs on).
+    pub(super) fn hands_off(&self) -> bool {
+        self.lead_batches == LEAD_BATCHES_FSYNC
     }
 
     /// Tests: the writer state, locked.
