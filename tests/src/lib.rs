@@ -72,17 +72,26 @@ impl Drop for TempDir {
     }
 }
 
-/// A child process that is killed and reaped when dropped.
-pub struct Proc(Option<Child>);
+/// A child process that is killed and reaped when dropped — with every process of its
+/// process group when spawned by [`Proc::spawn_group`].
+pub struct Proc(Option<Child>, bool);
 
 impl Proc {
     pub fn spawn(cmd: &mut Command) -> Self {
-        Self(Some(cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"))))
+        Self(Some(cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"))), false)
+    }
+
+    /// Spawns `cmd` in a process group of its own and, when dropped, kills the whole group:
+    /// for a supervisor (`kvb exec`) whose child would outlive a SIGKILL of the supervisor.
+    pub fn spawn_group(cmd: &mut Command) -> Self {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+        Self(Some(cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"))), true)
     }
 
     /// Takes ownership of an already spawned child.
     pub fn adopt(child: Child) -> Self {
-        Self(Some(child))
+        Self(Some(child), false)
     }
 
     pub fn pid(&self) -> u32 {
@@ -116,6 +125,15 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Some(mut c) = self.0.take() {
+            if self.1
+                && let Ok(pgid) = libc::pid_t::try_from(c.id())
+            {
+                // SAFETY: kill(2) of the process group our unreaped child leads.
+                #[allow(unsafe_code)]
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -402,7 +420,7 @@ impl AgentBuilder {
         let config = self.dir.path().join("config.toml");
         let d = self.dir.path().to_owned();
         let mut agent = Agent {
-            proc: Proc(None),
+            proc: Proc(None, false),
             socket: d.join("agent.sock"),
             audit: self.audit(),
             config,
@@ -602,7 +620,7 @@ impl EmulatorProc {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn kvbroker-emulator");
         let stdout = child.stdout.take().unwrap();
-        let proc = Proc(Some(child));
+        let proc = Proc(Some(child), false);
         let mut line = String::new();
         std::io::BufReader::new(stdout).read_line(&mut line).unwrap();
         let info: EmulatorInfo =

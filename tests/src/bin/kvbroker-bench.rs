@@ -618,6 +618,53 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// System calls the agent made per read: `strace -f -c` attached to it while oha makes `n`
 /// reads on `clients` connections.
+/// CPU time (user + system, all threads) a process has used, in µs, from `/proc/PID/stat`.
+fn cpu_us(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `(comm)`: state is the 3rd field; utime and stime the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    let hz: f64 = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0);
+    ticks * 1e6 / hz
+}
+
+/// System calls (the kernel's `raw_syscalls:sys_enter` tracepoint, counted by `perf stat`:
+/// no strace slowdown) and CPU µs of process `pid` per read, over an oha run of `secs` s.
+/// `None` when perf cannot count tracepoints here.
+fn kernel_counts(pid: u32, socket: &Path, clients: usize, secs: u64) -> Option<(f64, f64, f64)> {
+    let out = std::env::temp_dir().join(format!("kvbroker-bench-perf-{}-{clients}", std::process::id()));
+    let mut perf = std::process::Command::new("perf")
+        .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-o"])
+        .arg(&out)
+        .args(["-p", &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let cpu0 = cpu_us(pid);
+    let run = oha(socket, clients, Some(secs), None);
+    let cpu = cpu_us(pid) - cpu0;
+    let _ = std::process::Command::new("kill").args(["-INT", &perf.id().to_string()]).status();
+    let _ = perf.wait();
+    let text = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    let calls: f64 = text
+        .lines()
+        .find(|l| l.contains("raw_syscalls:sys_enter"))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.trim().parse().ok())?;
+    let reads = run.ok.max(1) as f64;
+    Some((calls / reads, cpu / reads, run.reads_per_sec))
+}
+
 fn syscalls_per_read(agent_pid: u32, socket: &Path, clients: usize, n: u64) -> (f64, String) {
     let out = std::env::temp_dir().join(format!("kvbroker-bench-strace-{}", std::process::id()));
     let mut strace = std::process::Command::new("strace")
@@ -746,6 +793,23 @@ fn oha_scenario(o: &Opts, strace: bool, rows: &mut Vec<Value>) {
     let (w, f) = (median(w_rs), median(f_rs));
     println!("audit fsync vs write, 64 clients, medians: write {w:.0} r/s, fsync {f:.0} r/s ({:.2}×)", f / w);
     drop(synced);
+    // Without strace: system calls per read from the kernel's own tracepoint, and CPU per
+    // read, agent and floor (the floor runs in this process), one oha run each.
+    println!("kernel-counted (perf stat raw_syscalls:sys_enter) and CPU per read, {secs} s oha runs:");
+    for c in [1usize, 16, 64] {
+        let a = kernel_counts(agent.proc.pid(), &agent.socket, c, secs);
+        let f = kernel_counts(std::process::id(), &fl.socket, c, secs);
+        match (a, f) {
+            (Some((a_sys, a_cpu, a_rs)), Some((f_sys, f_cpu, f_rs))) => {
+                println!(
+                    "{c:>4} clients | agent {a_sys:.2} syscalls/read, {a_cpu:.1} µs CPU/read ({a_rs:.0} r/s) | floor {f_sys:.2} syscalls/read, {f_cpu:.1} µs CPU/read ({f_rs:.0} r/s)"
+                );
+                rows.push(json!({"scenario": "oha-kernel", "clients": c, "syscalls_per_read": a_sys, "cpu_us_per_read": a_cpu,
+                    "floor_syscalls_per_read": f_sys, "floor_cpu_us_per_read": f_cpu}));
+            }
+            _ => println!("(perf cannot count raw_syscalls:sys_enter here: skipped)"),
+        }
+    }
     if strace {
         let n = if o.quick { 2_000 } else { 20_000 };
         for c in [1usize, 64] {

@@ -525,7 +525,7 @@ fn follow_signals_a_pid_file_and_restart_kills_after_grace() {
     ]);
     let sup_err = dir.path().join("sup.err");
     sup.stdin(Stdio::null()).stdout(Stdio::null()).stderr(std::fs::File::create(&sup_err).unwrap());
-    let _sup = Proc::spawn(&mut sup);
+    let _sup = Proc::spawn_group(&mut sup);
     let lines = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default().lines().count();
     wait_for("the first write and start", Duration::from_secs(10), || {
         std::fs::read_to_string(&out).is_ok_and(|t| t == a) && lines(&starts) == 1
