@@ -28,6 +28,7 @@ mod cache;
 pub mod cli;
 mod commands;
 pub mod config;
+mod gather;
 mod identity;
 mod kube;
 mod metrics;
@@ -157,7 +158,18 @@ mod layering {
 
     /// Lowest first. A module may use modules on its own layer or below.
     const LAYERS: &[&[&str]] = &[
-        &["sys", "shutdown", "transport", "rate", "terminal", "trust", "supervise", "probe", "metrics"],
+        &[
+            "sys",
+            "shutdown",
+            "transport",
+            "rate",
+            "terminal",
+            "trust",
+            "supervise",
+            "probe",
+            "metrics",
+            "gather",
+        ],
         &["peer", "config"],
         &["policy", "identity", "kube"],
         &["vault", "audit"],

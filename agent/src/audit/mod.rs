@@ -85,25 +85,6 @@ enum Written<'a> {
     Gather(tokio::sync::oneshot::Receiver<Result<u64, AuditError>>, Option<writer::Turn<'a>>),
 }
 
-/// Returns `Pending` once, waking itself: the task goes to the back of its worker's run
-/// queue, behind the tasks already ready there, without a system call (the other worker is
-/// woken only if it is idle — and records are gathered only while other connections have
-/// requests waiting, so at one client this path is not taken).
-struct StepAside(bool);
-
-impl Future for StepAside {
-    type Output = ();
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if self.0 {
-            return std::task::Poll::Ready(());
-        }
-        self.0 = true;
-        cx.waker().wake_by_ref();
-        std::task::Poll::Pending
-    }
-}
-
 /// What opening found at the end of an existing log.
 #[derive(Debug, Default)]
 pub(crate) struct Resumed {
@@ -186,7 +167,7 @@ impl Auditor {
     /// [`append`](Self::append) for a record in any [`Fields`] form (an allowed read's
     /// borrowed [`record::ReadRecord`]). The record is written, or serialized into the
     /// queue, before this returns; the future only waits for the queue's writer. With
-    /// `others_ready` (other connections have requests waiting to be read), the record waits
+    /// `others_ready` (other requests are on their way: `gather`), the record waits
     /// for theirs to share its `write(2)`.
     pub(crate) fn append_fields(
         &self,
@@ -220,7 +201,7 @@ impl Auditor {
                 Written::Queued(rx) => self.queued(rx).await,
                 Written::Gather(rx, turn) => {
                     if let Some(turn) = turn {
-                        StepAside(false).await;
+                        crate::gather::StepAside::new().await;
                         turn.write_queued();
                     }
                     self.queued(rx).await

@@ -15,7 +15,7 @@
 use std::io::{self, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker, ready};
 
@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 
 use super::events;
-use crate::sys;
+use crate::{gather, sys};
 
 /// One process that wrote on a connection.
 #[derive(Debug)]
@@ -151,34 +151,17 @@ pub(crate) struct LabelledStream {
     inner: AsyncFd<std::os::unix::net::UnixStream>,
     log: Arc<SenderLog>,
     /// Given to the reactor instead of the task's own waker, to count this connection in
-    /// [`WAITING`] from the moment its socket is readable until its task reads it.
+    /// [`gather::Woken`] from the moment its socket is readable until its task reads it.
     wake: Arc<ReadWake>,
     waker: Waker,
 }
 
-/// Connections, agent-wide, whose socket has become readable and whose task has not read
-/// it yet: requests on their way. While there are some, a request's audit record waits for
-/// theirs to share one `write(2)` (`Auditor::append_gathering`).
-static WAITING: AtomicUsize = AtomicUsize::new(0);
-
-/// Whether other connections have requests waiting to be read.
-pub(crate) fn others_ready() -> bool {
-    WAITING.load(Ordering::Relaxed) > 0
-}
-
-/// A connection's read waker: counts it as waiting, then wakes its task.
+/// A connection's read waker: counts it as on its way ([`gather::Woken`]), then wakes its
+/// task.
 #[derive(Default)]
 struct ReadWake {
     task: Mutex<Option<Waker>>,
-    counted: AtomicBool,
-}
-
-impl ReadWake {
-    fn uncount(&self) {
-        if self.counted.swap(false, Ordering::AcqRel) {
-            WAITING.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
+    woken: gather::Woken,
 }
 
 #[cfg(test)]
@@ -194,9 +177,7 @@ impl std::task::Wake for ReadWake {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        if !self.counted.swap(true, Ordering::AcqRel) {
-            WAITING.fetch_add(1, Ordering::Relaxed);
-        }
+        self.woken.woken();
         if let Some(task) = self.task.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
             task.wake_by_ref();
         }
@@ -215,7 +196,7 @@ impl LabelledStream {
 
 impl Drop for LabelledStream {
     fn drop(&mut self) {
-        self.wake.uncount();
+        self.wake.woken.read();
     }
 }
 
@@ -237,7 +218,7 @@ impl AsyncRead for LabelledStream {
         let mut counting = Context::from_waker(&this.waker);
         loop {
             let mut ready = ready!(this.inner.poll_read_ready(&mut counting))?;
-            this.wake.uncount();
+            this.wake.woken.read();
             let room = buf.remaining();
             let before = buf.filled().len();
             match ready.try_io(|fd| sys::recv_labelled(fd.as_fd(), buf)) {
@@ -375,7 +356,7 @@ mod tests {
         assert!(sys::pass_sender_credentials(a.as_fd()).is_ok());
         let mut stream = LabelledStream::new(a, Arc::new(SenderLog::default())).unwrap();
         let wake = Arc::clone(&stream.wake);
-        let counted = || wake.counted.load(Ordering::Acquire);
+        let counted = || wake.woken.is_counted();
         let mut got = [0u8; 64];
         let reader = tokio::spawn(async move {
             let n = stream.read(&mut got).await.unwrap();

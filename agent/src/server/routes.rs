@@ -13,6 +13,7 @@ use kvbroker_proto::{
 use super::response::{self, Body, DeniedRead, Failure, Served};
 use crate::audit::record::{PeerView, ReadRecord, SecretView};
 use crate::config::{RateKey, UnknownVault};
+use crate::gather;
 use crate::kube::PodLookup;
 use crate::metrics::{self, CacheUse, DenyReason, Limit, ReadOutcome};
 use crate::peer::{ConnPeer, PeerError, PeerFacts};
@@ -105,7 +106,8 @@ async fn read_secret<B>(
     request_id: &str,
 ) -> Response<Body> {
     let mut log = ReadLog::default();
-    let result = decide_and_fetch(ctx, peer, over_cap, req, raw_name, &mut log).await;
+    let mut progress = gather::InProgress::begin();
+    let result = decide_and_fetch(ctx, peer, over_cap, req, raw_name, &mut log, &mut progress).await;
     let raw = wants_raw(req);
     let mut cache_use = CacheUse::None;
     let answer = result.and_then(|served| match served {
@@ -156,7 +158,7 @@ async fn read_secret<B>(
                 }
             };
             let rec = log.allowed(request_id, peer_view);
-            ctx.auditor.append_fields(&rec, crate::peer::sender::others_ready()).await.map(|_| ())
+            ctx.auditor.append_fields(&rec, progress.others()).await.map(|_| ())
         }
         Err(f) => {
             count_refusal(f);
@@ -347,6 +349,7 @@ async fn decide_and_fetch<B>(
     req: &Request<B>,
     raw_name: &str,
     log: &mut ReadLog,
+    progress: &mut gather::InProgress,
 ) -> Result<Option<Served>, Failure> {
     if has_body(req) {
         return Err(Failure::BodyTooLarge);
@@ -385,6 +388,11 @@ async fn decide_and_fetch<B>(
     }
 
     let policy = ctx.policy();
+    if progress.others() && crate::peer::events::global().is_some_and(|s| s.active()) {
+        // Let the requests on their way reach this point too: the first of them to check
+        // its caller drains the exec/exit event queue once for all (`peer::events`).
+        gather::StepAside::new().await;
+    }
     let facts = peer.facts(policy.uses_cgroup()).map_err(|e| match e {
         PeerError::ExeChanged | PeerError::CgroupChanged | PeerError::SecondWriter { .. } => {
             Failure::Reconnect { reason: e.to_string() }
@@ -458,6 +466,8 @@ async fn decide_and_fetch<B>(
             let wait = Duration::from_secs(u64::from(wait));
             // A stop answers open long polls at once (503, Retry-After) instead of holding
             // the drain for up to `shutdown_grace`; the watcher reconnects to the next agent.
+            // Waiting, it is no longer on its way: others do not wait for it.
+            progress.leave();
             tokio::select! {
                 r = ctx.cache.wait_change(&vault, &name, from, wait) => r,
                 () = ctx.stopping() => return Err(Failure::Stopping),
