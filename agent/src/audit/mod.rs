@@ -1,13 +1,14 @@
 //! The audit log: one JSON line per event, hash-chained, written before the answer.
 //!
-//! `Auditor::append` writes the record itself when no other write is in progress (the
-//! common case: one `write(2)`, no thread hop), and then, in `write` mode, the records other
+//! In `write` mode, `Auditor::append` writes the record itself when no other write is in
+//! progress (the common case: one `write(2)`, no thread hop), and then the records other
 //! requests queued meanwhile, each batch in one `write(2)`. A request that finds a write in
-//! progress queues its record and waits — at most `write_timeout` — for it to be in the file
-//! (and fsynced, in `fsync` mode); records queued together are written and fsynced together
-//! (group commit), by the writing request or, after a few batches (after one in `fsync`
-//! mode), by the writer thread (`writer`). Under load, [`Auditor::append_gathering`] makes
-//! requests that arrive together share a `write(2)` even when none is in progress yet. A hung disk can stall the one request writing at
+//! progress queues its record and waits — at most `write_timeout` — for it to be in the file.
+//! Under load (`crate::gather`: others on their way) a request queues its record first,
+//! takes the writing turn and steps aside once, so the records of requests that arrive
+//! together share one `write(2)`. In `fsync` mode every record goes to the writer thread
+//! (`writer`), which writes and fsyncs what queued meanwhile as one batch (group commit), so
+//! no runtime worker waits on the disk. A hung disk can stall the one request writing at
 //! that moment; every other request gives up after `write_timeout` with 503.
 //! A record that cannot be written fails its request closed (503 `AuditUnavailable`); a
 //! failed write is rolled back to the last whole line, so the chain stays intact, and the
