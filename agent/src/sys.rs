@@ -242,14 +242,37 @@ pub(crate) fn proc_connector_socket(rcvbuf: usize) -> io::Result<OwnedFd> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
+    // Connected to the kernel (port 0): the kernel refuses another process's unicast to our
+    // port (`ECONNREFUSED`), so nobody but the kernel can fill the queue a request drains.
+    // Multicast events still arrive through the group bound above.
+    // SAFETY: an all-zero sockaddr_nl is valid: port 0, no groups, is the kernel.
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: `kernel` is a live sockaddr_nl of the length passed.
+    let rc = unsafe {
+        libc::connect(
+            owned.as_raw_fd(),
+            (&raw const kernel).cast(),
+            size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
     Ok(owned)
 }
 
 /// Sends one netlink message (`bytes`, header included) to the kernel.
 pub(crate) fn netlink_send_to_kernel(sock: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
-    // SAFETY: an all-zero sockaddr_nl is valid: port 0 is the kernel.
+    netlink_send(sock, bytes, 0)
+}
+
+/// Sends one netlink datagram to port `port` (0: the kernel).
+pub(crate) fn netlink_send(sock: BorrowedFd<'_>, bytes: &[u8], port: u32) -> io::Result<()> {
+    // SAFETY: an all-zero sockaddr_nl is valid; the port is set below.
     let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
     addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    addr.nl_pid = port;
     // SAFETY: `bytes` and `addr` are live for the call and their lengths are the ones passed.
     let rc = unsafe {
         libc::sendto(
@@ -265,6 +288,20 @@ pub(crate) fn netlink_send_to_kernel(sock: BorrowedFd<'_>, bytes: &[u8]) -> io::
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The port id the kernel gave a bound netlink socket.
+#[cfg(test)]
+pub(crate) fn netlink_port(sock: BorrowedFd<'_>) -> io::Result<u32> {
+    // SAFETY: an all-zero sockaddr_nl is valid; the kernel overwrites it.
+    let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_nl>() as libc::socklen_t;
+    // SAFETY: `addr` and `len` are live for the call; the kernel writes at most `len` bytes.
+    let rc = unsafe { libc::getsockname(sock.as_raw_fd(), (&raw mut addr).cast(), &raw mut len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(addr.nl_pid)
 }
 
 /// Receives one netlink datagram into `buf` without blocking: its length and the sender's

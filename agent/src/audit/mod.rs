@@ -55,6 +55,8 @@ pub enum AuditError {
     Timeout(std::time::Duration),
     #[error("audit writer has stopped")]
     Stopped,
+    #[error("{0}; it was not written")]
+    Unwritable(String),
     #[error("{path}: cannot use the audit HMAC key: {reason}")]
     Key { path: PathBuf, reason: String },
     #[error(

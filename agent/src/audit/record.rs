@@ -17,17 +17,25 @@ use serde::Serialize;
 
 /// Something the writer can put in the log: it writes its fields object into `out`.
 pub(crate) trait Fields {
-    /// Appends `{"event":…,…}` (the members between `ts` and `prev`) to `out`.
-    fn write_fields(&self, out: &mut Vec<u8>);
+    /// Appends `{"event":…,…}` (the members between `ts` and `prev`) to `out`; on an error,
+    /// what it appended is to be cut off, and the record is not written.
+    fn write_fields(&self, out: &mut Vec<u8>) -> Result<(), Unwritable>;
 }
 
+/// A record that cannot be made into a line. Not expected to happen (plain data, written
+/// into memory); if it does, the record is refused rather than written as something else,
+/// and the request it records fails closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the audit record could not be serialized ({0})")]
+pub(crate) struct Unwritable(pub(crate) &'static str);
+
 impl Fields for AuditRecord {
-    fn write_fields(&self, out: &mut Vec<u8>) {
+    fn write_fields(&self, out: &mut Vec<u8>) -> Result<(), Unwritable> {
         // The rare records (start, stop, refusals, version changes): serialize the whole
         // record and keep what lies between `ts` and `prev`. `seq` (a number) and `ts` come
         // first and cannot hold `"event":`; a string member never holds the bytes
         // `,"prev":"` unescaped, so the last of them starts `prev`.
-        let whole = serde_json::to_vec(self).unwrap_or_default();
+        let whole = serde_json::to_vec(self).map_err(|_| Unwritable("serde_json refused the record"))?;
         let start = find(&whole, br#""event":"#);
         let end = rfind(&whole, br#","prev":""#);
         match (start, end) {
@@ -35,17 +43,18 @@ impl Fields for AuditRecord {
                 out.push(b'{');
                 out.extend_from_slice(&whole[s..e]);
                 out.push(b'}');
+                Ok(())
             }
-            // Cannot happen (both members are always written); still a well-formed record.
-            _ => out.extend_from_slice(br#"{"event":"audit.checkpoint"}"#),
+            _ => Err(Unwritable("no event or prev member")),
         }
     }
 }
 
-/// A fields object serialized earlier (a queued record).
+/// A fields object serialized earlier (a queued record, checked when it was serialized).
 impl Fields for Vec<u8> {
-    fn write_fields(&self, out: &mut Vec<u8>) {
+    fn write_fields(&self, out: &mut Vec<u8>) -> Result<(), Unwritable> {
         out.extend_from_slice(self);
+        Ok(())
     }
 }
 
@@ -73,38 +82,40 @@ pub(crate) struct ReadRecord<'a> {
 }
 
 impl Fields for ReadRecord<'_> {
-    fn write_fields(&self, out: &mut Vec<u8>) {
-        // Serializing plain data into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *out, self);
+    fn write_fields(&self, out: &mut Vec<u8>) -> Result<(), Unwritable> {
+        serde_json::to_writer(&mut *out, self).map_err(|_| Unwritable("serde_json refused the record"))
     }
 }
 
 /// Appends the body of a line (what the hash covers): `{"seq":N,"ts":"T",FIELDS…,"prev":"P"}`,
 /// where `fields` writes a [`Fields`] object. `ts` and `prev` are ours (RFC 3339 and
-/// lowercase hex): nothing in them needs escaping.
+/// lowercase hex): nothing in them needs escaping. On an error `out` is as it was.
 pub(super) fn body(
     out: &mut Vec<u8>,
     seq: u64,
     ts: impl std::fmt::Display,
-    fields: impl FnOnce(&mut Vec<u8>),
+    fields: impl FnOnce(&mut Vec<u8>) -> Result<(), Unwritable>,
     prev: &str,
-) {
+) -> Result<(), Unwritable> {
     use std::io::Write as _;
+    let line_at = out.len();
     // Writing into a Vec cannot fail.
     let _ = write!(out, r#"{{"seq":{seq},"ts":"{ts}""#);
     let at = out.len();
-    fields(out);
+    let written = fields(out);
     // The fields object's `{` becomes the `,` after `ts`; its `}` closes the line after `prev`.
-    if out.get(at) == Some(&b'{') && out.last() == Some(&b'}') {
-        out[at] = b',';
-        out.pop();
-    } else {
-        // Not an object (cannot happen): keep the line well-formed without it.
-        out.truncate(at);
+    // Anything but one object with at least one member would make another record's line.
+    let object = out.len() > at + 2 && out.get(at) == Some(&b'{') && out.last() == Some(&b'}');
+    if let Err(e) = written.and_then(|()| object.then_some(()).ok_or(Unwritable("not a JSON object"))) {
+        out.truncate(line_at);
+        return Err(e);
     }
+    out[at] = b',';
+    out.pop();
     out.extend_from_slice(br#","prev":""#);
     out.extend_from_slice(prev.as_bytes());
     out.extend_from_slice(b"\"}");
+    Ok(())
 }
 
 /// [`PeerInfo`], borrowed.
@@ -190,7 +201,7 @@ mod tests {
 
     fn fields(f: &dyn Fields) -> String {
         let mut out = Vec::new();
-        f.write_fields(&mut out);
+        f.write_fields(&mut out).unwrap();
         String::from_utf8(out).unwrap()
     }
 
@@ -198,7 +209,7 @@ mod tests {
     fn bodies(f: &dyn Fields, r: &AuditRecord) -> (String, String) {
         let mut out = b"earlier lines\n".to_vec();
         let at = out.len();
-        body(&mut out, 42, "2026-11-22T10:00:00.123456Z", |o| f.write_fields(o), &"e".repeat(64));
+        body(&mut out, 42, "2026-11-22T10:00:00.123456Z", |o| f.write_fields(o), &"e".repeat(64)).unwrap();
         let mut whole = r.clone();
         (whole.seq, whole.ts, whole.prev, whole.hash) =
             (42, "2026-11-22T10:00:00.123456Z".into(), "e".repeat(64), None);
@@ -312,5 +323,30 @@ mod tests {
         assert_eq!(ours, serde, "a hash already set is not part of the fields");
         let bare = AuditRecord::new(Event::AgentStop);
         assert_eq!(fields(&bare), r#"{"event":"agent.stop"}"#);
+    }
+
+    /// Fields that are not one JSON object with members are refused and leave the buffer as
+    /// it was: no other record's line, no empty record, no half line.
+    #[test]
+    fn fields_that_are_not_an_object_are_refused_and_leave_nothing() {
+        for bad in [&b""[..], b"{}", b"[1]", b"\"event\"", b"{\"event\":1"] {
+            let mut out = b"earlier\n".to_vec();
+            let got = body(&mut out, 1, "t", |o| bad.to_vec().write_fields(o), "p");
+            assert!(got.is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert_eq!(out, b"earlier\n");
+        }
+        let mut out = Vec::new();
+        let failed = body(
+            &mut out,
+            1,
+            "t",
+            |o| {
+                o.extend_from_slice(b"{\"event\":");
+                Err(Unwritable("test"))
+            },
+            "p",
+        );
+        assert_eq!(failed, Err(Unwritable("test")));
+        assert!(out.is_empty());
     }
 }

@@ -251,8 +251,9 @@ impl State {
     }
 
     /// Seals `n` records (the `i`th written by `fields(i, …)`) into lines continuing the
-    /// chain, in `buf`; the state advances only on commit. Returns the last `seq` and hash.
-    fn seal(&mut self, n: usize, mut fields: impl FnMut(usize, &mut Vec<u8>)) -> (u64, [u8; 64]) {
+    /// chain, in `buf`; the state advances only on commit. Returns the last `seq` and hash;
+    /// a record that cannot be serialized fails them all, and nothing is written.
+    fn seal(&mut self, n: usize, mut fields: impl FnMut(usize, &mut Vec<u8>) -> FieldsResult) -> Sealed {
         let (mut seq, mut prev) = (self.seq, self.prev);
         let key = self.key.as_ref().map(|k| k.as_slice());
         self.buf.clear();
@@ -261,10 +262,13 @@ impl State {
             let start = self.buf.len();
             let ts = humantime::format_rfc3339_micros(std::time::SystemTime::now());
             let prev_hex = std::str::from_utf8(&prev).unwrap_or(chain::GENESIS);
-            record::body(&mut self.buf, seq, ts, |out| fields(i, out), prev_hex);
+            if let Err(e) = record::body(&mut self.buf, seq, ts, |out| fields(i, out), prev_hex) {
+                self.buf.clear();
+                return Err(AuditError::Unwritable(e.to_string()));
+            }
             prev = chain::seal_in_place(&mut self.buf, start, key);
         }
-        (seq, prev)
+        Ok((seq, prev))
     }
 
     /// Writes the sealed lines in `buf`; on failure cuts the file back to its last whole
@@ -297,7 +301,7 @@ impl State {
 
     /// Writes an internal record (rotation, checkpoint, reopen) on its own.
     fn write_own(&mut self, record: &AuditRecord) -> Result<(), AuditError> {
-        let (seq, prev) = self.seal(1, |_, out| record.write_fields(out));
+        let (seq, prev) = self.seal(1, |_, out| record.write_fields(out))?;
         self.commit(seq, prev)
     }
 
@@ -392,9 +396,13 @@ impl State {
 
     /// Writes `n` records in one go (the `i`th written by `fields(i, …)`); returns the first
     /// one's `seq`.
-    fn write(&mut self, n: usize, fields: impl FnMut(usize, &mut Vec<u8>)) -> Result<u64, AuditError> {
+    fn write(
+        &mut self,
+        n: usize,
+        fields: impl FnMut(usize, &mut Vec<u8>) -> FieldsResult,
+    ) -> Result<u64, AuditError> {
         let result = self.prepare().and_then(|()| {
-            let (seq, prev) = self.seal(n, fields);
+            let (seq, prev) = self.seal(n, fields)?;
             let first = self.seq + 1;
             self.commit(seq, prev).map(|()| first)
         });
@@ -411,7 +419,7 @@ impl State {
     }
 
     fn handle(&mut self, batch: Vec<Job>) {
-        let result = self.write(batch.len(), |i, out| out.extend_from_slice(&batch[i].fields));
+        let result = self.write(batch.len(), |i, out| batch[i].fields.write_fields(out));
         for (i, job) in batch.into_iter().enumerate() {
             let _ = job.reply.send(result.clone().map(|first| first + i as u64));
         }
@@ -432,6 +440,12 @@ impl State {
         Ok(())
     }
 }
+
+/// What a record's [`Fields::write_fields`] returns.
+type FieldsResult = Result<(), record::Unwritable>;
+
+/// Sealed lines' last `seq` and hash.
+type Sealed = Result<(u64, [u8; 64]), AuditError>;
 
 /// A hash as the state keeps it; anything but 64 hex digits (cannot happen: it comes from
 /// a verified line or is the genesis value) starts from genesis.
@@ -474,19 +488,21 @@ pub(super) struct Core {
     state: Mutex<State>,
     queue: Mutex<Queue>,
     lead_batches: usize,
+    /// `fsync` mode: see [`Core::hands_off`].
+    fsync: bool,
 }
 
 impl Core {
     pub(super) fn new(state: State) -> Arc<Self> {
-        let lead_batches =
-            if state.durability == Durability::Fsync { LEAD_BATCHES_FSYNC } else { LEAD_BATCHES_WRITE };
-        Arc::new(Self { state: Mutex::new(state), queue: Mutex::new(Queue::default()), lead_batches })
+        let fsync = state.durability == Durability::Fsync;
+        let lead_batches = if fsync { LEAD_BATCHES_FSYNC } else { LEAD_BATCHES_WRITE };
+        Arc::new(Self { state: Mutex::new(state), queue: Mutex::new(Queue::default()), lead_batches, fsync })
     }
 
     /// Whether records go to the writer thread rather than being written by the request
     /// (`fsync` mode: an fsync would block the runtime worker the request runs on).
     pub(super) fn hands_off(&self) -> bool {
-        self.lead_batches == LEAD_BATCHES_FSYNC
+        self.fsync
     }
 
     /// Tests: the writer state, locked.
@@ -522,7 +538,10 @@ impl Core {
             drop(q);
             // Serialized outside the queue's lock; written by whoever leads.
             let mut fields = Vec::with_capacity(512);
-            record.write_fields(&mut fields);
+            if let Err(e) = record.write_fields(&mut fields) {
+                // Give the turn back to nobody: we do not hold it.
+                return Ok(Err(AuditError::Unwritable(e.to_string())));
+            }
             let (reply, rx) = tokio::sync::oneshot::channel();
             let mut q = self.queue();
             if q.leading {
@@ -573,8 +592,12 @@ impl Core {
         kick: &'a Sender<()>,
     ) -> (tokio::sync::oneshot::Receiver<Result<u64, AuditError>>, Option<Turn<'a>>) {
         let mut fields = Vec::with_capacity(512);
-        record.write_fields(&mut fields);
         let (reply, rx) = tokio::sync::oneshot::channel();
+        if let Err(e) = record.write_fields(&mut fields) {
+            // Answered at once, and the turn is not taken.
+            let _ = reply.send(Err(AuditError::Unwritable(e.to_string())));
+            return (rx, None);
+        }
         let mut q = self.queue();
         q.jobs.push(Job { fields, reply });
         let lead = !std::mem::replace(&mut q.leading, true);

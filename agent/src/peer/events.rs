@@ -26,12 +26,14 @@
 //!    empty; a request that finds another drain under way spins briefly for it, never
 //!    blocks on it, and is re-checked if it does not finish).
 //!
-//! When a watch does not vouch, the caller is re-checked as before (pidfd, exe), and a check
+//! When a watch does not vouch, the caller is re-checked as before (pidfd, exe; with a
+//! watch, also its effective uid and gid, which `UID`/`GID` events report), and a check
 //! that passes takes a fresh [`Mark`] — read *before* the check, so an event that arrives
 //! during it still counts against it. The cgroup re-check is not affected: moving between
 //! cgroups is no event here.
 //!
-//! The source is unusable (and every request re-checked) without `CAP_NET_ADMIN`, outside
+//! The source is unusable (and every request re-checked) without `CAP_NET_ADMIN` (needed
+//! before Linux 6.6; later kernels let any process listen), outside
 //! the initial pid namespace (the connector names processes by their pids there), or when
 //! the kernel does not report the agent's own thread exiting (another network namespace,
 //! a connector without the proc module). Never trusts an event's content beyond "something
@@ -135,9 +137,14 @@ pub(crate) struct Watch {
     events: Arc<AtomicU64>,
 }
 
-/// At most this many datagrams per drain: on a host whose processes fork faster than one
-/// drain keeps up, a request re-checks rather than waits.
-const DRAIN_LIMIT: usize = 4096;
+/// At most this many datagrams per drain by a request: on a host whose processes exec and
+/// exit faster than that, the request re-checks its caller (two system calls) rather than
+/// pays for everyone's events; the reader thread drains the rest.
+const REQUEST_DRAIN_LIMIT: usize = 32;
+
+/// At most this many datagrams per turn of the reader thread, so a request waiting for the
+/// lock gets its turn (it spins at most [`DRAIN_SPIN_NS`], then re-checks).
+const READER_DRAIN_LIMIT: usize = 4096;
 
 /// How long a request spins (no system call: `sched_yield` showed up at 0.16 per read under
 /// load) for another drain to finish before it re-checks instead, in nanoseconds. A drain
@@ -196,9 +203,9 @@ impl Source {
     }
 
     /// Drains `socket` until empty, with the socket lock held. `Ok(true)`: found empty,
-    /// `drained_at` published; `Ok(false)`: gave up after [`DRAIN_LIMIT`] datagrams.
-    fn drain_locked(&self, socket: &dyn EventSocket) -> io::Result<bool> {
-        for _ in 0..DRAIN_LIMIT {
+    /// `drained_at` published; `Ok(false)`: gave up after `limit` datagrams.
+    fn drain_locked(&self, socket: &dyn EventSocket, limit: usize) -> io::Result<bool> {
+        for _ in 0..limit {
             let before = now();
             match socket.recv(&mut |ev| self.note(ev)) {
                 Recv::Got => {}
@@ -243,7 +250,7 @@ impl Source {
             return true;
         }
         let Some(socket) = guard.as_ref() else { return false };
-        match self.drain_locked(socket.as_ref()) {
+        match self.drain_locked(socket.as_ref(), REQUEST_DRAIN_LIMIT) {
             Ok(_) => self.drained_at.load(Ordering::Acquire) > stamp,
             Err(e) => {
                 drop(guard);
@@ -263,7 +270,9 @@ impl Source {
         socket.wait(timeout_ms)?;
         let guard = self.socket.lock().unwrap_or_else(PoisonError::into_inner);
         match guard.as_ref() {
-            Some(s) if Arc::ptr_eq(s, &socket) => self.drain_locked(s.as_ref()).map(|_| ()),
+            Some(s) if Arc::ptr_eq(s, &socket) => {
+                self.drain_locked(s.as_ref(), READER_DRAIN_LIMIT).map(|_| ())
+            }
             _ => Err(io::Error::other("the socket was dropped after a failure")),
         }
     }

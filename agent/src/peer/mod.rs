@@ -95,6 +95,8 @@ pub(crate) enum PeerError {
     ExeChanged,
     #[error("peer moved to another cgroup since this connection's first request: reconnect")]
     CgroupChanged,
+    #[error("peer changed its uid or gid since this connection's first request: reconnect")]
+    IdsChanged,
     #[error(
         "process {other} wrote on a connection process {first} was using: each process must \
          open its own connection"
@@ -153,6 +155,15 @@ impl ConnPeer {
                 check_alive(&writer)?;
                 if proc::exe(writer.pid)? != b.facts.exe {
                     return Err(PeerError::ExeChanged);
+                }
+                // The events also report uid and gid changes (`setuid` and kin), which the
+                // messages' credentials (real ids) miss when only the effective ones change:
+                // a watch made dirty by one must not be made clean again without them.
+                if b.watch.is_some() {
+                    let status = proc::status(writer.pid)?;
+                    if (status.uid, status.gid) != (Some(b.facts.uid), Some(b.facts.gid)) {
+                        return Err(PeerError::IdsChanged);
+                    }
                 }
                 (b.mark, b.checked_at) = (mark, at);
             }

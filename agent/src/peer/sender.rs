@@ -97,7 +97,9 @@ impl SenderLog {
                 Some(cred) => {
                     // Same pid, uid and gid: the same process, as long as the first writer
                     // is alive (a live process's pid cannot be another's) — which every
-                    // request checks through its pidfd before it is decided.
+                    // request establishes before it is decided: through its pidfd, or
+                    // through an exec/exit watch that vouches no exit of it was reported
+                    // (the kernel reports the exit before the pid can be reused).
                     if (first.pid, first.uid, first.gid) == cred {
                         Seen::One(first)
                     } else {
@@ -229,8 +231,9 @@ impl AsyncRead for LabelledStream {
                     let n = label.len;
                     if n > 0 && this.log.record(label) {
                         // The first writer's pidfd is kept; later messages need only their
-                        // credentials (compared by pid while that pidfd proves the process
-                        // alive), so the kernel need not make a pidfd for each one.
+                        // credentials (compared by pid while the process is known alive: by
+                        // that pidfd, or by an exec/exit watch that saw no exit), so the
+                        // kernel need not make a pidfd for each one.
                         if let Err(e) = sys::stop_passing_pidfds(this.inner.as_fd()) {
                             tracing::debug!(error = %e, "cannot turn off SO_PASSPIDFD on a connection");
                         }

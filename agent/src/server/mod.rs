@@ -92,28 +92,21 @@ pub(crate) fn bind(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("cannot inspect", e)),
     }
-    let std_listener = listen_on(path, label_senders)?;
-    // From here on the file is ours: removed if anything below fails.
-    let file = SocketFile(path.to_owned());
-    // The directory is trusted (no one else can swap the path); still, never chmod through
-    // a symlink.
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {}
-        _ => return Err(SocketError::NotASocket { path: path.to_owned() }),
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| io_err("cannot set socket mode", e))?;
-    if let Some(g) = group {
-        let gid = socket_gid(path, g)?;
-        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|e| io_err("cannot set socket group", e))?;
-    }
+    let (std_listener, file) = listen_on(path, label_senders, mode, group)?;
     std_listener.set_nonblocking(true).map_err(|e| io_err("cannot set non-blocking", e))?;
     let listener = UnixListener::from_std(std_listener).map_err(|e| io_err("cannot register", e))?;
     Ok((listener, file))
 }
 
-/// A listening socket at `path`, with sender labelling switched on before `listen()`.
-fn listen_on(path: &Path, label_senders: bool) -> Result<std::os::unix::net::UnixListener, SocketError> {
+/// A listening socket at `path`: sender labelling switched on, then bound, then given its
+/// mode and group, and only then `listen()`ing — before that a `connect()` is refused, so no
+/// connection is ever accepted unlabelled or through a mode wider than configured.
+fn listen_on(
+    path: &Path,
+    label_senders: bool,
+    mode: u32,
+    group: Option<&str>,
+) -> Result<(std::os::unix::net::UnixListener, SocketFile), SocketError> {
     let io_err = |what, source| SocketError::Io { path: path.to_owned(), what, source };
     let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)
         .map_err(|e| io_err("cannot create socket", e))?;
@@ -128,8 +121,22 @@ fn listen_on(path: &Path, label_senders: bool) -> Result<std::os::unix::net::Uni
     }
     let addr = socket2::SockAddr::unix(path).map_err(|e| io_err("cannot use as a socket path", e))?;
     socket.bind(&addr).map_err(|e| io_err("cannot bind", e))?;
+    // From here on the file is ours: removed if anything below fails.
+    let file = SocketFile(path.to_owned());
+    // The directory is trusted (no one else can swap the path); still, never chmod through
+    // a symlink.
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {}
+        _ => return Err(SocketError::NotASocket { path: path.to_owned() }),
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io_err("cannot set socket mode", e))?;
+    if let Some(g) = group {
+        let gid = socket_gid(path, g)?;
+        std::os::unix::fs::lchown(path, None, Some(gid)).map_err(|e| io_err("cannot set socket group", e))?;
+    }
     socket.listen(1024).map_err(|e| io_err("cannot listen", e))?;
-    Ok(socket.into())
+    Ok((socket.into(), file))
 }
 
 /// The gid of `socket_group` (a name or a number); `path` is the socket, for messages.

@@ -394,9 +394,10 @@ async fn decide_and_fetch<B>(
         gather::StepAside::new().await;
     }
     let facts = peer.facts(policy.uses_cgroup()).map_err(|e| match e {
-        PeerError::ExeChanged | PeerError::CgroupChanged | PeerError::SecondWriter { .. } => {
-            Failure::Reconnect { reason: e.to_string() }
-        }
+        PeerError::ExeChanged
+        | PeerError::CgroupChanged
+        | PeerError::IdsChanged
+        | PeerError::SecondWriter { .. } => Failure::Reconnect { reason: e.to_string() },
         e => Failure::Denied { reason: e.to_string(), caller: None, why: DenyReason::Unattested },
     })?;
     log.facts = Some(Arc::clone(&facts));
@@ -423,7 +424,7 @@ async fn decide_and_fetch<B>(
     if decision == Decision::NeedPod {
         // Only now, and only for a pod caller: rules without k8s selectors never wait.
         log.pod = match (&ctx.kube, facts.pod_uid()) {
-            (Some(kube), Some(uid)) => kube.lookup(uid).await,
+            (Some(kube), Some(uid)) => progress.unless_waiting(kube.lookup(uid)).await,
             _ => PodLookup::Unavailable("no [kubernetes] section in the agent config".into()),
         };
         decision = policy.decide_with(&facts, &log.pod, vault.as_str(), name.key());
@@ -473,7 +474,8 @@ async fn decide_and_fetch<B>(
                 () = ctx.stopping() => return Err(Failure::Stopping),
             }
         }
-        _ => ctx.cache.get(&vault, &name, query.version.as_ref()).await.map(Some),
+        // A hit is ready at once; a miss waits for Key Vault, and leaves the gathering.
+        _ => progress.unless_waiting(ctx.cache.get(&vault, &name, query.version.as_ref())).await.map(Some),
     };
     let looked_up = match looked_up {
         Ok(Some(l)) => l,

@@ -919,6 +919,45 @@ fn execve_on_a_kept_alive_connection_is_refused_with_exec_events_on() {
     agent.assert_no_canary(&[&value], &[]);
 }
 
+/// Python, as root: one read, then `seteuid(65534)` (the real uid, which the kernel puts in
+/// each message's credentials, stays 0), then a second read on the same connection.
+const PY_SETEUID_ON_KEPT_ALIVE: &str = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+def get(who):
+    s.sendall(b"GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\n\r\n")
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    print(who, buf.split(b"\r\n")[0].decode(), flush=True)
+get("root")
+get("again")
+os.setresuid(-1, 65534, -1)
+get("nobody")
+"#;
+
+/// With the events on, a vouched-for caller that changes its effective uid (which the
+/// messages' credentials do not show: they carry the real one) is re-checked on the
+/// kernel's `UID` event and refused: its facts no longer hold.
+#[test]
+fn seteuid_on_a_kept_alive_connection_is_refused_with_exec_events_on() {
+    let value = canary("seteuid");
+    let agent = agent_with_exec_events("attest-seteuid", &value);
+    let (code, out, err) =
+        run(Command::new(python3()).args(["-c", PY_SETEUID_ON_KEPT_ALIVE]).arg(&agent.socket));
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().map(str::trim_end).collect();
+    assert_eq!(lines, ["root HTTP/1.1 200 OK", "again HTTP/1.1 200 OK", "nobody HTTP/1.1 403 Forbidden"]);
+    let reason = "peer changed its uid or gid since this connection's first request: reconnect";
+    let recs = reads(&agent);
+    assert_eq!(recs.iter().filter(|r| r["reason"] == reason).count(), 1, "{recs:?}");
+    agent.assert_no_canary(&[&value], &[]);
+}
+
 /// Python: freezes one thread (`argv[1]`) with ptrace (`PTRACE_SEIZE` + `PTRACE_INTERRUPT`:
 /// that thread only, not its process), prints `frozen`, and lets go when stdin closes.
 const PY_FREEZE_THREAD: &str = r#"

@@ -103,6 +103,26 @@ fn a_request_newer_than_the_last_drain_drains_once_and_is_vouched_for() {
     assert_eq!(fake.recvs(), before + 1);
 }
 
+/// A flood (another process's datagrams, or a storm of forks) costs a request at most
+/// [`REQUEST_DRAIN_LIMIT`] receives: past that it is re-checked, and the reader thread
+/// drains the rest.
+#[test]
+fn a_request_drains_at_most_its_limit_then_is_rechecked() {
+    let (source, fake) = active();
+    let w = source.watch(7);
+    let mark = w.mark();
+    for _ in 0..REQUEST_DRAIN_LIMIT * 3 {
+        fake.exec(8);
+    }
+    let stamp = now();
+    let before = fake.recvs();
+    assert!(!w.vouches(mark, stamp), "not drained past the request: re-checked");
+    assert_eq!(fake.recvs() - before, REQUEST_DRAIN_LIMIT);
+    reader_drains(&source);
+    assert!(fake.queue.lock().unwrap().is_empty(), "the reader thread drains everything");
+    assert!(w.vouches(mark, stamp), "nothing happened to pid 7");
+}
+
 #[test]
 fn events_of_other_processes_and_other_kinds_do_not_dirty() {
     let (source, fake) = active();
@@ -273,4 +293,35 @@ fn the_kernel_reports_a_watched_childs_exec() {
     drop(child.stdin.take()); // EOF: the shell execs
     child.wait().unwrap();
     assert!(!w.vouches(mark, now()), "its exec (and exit) were reported");
+}
+
+/// The connector socket is connected to the kernel: another local socket's datagram to its
+/// port is refused, so no process can fill the queue requests drain (as root; skipped
+/// without `CAP_NET_ADMIN`).
+#[test]
+fn another_process_cannot_send_to_the_connector_socket() {
+    let ours = match sys::proc_connector_socket(1 << 16) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let port = sys::netlink_port(ours.as_fd()).unwrap();
+    assert_ne!(port, 0);
+    // A stand-in for a hostile process: any other netlink socket of this family.
+    let theirs = sys::proc_connector_socket(1 << 16).unwrap();
+    let err = sys::netlink_send(theirs.as_fd(), &datagram(PROC_EVENT_EXEC, 1, 1), port).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNREFUSED), "{err}");
+    // Events may arrive (another test's subscription makes the kernel send them to the
+    // group); none from another port.
+    let mut buf = [0u8; 4096];
+    loop {
+        match sys::netlink_recv(ours.as_fd(), &mut buf) {
+            Ok((_, from)) => assert_eq!(from, 0, "a datagram from port {from} was queued"),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
