@@ -159,6 +159,16 @@ fn floor(body: Vec<u8>) -> Floor {
     Floor { socket, _dir: dir, _thread: thread }
 }
 
+/// `kvbroker-bench floor`: serves the floor (a 100-byte secret's answer) until killed and
+/// prints its socket and pid, to profile it beside the agent under the same load.
+fn serve_floor() {
+    let fl = floor(secret_json("s", &"v".repeat(100)));
+    println!("floor socket {} pid {}", fl.socket.display(), std::process::id());
+    loop {
+        std::thread::park();
+    }
+}
+
 fn secret_json(name: &str, value: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
         "vault": "default", "name": name, "version": "0123456789abcdef0123456789abcdef", "value": value,
@@ -839,7 +849,7 @@ fn main() {
         if args.is_empty() { all.to_vec() } else { args.iter().map(String::as_str).collect() };
     for c in &chosen {
         assert!(
-            all.contains(c) || *c == "oha" || *c == "memory",
+            all.contains(c) || *c == "oha" || *c == "memory" || *c == "floor",
             "unknown scenario {c}: choose from {all:?}, oha or memory"
         );
     }
@@ -863,6 +873,7 @@ fn main() {
             "mask" => mask(&o, &mut rows),
             "oha" => oha_scenario(&o, strace, &mut rows),
             "memory" => memory(&mut rows),
+            "floor" => serve_floor(),
             _ => {}
         }
     }
