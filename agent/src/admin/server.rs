@@ -9,7 +9,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use kvbroker_proto::{SecretName, SecretQuery};
 use serde_json::json;
 use tokio::net::UnixStream;
@@ -66,7 +65,7 @@ impl Handler for AdminSocket {
         tracing::debug_span!("admin", root = c.root)
     }
 
-    async fn handle(&self, c: &AdminConn, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn handle<B: Send + Sync>(&self, c: &AdminConn, req: Request<B>) -> Response<Full<Bytes>> {
         if c.root {
             handle(self, req).await
         } else {
@@ -83,7 +82,7 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
-async fn handle(admin: &AdminSocket, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle<B>(admin: &AdminSocket, req: Request<B>) -> Response<Full<Bytes>> {
     let (ctx, policy_file, started) = (&admin.state, &admin.policy_file, admin.started);
     let q: std::collections::HashMap<String, String> = req
         .uri()

@@ -4,6 +4,7 @@
 //! tracing span. On shutdown the listener closes first, in-flight requests get a bounded
 //! grace period, and the socket file is removed last.
 
+mod plain;
 pub(crate) mod response;
 mod routes;
 
@@ -194,12 +195,17 @@ pub(crate) trait Handler: Send + Sync + 'static {
     fn activity(&self, _conn: &Self::Conn) -> Option<Arc<Activity>> {
         None
     }
-    /// Answers one request.
-    fn handle(
+    /// Answers one request (from hyper, with its body; or from the plain path, without).
+    fn handle<B: Send + Sync>(
         &self,
         conn: &Self::Conn,
-        req: hyper::Request<Incoming>,
+        req: hyper::Request<B>,
     ) -> impl Future<Output = hyper::Response<response::Body>> + Send;
+    /// Requests under this path that the plain path serves before hyper ([`plain`]);
+    /// `None`: hyper serves every request.
+    fn plain_prefix(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// Serves `listener` with `handler` until `shutdown` resolves, then drains in-flight
@@ -232,26 +238,40 @@ pub(crate) async fn serve<H: Handler, T>(
         let span = handler.span(&conn);
         let activity = handler.activity(&conn);
         let h = Arc::clone(&handler);
-        let svc = {
-            let activity = activity.clone();
-            service_fn(move |req: hyper::Request<Incoming>| {
-                let (h, conn) = (Arc::clone(&h), Arc::clone(&conn));
-                let busy = activity.as_ref().map(Activity::begin);
-                async move {
-                    let r = h.handle(&conn, req).await;
-                    drop(busy);
-                    Ok::<_, Infallible>(r)
-                }
-            })
-        };
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .max_buf_size(MAX_HEAD_BYTES)
-            .serve_connection(TokioIo::new(io), svc);
         let (mut closing, live) = (closing.clone(), live.clone());
         tokio::spawn(
             async move {
+                let mut io = io;
+                // Plain reads first, while the connection asks only for them; then hyper.
+                let pre = match h.plain_prefix() {
+                    Some(prefix) => {
+                        match plain::serve(&*h, &conn, &mut io, prefix, &mut closing, activity.as_ref()).await {
+                            plain::Handover::Closed => {
+                                drop(live);
+                                return;
+                            }
+                            plain::Handover::Hyper(pre) => pre,
+                        }
+                    }
+                    None => Vec::new(),
+                };
+                let svc = {
+                    let activity = activity.clone();
+                    service_fn(move |req: hyper::Request<Incoming>| {
+                        let (h, conn) = (Arc::clone(&h), Arc::clone(&conn));
+                        let busy = activity.as_ref().map(Activity::begin);
+                        async move {
+                            let r = h.handle(&conn, req).await;
+                            drop(busy);
+                            Ok::<_, Infallible>(r)
+                        }
+                    })
+                };
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .max_buf_size(MAX_HEAD_BYTES)
+                    .serve_connection(TokioIo::new(plain::Rewind::new(pre, io)), svc);
                 let mut conn = std::pin::pin!(conn);
                 let mut asked = false;
                 let result = loop {
@@ -363,8 +383,16 @@ impl Handler for AgentSocket {
         tracing::debug_span!("conn", pid = c.peer.pid, uid = c.peer.uid)
     }
 
-    async fn handle(&self, c: &AgentConn, req: hyper::Request<Incoming>) -> hyper::Response<response::Body> {
+    async fn handle<B: Send + Sync>(
+        &self,
+        c: &AgentConn,
+        req: hyper::Request<B>,
+    ) -> hyper::Response<response::Body> {
         routes::handle(&self.0, &c.peer, c.refused, req).await
+    }
+
+    fn plain_prefix(&self) -> Option<&'static str> {
+        Some("/v1/secrets/")
     }
 }
 

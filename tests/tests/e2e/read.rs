@@ -210,3 +210,55 @@ fn errors_have_the_spec_status_and_code() {
     assert!(err.starts_with(&format!("kvb: kvbroker agent not reachable at {}: ", gone.display())), "{err}");
     agent.assert_no_canary(&[&value], &[&seen, &err]);
 }
+
+/// Issue 19's plain path and hyper on one connection: two plain GETs written at once (one
+/// with an `Accept` for the raw value), then a HEAD (hyper's from there on), then a plain
+/// GET that hyper now serves, then `Connection: close`. Every answer comes, in order, with
+/// the same headers whichever path wrote it, and the connection closes after the last.
+#[test]
+fn plain_reads_and_hyper_share_a_connection_in_order() {
+    use std::io::{Read, Write};
+    let value = canary("plain");
+    let agent = Agent::builder("plain").secret("s", &value).allow_uid(0).start();
+    let mut c = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+    c.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+    let get = "GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\n\r\n";
+    let raw = "GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\nAccept: application/octet-stream\r\n\r\n";
+    let head = "HEAD /v1/secrets/s HTTP/1.1\r\nHost: x\r\n\r\n";
+    let close = "GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    c.write_all(format!("{get}{raw}").as_bytes()).unwrap();
+    // Both answers before the next write, so the HEAD is read on its own.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    while got.windows(value.len()).filter(|w| *w == value.as_bytes()).count() < 2 {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    c.write_all(format!("{head}{get}{close}").as_bytes()).unwrap();
+    c.read_to_end(&mut got).unwrap();
+    let text = String::from_utf8(got).unwrap();
+    let answers: Vec<&str> = text.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 5, "{text}");
+    let status: Vec<&str> = answers.iter().map(|a| &a[..3]).collect();
+    assert_eq!(status, ["200", "200", "405", "200", "200"], "{text}");
+    for (i, a) in answers.iter().enumerate() {
+        let lower = a.to_ascii_lowercase();
+        for h in ["\r\nx-request-id: ", "\r\ncache-control: no-store", "\r\ncontent-length: ", "\r\ndate: "] {
+            assert!(lower.contains(h), "answer {i} lacks {h:?}: {a}");
+        }
+    }
+    let json_answers = [answers[0], answers[3], answers[4]];
+    for a in json_answers {
+        let body = a.split_once("\r\n\r\n").unwrap().1;
+        assert_eq!(body_json(body)["value"], value.as_str());
+    }
+    assert!(answers[1].to_ascii_lowercase().contains("content-type: application/octet-stream"));
+    assert!(answers[1].ends_with(&value), "{}", answers[1]);
+    let recs: Vec<Value> =
+        agent.audit_records().into_iter().filter(|r| r["event"] == "secret.read").collect();
+    // The HEAD is refused by route (405) before any decision: four reads decided, four records.
+    assert_eq!(recs.len(), 4, "{recs:?}");
+    assert!(recs.iter().all(|r| r["outcome"] == "allowed"), "{recs:?}");
+    agent.assert_no_canary(&[&value], &[]);
+}

@@ -1,0 +1,84 @@
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::*;
+
+const P: &str = "/v1/secrets/";
+
+#[test]
+fn a_plain_get_is_parsed_where_it_lies() {
+    let buf = b"GET /v1/secrets/db?vault=v HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\nAccept: */*\r\nConnection: Keep-Alive\r\n\r\nGET /v1/";
+    let p = parse(buf, P).unwrap();
+    assert_eq!(p.target, "/v1/secrets/db?vault=v");
+    assert_eq!(p.accept, [b"*/*".as_slice()]);
+    assert_eq!(&buf[p.len..], b"GET /v1/", "the next request's first bytes stay");
+    let req = p.request().unwrap();
+    assert_eq!(req.uri().path(), "/v1/secrets/db");
+    assert_eq!(req.uri().query(), Some("vault=v"));
+    assert_eq!(req.headers().get(header::ACCEPT).unwrap(), "*/*");
+}
+
+/// Everything but a whole plain GET under the prefix goes to hyper, which answers it as
+/// before (a 400, a 405, a body refused, a close honoured).
+#[test]
+fn anything_else_is_hyper_s() {
+    let cases: &[(&[u8], NotPlain)] = &[
+        (b"GET /v1/secrets/db HTTP/1.1\r\nHost: x\r\n", NotPlain::Partial),
+        (b"GET /v1/secr", NotPlain::Partial),
+        (b"GET /v1/secrets/db HTTP/1.1\r\nHo st: x\r\n\r\n", NotPlain::Malformed),
+        (b"G\x00T / HTTP/1.1\r\n\r\n", NotPlain::Malformed),
+        (b"POST /v1/secrets/db HTTP/1.1\r\n\r\n", NotPlain::Other),
+        (b"HEAD /v1/secrets/db HTTP/1.1\r\n\r\n", NotPlain::Other),
+        (b"GET /v1/secrets/db HTTP/1.0\r\n\r\n", NotPlain::Other),
+        (b"GET /v1/health HTTP/1.1\r\n\r\n", NotPlain::Other),
+        (b"GET /v1/secrets/db HTTP/1.1\r\nContent-Length: 0\r\n\r\n", NotPlain::Other),
+        (b"GET /v1/secrets/db HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n", NotPlain::Other),
+        (b"GET /v1/secrets/db HTTP/1.1\r\nExpect: 100-continue\r\n\r\n", NotPlain::Other),
+        (b"GET /v1/secrets/db HTTP/1.1\r\nConnection: close\r\n\r\n", NotPlain::Other),
+        (b"GET /v1/secrets/db HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n", NotPlain::Other),
+    ];
+    for (head, why) in cases {
+        assert_eq!(parse(head, P).map(|p| p.len), Err(*why), "{:?}", String::from_utf8_lossy(head));
+    }
+    let many: String = (0..MAX_HEADERS + 1).map(|i| format!("X-{i}: y\r\n")).collect();
+    let head = format!("GET /v1/secrets/db HTTP/1.1\r\n{many}\r\n");
+    assert!(parse(head.as_bytes(), P).is_err(), "more headers than counted");
+}
+
+/// The answer's bytes: hyper's status line, the response's headers, a length and a date,
+/// then the body, in one write.
+#[tokio::test]
+async fn an_answer_is_written_as_hyper_writes_it() {
+    let (mut a, mut b) = tokio::io::duplex(4096);
+    let mut r = Response::new(http_body_util::Full::new(Bytes::from_static(b"{\"v\":1}")));
+    r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert("x-request-id", http::HeaderValue::from_static("abc"));
+    write_response(&mut a, &mut Vec::new(), r).await.unwrap();
+    let mut n = Response::new(http_body_util::Full::new(Bytes::new()));
+    *n.status_mut() = StatusCode::NOT_MODIFIED;
+    write_response(&mut a, &mut Vec::new(), n).await.unwrap();
+    drop(a);
+    let mut got = String::new();
+    b.read_to_string(&mut got).await.unwrap();
+    let (first, second) = got.split_once("\r\n\r\n{\"v\":1}").unwrap();
+    let lines: Vec<&str> = first.split("\r\n").collect();
+    assert_eq!(
+        lines[..4],
+        ["HTTP/1.1 200 OK", "content-type: application/json", "x-request-id: abc", "content-length: 7"]
+    );
+    assert!(lines[4].starts_with("date: ") && lines[4].ends_with(" GMT"), "{first}");
+    assert!(second.starts_with("HTTP/1.1 304 Not Modified\r\ndate: "), "{second}");
+    assert!(second.ends_with("\r\n\r\n"), "no length and no body for a 304: {second:?}");
+}
+
+#[tokio::test]
+async fn hyper_reads_what_the_plain_path_read_first() {
+    let (a, mut b) = tokio::io::duplex(64);
+    let mut rw = Rewind::new(b"HEAD ".to_vec(), a);
+    b.write_all(b"/x").await.unwrap();
+    let mut got = [0u8; 3];
+    rw.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"HEA");
+    let mut rest = [0u8; 4];
+    rw.read_exact(&mut rest).await.unwrap();
+    assert_eq!(&rest, b"D /x", "then the stream itself");
+}
