@@ -51,8 +51,8 @@ struct Plain<'a> {
     len: usize,
     /// The request target (`/v1/secrets/NAME?…`).
     target: &'a str,
-    /// `Accept` values, for the route's raw-answer choice.
-    accept: Vec<&'a [u8]>,
+    /// An `Accept` asks for the raw value, as `routes::wants_raw` reads it.
+    raw: bool,
 }
 
 /// Why a head is not plain (tests say which).
@@ -78,7 +78,7 @@ fn parse<'a>(buf: &'a [u8], prefix: &str) -> Result<Plain<'a>, NotPlain> {
     if !target.starts_with(prefix) {
         return Err(NotPlain::Other);
     }
-    let mut accept = Vec::new();
+    let mut raw = false;
     for h in req.headers.iter() {
         let name = h.name;
         let is = |n: &str| name.eq_ignore_ascii_case(n);
@@ -89,20 +89,32 @@ fn parse<'a>(buf: &'a [u8], prefix: &str) -> Result<Plain<'a>, NotPlain> {
             return Err(NotPlain::Other);
         }
         if is("accept") {
-            accept.push(h.value);
+            raw |= asks_raw(h.value);
         }
     }
-    Ok(Plain { len, target, accept })
+    Ok(Plain { len, target, raw })
+}
+
+/// Whether an `Accept` value names `application/octet-stream` as `routes::wants_raw` reads
+/// it: only a value of visible ASCII counts (`HeaderValue::to_str`), any of its
+/// comma-separated types.
+fn asks_raw(value: &[u8]) -> bool {
+    let visible = value.iter().all(|&b| b == b'\t' || (0x20..0x7f).contains(&b));
+    visible
+        && std::str::from_utf8(value)
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().starts_with("application/octet-stream")))
 }
 
 impl Plain<'_> {
-    /// The request the routes see: method, target and `Accept` — all the read route reads
-    /// of a head without a body (see `routes::wants_raw`, `routes::has_body`).
+    /// The request the routes see: method, target and, for a raw answer, `Accept` — all
+    /// the read route reads of a head without a body (see `routes::wants_raw`,
+    /// `routes::has_body`).
     fn request(&self) -> Option<Request<()>> {
         let mut r = Request::new(());
         *r.uri_mut() = Uri::try_from(self.target).ok()?;
-        for v in &self.accept {
-            r.headers_mut().append(header::ACCEPT, http::HeaderValue::from_bytes(v).ok()?);
+        if self.raw {
+            r.headers_mut()
+                .insert(header::ACCEPT, http::HeaderValue::from_static("application/octet-stream"));
         }
         Some(r)
     }
@@ -117,55 +129,8 @@ pub(super) async fn serve<H: super::Handler>(
     closing: &mut tokio::sync::watch::Receiver<bool>,
     activity: Option<&Arc<Activity>>,
 ) -> Handover {
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut head: Vec<u8> = Vec::with_capacity(256);
-    let mut first = true;
-    loop {
-        if buf.is_empty() {
-            match read_more(io, &mut buf, first, closing, activity).await {
-                Some(n) if n > 0 => {}
-                _ => return Handover::Closed,
-            }
-        }
-        first = false;
-        let plain = match parse(&buf, prefix) {
-            Ok(p) => p,
-            Err(_) => return Handover::Hyper(buf),
-        };
-        let Some(req) = plain.request() else { return Handover::Hyper(buf) };
-        let len = plain.len;
-        drop(plain);
-        let busy = activity.map(Activity::begin);
-        let resp = h.handle(conn, req).await;
-        drop(busy);
-        let close = resp
-            .headers()
-            .get(header::CONNECTION)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-        if write_response(io, &mut head, resp).await.is_err() {
-            return Handover::Closed;
-        }
-        buf.drain(..len);
-        if close || *closing.borrow() {
-            let _ = io.shutdown().await;
-            return Handover::Closed;
-        }
-        if buf.len() >= MAX_PLAIN_HEAD {
-            return Handover::Hyper(buf);
-        }
-    }
-}
-
-/// Waits for the next bytes (the connection idle, so a shutdown or an eviction closes it);
-/// `None` when it is to close. A new connection's first head must arrive within hyper's
-/// header timeout; a kept-alive connection may idle (the per-uid cap bounds how many do).
-async fn read_more<I: AsyncRead + Unpin>(
-    io: &mut I,
-    buf: &mut Vec<u8>,
-    first: bool,
-    closing: &mut tokio::sync::watch::Receiver<bool>,
-    activity: Option<&Arc<Activity>>,
-) -> Option<usize> {
+    // Made once for the connection: waiting on it registers with the shutdown and eviction
+    // notifiers once, not at every request.
     let close = async {
         match activity {
             Some(a) => tokio::select! {
@@ -177,6 +142,63 @@ async fn read_more<I: AsyncRead + Unpin>(
             }
         }
     };
+    let mut close = std::pin::pin!(close);
+    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut head: Vec<u8> = Vec::with_capacity(256);
+    let mut first = true;
+    loop {
+        if buf.is_empty() {
+            match read_more(io, &mut buf, first, close.as_mut()).await {
+                Some(n) if n > 0 => {}
+                _ => return Handover::Closed,
+            }
+        }
+        first = false;
+        let plain = match parse(&buf, prefix) {
+            Ok(p) => p,
+            Err(_) => return Handover::Hyper(buf),
+        };
+        let Some(req) = plain.request() else { return Handover::Hyper(buf) };
+        let len = plain.len;
+        let busy = activity.map(Activity::begin);
+        let resp = h.handle(conn, req).await;
+        drop(busy);
+        let close_after = resp
+            .headers()
+            .get(header::CONNECTION)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        if write_response(io, &mut head, resp).await.is_err() {
+            return Handover::Closed;
+        }
+        buf.drain(..len);
+        // A shutdown or an eviction that came while the request was served: close now, as
+        // hyper's graceful shutdown does after the request in flight.
+        if close_after || poll_once(close.as_mut()).await {
+            let _ = io.shutdown().await;
+            return Handover::Closed;
+        }
+        if buf.len() >= MAX_PLAIN_HEAD {
+            return Handover::Hyper(buf);
+        }
+    }
+}
+
+/// Whether `fut` is done, polled once (it must not be polled again if it is).
+async fn poll_once(fut: Pin<&mut impl Future<Output = ()>>) -> bool {
+    let mut fut = fut;
+    std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx).is_ready())).await
+}
+
+/// Waits for the next bytes, or for `close` (the connection is idle: a shutdown or an
+/// eviction closes it); `None` when it is to close. A new connection's first head must
+/// arrive within hyper's header timeout; a kept-alive connection may idle (the per-uid cap
+/// bounds how many do, and the longest-idle gives way).
+async fn read_more<I: AsyncRead + Unpin>(
+    io: &mut I,
+    buf: &mut Vec<u8>,
+    first: bool,
+    close: Pin<&mut impl Future<Output = ()>>,
+) -> Option<usize> {
     let read = async {
         if first {
             tokio::time::timeout(super::HEADER_TIMEOUT, io.read_buf(buf)).await.ok()?.ok()

@@ -523,7 +523,9 @@ fn check_usable(f: &Fetched, vault: &VaultAlias) -> Result<(), Failure> {
     }
 }
 
-fn wants_raw<B>(req: &Request<B>) -> bool {
+/// Whether the answer is the raw value. The plain path (`plain::asks_raw`) reads `Accept` the
+/// same way: a change here is a change there.
+pub(super) fn wants_raw<B>(req: &Request<B>) -> bool {
     req.headers()
         .get_all(header::ACCEPT)
         .iter()

@@ -9,12 +9,41 @@ fn a_plain_get_is_parsed_where_it_lies() {
     let buf = b"GET /v1/secrets/db?vault=v HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\nAccept: */*\r\nConnection: Keep-Alive\r\n\r\nGET /v1/";
     let p = parse(buf, P).unwrap();
     assert_eq!(p.target, "/v1/secrets/db?vault=v");
-    assert_eq!(p.accept, [b"*/*".as_slice()]);
+    assert!(!p.raw);
     assert_eq!(&buf[p.len..], b"GET /v1/", "the next request's first bytes stay");
     let req = p.request().unwrap();
     assert_eq!(req.uri().path(), "/v1/secrets/db");
     assert_eq!(req.uri().query(), Some("vault=v"));
-    assert_eq!(req.headers().get(header::ACCEPT).unwrap(), "*/*");
+    assert!(req.headers().is_empty(), "no header the route would read");
+}
+
+/// The raw answer is chosen as `routes::wants_raw` chooses it from the same header.
+#[test]
+fn accept_for_the_raw_value_is_read_as_the_route_reads_it() {
+    let head = |accept: &[u8]| {
+        let mut h = b"GET /v1/secrets/db HTTP/1.1\r\nAccept: ".to_vec();
+        h.extend_from_slice(accept);
+        h.extend_from_slice(b"\r\n\r\n");
+        h
+    };
+    for (accept, raw) in [
+        (&b"application/octet-stream"[..], true),
+        (b"text/plain, application/octet-stream;q=0.9", true),
+        (b"application/json", false),
+        (b"*/*", false),
+        (b"\xc3\xa9, application/octet-stream", false),
+    ] {
+        let h = head(accept);
+        let p = parse(&h, P).unwrap();
+        assert_eq!(p.raw, raw, "{:?}", String::from_utf8_lossy(accept));
+        let req = p.request().unwrap();
+        let via_map = Request::builder()
+            .uri("/v1/secrets/db")
+            .header(header::ACCEPT, http::HeaderValue::from_bytes(accept).unwrap())
+            .body(())
+            .unwrap();
+        assert_eq!(super::super::routes::wants_raw(&req), super::super::routes::wants_raw(&via_map));
+    }
 }
 
 /// Everything but a whole plain GET under the prefix goes to hyper, which answers it as
