@@ -30,9 +30,12 @@ use crate::state::limits::Activity;
 /// Headers counted per request head; more and it is hyper's.
 const MAX_HEADERS: usize = 24;
 
-/// A head must be whole within this many bytes read; a longer one is hyper's (which accepts
-/// up to `MAX_HEAD_BYTES` and answers 431 past it).
-const MAX_PLAIN_HEAD: usize = 4096;
+/// What one read takes, as hyper's first read of a connection does (its initial buffer): a
+/// head that is not whole in it goes to hyper with these bytes, which then sees the same
+/// reads it would have made itself. (A smaller buffer changed answers: hyper stays silent on
+/// a malformed head that reaches it in two reads, so heads of 1-8 KiB with bare CRs, which
+/// it answers 400 in one read, went unanswered until the header timeout.)
+const READ_BUF: usize = 8192;
 
 /// How a connection left the plain path.
 pub(super) enum Handover {
@@ -143,7 +146,7 @@ pub(super) async fn serve<H: super::Handler>(
         }
     };
     let mut close = std::pin::pin!(close);
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
     let mut head: Vec<u8> = Vec::with_capacity(256);
     let mut first = true;
     loop {
@@ -177,7 +180,7 @@ pub(super) async fn serve<H: super::Handler>(
             let _ = io.shutdown().await;
             return Handover::Closed;
         }
-        if buf.len() >= MAX_PLAIN_HEAD {
+        if buf.len() >= READ_BUF {
             return Handover::Hyper(buf);
         }
     }

@@ -262,3 +262,22 @@ fn plain_reads_and_hyper_share_a_connection_in_order() {
     assert!(recs.iter().all(|r| r["outcome"] == "allowed"), "{recs:?}");
     agent.assert_no_canary(&[&value], &[]);
 }
+
+/// A malformed head of a few KiB written at once is answered 400 at once, as hyper answers
+/// it when it reads it all in one go: the plain path reads as much as hyper's first read
+/// before handing over (with a 1 KiB read, hyper got it in two reads and stayed silent until
+/// the header timeout).
+#[test]
+fn a_malformed_head_of_a_few_kib_is_answered_400_at_once() {
+    use std::io::{Read, Write};
+    let agent = Agent::builder("plain-bad").secret("s", "v").allow_uid(0).start();
+    for len in [10, 700, 2500] {
+        let mut c = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let head = format!("GET /{} HTTP/1.1\rHost: k\rConnection: close\r\r", "v1/".repeat(len));
+        c.write_all(head.as_bytes()).unwrap();
+        let mut got = [0u8; 64];
+        let n = c.read(&mut got).unwrap_or_else(|e| panic!("{} bytes: no answer: {e}", head.len()));
+        assert!(got[..n].starts_with(b"HTTP/1.1 400 "), "{}", String::from_utf8_lossy(&got[..n]));
+    }
+}
