@@ -1,7 +1,7 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::SystemTime;
 
-use kvbroker_proto::SecretValue;
+use kvbroker_proto::{SecretName, SecretValue};
 
 use super::*;
 use crate::config::AuditConfig;

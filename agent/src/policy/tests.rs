@@ -1,3 +1,5 @@
+use std::path::Path;
+
 use super::*;
 
 fn facts(uid: u32, gid: u32, groups: &[u32]) -> PeerFacts {
