@@ -3,7 +3,7 @@
 //! A request is allowed when some rule's every selector fits the caller and one of its
 //! `secrets` patterns fits `VAULT/NAME` (lowercase). Rules are tried in file order; the first
 //! that allows names itself in the audit record. Deciding is pure: the facts come in, a
-//! [`Decision`] comes out; [`Policy::explain`] gives the same verdict with every reason, for
+//! [`Decision`] comes out; [`Policy::explain_with`] gives the same verdict with every reason, for
 //! `kvbroker policy explain`. Loading checks the file's permissions and refuses rules that
 //! could match everyone (no selector) or nothing (empty lists).
 //!

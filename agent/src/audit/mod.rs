@@ -167,7 +167,7 @@ impl Auditor {
         self.append_fields(&record, false).await
     }
 
-    /// [`append`](Self::append) for a record in any [`Fields`] form (an allowed read's
+    /// [`append`](Self::append) for a record in any [`Fields`](record::Fields) form (an allowed read's
     /// borrowed [`record::ReadRecord`]). The record is written, or serialized into the
     /// queue, before this returns; the future only waits for the queue's writer. With
     /// `others_ready` (other requests are on their way: `gather`), the record waits

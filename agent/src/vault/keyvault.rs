@@ -9,7 +9,7 @@
 //! Each call carries a fresh `x-ms-client-request-id`, which Key Vault logs as its
 //! `correlationId`; we keep it for the audit record. Retries (5xx, 429, network errors) are
 //! ours, bounded by the vault's `deadline` so a caller never waits longer. A 429 pauses every
-//! call to the vault for its `Retry-After` (any form, see [`kv_error::retry_after`]) or else
+//! call to the vault for its `Retry-After` (any form, see [`transport::retry_after`](crate::transport::retry_after)) or else
 //! 1, 2, 4, 8, 16 s. A refusal keeps Key Vault's own status, codes and message, with advice
 //! that fits the cause ([`kv_error::KvError`]); a token failure names the identity endpoint.
 
