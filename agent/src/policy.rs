@@ -35,7 +35,8 @@ pub(crate) struct Policy {
 
 #[derive(Debug, Clone)]
 struct Rule {
-    name: String,
+    /// Shared with every decision it makes (no copy per allowed read).
+    name: std::sync::Arc<str>,
     selectors: Vec<Selector>,
     secrets: Vec<Glob>,
 }
@@ -58,7 +59,7 @@ enum Selector {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Decision {
     Allow {
-        rule: String,
+        rule: std::sync::Arc<str>,
     },
     Deny {
         reason: String,

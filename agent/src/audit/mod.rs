@@ -217,6 +217,13 @@ impl Auditor {
         &self,
         rx: tokio::sync::oneshot::Receiver<Result<u64, AuditError>>,
     ) -> Result<u64, AuditError> {
+        let mut rx = rx;
+        // Often written already (a request that led the gathered write): no timer for it.
+        match rx.try_recv() {
+            Ok(r) => return r,
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => return Err(AuditError::Stopped),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {}
+        }
         match tokio::time::timeout(self.wait, rx).await {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(AuditError::Stopped),

@@ -68,7 +68,7 @@ pub(crate) struct ReadRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) request_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) peer: Option<PeerView<'a>>,
+    pub(crate) peer: Option<PeerOut<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) secret: Option<SecretView<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -116,6 +116,15 @@ pub(super) fn body(
     out.extend_from_slice(prev.as_bytes());
     out.extend_from_slice(b"\"}");
     Ok(())
+}
+
+/// A record's `peer`: borrowed facts, or the same facts serialized earlier (once per
+/// connection: a kept-alive caller's facts do not change between its reads).
+#[derive(Serialize)]
+#[serde(untagged)]
+pub(crate) enum PeerOut<'a> {
+    View(PeerView<'a>),
+    Json(&'a serde_json::value::RawValue),
 }
 
 /// [`PeerInfo`], borrowed.
@@ -283,24 +292,32 @@ mod tests {
             }
             r.peer = Some(p.clone());
             r.secret = Some(secret.clone());
-            let rr = ReadRecord {
-                event: r.event,
-                outcome: r.outcome,
-                request_id: r.request_id.as_deref(),
-                peer: Some(PeerView::of_info(&p)),
-                secret: Some(SecretView {
-                    vault: &secret.vault,
-                    name: &secret.name,
-                    version: secret.version.as_deref(),
-                }),
-                rule: r.rule.as_deref(),
-                reason: r.reason.as_deref(),
-                cache: r.cache,
-                upstream_request_id: r.upstream_request_id.as_deref(),
-            };
-            assert_eq!(fields(&rr), fields(&r), "case {drop}");
-            let (ours, serde) = bodies(&rr, &r);
-            assert_eq!(ours, serde, "case {drop}");
+            // The peer as borrowed facts, and as the same facts serialized earlier.
+            let peer_json = serde_json::value::to_raw_value(&PeerView::of_info(&p)).unwrap();
+            for form in 0..2 {
+                let rr = ReadRecord {
+                    event: r.event,
+                    outcome: r.outcome,
+                    request_id: r.request_id.as_deref(),
+                    peer: Some(if form == 0 {
+                        PeerOut::View(PeerView::of_info(&p))
+                    } else {
+                        PeerOut::Json(&peer_json)
+                    }),
+                    secret: Some(SecretView {
+                        vault: &secret.vault,
+                        name: &secret.name,
+                        version: secret.version.as_deref(),
+                    }),
+                    rule: r.rule.as_deref(),
+                    reason: r.reason.as_deref(),
+                    cache: r.cache,
+                    upstream_request_id: r.upstream_request_id.as_deref(),
+                };
+                assert_eq!(fields(&rr), fields(&r), "case {drop}, form {form}");
+                let (ours, serde) = bodies(&rr, &r);
+                assert_eq!(ours, serde, "case {drop}, form {form}");
+            }
         }
     }
 

@@ -82,6 +82,10 @@ pub(crate) struct PeerFacts {
     ancestors: OnceLock<Vec<ancestry::Ancestor>>,
     /// Unit and container from the cgroup path, checked on first use.
     cgroup_names: OnceLock<cgroup::CgroupNames>,
+    /// The audit record's `peer` for these facts, serialized at the first allowed read that
+    /// needs it: without and with `exe_sha256` (computed later, on first use). Filled by
+    /// the request path (`server::routes`), which knows the record's form.
+    pub(crate) audit_json: [OnceLock<Box<serde_json::value::RawValue>>; 2],
 }
 
 /// Why a caller's facts could not be established. Each is a denial reason.
@@ -263,6 +267,7 @@ pub(crate) fn facts_of_pid(pid: u32) -> Result<PeerFacts, PeerError> {
         exe_sha256: OnceLock::new(),
         ancestors: OnceLock::new(),
         cgroup_names: OnceLock::new(),
+        audit_json: Default::default(),
     })
 }
 
@@ -289,6 +294,7 @@ impl PeerFacts {
             exe_sha256: OnceLock::new(),
             ancestors: OnceLock::new(),
             cgroup_names: OnceLock::new(),
+            audit_json: Default::default(),
         }
     }
 

@@ -107,7 +107,7 @@ impl Policy {
                     None => (false, format!("{target} fits no pattern")),
                 };
                 checks.push(("secrets", secret.0, secret.1));
-                RuleVerdict { rule: rule.name.clone(), checks }
+                RuleVerdict { rule: rule.name.to_string(), checks }
             })
             .collect();
         (verdicts, self.decide_with(facts, pod, vault, name_key))

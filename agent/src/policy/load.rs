@@ -74,7 +74,7 @@ impl Policy {
             if r.name.trim().is_empty() {
                 return Err(at(line, "rule has an empty name: give each rule a name".into()));
             }
-            if rules.iter().any(|o: &Rule| o.name == r.name) {
+            if rules.iter().any(|o: &Rule| *o.name == *r.name) {
                 return Err(rule_at("name is used by an earlier rule"));
             }
             let globs = |v: &[String]| v.iter().map(|p| Glob::new(p)).collect::<Vec<_>>();
@@ -156,7 +156,7 @@ impl Policy {
             for s in &r.secrets {
                 secrets.push(secret_pattern(s).map_err(|m| rule_at(&m))?);
             }
-            rules.push(Rule { name: r.name, selectors, secrets });
+            rules.push(Rule { name: r.name.into(), selectors, secrets });
         }
         let sha256 = {
             use sha2::Digest;

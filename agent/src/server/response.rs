@@ -227,14 +227,14 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
     r
 }
 
-/// A served secret, ready to answer.
-pub(crate) struct Served {
-    pub(crate) vault: VaultAlias,
+/// A served secret, ready to answer; the vault alias is the configuration's.
+pub(crate) struct Served<'a> {
+    pub(crate) vault: &'a VaultAlias,
     pub(crate) fetched: Arc<Fetched>,
     pub(crate) state: CacheState,
 }
 
-impl Served {
+impl Served<'_> {
     fn stale(&self) -> bool {
         self.state == CacheState::Stale
     }
@@ -295,11 +295,11 @@ impl AsRef<[u8]> for Exposed {
 }
 
 /// `kvbroker launch`: the job's output masker learns a value about to be served.
-pub(crate) fn teach_mask(mask: &kvbroker_proto::mask::MaskValues, s: &Served) {
+pub(crate) fn teach_mask(mask: &kvbroker_proto::mask::MaskValues, s: &Served<'_>) {
     mask.learn(s.fetched.value.expose_secret());
 }
 
-pub(crate) fn secret(s: &Served, raw: bool) -> Result<Response<Body>, Failure> {
+pub(crate) fn secret(s: &Served<'_>, raw: bool) -> Result<Response<Body>, Failure> {
     let f = &s.fetched;
     if raw {
         let mut r = Response::new(Full::new(Bytes::from_owner(Exposed(Arc::clone(&f.value)))));
@@ -328,7 +328,7 @@ pub(crate) fn secret(s: &Served, raw: bool) -> Result<Response<Body>, Failure> {
     }
     let build = || {
         let body = SecretJson {
-            vault: &s.vault,
+            vault: s.vault,
             name: &f.name,
             version: &f.version,
             value: &f.value,
@@ -408,11 +408,8 @@ mod tests {
             upstream_request_id: None,
             answer: crate::vault::Answer::default(),
         });
-        let served = super::Served {
-            vault: "default".parse().unwrap(),
-            fetched,
-            state: kvbroker_proto::CacheState::Hit,
-        };
+        let vault = "default".parse().unwrap();
+        let served = super::Served { vault: &vault, fetched, state: kvbroker_proto::CacheState::Hit };
         let body = super::secret(&served, false).unwrap().into_body();
         let bytes = futures_body(body);
         let got: serde_json::Value = serde_json::from_slice(&bytes).unwrap();

@@ -11,7 +11,7 @@ use kvbroker_proto::{
 };
 
 use super::response::{self, Body, DeniedRead, Failure, Served};
-use crate::audit::record::{PeerView, ReadRecord, SecretView};
+use crate::audit::record::{PeerOut, PeerView, ReadRecord, SecretView};
 use crate::config::{RateKey, UnknownVault};
 use crate::gather;
 use crate::kube::PodLookup;
@@ -149,15 +149,21 @@ async fn read_secret<B>(
     let written = match &answer {
         Ok(_) => {
             let conn_info;
-            let peer_view = match &log.facts {
-                Some(f) => peer_view(f, &log.pod),
+            let peer_out = match &log.facts {
+                // A caller's facts are the same at each read of its connection (a change
+                // refuses the read): serialized once, at the first. A pod's details come
+                // from the kubelet and may change: those are written each time.
+                Some(f) => match &log.pod {
+                    PodLookup::Found(_) => PeerOut::View(peer_view(f, &log.pod)),
+                    _ => peer_json(f).map_or_else(|| PeerOut::View(peer_view(f, &log.pod)), PeerOut::Json),
+                },
                 // Cannot happen (an allowed read has facts); record the connection's then.
                 None => {
                     conn_info = peer.info();
-                    PeerView::of_info(&conn_info)
+                    PeerOut::View(PeerView::of_info(&conn_info))
                 }
             };
-            let rec = log.allowed(request_id, peer_view);
+            let rec = log.allowed(request_id, peer_out);
             ctx.auditor.append_fields(&rec, progress.others()).await.map(|_| ())
         }
         Err(f) => {
@@ -190,22 +196,23 @@ const NOT_MODIFIED: &str = "not modified (long poll ended with no new version)";
 /// kept as they are (the caller's facts shared with its connection), so an allowed read's
 /// record borrows them ([`ReadLog::allowed`]) instead of copying each into a `String`; a
 /// refusal's record is built from them ([`ReadLog::refused`]).
-struct ReadLog {
+struct ReadLog<'a> {
     /// The caller's facts, once established, and its pod if a rule needed it.
     facts: Option<Arc<PeerFacts>>,
     pod: PodLookup,
     /// The secret asked for, once the request named one: vault, name and version as asked.
-    asked: Option<(VaultAlias, SecretName, Option<VersionId>)>,
+    /// The vault alias is the configuration's own (`State` outlives the request).
+    asked: Option<(&'a VaultAlias, SecretName, Option<VersionId>)>,
     /// The version found, once found (its name as the vault spells it).
     fetched: Option<Arc<Fetched>>,
-    rule: Option<String>,
+    rule: Option<Arc<str>>,
     cache: Option<CacheState>,
     not_modified: bool,
     upstream_request_id: Option<String>,
     upstream: Option<Upstream>,
 }
 
-impl Default for ReadLog {
+impl Default for ReadLog<'_> {
     fn default() -> Self {
         Self {
             facts: None,
@@ -221,7 +228,7 @@ impl Default for ReadLog {
     }
 }
 
-impl ReadLog {
+impl ReadLog<'_> {
     /// The secret's name as the record gives it: as the vault spells it once found.
     fn name(&self) -> Option<&str> {
         match (&self.fetched, &self.asked) {
@@ -246,7 +253,7 @@ impl ReadLog {
     }
 
     /// The record of an allowed read, borrowing everything.
-    fn allowed<'a>(&'a self, request_id: &'a str, peer: PeerView<'a>) -> ReadRecord<'a> {
+    fn allowed<'a>(&'a self, request_id: &'a str, peer: PeerOut<'a>) -> ReadRecord<'a> {
         ReadRecord {
             event: Event::SecretRead,
             outcome: Some(Outcome::Allowed),
@@ -280,7 +287,7 @@ impl ReadLog {
             version: s.version.map(str::to_owned),
             previous_version: None,
         });
-        rec.rule = self.rule;
+        rec.rule = self.rule.as_deref().map(str::to_owned);
         rec.cache = self.cache;
         rec.upstream_request_id = self.upstream_request_id;
         rec.upstream = self.upstream;
@@ -305,6 +312,18 @@ fn refused_outcome(f: &Failure) -> Outcome {
 
 /// The audit record's view of the caller: its facts and, if looked up, its pod (what
 /// [`PeerFacts::info`] and [`PodLookup::annotate`] make, borrowed).
+/// The record's `peer` for facts without a pod's details, serialized once per facts (per
+/// connection) and per whether `exe_sha256` has been computed. `None` if it cannot be
+/// serialized (plain data: not expected), and the borrowed view is written instead.
+fn peer_json(f: &PeerFacts) -> Option<&serde_json::value::RawValue> {
+    let slot = &f.audit_json[usize::from(f.exe_sha256_if_computed().is_some())];
+    if let Some(json) = slot.get() {
+        return Some(json);
+    }
+    let json = serde_json::value::to_raw_value(&peer_view(f, &PodLookup::NotAsked)).ok()?;
+    Some(slot.get_or_init(|| json))
+}
+
 fn peer_view<'a>(f: &'a PeerFacts, pod: &'a PodLookup) -> PeerView<'a> {
     let mut v = PeerView {
         pid: f.pid,
@@ -342,15 +361,15 @@ fn count_refusal(f: &Failure) {
 
 /// Everything up to the answer, filling in the audit record as facts become known.
 /// `Ok(None)`: a long poll that ended with no new version (304).
-async fn decide_and_fetch<B>(
-    ctx: &State,
+async fn decide_and_fetch<'a, B>(
+    ctx: &'a State,
     peer: &ConnPeer,
     over_cap: bool,
     req: &Request<B>,
     raw_name: &str,
-    log: &mut ReadLog,
+    log: &mut ReadLog<'a>,
     progress: &mut gather::InProgress,
-) -> Result<Option<Served>, Failure> {
+) -> Result<Option<Served<'a>>, Failure> {
     if has_body(req) {
         return Err(Failure::BodyTooLarge);
     }
@@ -362,14 +381,14 @@ async fn decide_and_fetch<B>(
             "version and changed_from cannot be combined: a pinned version never changes".into(),
         ));
     }
-    let vault = ctx.cache.vaults().resolve(query.vault.as_ref()).cloned().ok_or_else(|| {
+    let vault = ctx.cache.vaults().resolve(query.vault.as_ref()).ok_or_else(|| {
         let unknown = match &query.vault {
             Some(v) => UnknownVault::Alias(v.clone()),
             None => UnknownVault::NoDefault,
         };
         Failure::BadRequest(unknown.to_string())
     })?;
-    log.asked = Some((vault.clone(), name.clone(), query.version.clone()));
+    log.asked = Some((vault, name.clone(), query.version.clone()));
 
     if over_cap {
         return Err(over_cap_failure(peer.uid));
@@ -470,12 +489,12 @@ async fn decide_and_fetch<B>(
             // Waiting, it is no longer on its way: others do not wait for it.
             progress.leave();
             tokio::select! {
-                r = ctx.cache.wait_change(&vault, &name, from, wait) => r,
+                r = ctx.cache.wait_change(vault, &name, from, wait) => r,
                 () = ctx.stopping() => return Err(Failure::Stopping),
             }
         }
         // A hit is ready at once; a miss waits for Key Vault, and leaves the gathering.
-        _ => progress.unless_waiting(ctx.cache.get(&vault, &name, query.version.as_ref())).await.map(Some),
+        _ => progress.unless_waiting(ctx.cache.get(vault, &name, query.version.as_ref())).await.map(Some),
     };
     let looked_up = match looked_up {
         Ok(Some(l)) => l,
@@ -485,7 +504,7 @@ async fn decide_and_fetch<B>(
             log.upstream = e.upstream().cloned();
             return Err(match (e, &query.version) {
                 (VaultError::NotFound { .. }, Some(version)) => {
-                    Failure::VersionNotFound { vault, name, version: version.clone() }
+                    Failure::VersionNotFound { vault: vault.clone(), name, version: version.clone() }
                 }
                 (e, _) => Failure::Vault(e),
             });
@@ -496,7 +515,7 @@ async fn decide_and_fetch<B>(
         log.upstream_request_id = fetched.upstream_request_id.as_deref().map(str::to_owned);
     }
     log.fetched = Some(Arc::clone(&fetched));
-    check_usable(&fetched, &vault)?;
+    check_usable(&fetched, vault)?;
     Ok(Some(Served { vault, fetched, state: looked_up.state }))
 }
 
@@ -564,6 +583,16 @@ mod tests {
 
     /// The allowed read's borrowed view of the caller writes what `PeerFacts::info` (the
     /// refusal's record) writes, so both kinds of record describe a caller the same way.
+    #[test]
+    fn peer_json_is_the_peer_view_serialized_once() {
+        let mut f = PeerFacts::given(1000, 100, vec![4, 27], Some("/opt/a \"b\"/python3".into()), None);
+        f.pid = 42;
+        f.set_cgroup_trusted("/system.slice/train.service");
+        let first = peer_json(&f).unwrap();
+        assert_eq!(first.get(), serde_json::to_string(&peer_view(&f, &PodLookup::NotAsked)).unwrap());
+        assert!(std::ptr::eq(first, peer_json(&f).unwrap()), "made once, then shared");
+    }
+
     #[test]
     fn peer_view_writes_what_peer_info_writes() {
         let mut f = PeerFacts::given(1000, 100, vec![4, 27], Some("/usr/bin/python3".into()), None);

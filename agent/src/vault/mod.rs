@@ -315,9 +315,11 @@ impl Vaults {
     }
 
     /// The alias a request means: the one it names, or the default.
-    pub(crate) fn resolve<'a>(&'a self, asked: Option<&'a VaultAlias>) -> Option<&'a VaultAlias> {
+    pub(crate) fn resolve(&self, asked: Option<&VaultAlias>) -> Option<&VaultAlias> {
         match asked {
-            Some(a) => self.by_alias.contains_key(a).then_some(a),
+            // The configuration's own alias (equal to the one asked for), so a request can
+            // hold it without a copy.
+            Some(a) => self.by_alias.get_key_value(a).map(|(k, _)| k),
             None => self.default.as_ref(),
         }
     }
