@@ -7,7 +7,8 @@
 //! Anything else is hyper's, for the rest of the connection's life: a head that is not whole
 //! in what one read returned, a malformed one, another method, path or HTTP version, a body
 //! (`Content-Length`, `Transfer-Encoding`), `Expect`, `Upgrade`, `TE`, any `Connection` but
-//! `keep-alive`. The connection is then handed to hyper ([`Handover::Hyper`]) with the bytes
+//! `keep-alive`, a long poll (`wait=`: hyper reads on while it waits, and drops the request
+//! of a client that hangs up). The connection is then handed to hyper ([`Handover::Hyper`]) with the bytes
 //! read so far in front of it ([`Rewind`]), so every edge of HTTP/1.1 — 400s for bad heads,
 //! 431 for huge ones, the header-read timeout, bodies, pipelining — stays hyper's, unchanged.
 //!
@@ -36,6 +37,11 @@ const MAX_HEADERS: usize = 24;
 /// a malformed head that reaches it in two reads, so heads of 1-8 KiB with bare CRs, which
 /// it answers 400 in one read, went unanswered until the header timeout.)
 const READ_BUF: usize = 8192;
+
+/// A kept-alive connection with no request for this long (at least; at most twice it) is
+/// closed, as hyper's header timer closed an idle one after 10 s: idle connections do not
+/// pile up across uids (the per-uid cap evicts only within a uid).
+const IDLE: std::time::Duration = super::HEADER_TIMEOUT;
 
 /// How a connection left the plain path.
 pub(super) enum Handover {
@@ -79,6 +85,12 @@ fn parse<'a>(buf: &'a [u8], prefix: &str) -> Result<Plain<'a>, NotPlain> {
         return Err(NotPlain::Other);
     };
     if !target.starts_with(prefix) {
+        return Err(NotPlain::Other);
+    }
+    // A long poll is hyper's: it may wait minutes, and hyper goes on reading the socket
+    // meanwhile, so a client that hangs up is noticed and its request dropped.
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    if query.split('&').any(|pair| pair.split_once('=').map_or(pair, |(k, _)| k) == "wait") {
         return Err(NotPlain::Other);
     }
     let mut raw = false;
@@ -146,12 +158,21 @@ pub(super) async fn serve<H: super::Handler>(
         }
     };
     let mut close = std::pin::pin!(close);
+    // One timer for the connection's idle limit, moved on only when half of it has passed
+    // since it was last set: no timer operation per request.
+    let mut idle_set = tokio::time::Instant::now();
+    let mut idle = std::pin::pin!(tokio::time::sleep_until(idle_set + IDLE * 2));
     let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
     let mut head: Vec<u8> = Vec::with_capacity(256);
     let mut first = true;
     loop {
         if buf.is_empty() {
-            match read_more(io, &mut buf, first, close.as_mut()).await {
+            let now = tokio::time::Instant::now();
+            if now.duration_since(idle_set) >= IDLE {
+                idle_set = now;
+                idle.as_mut().reset(now + IDLE * 2);
+            }
+            match read_more(io, &mut buf, first, close.as_mut(), idle.as_mut()).await {
                 Some(n) if n > 0 => {}
                 _ => return Handover::Closed,
             }
@@ -170,7 +191,14 @@ pub(super) async fn serve<H: super::Handler>(
             .headers()
             .get(header::CONNECTION)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-        if write_response(io, &mut head, resp).await.is_err() {
+        // A client that does not read its answers blocks the write: a shutdown or an
+        // eviction (the connection counts as idle now) still closes it.
+        let written = tokio::select! {
+            biased;
+            r = write_response(io, &mut head, resp) => r.is_ok(),
+            () = close.as_mut() => false,
+        };
+        if !written {
             return Handover::Closed;
         }
         buf.drain(..len);
@@ -193,14 +221,14 @@ async fn poll_once(fut: Pin<&mut impl Future<Output = ()>>) -> bool {
 }
 
 /// Waits for the next bytes, or for `close` (the connection is idle: a shutdown or an
-/// eviction closes it); `None` when it is to close. A new connection's first head must
-/// arrive within hyper's header timeout; a kept-alive connection may idle (the per-uid cap
-/// bounds how many do, and the longest-idle gives way).
+/// eviction closes it), or for `idle` (see [`IDLE`]); `None` when it is to close. A new
+/// connection's first head must arrive within hyper's header timeout.
 async fn read_more<I: AsyncRead + Unpin>(
     io: &mut I,
     buf: &mut Vec<u8>,
     first: bool,
     close: Pin<&mut impl Future<Output = ()>>,
+    idle: Pin<&mut tokio::time::Sleep>,
 ) -> Option<usize> {
     let read = async {
         if first {
@@ -212,6 +240,7 @@ async fn read_more<I: AsyncRead + Unpin>(
     tokio::select! {
         n = read => n,
         () = close => None,
+        () = idle => None,
     }
 }
 

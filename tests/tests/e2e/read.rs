@@ -281,3 +281,41 @@ fn a_malformed_head_of_a_few_kib_is_answered_400_at_once() {
         assert!(got[..n].starts_with(b"HTTP/1.1 400 "), "{}", String::from_utf8_lossy(&got[..n]));
     }
 }
+
+/// A kept-alive connection with no request for 10–20 s is closed by the agent, as hyper
+/// closed an idle one after 10 s, so idle connections do not pile up across uids; one that
+/// keeps reading stays open.
+#[test]
+fn an_idle_kept_alive_connection_is_closed_after_its_idle_limit() {
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let agent = Agent::builder("plain-idle").secret("s", "v").allow_uid(0).start();
+    let get = b"GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\n\r\n";
+    let read_answer = |c: &mut std::os::unix::net::UnixStream| {
+        let mut buf = [0u8; 4096];
+        let n = c.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200 "), "{}", String::from_utf8_lossy(&buf[..n]));
+    };
+    let mut idle = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+    let mut busy = std::os::unix::net::UnixStream::connect(&agent.socket).unwrap();
+    for c in [&mut idle, &mut busy] {
+        c.write_all(get).unwrap();
+        read_answer(c);
+    }
+    idle.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let started = Instant::now();
+    // The busy connection reads every 2 s meanwhile; the idle one sends nothing.
+    let busy_thread = std::thread::spawn(move || {
+        for _ in 0..12 {
+            std::thread::sleep(Duration::from_secs(2));
+            busy.write_all(get).unwrap();
+            read_answer(&mut busy);
+        }
+    });
+    let mut buf = [0u8; 16];
+    let n = idle.read(&mut buf).unwrap();
+    let took = started.elapsed();
+    assert_eq!(n, 0, "closed, not answered");
+    assert!((Duration::from_secs(9)..Duration::from_secs(25)).contains(&took), "closed after {took:?}");
+    busy_thread.join().expect("the connection that kept reading stayed open");
+}

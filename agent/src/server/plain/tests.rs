@@ -7,6 +7,7 @@ const P: &str = "/v1/secrets/";
 #[test]
 fn a_plain_get_is_parsed_where_it_lies() {
     let buf = b"GET /v1/secrets/db?vault=v HTTP/1.1\r\nHost: x\r\nUser-Agent: t\r\nAccept: */*\r\nConnection: Keep-Alive\r\n\r\nGET /v1/";
+    assert!(parse(b"GET /v1/secrets/db?waiting=1 HTTP/1.1\r\n\r\n", P).is_ok(), "only the key `wait`");
     let p = parse(buf, P).unwrap();
     assert_eq!(p.target, "/v1/secrets/db?vault=v");
     assert!(!p.raw);
@@ -64,6 +65,8 @@ fn anything_else_is_hyper_s() {
         (b"GET /v1/secrets/db HTTP/1.1\r\nExpect: 100-continue\r\n\r\n", NotPlain::Other),
         (b"GET /v1/secrets/db HTTP/1.1\r\nConnection: close\r\n\r\n", NotPlain::Other),
         (b"GET /v1/secrets/db HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n", NotPlain::Other),
+        (b"GET /v1/secrets/db?changed_from=ab&wait=30 HTTP/1.1\r\n\r\n", NotPlain::Other),
+        (b"GET /v1/secrets/db?wait HTTP/1.1\r\n\r\n", NotPlain::Other),
     ];
     for (head, why) in cases {
         assert_eq!(parse(head, P).map(|p| p.len), Err(*why), "{:?}", String::from_utf8_lossy(head));
