@@ -396,14 +396,16 @@ mod tests {
             }
 
             /// Any string with a character outside the alphabet, or of a wrong length, is
-            /// refused, and the error says nothing of the input.
+            /// refused, and the error says nothing of the input: it is the one fixed
+            /// message whatever was refused. (Checking that the message does not contain
+            /// the input failed on inputs such as `'`, which the fixed message contains.)
             #[test]
             fn invalid_names_are_refused(s in ".{0,140}") {
                 let ok = (1..=127).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
                 let parsed = s.parse::<SecretName>();
                 prop_assert_eq!(parsed.is_ok(), ok);
                 if let Err(e) = parsed {
-                    prop_assert!(s.is_empty() || !e.to_string().contains(&s));
+                    prop_assert_eq!(e.to_string(), NameError::SecretName.to_string());
                 }
             }
 
