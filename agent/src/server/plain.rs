@@ -273,7 +273,8 @@ async fn write_response<I: AsyncWrite + Unpin>(
     let bodiless = matches!(parts.status, StatusCode::NOT_MODIFIED | StatusCode::NO_CONTENT);
     if !bodiless && !parts.headers.contains_key(header::CONTENT_LENGTH) {
         head.extend_from_slice(b"content-length: ");
-        head.extend_from_slice(itoa(data.len(), &mut [0u8; 20]));
+        let len = u64::try_from(data.len()).unwrap_or(u64::MAX);
+        head.extend_from_slice(super::routes::decimal(len, &mut [0u8; 20]).as_bytes());
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"date: ");
@@ -290,19 +291,6 @@ async fn write_response<I: AsyncWrite + Unpin>(
         IoSlice::advance_slices(&mut bufs, n);
     }
     Ok(())
-}
-
-/// `n` in decimal.
-fn itoa(mut n: usize, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
 }
 
 /// The `date` header's value, formatted once a second per thread.

@@ -402,8 +402,8 @@ async fn decide_and_fetch<'a, B>(
         })
     };
     if ctx.limits.key() == RateKey::Uid {
-        let mut key = [0u8; 10];
-        limited(decimal(peer.uid, &mut key), &format_args!("uid {}", peer.uid))?;
+        let mut key = [0u8; 20];
+        limited(decimal(u64::from(peer.uid), &mut key), &format_args!("uid {}", peer.uid))?;
     }
 
     let policy = ctx.policy();
@@ -519,8 +519,8 @@ async fn decide_and_fetch<'a, B>(
     Ok(Some(Served { vault, fetched, state: looked_up.state }))
 }
 
-/// `n` in decimal, in `buf` (a rate-limit key without an allocation).
-fn decimal(mut n: u32, buf: &mut [u8; 10]) -> &str {
+/// `n` in decimal, in `buf` (a rate-limit key, an answer's length: no allocation).
+pub(super) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
     let mut i = buf.len();
     loop {
         i -= 1;
@@ -576,8 +576,8 @@ mod tests {
 
     #[test]
     fn decimal_keys_match_to_string() {
-        for n in [0, 7, 10, 1000, 65_534, u32::MAX] {
-            assert_eq!(decimal(n, &mut [0; 10]), n.to_string());
+        for n in [0, 7, 10, 1000, 65_534, u64::from(u32::MAX), u64::MAX] {
+            assert_eq!(decimal(n, &mut [0; 20]), n.to_string());
         }
     }
 
