@@ -279,7 +279,7 @@ async fn secrets(config: &Config, policy: &Policy, min_validity: Duration, r: &m
             continue;
         };
         match backend.get(&name, None, Budget::Caller).await {
-            Ok(f) => match f.unusable(until) {
+            Ok(f) => match f.unusable(|| until) {
                 None => r.ok(
                     &check,
                     &format!(

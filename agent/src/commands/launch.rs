@@ -204,7 +204,7 @@ async fn prefetch(ctx: &State, names: &[String], min_validity: Duration) -> Resu
             ctx.cache.vaults().resolve(asked.as_ref()).cloned().ok_or_else(|| bad("no such vault".into()))?;
         let got = ctx.cache.get(&vault, &name, None).await.map_err(|e| bad(e.to_string()))?;
         let now = SystemTime::now();
-        if let Some(why) = got.fetched.unusable(now) {
+        if let Some(why) = got.fetched.unusable(|| now) {
             return Err(bad(format!("not usable: {why}")));
         }
         if let Some(exp) = got.fetched.expires_on {

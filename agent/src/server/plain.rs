@@ -238,6 +238,10 @@ async fn read_more<I: AsyncRead + Unpin>(
         }
     };
     tokio::select! {
+        // The read first: woken for its bytes (the usual wake-up), the notifiers and the
+        // timer are not polled again. A close is not starved: `serve` polls it after each
+        // answer.
+        biased;
         n = read => n,
         () = close => None,
         () = idle => None,

@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
-use kvbroker_proto::api::headers as h;
 use kvbroker_proto::{
     CacheState, ErrorBody, ErrorCode, ErrorDetail, Health, SecretName, SecretValue, VaultAlias, VersionId,
 };
@@ -305,24 +304,24 @@ pub(crate) fn secret(s: &Served<'_>, raw: bool) -> Result<Response<Body>, Failur
         let mut r = Response::new(Full::new(Bytes::from_owner(Exposed(Arc::clone(&f.value)))));
         let hs = r.headers_mut();
         hs.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-        let mut put = |name: &'static str, v: &str| {
+        let mut put = |name: HeaderName, v: &str| {
             if let Ok(v) = HeaderValue::from_str(v) {
                 hs.insert(name, v);
             }
         };
-        put(h::VAULT, s.vault.as_str());
-        put(h::NAME, f.name.as_str());
-        put(h::VERSION, f.version.as_str());
-        put(h::FETCHED_AT, &rfc3339(f.fetched_at));
-        put(h::STALE, if s.stale() { "true" } else { "false" });
+        put(names::VAULT, s.vault.as_str());
+        put(names::NAME, f.name.as_str());
+        put(names::VERSION, f.version.as_str());
+        put(names::FETCHED_AT, &rfc3339(f.fetched_at));
+        put(names::STALE, if s.stale() { "true" } else { "false" });
         if let Some(ct) = f.content_type.as_deref() {
-            put(h::CONTENT_TYPE, ct);
+            put(names::CONTENT_TYPE, ct);
         }
         if let Some(t) = f.not_before {
-            put(h::NOT_BEFORE, &rfc3339(t));
+            put(names::NOT_BEFORE, &rfc3339(t));
         }
         if let Some(t) = f.expires_on {
-            put(h::EXPIRES_ON, &rfc3339(t));
+            put(names::EXPIRES_ON, &rfc3339(t));
         }
         return Ok(r);
     }
@@ -375,11 +374,29 @@ pub(crate) fn secret(s: &Served<'_>, raw: bool) -> Result<Response<Body>, Failur
     Ok(r)
 }
 
+/// The API's header names (`kvbroker_proto::api::headers`) as `HeaderName`s, made at
+/// compile time: inserting one copies nothing, where a `&str` name outside the standard set
+/// is copied into a new buffer at every insert (issue 19: one allocation per read).
+mod names {
+    use http::HeaderName;
+    use kvbroker_proto::api::headers as h;
+
+    pub(super) const VAULT: HeaderName = HeaderName::from_static(h::VAULT);
+    pub(super) const NAME: HeaderName = HeaderName::from_static(h::NAME);
+    pub(super) const VERSION: HeaderName = HeaderName::from_static(h::VERSION);
+    pub(super) const FETCHED_AT: HeaderName = HeaderName::from_static(h::FETCHED_AT);
+    pub(super) const STALE: HeaderName = HeaderName::from_static(h::STALE);
+    pub(super) const CONTENT_TYPE: HeaderName = HeaderName::from_static(h::CONTENT_TYPE);
+    pub(super) const NOT_BEFORE: HeaderName = HeaderName::from_static(h::NOT_BEFORE);
+    pub(super) const EXPIRES_ON: HeaderName = HeaderName::from_static(h::EXPIRES_ON);
+    pub(super) const REQUEST_ID: HeaderName = HeaderName::from_static(h::REQUEST_ID);
+}
+
 /// Headers every answer carries.
 pub(crate) fn finish(mut r: Response<Body>, request_id: &str) -> Response<Body> {
     let hs = r.headers_mut();
     if let Ok(v) = HeaderValue::from_str(request_id) {
-        hs.insert(h::REQUEST_ID, v);
+        hs.insert(names::REQUEST_ID, v);
     }
     hs.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r

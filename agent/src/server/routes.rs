@@ -536,7 +536,7 @@ pub(super) fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &str {
 
 /// `enabled`, `nbf` and `exp`, enforced by the agent: Key Vault returns expired secrets.
 fn check_usable(f: &Fetched, vault: &VaultAlias) -> Result<(), Failure> {
-    match f.unusable(SystemTime::now()) {
+    match f.unusable(SystemTime::now) {
         Some(w) => Err(Failure::NotUsable(format!("secret {} in vault {vault} is not usable: {w}", f.name))),
         None => Ok(()),
     }

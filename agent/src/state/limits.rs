@@ -61,7 +61,7 @@ struct UidConns {
 /// What a connection is doing, for choosing the longest-idle one to close.
 pub(crate) struct Activity {
     in_flight: AtomicU32,
-    /// Nanoseconds since `epoch` of the last request's start or end.
+    /// Nanoseconds since `epoch` of the last request's end (or the connection's start).
     last_active: AtomicU64,
     epoch: Instant,
     evicted: AtomicBool,
@@ -92,7 +92,8 @@ impl Activity {
     pub(crate) fn begin(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         crate::metrics::get().busy(true);
-        self.touch();
+        // No stamp here: a busy connection is never chosen, and the end of its request
+        // stamps it (one clock read per request, not two).
         Busy(Arc::clone(self))
     }
 

@@ -91,11 +91,18 @@ impl std::fmt::Debug for Answer {
 }
 
 impl Fetched {
-    /// Why the secret may not be used at `now` (disabled, `nbf`, `exp`), if so.
-    pub(crate) fn unusable(&self, now: SystemTime) -> Option<String> {
+    /// Why the secret may not be used at `now()` (disabled, `nbf`, `exp`), if so. The clock
+    /// is read only for a version that has a date to compare (a cached read's hot path
+    /// usually has none).
+    pub(crate) fn unusable(&self, now: impl FnOnce() -> SystemTime) -> Option<String> {
         if !self.enabled {
-            Some("disabled".to_owned())
-        } else if let Some(nbf) = self.not_before.filter(|t| *t > now) {
+            return Some("disabled".to_owned());
+        }
+        if self.not_before.is_none() && self.expires_on.is_none() {
+            return None;
+        }
+        let now = now();
+        if let Some(nbf) = self.not_before.filter(|t| *t > now) {
             Some(format!("not yet valid (nbf {})", humantime::format_rfc3339_seconds(nbf)))
         } else {
             self.expires_on
@@ -331,7 +338,45 @@ impl Vaults {
 
 #[cfg(test)]
 mod tests {
-    use super::Answer;
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::{Answer, Fetched};
+
+    fn version(enabled: bool, not_before: Option<SystemTime>, expires_on: Option<SystemTime>) -> Fetched {
+        Fetched {
+            name: "db".parse().unwrap(),
+            version: kvbroker_proto::VersionId::from_bytes([1; 16]),
+            value: Arc::new(kvbroker_proto::SecretValue::from_slice(b"canary-unusable")),
+            content_type: None,
+            enabled,
+            not_before,
+            expires_on,
+            fetched_at: UNIX_EPOCH,
+            upstream_request_id: None,
+            answer: Answer::default(),
+        }
+    }
+
+    /// `enabled`, `nbf` and `exp` as the agent enforces them; the clock is read only when a
+    /// date is there to compare (issue 19: a hit of an undated version reads no clock).
+    #[test]
+    fn unusable_reads_the_clock_only_for_a_dated_version() {
+        let t = |s: u64| UNIX_EPOCH + Duration::from_secs(s);
+        let no_clock = || -> SystemTime { panic!("the clock was read") };
+        assert_eq!(version(true, None, None).unusable(no_clock), None);
+        assert_eq!(version(false, None, Some(t(1))).unusable(no_clock).as_deref(), Some("disabled"));
+        let dated = version(true, Some(t(100)), Some(t(200)));
+        assert!(dated.unusable(|| t(50)).is_some_and(|w| w.starts_with("not yet valid")));
+        assert_eq!(dated.unusable(|| t(150)), None);
+        assert!(dated.unusable(|| t(200)).is_some_and(|w| w.starts_with("expired")));
+        let mut clock_reads = 0;
+        let _ = dated.unusable(|| {
+            clock_reads += 1;
+            t(150)
+        });
+        assert_eq!(clock_reads, 1);
+    }
 
     /// Issue 19: a hit reuses the answer built at the first hit; a build that fails (a value
     /// that is not text) keeps nothing, so the next hit tries again.
