@@ -12,6 +12,7 @@ use std::convert::Infallible;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -177,6 +178,11 @@ const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// A client that has not sent its whole request head by then is dropped.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long an evicted connection on hyper's path may take to finish writing its last
+/// answer before it is dropped (the plain path drops an evicted connection at once, even in
+/// the middle of a write).
+const EVICTED_WRITE_LIMIT: Duration = HEADER_TIMEOUT;
+
 /// One kind of socket the agent serves: the agent socket or the admin socket. The accept
 /// loop, timeouts, limits on request heads and the drain on shutdown are the same for both
 /// ([`serve`]); what differs is what is learned about a connection and how it is answered.
@@ -245,7 +251,8 @@ pub(crate) async fn serve<H: Handler, T>(
                 // Plain reads first, while the connection asks only for them; then hyper.
                 let pre = match h.plain_prefix() {
                     Some(prefix) => {
-                        match plain::serve(&*h, &conn, &mut io, prefix, &mut closing, activity.as_ref()).await {
+                        match plain::serve(&*h, &conn, &mut io, prefix, &mut closing, activity.as_ref()).await
+                        {
                             plain::Handover::Closed => {
                                 drop(live);
                                 return;
@@ -274,25 +281,49 @@ pub(crate) async fn serve<H: Handler, T>(
                     .serve_connection(TokioIo::new(plain::Rewind::new(pre, io)), svc);
                 let mut conn = std::pin::pin!(conn);
                 let mut asked = false;
+                // Set when the connection is evicted: how long its last answer may take to
+                // be written.
+                let mut cut_off: Option<Pin<Box<tokio::time::Sleep>>> = None;
                 let result = loop {
+                    // True: evicted; false: the agent is stopping.
                     let close = async {
                         match &activity {
                             Some(a) => tokio::select! {
-                                _ = closing.wait_for(|c| *c) => {}
-                                () = a.evicted() => tracing::debug!("idle connection closed to make room for a newer one"),
+                                _ = closing.wait_for(|c| *c) => false,
+                                () = a.evicted() => true,
                             },
                             None => {
                                 let _ = closing.wait_for(|c| *c).await;
+                                false
                             }
+                        }
+                    };
+                    let cut = async {
+                        match cut_off.as_mut() {
+                            Some(s) => s.as_mut().await,
+                            None => std::future::pending().await,
                         }
                     };
                     tokio::select! {
                         r = conn.as_mut() => break r,
-                        () = close, if !asked => {}
+                        evicted = close, if !asked => {
+                            // Finish a request in flight, then close; an idle connection
+                            // closes now.
+                            asked = true;
+                            conn.as_mut().graceful_shutdown();
+                            if evicted {
+                                tracing::debug!("idle connection closed to make room for a newer one");
+                                // Its place went to the newer connection at once: an answer
+                                // its client does not read must not keep it open (a uid could
+                                // hold any number of connections past its cap so).
+                                cut_off = Some(Box::pin(tokio::time::sleep(EVICTED_WRITE_LIMIT)));
+                            }
+                        }
+                        () = cut => {
+                            tracing::debug!("evicted connection dropped: its answer was not read in time");
+                            break Ok(());
+                        }
                     }
-                    // Finish a request in flight, then close; an idle connection closes now.
-                    asked = true;
-                    conn.as_mut().graceful_shutdown();
                 };
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");

@@ -114,3 +114,85 @@ fn idle_connections_of_a_uid_give_way_to_a_fresh_read() {
     eprintln!("fresh read by uid {NOBODY} with {open} idle connections held: {took:?}");
     agent.assert_no_canary(&[&value], &[&err]);
 }
+
+/// A served connection's count in `kvbroker_connections` (idle + busy), from the admin socket.
+fn served_connections(agent: &Agent) -> f64 {
+    let admin = agent.dir.path().join("admin.sock");
+    let (status, _, text) = kvbroker_tests::raw_request(&admin, "GET", "/metrics", &[]).unwrap();
+    assert_eq!(status, 200, "{text}");
+    ["idle", "busy"]
+        .iter()
+        .map(|s| {
+            let key = format!("kvbroker_connections{{state=\"{s}\"}} ");
+            text.lines()
+                .find_map(|l| l.strip_prefix(&key))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        })
+        .sum()
+}
+
+/// A connection evicted while its client does not read its answers (hyper's path: pipelined
+/// requests, the agent's write blocked) is dropped within the limit. Its place went to the
+/// newer connection at once, so kept open it let a uid hold any number of connections past
+/// its cap, each one taking from the budget every uid shares.
+#[test]
+fn an_evicted_connection_that_does_not_read_is_dropped() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    let value = canary("unread");
+    let agent =
+        Agent::builder("unread").secret("db", &value).allow_uid(0).limits("connections_per_uid = 2").start();
+    // A: pipelined health requests whose answers are never read, until the agent's write
+    // blocks and then the test's own.
+    let a = UnixStream::connect(&agent.socket).unwrap();
+    a.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (sent, ended) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicBool::new(false)));
+    let writer = {
+        let (mut a, sent, ended) = (a.try_clone().unwrap(), Arc::clone(&sent), Arc::clone(&ended));
+        std::thread::spawn(move || {
+            let batch = b"GET /v1/health HTTP/1.1\r\nHost: kvbroker\r\n\r\n".repeat(64);
+            while a.write_all(&batch).is_ok() {
+                sent.fetch_add(batch.len(), Ordering::Relaxed);
+            }
+            ended.store(true, Ordering::Release);
+        })
+    };
+    // Blocked when nothing more goes out for half a second.
+    let mut last = usize::MAX;
+    while sent.load(Ordering::Relaxed) != last {
+        last = sent.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(!ended.load(Ordering::Acquire), "the agent closed the unread connection before any eviction");
+    let read_on = |s: &mut UnixStream| {
+        s.write_all(b"GET /v1/secrets/db HTTP/1.1\r\nHost: kvbroker\r\n\r\n").unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    };
+    // B, then C: C's arrival puts the uid over its cap of 2, and A, idle longest, gives way.
+    let mut b = UnixStream::connect(&agent.socket).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    read_on(&mut b);
+    let mut c = UnixStream::connect(&agent.socket).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    read_on(&mut c);
+    let evicted = Instant::now();
+    // The agent drops A within its limit (10 s): the test's blocked write then fails.
+    while !ended.load(Ordering::Acquire) && evicted.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = evicted.elapsed();
+    assert!(ended.load(Ordering::Acquire), "the evicted, unread connection was still open after {took:?}");
+    writer.join().unwrap();
+    eprintln!("evicted unread connection dropped after {took:?}");
+    assert_eq!(served_connections(&agent), 2.0, "B and C are served; A's place is gone with it");
+    read_on(&mut b);
+    read_on(&mut c);
+    drop(a);
+    agent.assert_no_canary(&[&value], &[]);
+}
