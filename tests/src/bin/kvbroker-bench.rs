@@ -834,8 +834,16 @@ fn oha_scenario(o: &Opts, strace: bool, rows: &mut Vec<Value>) {
     }
 }
 
+const USAGE: &str = "usage: kvbroker-bench [--quick] [--strace] [--out FILE] [SCENARIO...]
+scenarios: cached cold scale audit mask (the default set), oha, memory, floor (serves the
+floor alone until killed); see docs/benchmarks.md";
+
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let mut out = PathBuf::from("target/kvbroker-bench.json");
     if let Some(i) = args.iter().position(|a| a == "--out") {
@@ -850,7 +858,7 @@ fn main() {
     for c in &chosen {
         assert!(
             all.contains(c) || *c == "oha" || *c == "memory" || *c == "floor",
-            "unknown scenario {c}: choose from {all:?}, oha or memory"
+            "unknown scenario {c}\n{USAGE}"
         );
     }
     raise_fd_limit();
