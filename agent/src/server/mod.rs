@@ -12,7 +12,6 @@ use std::convert::Infallible;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -281,9 +280,6 @@ pub(crate) async fn serve<H: Handler, T>(
                     .serve_connection(TokioIo::new(plain::Rewind::new(pre, io)), svc);
                 let mut conn = std::pin::pin!(conn);
                 let mut asked = false;
-                // Set when the connection is evicted: how long its last answer may take to
-                // be written.
-                let mut cut_off: Option<Pin<Box<tokio::time::Sleep>>> = None;
                 let result = loop {
                     // True: evicted; false: the agent is stopping.
                     let close = async {
@@ -298,12 +294,6 @@ pub(crate) async fn serve<H: Handler, T>(
                             }
                         }
                     };
-                    let cut = async {
-                        match cut_off.as_mut() {
-                            Some(s) => s.as_mut().await,
-                            None => std::future::pending().await,
-                        }
-                    };
                     tokio::select! {
                         r = conn.as_mut() => break r,
                         evicted = close, if !asked => {
@@ -316,12 +306,14 @@ pub(crate) async fn serve<H: Handler, T>(
                                 // Its place went to the newer connection at once: an answer
                                 // its client does not read must not keep it open (a uid could
                                 // hold any number of connections past its cap so).
-                                cut_off = Some(Box::pin(tokio::time::sleep(EVICTED_WRITE_LIMIT)));
+                                match tokio::time::timeout(EVICTED_WRITE_LIMIT, conn.as_mut()).await {
+                                    Ok(r) => break r,
+                                    Err(_) => {
+                                        tracing::debug!("evicted connection dropped: its answer was not read in time");
+                                        break Ok(());
+                                    }
+                                }
                             }
-                        }
-                        () = cut => {
-                            tracing::debug!("evicted connection dropped: its answer was not read in time");
-                            break Ok(());
                         }
                     }
                 };
