@@ -335,6 +335,8 @@ impl PeerFacts {
     pub(crate) fn set_cgroup_trusted(&mut self, path: &str) {
         self.cgroup = Some(path.to_owned());
         self.cgroup_names = OnceLock::from(cgroup::names_with(path, &|_| Ok(())));
+        // The record's `peer` serialized before the change would name the old cgroup.
+        self.audit_json = Default::default();
     }
 
     /// What the cgroup path names (unit, container), anchored and ownership-checked once.

@@ -591,6 +591,9 @@ mod tests {
         let first = peer_json(&f).unwrap();
         assert_eq!(first.get(), serde_json::to_string(&peer_view(&f, &PodLookup::NotAsked)).unwrap());
         assert!(std::ptr::eq(first, peer_json(&f).unwrap()), "made once, then shared");
+        // Facts changed by hand (tests) are serialized again, not served from before.
+        f.set_cgroup_trusted("/system.slice/eval.service");
+        assert!(peer_json(&f).unwrap().get().contains("eval.service"), "the old cgroup was kept");
     }
 
     #[test]
