@@ -388,7 +388,8 @@ async fn decide_and_fetch<'a, B>(
         };
         Failure::BadRequest(unknown.to_string())
     })?;
-    log.asked = Some((vault, name.clone(), query.version.clone()));
+    // The record's copy of the name is the one the rest of the read uses: no copy per read.
+    let name = &log.asked.insert((vault, name, query.version.clone())).1;
 
     if over_cap {
         return Err(over_cap_failure(peer.uid));
@@ -489,12 +490,12 @@ async fn decide_and_fetch<'a, B>(
             // Waiting, it is no longer on its way: others do not wait for it.
             progress.leave();
             tokio::select! {
-                r = ctx.cache.wait_change(vault, &name, from, wait) => r,
+                r = ctx.cache.wait_change(vault, name, from, wait) => r,
                 () = ctx.stopping() => return Err(Failure::Stopping),
             }
         }
         // A hit is ready at once; a miss waits for Key Vault, and leaves the gathering.
-        _ => progress.unless_waiting(ctx.cache.get(vault, &name, query.version.as_ref())).await.map(Some),
+        _ => progress.unless_waiting(ctx.cache.get(vault, name, query.version.as_ref())).await.map(Some),
     };
     let looked_up = match looked_up {
         Ok(Some(l)) => l,
@@ -503,9 +504,11 @@ async fn decide_and_fetch<'a, B>(
             log.upstream_request_id = e.upstream_request_id().map(str::to_owned);
             log.upstream = e.upstream().cloned();
             return Err(match (e, &query.version) {
-                (VaultError::NotFound { .. }, Some(version)) => {
-                    Failure::VersionNotFound { vault: vault.clone(), name, version: version.clone() }
-                }
+                (VaultError::NotFound { .. }, Some(version)) => Failure::VersionNotFound {
+                    vault: vault.clone(),
+                    name: name.clone(),
+                    version: version.clone(),
+                },
                 (e, _) => Failure::Vault(e),
             });
         }
