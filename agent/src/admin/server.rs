@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Response, StatusCode};
 use http_body_util::Full;
 use kvbroker_proto::{SecretName, SecretQuery};
 use serde_json::json;
 use tokio::net::UnixStream;
 
-use crate::server::Handler;
+use crate::server::{Handler, Head};
 use crate::state::State;
 
 /// The admin socket: root only, served by the same accept loop (header timeout, accept
@@ -65,7 +65,7 @@ impl Handler for AdminSocket {
         tracing::debug_span!("admin", root = c.root)
     }
 
-    async fn handle<B: Send + Sync>(&self, c: &AdminConn, req: Request<B>) -> Response<Full<Bytes>> {
+    async fn handle<R: Head + Sync>(&self, c: &AdminConn, req: &R) -> Response<Full<Bytes>> {
         if c.root {
             handle(self, req).await
         } else {
@@ -82,17 +82,16 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
-async fn handle<B>(admin: &AdminSocket, req: Request<B>) -> Response<Full<Bytes>> {
+async fn handle<R: Head>(admin: &AdminSocket, req: &R) -> Response<Full<Bytes>> {
     let (ctx, policy_file, started) = (&admin.state, &admin.policy_file, admin.started);
     let q: std::collections::HashMap<String, String> = req
-        .uri()
         .query()
         .unwrap_or("")
         .split('&')
         .filter_map(|p| p.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    match (req.method().clone(), req.uri().path()) {
+    match (req.method().clone(), req.path()) {
         (Method::GET, "/v1/status") => reply(
             StatusCode::OK,
             json!({

@@ -8,6 +8,8 @@ mod plain;
 pub(crate) mod response;
 mod routes;
 
+pub(crate) use routes::Head;
+
 use std::convert::Infallible;
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -200,11 +202,11 @@ pub(crate) trait Handler: Send + Sync + 'static {
     fn activity(&self, _conn: &Self::Conn) -> Option<Arc<Activity>> {
         None
     }
-    /// Answers one request (from hyper, with its body; or from the plain path, without).
-    fn handle<B: Send + Sync>(
+    /// Answers one request (hyper's, body and all; or a head the plain path read in place).
+    fn handle<R: Head + Sync>(
         &self,
         conn: &Self::Conn,
-        req: hyper::Request<B>,
+        req: &R,
     ) -> impl Future<Output = hyper::Response<response::Body>> + Send;
     /// Requests under this path that the plain path serves before hyper ([`plain`]);
     /// `None`: hyper serves every request.
@@ -267,7 +269,7 @@ pub(crate) async fn serve<H: Handler, T>(
                         let (h, conn) = (Arc::clone(&h), Arc::clone(&conn));
                         let busy = activity.as_ref().map(Activity::begin);
                         async move {
-                            let r = h.handle(&conn, req).await;
+                            let r = h.handle(&conn, &req).await;
                             drop(busy);
                             Ok::<_, Infallible>(r)
                         }
@@ -406,11 +408,7 @@ impl Handler for AgentSocket {
         tracing::debug_span!("conn", pid = c.peer.pid, uid = c.peer.uid)
     }
 
-    async fn handle<B: Send + Sync>(
-        &self,
-        c: &AgentConn,
-        req: hyper::Request<B>,
-    ) -> hyper::Response<response::Body> {
+    async fn handle<R: Head + Sync>(&self, c: &AgentConn, req: &R) -> hyper::Response<response::Body> {
         routes::handle(&self.0, &c.peer, c.refused, req).await
     }
 

@@ -120,10 +120,41 @@ fn asks_raw(value: &[u8]) -> bool {
             .is_ok_and(|v| v.split(',').any(|t| t.trim().starts_with("application/octet-stream")))
 }
 
+/// The head as the routes read it, in place — for a target of characters a `Uri` takes as
+/// they are ([`Plain::in_place`]); any other target is parsed into a `Uri` as hyper's path
+/// does ([`Plain::request`]), so both paths read every target alike.
+impl super::Head for Plain<'_> {
+    fn method(&self) -> &http::Method {
+        &http::Method::GET
+    }
+
+    fn path(&self) -> &str {
+        self.target.split_once('?').map_or(self.target, |(p, _)| p)
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.target.split_once('?').map(|(_, q)| q)
+    }
+
+    fn wants_raw(&self) -> bool {
+        self.raw
+    }
+
+    fn has_body(&self) -> bool {
+        false
+    }
+}
+
 impl Plain<'_> {
+    /// Whether the target can be read in place: only characters a `Uri` keeps as they are
+    /// and splits only at the first `?` (no `#`, which would end it; nothing a `Uri`
+    /// refuses). Checked by `a_target_read_in_place_reads_as_its_uri` against `Uri` itself.
+    fn in_place(&self) -> bool {
+        self.target.bytes().all(|b| b.is_ascii_alphanumeric() || b"/?=&%-._~:@!$'()*+,;".contains(&b))
+    }
+
     /// The request the routes see: method, target and, for a raw answer, `Accept` — all
-    /// the read route reads of a head without a body (see `routes::wants_raw`,
-    /// `routes::has_body`).
+    /// the read route reads of a head without a body (see `routes::Head`).
     fn request(&self) -> Option<Request<()>> {
         let mut r = Request::new(());
         *r.uri_mut() = Uri::try_from(self.target).ok()?;
@@ -182,11 +213,19 @@ pub(super) async fn serve<H: super::Handler>(
             Ok(p) => p,
             Err(_) => return Handover::Hyper(buf),
         };
-        let Some(req) = plain.request() else { return Handover::Hyper(buf) };
         let len = plain.len;
-        let busy = activity.map(Activity::begin);
-        let resp = h.handle(conn, req).await;
-        drop(busy);
+        let resp = if plain.in_place() {
+            let busy = activity.map(Activity::begin);
+            let resp = h.handle(conn, &plain).await;
+            drop(busy);
+            resp
+        } else {
+            let Some(req) = plain.request() else { return Handover::Hyper(buf) };
+            let busy = activity.map(Activity::begin);
+            let resp = h.handle(conn, &req).await;
+            drop(busy);
+            resp
+        };
         let close_after = resp
             .headers()
             .get(header::CONNECTION)

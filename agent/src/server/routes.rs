@@ -21,15 +21,58 @@ use crate::policy::Decision;
 use crate::state::State;
 use crate::vault::{Fetched, VaultError};
 
-pub(crate) async fn handle<B>(
+/// What the routes read of a request: hyper's whole request, or a head the plain path read
+/// in place (`server::plain`), for which no `Uri` or header map is built.
+pub(crate) trait Head {
+    fn method(&self) -> &Method;
+    fn path(&self) -> &str;
+    fn query(&self) -> Option<&str>;
+    /// An `Accept` names `application/octet-stream`: the raw value is asked for.
+    fn wants_raw(&self) -> bool;
+    /// The request carries a body (the agent's requests carry none).
+    fn has_body(&self) -> bool;
+}
+
+impl<B> Head for Request<B> {
+    fn method(&self) -> &Method {
+        self.method()
+    }
+
+    fn path(&self) -> &str {
+        self.uri().path()
+    }
+
+    fn query(&self) -> Option<&str> {
+        self.uri().query()
+    }
+
+    fn wants_raw(&self) -> bool {
+        self.headers()
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().starts_with("application/octet-stream")))
+    }
+
+    fn has_body(&self) -> bool {
+        let len = self
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        matches!(len, Some(n) if n > 0) || self.headers().contains_key(header::TRANSFER_ENCODING)
+    }
+}
+
+pub(crate) async fn handle<R: Head + Sync>(
     ctx: &State,
     peer: &ConnPeer,
     over_cap: bool,
-    req: Request<B>,
+    req: &R,
 ) -> Response<Body> {
     let request_id = RequestId::new();
     let request_id = request_id.as_str();
-    let path = req.uri().path();
+    let path = req.path();
     tracing::trace!(request_id, method = %req.method(), path, "request");
     let r = if path == "/v1/health" {
         if over_cap {
@@ -38,7 +81,7 @@ pub(crate) async fn handle<B>(
             metrics::get().limited(Limit::Connections);
             response::failure(&over_cap_failure(peer.uid), request_id)
         } else if req.method() == Method::GET {
-            match req.uri().query() {
+            match req.query() {
                 None | Some("") => response::health(ctx.health_reasons()),
                 Some("ready" | "ready=1" | "ready=true") => response::readiness(ctx.readiness()),
                 Some(_) => response::failure(
@@ -53,7 +96,7 @@ pub(crate) async fn handle<B>(
         if req.method() != Method::GET {
             response::failure(&Failure::Method, request_id)
         } else {
-            read_secret(ctx, peer, over_cap, &req, name, request_id).await
+            read_secret(ctx, peer, over_cap, req, name, request_id).await
         }
     } else {
         response::failure(&Failure::NoRoute, request_id)
@@ -97,18 +140,18 @@ impl RequestId {
     }
 }
 
-async fn read_secret<B>(
+async fn read_secret<R: Head + Sync>(
     ctx: &State,
     peer: &ConnPeer,
     over_cap: bool,
-    req: &Request<B>,
+    req: &R,
     raw_name: &str,
     request_id: &str,
 ) -> Response<Body> {
     let mut log = ReadLog::default();
     let mut progress = gather::InProgress::begin();
     let result = decide_and_fetch(ctx, peer, over_cap, req, raw_name, &mut log, &mut progress).await;
-    let raw = wants_raw(req);
+    let raw = req.wants_raw();
     let mut cache_use = CacheUse::None;
     let answer = result.and_then(|served| match served {
         Some(served) => {
@@ -361,21 +404,21 @@ fn count_refusal(f: &Failure) {
 
 /// Everything up to the answer, filling in the audit record as facts become known.
 /// `Ok(None)`: a long poll that ended with no new version (304).
-async fn decide_and_fetch<'a, B>(
+async fn decide_and_fetch<'a, R: Head + Sync>(
     ctx: &'a State,
     peer: &ConnPeer,
     over_cap: bool,
-    req: &Request<B>,
+    req: &R,
     raw_name: &str,
     log: &mut ReadLog<'a>,
     progress: &mut gather::InProgress,
 ) -> Result<Option<Served<'a>>, Failure> {
-    if has_body(req) {
+    if req.has_body() {
         return Err(Failure::BodyTooLarge);
     }
     let name: SecretName = raw_name.parse().map_err(|e| Failure::BadRequest(format!("{e}")))?;
-    let query = SecretQuery::parse(req.uri().query().unwrap_or(""))
-        .map_err(|e| Failure::BadRequest(e.to_string()))?;
+    let query =
+        SecretQuery::parse(req.query().unwrap_or("")).map_err(|e| Failure::BadRequest(e.to_string()))?;
     if query.changed_from.is_some() && query.version.is_some() {
         return Err(Failure::BadRequest(
             "version and changed_from cannot be combined: a pinned version never changes".into(),
@@ -547,23 +590,6 @@ fn check_usable(f: &Fetched, vault: &VaultAlias) -> Result<(), Failure> {
 
 /// Whether the answer is the raw value. The plain path (`plain::asks_raw`) reads `Accept` the
 /// same way: a change here is a change there.
-pub(super) fn wants_raw<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .any(|v| v.split(',').any(|t| t.trim().starts_with("application/octet-stream")))
-}
-
-fn has_body<B>(req: &Request<B>) -> bool {
-    let len = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    matches!(len, Some(n) if n > 0) || req.headers().contains_key(header::TRANSFER_ENCODING)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,7 +43,48 @@ fn accept_for_the_raw_value_is_read_as_the_route_reads_it() {
             .header(header::ACCEPT, http::HeaderValue::from_bytes(accept).unwrap())
             .body(())
             .unwrap();
-        assert_eq!(super::super::routes::wants_raw(&req), super::super::routes::wants_raw(&via_map));
+        use super::super::Head;
+        assert_eq!(req.wants_raw(), via_map.wants_raw());
+        assert_eq!(p.wants_raw(), via_map.wants_raw(), "read in place as from the header map");
+    }
+}
+
+/// A target read in place gives the routes what its `Uri` gives them — path, query, method,
+/// no body — for every character the in-place reading accepts; a target with any other
+/// character (a `#`, or one a `Uri` may refuse) goes through a `Uri` instead.
+#[test]
+fn a_target_read_in_place_reads_as_its_uri() {
+    use super::super::Head;
+    let allowed = "ABCXYZabcxyz0189/?=&%-._~:@!$'()*+,;";
+    let mut targets: Vec<String> =
+        ["/v1/secrets/db", "/v1/secrets/db?", "/v1/secrets/db?vault=v&version=x?y", "/v1/secrets/?"]
+            .iter()
+            .map(|t| (*t).to_owned())
+            .collect();
+    targets.extend(allowed.chars().map(|c| format!("/v1/secrets/a{c}b?q{c}r")));
+    for target in &targets {
+        let head = format!("GET {target} HTTP/1.1\r\n\r\n");
+        let p = parse(head.as_bytes(), P).unwrap();
+        assert!(p.in_place(), "{target}");
+        let req = p.request().unwrap_or_else(|| panic!("{target}: a Uri refuses it"));
+        assert_eq!(p.path(), req.uri().path(), "{target}");
+        assert_eq!(Head::query(&p), req.uri().query(), "{target}");
+        assert_eq!(Head::method(&p), req.method());
+        assert!(!p.has_body());
+    }
+    for target in [
+        "/v1/secrets/db#frag",
+        "/v1/secrets/d\"b",
+        "/v1/secrets/d{b}",
+        "/v1/secrets/d|b",
+        "/v1/secrets/d^b",
+        "/v1/secrets/d`b",
+        "/v1/secrets/d\\b",
+    ] {
+        let head = format!("GET {target} HTTP/1.1\r\n\r\n");
+        if let Ok(p) = parse(head.as_bytes(), P) {
+            assert!(!p.in_place(), "{target}: read as its Uri reads it instead");
+        }
     }
 }
 
