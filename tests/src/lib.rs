@@ -525,6 +525,20 @@ impl Agent {
         read_records(&self.audit)
     }
 
+    /// The agent's audit records once `done` holds of them — for records the agent writes
+    /// in the background (a version change, found by a refresh) — or, after 10 s, as they
+    /// are (the caller's assertion then says what is missing).
+    pub fn audit_records_once(&self, done: impl Fn(&[serde_json::Value]) -> bool) -> Vec<serde_json::Value> {
+        let t = Instant::now();
+        loop {
+            let records = self.audit_records();
+            if done(&records) || t.elapsed() > Duration::from_secs(10) {
+                return records;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Everything the agent printed.
     pub fn output(&self) -> String {
         let mut s = std::fs::read_to_string(&self.stdout).unwrap_or_default();
