@@ -323,6 +323,7 @@ async fn write_response<I: AsyncWrite + Unpin>(
     head.extend_from_slice(b"date: ");
     date::now(|d| head.extend_from_slice(d));
     head.extend_from_slice(b"\r\n\r\n");
+    super::response::give_back(parts.headers);
     let body: &[u8] = if bodiless { &[] } else { &data };
     let mut slices = [IoSlice::new(head), IoSlice::new(body)];
     let mut bufs = &mut slices[..];

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use kvbroker_proto::{
     CacheState, ErrorBody, ErrorCode, ErrorDetail, Health, SecretName, SecretValue, VaultAlias, VersionId,
@@ -218,9 +218,60 @@ pub(crate) fn readiness(r: crate::state::Readiness) -> Response<Body> {
     json(code, &body)
 }
 
+/// Header maps the plain path gives back once their answer is written ([`give_back`]), kept
+/// per thread for the next answers: a map's first insert allocates its tables, two
+/// allocations per answer (issue 19). Hyper's path drops its maps, as before.
+mod spare {
+    use std::cell::RefCell;
+
+    use http::HeaderMap;
+
+    thread_local! {
+        static MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Maps kept per thread, at most; and the largest kept (an answer's few headers fit).
+    const KEEP: usize = 8;
+    const KEEP_CAPACITY: usize = 32;
+
+    pub(super) fn take() -> HeaderMap {
+        MAPS.with_borrow_mut(Vec::pop).unwrap_or_default()
+    }
+
+    pub(super) fn give_back(mut map: HeaderMap) {
+        if map.capacity() > KEEP_CAPACITY {
+            return;
+        }
+        map.clear();
+        MAPS.with_borrow_mut(|maps| {
+            if maps.len() < KEEP {
+                maps.push(map);
+            }
+        });
+    }
+
+    /// Tests: how many maps this thread keeps.
+    #[cfg(test)]
+    pub(super) fn kept() -> usize {
+        MAPS.with_borrow(Vec::len)
+    }
+}
+
+/// A written answer's header map, for the next answer on this thread (see `spare`).
+pub(crate) fn give_back(headers: HeaderMap) {
+    spare::give_back(headers);
+}
+
+/// A 200 answer with `body`, its header map a spare one if this thread has one.
+fn response(body: Body) -> Response<Body> {
+    let mut r = Response::new(body);
+    *r.headers_mut() = spare::take();
+    r
+}
+
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    let mut r = response(Full::new(Bytes::from(bytes)));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
@@ -241,7 +292,7 @@ impl Served<'_> {
 
 /// The end of a long poll with no new version.
 pub(crate) fn not_modified() -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::new()));
+    let mut r = response(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::NOT_MODIFIED;
     r
 }
@@ -301,7 +352,7 @@ pub(crate) fn teach_mask(mask: &kvbroker_proto::mask::MaskValues, s: &Served<'_>
 pub(crate) fn secret(s: &Served<'_>, raw: bool) -> Result<Response<Body>, Failure> {
     let f = &s.fetched;
     if raw {
-        let mut r = Response::new(Full::new(Bytes::from_owner(Exposed(Arc::clone(&f.value)))));
+        let mut r = response(Full::new(Bytes::from_owner(Exposed(Arc::clone(&f.value)))));
         let hs = r.headers_mut();
         hs.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         let mut put = |name: HeaderName, v: &str| {
@@ -369,7 +420,7 @@ pub(crate) fn secret(s: &Served<'_>, raw: bool) -> Result<Response<Body>, Failur
             })
             .ok_or_else(not_text)?
     };
-    let mut r = Response::new(Full::new(body));
+    let mut r = response(Full::new(body));
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     Ok(r)
 }
@@ -405,6 +456,35 @@ pub(crate) fn finish(mut r: Response<Body>, request_id: &str) -> Response<Body> 
 #[cfg(test)]
 mod tests {
     use super::ShellWord;
+
+    /// A written answer's header map serves the next answer on the thread, emptied — its
+    /// tables kept, so the next answer's headers need no allocation; a few per thread, and no
+    /// map grown large.
+    #[test]
+    fn header_maps_given_back_are_emptied_and_reused() {
+        use http::header;
+        let before = super::spare::kept();
+        let mut r = super::not_modified();
+        r.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+        r.headers_mut().insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+        let capacity = r.headers().capacity();
+        super::give_back(r.into_parts().0.headers);
+        assert_eq!(super::spare::kept(), before + 1);
+        let next = super::not_modified();
+        assert!(next.headers().is_empty(), "a reused map holds no header of the last answer");
+        assert_eq!(next.headers().capacity(), capacity, "its tables are kept");
+        assert_eq!(super::spare::kept(), before);
+        let mut big = http::HeaderMap::new();
+        for i in 0..100u32 {
+            big.insert(http::HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(), i.into());
+        }
+        super::give_back(big);
+        assert_eq!(super::spare::kept(), before, "a large map is let go");
+        for _ in 0..20 {
+            super::give_back(http::HeaderMap::with_capacity(4));
+        }
+        assert!(super::spare::kept() <= 8, "a few per thread");
+    }
 
     /// Issue 19: a cached answer is written into a buffer of exactly its size (a debug
     /// assertion checks it never grows or has slack), escapes and all, and says what a
