@@ -566,8 +566,10 @@ impl Agent {
 }
 
 pub fn read_records(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    // A last line without its newline is a record being written as we read: not yet there.
+    let whole = text.rfind('\n').map_or("", |end| &text[..=end]);
+    whole
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad audit line {l}: {e}")))
         .collect()

@@ -4,11 +4,12 @@
 //! tracing span. On shutdown the listener closes first, in-flight requests get a bounded
 //! grace period, and the socket file is removed last.
 
+mod head;
 mod plain;
 pub(crate) mod response;
 mod routes;
 
-pub(crate) use routes::Head;
+pub(crate) use head::Head;
 
 use std::convert::Infallible;
 use std::io;

@@ -60,7 +60,7 @@ struct Plain<'a> {
     len: usize,
     /// The request target (`/v1/secrets/NAME?…`).
     target: &'a str,
-    /// An `Accept` asks for the raw value, as `routes::wants_raw` reads it.
+    /// An `Accept` asks for the raw value, as `Head::wants_raw` reads hyper's request.
     raw: bool,
 }
 
@@ -110,7 +110,7 @@ fn parse<'a>(buf: &'a [u8], prefix: &str) -> Result<Plain<'a>, NotPlain> {
     Ok(Plain { len, target, raw })
 }
 
-/// Whether an `Accept` value names `application/octet-stream` as `routes::wants_raw` reads
+/// Whether an `Accept` value names `application/octet-stream` as `Head::wants_raw` reads
 /// it: only a value of visible ASCII counts (`HeaderValue::to_str`), any of its
 /// comma-separated types.
 fn asks_raw(value: &[u8]) -> bool {

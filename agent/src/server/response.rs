@@ -218,45 +218,6 @@ pub(crate) fn readiness(r: crate::state::Readiness) -> Response<Body> {
     json(code, &body)
 }
 
-/// Header maps the plain path gives back once their answer is written ([`give_back`]), kept
-/// per thread for the next answers: a map's first insert allocates its tables, two
-/// allocations per answer (issue 19). Hyper's path drops its maps, as before.
-mod spare {
-    use std::cell::RefCell;
-
-    use http::HeaderMap;
-
-    thread_local! {
-        static MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// Maps kept per thread, at most; and the largest kept (an answer's few headers fit).
-    const KEEP: usize = 8;
-    const KEEP_CAPACITY: usize = 32;
-
-    pub(super) fn take() -> HeaderMap {
-        MAPS.with_borrow_mut(Vec::pop).unwrap_or_default()
-    }
-
-    pub(super) fn give_back(mut map: HeaderMap) {
-        if map.capacity() > KEEP_CAPACITY {
-            return;
-        }
-        map.clear();
-        MAPS.with_borrow_mut(|maps| {
-            if maps.len() < KEEP {
-                maps.push(map);
-            }
-        });
-    }
-
-    /// Tests: how many maps this thread keeps.
-    #[cfg(test)]
-    pub(super) fn kept() -> usize {
-        MAPS.with_borrow(Vec::len)
-    }
-}
-
 /// A written answer's header map, for the next answer on this thread (see `spare`).
 pub(crate) fn give_back(headers: HeaderMap) {
     spare::give_back(headers);
@@ -451,6 +412,45 @@ pub(crate) fn finish(mut r: Response<Body>, request_id: &str) -> Response<Body> 
     }
     hs.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+/// Header maps the plain path gives back once their answer is written ([`give_back`]), kept
+/// per thread for the next answers: a map's first insert allocates its tables, two
+/// allocations per answer (issue 19). Hyper's path drops its maps, as before.
+mod spare {
+    use std::cell::RefCell;
+
+    use http::HeaderMap;
+
+    thread_local! {
+        static MAPS: RefCell<Vec<HeaderMap>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Maps kept per thread, at most; and the largest kept (an answer's few headers fit).
+    const KEEP: usize = 8;
+    const KEEP_CAPACITY: usize = 32;
+
+    pub(super) fn take() -> HeaderMap {
+        MAPS.with_borrow_mut(Vec::pop).unwrap_or_default()
+    }
+
+    pub(super) fn give_back(mut map: HeaderMap) {
+        if map.capacity() > KEEP_CAPACITY {
+            return;
+        }
+        map.clear();
+        MAPS.with_borrow_mut(|maps| {
+            if maps.len() < KEEP {
+                maps.push(map);
+            }
+        });
+    }
+
+    /// Tests: how many maps this thread keeps.
+    #[cfg(test)]
+    pub(super) fn kept() -> usize {
+        MAPS.with_borrow(Vec::len)
+    }
 }
 
 #[cfg(test)]

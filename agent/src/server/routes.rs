@@ -4,12 +4,13 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::{Method, Request, Response, header};
+use http::{Method, Response, header};
 use kvbroker_proto::{
     AuditRecord, CacheState, Event, Outcome, SecretName, SecretQuery, SecretRef, Upstream, VaultAlias,
     VersionId,
 };
 
+use super::Head;
 use super::response::{self, Body, DeniedRead, Failure, Served};
 use crate::audit::record::{PeerOut, PeerView, ReadRecord, SecretView};
 use crate::config::{RateKey, UnknownVault};
@@ -20,49 +21,6 @@ use crate::peer::{ConnPeer, PeerError, PeerFacts};
 use crate::policy::Decision;
 use crate::state::State;
 use crate::vault::{Fetched, VaultError};
-
-/// What the routes read of a request: hyper's whole request, or a head the plain path read
-/// in place (`server::plain`), for which no `Uri` or header map is built.
-pub(crate) trait Head {
-    fn method(&self) -> &Method;
-    fn path(&self) -> &str;
-    fn query(&self) -> Option<&str>;
-    /// An `Accept` names `application/octet-stream`: the raw value is asked for.
-    fn wants_raw(&self) -> bool;
-    /// The request carries a body (the agent's requests carry none).
-    fn has_body(&self) -> bool;
-}
-
-impl<B> Head for Request<B> {
-    fn method(&self) -> &Method {
-        self.method()
-    }
-
-    fn path(&self) -> &str {
-        self.uri().path()
-    }
-
-    fn query(&self) -> Option<&str> {
-        self.uri().query()
-    }
-
-    fn wants_raw(&self) -> bool {
-        self.headers()
-            .get_all(header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().starts_with("application/octet-stream")))
-    }
-
-    fn has_body(&self) -> bool {
-        let len = self
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        matches!(len, Some(n) if n > 0) || self.headers().contains_key(header::TRANSFER_ENCODING)
-    }
-}
 
 pub(crate) async fn handle<R: Head + Sync>(
     ctx: &State,
@@ -588,8 +546,6 @@ fn check_usable(f: &Fetched, vault: &VaultAlias) -> Result<(), Failure> {
     }
 }
 
-/// Whether the answer is the raw value. The plain path (`plain::asks_raw`) reads `Accept` the
-/// same way: a change here is a change there.
 #[cfg(test)]
 mod tests {
     use super::*;
