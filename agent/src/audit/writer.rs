@@ -23,6 +23,7 @@ use crate::config::Durability;
 
 pub(super) use state::State;
 
+mod spare;
 mod state;
 mod watch;
 
@@ -113,7 +114,7 @@ impl Core {
         if q.leading {
             drop(q);
             // Serialized outside the queue's lock; written by whoever leads.
-            let mut fields = Vec::with_capacity(512);
+            let mut fields = spare::take();
             if let Err(e) = record.write_fields(&mut fields) {
                 // Give the turn back to nobody: we do not hold it.
                 return Ok(Err(AuditError::Unwritable(e.to_string())));
@@ -167,7 +168,7 @@ impl Core {
         record: &dyn Fields,
         kick: &'a Sender<()>,
     ) -> (tokio::sync::oneshot::Receiver<Result<u64, AuditError>>, Option<Turn<'a>>) {
-        let mut fields = Vec::with_capacity(512);
+        let mut fields = spare::take();
         let (reply, rx) = tokio::sync::oneshot::channel();
         if let Err(e) = record.write_fields(&mut fields) {
             // Answered at once, and the turn is not taken.

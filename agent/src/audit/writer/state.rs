@@ -305,6 +305,7 @@ impl State {
         let result = self.write(batch.len(), |i, out| batch[i].fields.write_fields(out));
         for (i, job) in batch.into_iter().enumerate() {
             let _ = job.reply.send(result.clone().map(|first| first + i as u64));
+            super::spare::give_back(job.fields);
         }
     }
 
