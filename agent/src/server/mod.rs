@@ -209,6 +209,11 @@ pub(crate) trait Handler: Send + Sync + 'static {
         conn: &Self::Conn,
         req: &R,
     ) -> impl Future<Output = hyper::Response<response::Body>> + Send;
+    /// The answer to a request head the parser refuses (`why`: the parser's reason, no byte
+    /// of the head), written before the connection is closed; `None`: hyper answers it.
+    fn malformed(&self, _why: &str) -> Option<hyper::Response<response::Body>> {
+        None
+    }
     /// Requests under this path that the plain path serves before hyper ([`plain`]);
     /// `None`: hyper serves every request.
     fn plain_prefix(&self) -> Option<&'static str> {
@@ -411,6 +416,10 @@ impl Handler for AgentSocket {
 
     async fn handle<R: Head + Sync>(&self, c: &AgentConn, req: &R) -> hyper::Response<response::Body> {
         routes::handle(&self.0, &c.peer, c.refused, req).await
+    }
+
+    fn malformed(&self, why: &str) -> Option<hyper::Response<response::Body>> {
+        Some(routes::malformed(why))
     }
 
     fn plain_prefix(&self) -> Option<&'static str> {

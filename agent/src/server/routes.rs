@@ -67,6 +67,21 @@ pub(crate) async fn handle<R: Head + Sync>(
     r
 }
 
+/// The answer to a request head that cannot be parsed (the plain path's; `why` is the
+/// parser's reason): `400 InvalidRequest` with its request id, and the connection closed.
+/// No decision was made, so there is no audit record (as for an unknown path).
+pub(crate) fn malformed(why: &str) -> Response<Body> {
+    let request_id = RequestId::new();
+    let request_id = request_id.as_str();
+    tracing::debug!(request_id, why, "malformed request head: answered 400 and closed");
+    let failure = Failure::BadRequest(format!(
+        "the request head is not valid HTTP/1.1 ({why}): send a well-formed request"
+    ));
+    let mut r = response::finish(response::failure(&failure, request_id), request_id);
+    r.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    r
+}
+
 fn over_cap_failure(uid: u32) -> Failure {
     Failure::TooMany {
         retry_after: Duration::from_secs(1),
