@@ -60,7 +60,11 @@ pub(super) fn status(pid: u32) -> Result<Status, PeerError> {
 pub(super) fn exe(pid: u32) -> Result<Option<String>, PeerError> {
     match std::fs::read_link(format!("/proc/{pid}/exe")) {
         Ok(p) => Ok(Some(p.to_string_lossy().into_owned())),
-        // Kernel threads and zombies have no exe; the caller just has no exe fact.
+        // A process that has exited and not been reaped yet (a zombie) still has its pid
+        // and its pidfd answers as alive, but no exe: it wrote and is gone, and whoever
+        // reads the answer is not it (SPEC: facts that cannot be read deny).
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && exited(pid) => Err(PeerError::Exited),
+        // Kernel threads have no exe; such a caller just has no exe fact.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && proc_exists(pid) => Ok(None),
         Err(e) => Err(gone_or(e, "exe")),
     }
@@ -84,6 +88,20 @@ pub(super) fn exe_checked(pid: u32) -> Result<(Option<String>, Option<String>), 
     Ok((Some(path), why))
 }
 
+/// Whether `pid` is a process that has exited: state `Z` (zombie) or `X` (being reaped) in
+/// `/proc/PID/stat`, or no such process.
+fn exited(pid: u32) -> bool {
+    match read(pid, "stat") {
+        Ok(stat) => parse_state(&stat).is_none_or(|s| s == 'Z' || s == 'X'),
+        Err(e) => e == PeerError::Exited,
+    }
+}
+
+/// Field 3 of `/proc/PID/stat`: the process state.
+fn parse_state(stat: &str) -> Option<char> {
+    stat[stat.rfind(')')? + 1..].split_ascii_whitespace().next()?.chars().next()
+}
+
 fn proc_exists(pid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
@@ -97,6 +115,29 @@ pub(super) fn cgroup(pid: u32) -> Result<Option<String>, PeerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer that has exited but is not reaped yet (a zombie) is gone, not a caller
+    /// without an exe; a kernel thread is one without an exe.
+    #[test]
+    fn a_zombie_has_exited_and_a_kernel_thread_has_no_exe() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !read(pid, "stat").is_ok_and(|s| parse_state(&s) == Some('Z')) {
+            assert!(std::time::Instant::now() < deadline, "child {pid} never became a zombie");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(exe(pid), Err(PeerError::Exited), "zombie");
+        child.wait().unwrap();
+        assert_eq!(exe(pid), Err(PeerError::Exited), "reaped");
+        // kthreadd, pid 2 in the initial pid namespace, where the agent runs.
+        if read(2, "stat").is_ok_and(|s| s.contains("(kthreadd)")) {
+            assert_eq!(exe(2), Ok(None), "kernel thread");
+        }
+        assert_eq!(exe(std::process::id()).map(|e| e.is_some()), Ok(true), "a live process");
+        assert_eq!(parse_state("7 (a) b) Z 1 2"), Some('Z'));
+        assert_eq!(parse_state("garbage"), None);
+    }
 
     #[test]
     fn start_time_survives_odd_comm() {

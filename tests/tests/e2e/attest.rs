@@ -339,6 +339,63 @@ print("pids", os.getpid(), child, half)
     agent.assert_no_canary(&[&value], &[&out, &err]);
 }
 
+/// A writer that has exited before its request is read — a zombie, not yet reaped: its pid
+/// and its pidfd still answer as alive — is refused as exited (SPEC: facts that cannot be
+/// read deny), not decided on what is left of it: whoever reads the answer is not the
+/// process that asked. The agent is stopped (SIGSTOP) while the child writes and exits, so
+/// the order is certain.
+#[test]
+fn a_writer_that_exited_before_its_request_was_read_is_refused() {
+    use std::io::Write;
+    let value = canary("zombie");
+    let python = python3();
+    let agent = Agent::builder("attest-zombie").secret("s", &value).allow_uid(0).start();
+    let script = format!(
+        r#"{PY_READ_RESPONSE}
+import os, socket, sys, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+child = os.fork()
+if child == 0:
+    s.sendall(b"GET /v1/secrets/s HTTP/1.1\r\nHost: x\r\n\r\n")
+    os._exit(0)
+# Not reaped until the answer is in: the child stays a zombie.
+while open(f"/proc/{{child}}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+    time.sleep(0.01)
+print("zombie", child, flush=True)
+sys.stdin.readline()
+r = read_response(s)
+print("answer", r[0], r[2] if r else "", flush=True)
+os.waitpid(child, 0)
+"#
+    );
+    agent.proc.signal(libc::SIGSTOP);
+    let mut py = Command::new(&python)
+        .args(["-c", &script])
+        .arg(&agent.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(py.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    agent.proc.signal(libc::SIGCONT);
+    let child: u64 = line.strip_prefix("zombie ").unwrap_or_else(|| panic!("{line}")).trim().parse().unwrap();
+    py.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut answer = String::new();
+    out.read_line(&mut answer).unwrap();
+    assert!(py.wait().unwrap().success());
+    assert!(answer.starts_with("answer HTTP/1.1 403 Forbidden "), "{answer}");
+    assert!(answer.contains("peer exited"), "{answer}");
+    let recs = reads(&agent);
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0]["outcome"], "denied", "{recs:?}");
+    assert_eq!(recs[0]["reason"], "peer exited", "{recs:?}");
+    assert_eq!(recs[0]["peer"]["pid"], child, "the record names the writer: {recs:?}");
+    agent.assert_no_canary(&[&value], &[&answer]);
+}
+
 /// exe spoofing in a namespace (issue 12, attack 2): in `unshare -Urm`, perl is bind-mounted
 /// over the kvb binary the rule allows and run from there, so `/proc/PID/exe` reads as kvb's
 /// path. The agent sees a different file at that path, marks the exe unverified and denies;
