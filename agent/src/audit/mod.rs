@@ -125,7 +125,7 @@ impl Auditor {
         let mut file = open_append(&path).map_err(open_err)?;
         let (seq, prev, len) =
             match read_tail(&mut file, key.as_ref().map(|k| k.as_slice())).map_err(open_err)? {
-                Tail::Empty => (0, chain::GENESIS.to_owned(), 0),
+                Tail::Empty => after_rotation(&path, key.as_ref().map(|k| k.as_slice()), &mut resumed),
                 Tail::Record { seq, hash, end } => (seq, hash, end),
                 Tail::Partial { seq, hash, end, total } => {
                     let aside = aside_path(&path, "partial");
@@ -352,6 +352,28 @@ enum Tail {
         total: u64,
     },
     Damaged,
+}
+
+/// Where the chain of an empty live file starts. Beside a rotated `.1` it goes on from that
+/// file's last record: rotation renames the live file first and writes the new file's first
+/// record after, so an agent stopped (or a disk that filled) in between leaves the live file
+/// empty — starting a new chain then would read, to `audit verify`, as a chain inserted into
+/// the log. Without a readable `.1` (a new log) it starts at genesis.
+fn after_rotation(path: &Path, key: Option<&[u8]>, resumed: &mut Resumed) -> (u64, String, u64) {
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    let rotated = PathBuf::from(rotated);
+    match File::open(&rotated).and_then(|mut f| read_tail(&mut f, key)) {
+        Ok(Tail::Record { seq, hash, .. } | Tail::Partial { seq, hash, .. }) if seq > 0 => {
+            resumed.note = Some(format!(
+                "the audit log was empty, as a rotation leaves it when the agent stops or the disk \
+                 fills before the new file's first record; its chain goes on from {} (seq {seq})",
+                rotated.display()
+            ));
+            (seq, hash, 0)
+        }
+        _ => (0, chain::GENESIS.to_owned(), 0),
+    }
 }
 
 /// Reads the last whole record of the file (looking at most 1 MiB back).

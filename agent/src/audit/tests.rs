@@ -488,6 +488,69 @@ async fn rotation_that_deletes_a_file_names_the_records_that_left() {
     assert!(from < to && to + 1 == kept_min, "{last} (oldest kept seq {kept_min})");
 }
 
+/// Rotation renames the live file and then writes the new file's first record: an agent
+/// stopped (or a disk that filled) in between leaves an empty live file beside `.1`. The
+/// next start goes on with `.1`'s chain instead of starting a new one, which `audit verify`
+/// read as a chain inserted into the log (found by an attack review: a crash under load,
+/// and a full tmpfs, each did it).
+#[tokio::test]
+async fn an_empty_log_after_a_rotation_goes_on_from_the_rotated_file() {
+    let d = TempDir::new();
+    let c = cfg(&d);
+    let (a, _) = Auditor::open(&c).unwrap();
+    write_n(&a, 3).await;
+    drop(a);
+    let mut rotated = c.path.clone().into_os_string();
+    rotated.push(".1");
+    std::fs::rename(&c.path, &rotated).unwrap();
+    std::fs::write(&c.path, b"").unwrap();
+    let (a, resumed) = Auditor::open(&c).unwrap();
+    let note = resumed.note.expect("the start says where the chain goes on from");
+    assert!(note.contains("goes on from") && note.contains("(seq 3)"), "{note}");
+    assert_eq!(a.append(read(3)).await.unwrap(), 4);
+    let v = verify(&with_rotated(&c.path), None).unwrap();
+    assert_eq!((v.records, v.first_seq, v.last_seq), (4, 1, 4));
+    drop(a);
+    // A new log (no `.1`) still starts at the beginning.
+    let fresh = TempDir::new();
+    let (a, resumed) = Auditor::open(&cfg(&fresh)).unwrap();
+    assert!(resumed.note.is_none());
+    assert_eq!(a.append(read(0)).await.unwrap(), 1);
+}
+
+/// A file put in the log's place after the last check and before a rotation is not rotated
+/// as ours (it became `.1`, and the rotation record said our records ended there): it is
+/// handled as any replacement, reopened and said so.
+#[tokio::test]
+async fn a_file_put_in_place_just_before_a_rotation_is_not_rotated_as_ours() {
+    let d = TempDir::new();
+    let mut c = cfg(&d);
+    c.rotate_bytes = NonZeroU64::new(1024).unwrap();
+    let (a, _) = Auditor::open(&c).unwrap();
+    // A live watch that cannot see our file, checked hourly: nothing notices the swap
+    // before the rotation does.
+    let elsewhere = TempDir::new();
+    a.core.with_state(|s| s.set_watch(Some(&elsewhere.0.join("x")), Duration::from_secs(3600)));
+    // Full, not yet rotated: the next batch rotates.
+    let mut n = 0;
+    while std::fs::metadata(&c.path).unwrap().len() < 1024 {
+        a.append(read(n)).await.unwrap();
+        n += 1;
+    }
+    let mut rotated = c.path.clone().into_os_string();
+    rotated.push(".1");
+    let rotated = PathBuf::from(rotated);
+    assert!(!rotated.exists());
+    let impostor = d.0.join("impostor.jsonl");
+    std::fs::write(&impostor, b"{\"not\":\"ours\"}\n").unwrap();
+    std::fs::rename(&impostor, &c.path).unwrap();
+    assert!(matches!(a.append(read(n)).await, Err(AuditError::Replaced { .. })), "fails closed");
+    assert!(!rotated.exists(), "the impostor was rotated as ours: {:?}", std::fs::read_to_string(&rotated));
+    a.append(read(n + 1)).await.unwrap();
+    let live = lines(&c.path);
+    assert!(live.iter().any(|l| l.contains("removed or replaced outside the agent")), "{live:?}");
+}
+
 /// Size rotation keeps the chain across files; 100,000 records over several files verify;
 /// damage at the boundary names the right file and line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -217,6 +217,13 @@ impl State {
     /// Size rotation: audit.jsonl → .1 → .2 …, keeping `rotate_keep` old files, then an
     /// `audit.rotated` record opening the new file (its `prev` links to the old file's last).
     fn rotate(&mut self) -> Result<(), AuditError> {
+        // A file put in the log's place since the last check is not ours to rotate: taking
+        // it as `.1` would say our records end there. It is a replacement like any other
+        // (fail closed, reopen at the next batch); one `stat` per rotation.
+        if !self.same_file() {
+            self.reopen = true;
+            return Err(AuditError::Replaced { path: self.path.clone() });
+        }
         let name = |n: u32| {
             let mut p = self.path.clone().into_os_string();
             p.push(format!(".{n}"));
