@@ -212,9 +212,10 @@ pub fn query(files: &[PathBuf], filter: &Filter, json: bool, summary: bool) -> R
             // A refusal summary record stands for `count` refused requests.
             let n = r.count.unwrap_or(1);
             match r.outcome {
-                Some(Outcome::Allowed) => e.0 += n,
-                Some(Outcome::Denied) => e.1 += n,
-                _ => e.2 += n,
+                // A hostile `count` cannot overflow the totals (saturated, as large as can be).
+                Some(Outcome::Allowed) => e.0 = e.0.saturating_add(n),
+                Some(Outcome::Denied) => e.1 = e.1.saturating_add(n),
+                _ => e.2 = e.2.saturating_add(n),
             }
         }
         let rows = counts.iter().map(|((secret, uid, who), (a, d, e))| {
@@ -226,11 +227,11 @@ pub fn query(files: &[PathBuf], filter: &Filter, json: bool, summary: bool) -> R
             [false, true, false, true, true, true],
             rows,
         ));
-        let denials: u64 = counts.values().map(|v| v.1).sum();
+        let denials = counts.values().fold(0u64, |t, v| t.saturating_add(v.1));
         let _ = writeln!(
             out,
             "\n{} read(s) by {} caller/secret pair(s); {denials} denied",
-            counts.values().map(|v| v.0 + v.1 + v.2).sum::<u64>(),
+            counts.values().fold(0u64, |t, v| t.saturating_add(v.0).saturating_add(v.1).saturating_add(v.2)),
             counts.len()
         );
         return Ok(out);
@@ -247,7 +248,9 @@ pub fn query(files: &[PathBuf], filter: &Filter, json: bool, summary: bool) -> R
 }
 
 /// `audit tail`: prints the last `last` records, then follows the file (and its successors
-/// across rotation) until interrupted.
+/// across rotation) until interrupted. Only whole lines are shown: a line the agent is
+/// still writing, or one it cuts back after a failed write or at its next start, is never
+/// shown half; and every file rotated away between two looks is shown, oldest first.
 pub fn tail(
     path: &Path,
     last: usize,
@@ -255,58 +258,89 @@ pub fn tail(
     mut emit: impl FnMut(&str) -> bool,
 ) -> Result<(), QueryError> {
     let read_err = |e: std::io::Error| QueryError::Read { path: path.to_owned(), reason: e.to_string() };
-    let text = std::fs::read_to_string(path).map_err(read_err)?;
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let mut ino = file.metadata().map_err(read_err)?.ino();
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(read_err)?;
+    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     if !json && !emit(&header()) {
         return Ok(());
     }
+    let text = String::from_utf8_lossy(&bytes[..whole]);
     let all: Vec<&str> = text.lines().collect();
     for line in &all[all.len().saturating_sub(last)..] {
         if !emit_line(line, json, &mut emit) {
             return Ok(());
         }
     }
-    let mut file = std::fs::File::open(path).map_err(read_err)?;
-    let mut pos = text.len() as u64;
-    let mut ino = file.metadata().map_err(read_err)?.ino();
-    let mut pending = String::new();
+    // The end of the last whole line shown.
+    let mut pos = whole as u64;
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        // Rotated or replaced: finish the old file, then start on the new one from its top.
+        // Rotated or replaced: finish the old file, then the files rotated after it, then
+        // the new one from its top.
         if let Ok(m) = std::fs::metadata(path)
             && m.ino() != ino
         {
-            if !drain(&mut file, &mut pos, &mut pending, json, &mut emit) {
+            if !drain(&mut file, &mut pos, json, &mut emit) {
                 return Ok(());
+            }
+            for newer in rotated_since(path, ino) {
+                let Ok(mut f) = std::fs::File::open(&newer) else { continue };
+                if !drain(&mut f, &mut 0, json, &mut emit) {
+                    return Ok(());
+                }
             }
             file = std::fs::File::open(path).map_err(read_err)?;
             ino = m.ino();
             pos = 0;
         }
-        if !drain(&mut file, &mut pos, &mut pending, json, &mut emit) {
+        if !drain(&mut file, &mut pos, json, &mut emit) {
             return Ok(());
         }
     }
 }
 
-fn drain(
-    file: &mut std::fs::File,
-    pos: &mut u64,
-    pending: &mut String,
-    json: bool,
-    emit: &mut impl FnMut(&str) -> bool,
-) -> bool {
-    let mut buf = String::new();
-    if file.seek(SeekFrom::Start(*pos)).is_err() || file.read_to_string(&mut buf).is_err() {
-        return true;
+/// The rotated siblings of `path` newer than the file with inode `old`: if that file is now
+/// `path.K`, then `path.K-1` … `path.1`, oldest first. None if it is not a sibling (it was
+/// replaced, or rotated out of the kept files).
+fn rotated_since(path: &Path, old: u64) -> Vec<PathBuf> {
+    let sibling = |n: usize| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    };
+    let mut n = 1;
+    loop {
+        match std::fs::metadata(sibling(n)) {
+            Ok(m) if m.ino() == old => return (1..n).rev().map(sibling).collect(),
+            Ok(_) => n += 1,
+            Err(_) => return Vec::new(),
+        }
     }
-    *pos += buf.len() as u64;
-    pending.push_str(&buf);
-    while let Some(i) = pending.find('\n') {
-        let line: String = pending.drain(..=i).collect();
-        if !emit_line(line.trim_end(), json, emit) {
+}
+
+/// Shows the whole lines after `pos` and moves `pos` past them; a last line without its
+/// newline waits for the next look. A file cut short below `pos` is followed from its end.
+fn drain(file: &mut std::fs::File, pos: &mut u64, json: bool, emit: &mut impl FnMut(&str) -> bool) -> bool {
+    let Ok(len) = file.metadata().map(|m| m.len()) else { return true };
+    if len < *pos {
+        *pos = len;
+        if !json && !emit("(the file was cut short below the records shown; following on from its end)\n") {
             return false;
         }
     }
+    let mut buf = Vec::new();
+    if file.seek(SeekFrom::Start(*pos)).is_err() || file.read_to_end(&mut buf).is_err() {
+        return true;
+    }
+    let whole = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    for line in String::from_utf8_lossy(&buf[..whole]).lines() {
+        if !emit_line(line, json, emit) {
+            return false;
+        }
+    }
+    *pos += whole as u64;
     true
 }
 
@@ -350,6 +384,80 @@ mod tests {
         let out = query(std::slice::from_ref(&path), &Filter::default(), false, summary);
         let _ = std::fs::remove_file(&path);
         out.unwrap()
+    }
+
+    /// A hostile `count` (a tampered log) cannot overflow the summary's totals: they stop
+    /// at the largest number (a debug build panicked, a release build wrapped around).
+    #[test]
+    fn summary_totals_saturate_on_a_hostile_count() {
+        let mut a = read(1000, "/usr/bin/python3", "db", Outcome::Denied);
+        a.count = Some(u64::MAX);
+        let out = query_of(&[a.clone(), a], true);
+        assert!(out.contains(&u64::MAX.to_string()), "{out}");
+        assert!(out.contains(&format!("{} denied", u64::MAX)), "{out}");
+    }
+
+    /// Follows `path` with `audit tail --json` on a thread; its lines come on the channel.
+    fn follow(path: &Path) -> std::sync::mpsc::Receiver<String> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = path.to_owned();
+        std::thread::spawn(move || tail(&path, 100, true, |l| tx.send(l.trim_end().to_owned()).is_ok()));
+        rx
+    }
+
+    fn line(n: u64) -> String {
+        let mut r = AuditRecord::new(Event::SecretRead);
+        r.seq = n;
+        serde_json::to_string(&r).unwrap() + "\n"
+    }
+
+    fn seqs(rx: &std::sync::mpsc::Receiver<String>, n: usize) -> Vec<u64> {
+        (0..n)
+            .map(|_| {
+                let l = rx.recv_timeout(Duration::from_secs(5)).expect("tail showed no more lines");
+                serde_json::from_str::<AuditRecord>(&l).unwrap_or_else(|e| panic!("{e}: {l}")).seq
+            })
+            .collect()
+    }
+
+    /// `audit tail` never shows half a line, also when the agent cuts a partial line back
+    /// and writes on (a failed write's rollback, or its next start), and it shows every file
+    /// rotated away between two of its looks (it skipped all but the newest).
+    #[test]
+    fn tail_shows_whole_lines_and_every_rotated_file() {
+        let dir = std::env::temp_dir().join(format!("kvb-tail-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("audit.jsonl");
+        let partial = &line(99)[..20];
+        std::fs::write(&path, line(1) + &line(2) + partial).unwrap();
+        let rx = follow(&path);
+        assert_eq!(seqs(&rx, 2), [1, 2]);
+        // Cut back to the last whole record, then the next record.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len((line(1) + &line(2)).len() as u64).unwrap();
+        drop(f);
+        let append = |p: &Path, text: &str| {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(p)
+                .unwrap()
+                .write_all(text.as_bytes())
+                .unwrap();
+        };
+        append(&path, &line(3));
+        assert_eq!(seqs(&rx, 1), [3], "the record after the cut, whole");
+        // Two rotations between two looks (200 ms apart).
+        let sibling = |n: u32| dir.join(format!("audit.jsonl.{n}"));
+        append(&path, &line(4));
+        std::fs::rename(&path, sibling(1)).unwrap();
+        append(&path, &line(5));
+        std::fs::rename(sibling(1), sibling(2)).unwrap();
+        std::fs::rename(&path, sibling(1)).unwrap();
+        append(&path, &line(6));
+        assert_eq!(seqs(&rx, 3), [4, 5, 6]);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Issue 11: a long exe path pushed every later column of its row out of line.
