@@ -169,8 +169,30 @@ pub(crate) fn retry_wait(retry_after: Option<Duration>) -> Duration {
 /// Writes `bytes` to `path` with mode 0600: into a new file beside it, then renamed over,
 /// so no reader ever sees a partial value or a wider mode. A file already there keeps its
 /// owner and group (the new file is given them before the rename; if that is not allowed,
-/// nothing is replaced). The directory is synced after the rename.
+/// nothing is replaced). The directory is synced after the rename. Only a regular file is
+/// ever replaced: a device (`/dev/null`, `/dev/stdout`), a FIFO, a socket, a directory or a
+/// symlink at `path` is refused, never swapped for a file holding the value.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => {
+            let what = if m.file_type().is_symlink() {
+                "a symlink (give the path of the file it names)"
+            } else if m.is_dir() {
+                "a directory"
+            } else {
+                "a device, FIFO or socket"
+            };
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "it is {what}, and kvb replaces only regular files: choose a file path, or omit -o for standard output"
+                ),
+            ));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| std::io::Error::other("not a file path"))?;
     // An unpredictable temporary name, created with O_EXCL (never through a file or symlink
@@ -262,6 +284,40 @@ mod tests {
         let a = random_suffix();
         assert_eq!(a.len(), 32);
         assert_ne!(a, random_suffix());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `kvb get NAME -o PATH` replaced whatever was at PATH: as root, `-o /dev/null` would
+    /// have left the value in a file where the device was. Only regular files are replaced.
+    #[test]
+    fn write_private_replaces_only_a_regular_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = std::env::temp_dir().join(format!("kvb-wp-{}", random_suffix()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("target");
+        std::fs::write(&target, "kept").unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let fifo = dir.join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let sub = dir.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        for (path, said) in [(&link, "a symlink"), (&fifo, "a device, FIFO or socket"), (&sub, "a directory")]
+        {
+            let e = write_private(path, b"value").unwrap_err();
+            assert!(e.to_string().contains(said), "{}: {e}", path.display());
+        }
+        let e = write_private(Path::new("/dev/null"), b"value").unwrap_err();
+        assert!(e.to_string().contains("a device"), "{e}");
+        assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        assert_eq!(std::fs::read(&target).unwrap(), b"kept");
+        // A regular file is replaced, as before.
+        write_private(&target, b"value").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"value");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 4, "no temporary file left behind: {left:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
