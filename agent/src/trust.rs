@@ -26,6 +26,52 @@ pub enum Untrusted {
     Unreadable { path: PathBuf, what: &'static str, reason: String },
 }
 
+/// Reads the file at `path` (after symlinks), if it is a regular file of at most `max`
+/// bytes. Anything else is refused before a byte is read: a FIFO would block the reader
+/// until someone writes to it, a device such as `/dev/zero` never ends, and a runaway file
+/// would be held whole in memory. It is opened without blocking (opening a FIFO waits for a
+/// writer otherwise), and what is read is what was checked (the opened file's own
+/// metadata). The errors say which and what to do. What was read is wiped if it is refused
+/// (a vault file's text holds values).
+pub(crate) fn read_regular_bytes(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        let kind = if m.is_dir() { "a directory" } else { "a FIFO, socket or device" };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {kind}, not a regular file: give the path of a file"),
+        ));
+    }
+    let too_large = |size: u64| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {size} bytes, more than the {max} such a file may be: is it the right file?"),
+        )
+    };
+    if m.len() > max {
+        return Err(too_large(m.len()));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(m.len()).unwrap_or(0) + 1);
+    let read = (&f).take(max + 1).read_to_end(&mut bytes);
+    if read.is_err() || bytes.len() as u64 > max {
+        let size = bytes.len() as u64;
+        zeroize::Zeroize::zeroize(&mut bytes);
+        return Err(read.err().unwrap_or_else(|| too_large(size)));
+    }
+    Ok(bytes)
+}
+
+/// [`read_regular_bytes`], as UTF-8 text.
+pub(crate) fn read_regular(path: &Path, max: u64) -> std::io::Result<String> {
+    String::from_utf8(read_regular_bytes(path, max)?).map_err(|e| {
+        zeroize::Zeroize::zeroize(&mut e.into_bytes());
+        std::io::Error::new(std::io::ErrorKind::InvalidData, "it is not UTF-8 text: is it the right file?")
+    })
+}
+
 /// The owners allowed: root and the agent's own user.
 fn owner_ok(uid: u32) -> bool {
     uid == 0 || uid == crate::sys::effective_uid()
@@ -83,6 +129,38 @@ fn check_meta(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A policy, config, vault or key file that is a FIFO froze whoever read it (a reload
+    /// stalled the agent until someone wrote to the FIFO); `/dev/zero` was read until memory
+    /// ran out. Each is refused at once, with what it is.
+    #[test]
+    fn only_a_regular_file_of_bounded_size_is_read() {
+        let dir = std::env::temp_dir().join(format!("kvb-trust-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let f = fifo.clone();
+        std::thread::spawn(move || tx.send(read_regular(&f, 1 << 20).map_err(|e| e.to_string())));
+        let e =
+            rx.recv_timeout(std::time::Duration::from_secs(5)).expect("reading a FIFO blocked").unwrap_err();
+        assert!(e.contains("a FIFO, socket or device, not a regular file"), "{e}");
+        let e = read_regular(Path::new("/dev/zero"), 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("a FIFO, socket or device"), "{e}");
+        let e = read_regular(&dir, 1 << 20).unwrap_err().to_string();
+        assert!(e.contains("a directory"), "{e}");
+        let file = dir.join("policy.toml");
+        std::fs::write(&file, "x".repeat(100)).unwrap();
+        assert_eq!(read_regular(&file, 100).unwrap().len(), 100);
+        let e = read_regular(&file, 99).unwrap_err().to_string();
+        assert!(e.contains("100 bytes, more than the 99"), "{e}");
+        std::fs::write(&file, [0xff, 0xfe, 0x00, 0x01]).unwrap();
+        assert_eq!(read_regular_bytes(&file, 100).unwrap(), [0xff, 0xfe, 0x00, 0x01]);
+        let e = read_regular(&file, 100).unwrap_err().to_string();
+        assert!(e.contains("not UTF-8"), "{e}");
+        assert_eq!(read_regular(&dir.join("missing"), 100).unwrap_err().kind(), std::io::ErrorKind::NotFound);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn owner_and_mode_rules() {

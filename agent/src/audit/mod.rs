@@ -264,8 +264,9 @@ pub(crate) fn read_key(path: &Path) -> Result<Zeroizing<Vec<u8>>, AuditError> {
     if meta.permissions().mode() & 0o077 != 0 {
         return Err(key_err("readable by group or others: run chmod 600 on it".into()));
     }
-    let mut key = Zeroizing::new(Vec::new());
-    File::open(path).and_then(|mut f| f.read_to_end(&mut key)).map_err(|e| key_err(e.to_string()))?;
+    // At most 64 KiB: a key is tens of bytes; a FIFO or a device is refused, not read.
+    let key =
+        Zeroizing::new(crate::trust::read_regular_bytes(path, 64 << 10).map_err(|e| key_err(e.to_string()))?);
     key_from_bytes(key).map_err(|e| key_err(e.to_string()))
 }
 

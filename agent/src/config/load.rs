@@ -15,10 +15,13 @@ use super::{
     line_at, telemetry, toml_error,
 };
 
+/// The largest config file read (a config of hundreds of vaults is a few hundred KiB).
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::trust::read_regular(path, MAX_CONFIG_BYTES)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::from_toml(path, &text)
     }
@@ -46,7 +49,9 @@ impl Config {
             #[serde(default)]
             log: telemetry::RawLog,
         }
-        let Ok(text) = std::fs::read_to_string(path) else { return LogConfig::default() };
+        let Ok(text) = crate::trust::read_regular(path, MAX_CONFIG_BYTES) else {
+            return LogConfig::default();
+        };
         // Other sections are skipped here (and checked by `load`).
         toml::from_str::<OnlyLog>(&text).ok().and_then(|o| o.log.validate().ok()).unwrap_or_default()
     }
@@ -54,7 +59,7 @@ impl Config {
     /// Reads a config for `kvbroker launch`, which supplies the audit log and policy a file
     /// may leave out (`[audit]`, `[policy]`); given sections apply as they are.
     pub(crate) fn load_for_launch(path: &Path, defaults: &LaunchDefaults) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::trust::read_regular(path, MAX_CONFIG_BYTES)
             .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(path, &text, Some(defaults), &|k| std::env::var(k).ok())
     }
@@ -193,6 +198,11 @@ impl Config {
         let audit = raw.audit.ok_or_else(|| {
             invalid("missing [audit] section: add path = \"/var/log/kvbroker/audit.jsonl\"".into())
         })?;
+        // A checkpoint is a record and a log line: every few milliseconds they would fill the
+        // disk (0s wrote 95,000 records in 3 s).
+        if audit.checkpoint_interval.is_some_and(|d| d.0 < Duration::from_secs(1)) {
+            return Err(invalid("[audit] checkpoint_interval must be at least 1s".into()));
+        }
         let audit = AuditConfig {
             path: resolve(audit.path),
             durability: audit.durability.unwrap_or(Durability::Write),

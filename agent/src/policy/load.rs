@@ -35,6 +35,9 @@ struct RawRule {
     secrets: Vec<String>,
 }
 
+/// The largest policy file read: ten thousand rules are about 1 MiB.
+const MAX_POLICY_BYTES: u64 = 16 << 20;
+
 const SELECTOR_KEYS: &str = "uids, gids, exe, exe_sha256, cgroup, systemd_unit, container_id or ancestor_exe";
 
 impl Policy {
@@ -44,7 +47,7 @@ impl Policy {
     pub(crate) fn load_for(path: &Path, kubernetes: bool) -> Result<Policy, PolicyError> {
         let read_err = |source| PolicyError::Read { path: path.to_owned(), source };
         crate::trust::check_file(path, "policy file")?;
-        let text = std::fs::read_to_string(path).map_err(read_err)?;
+        let text = crate::trust::read_regular(path, MAX_POLICY_BYTES).map_err(read_err)?;
         Policy::from_toml_for(path, &text, kubernetes)
     }
 
@@ -67,14 +70,22 @@ impl Policy {
                 other => at(0, other.to_string()),
             })?;
         let mut rules = Vec::with_capacity(raw.rule.len());
+        // Rules come in file order: their lines are counted on from the last one's, and
+        // names are looked up in a set — a policy of many rules loads in linear time (it
+        // was quadratic: 82 s for 10,000 rules).
+        let (mut counted_to, mut counted_line) = (0, 1);
+        let mut names = std::collections::HashSet::with_capacity(raw.rule.len());
         for spanned in raw.rule {
-            let line = crate::config::line_at(text, spanned.span().start);
+            let start = spanned.span().start.min(text.len()).max(counted_to);
+            counted_line += text.as_bytes()[counted_to..start].iter().filter(|&&b| b == b'\n').count();
+            counted_to = start;
+            let line = counted_line;
             let r = spanned.into_inner();
             let rule_at = |m: &str| at(line, format!("rule {:?}: {m}", r.name));
             if r.name.trim().is_empty() {
                 return Err(at(line, "rule has an empty name: give each rule a name".into()));
             }
-            if rules.iter().any(|o: &Rule| *o.name == *r.name) {
+            if !names.insert(r.name.clone()) {
                 return Err(rule_at("name is used by an earlier rule"));
             }
             let globs = |v: &[String]| v.iter().map(|p| Glob::new(p)).collect::<Vec<_>>();

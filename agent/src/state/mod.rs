@@ -17,7 +17,7 @@ use crate::audit::Auditor;
 use crate::audit::refusals::Refusals;
 use crate::cache::Cache;
 use crate::kube::Pods;
-use crate::policy::Policy;
+use crate::policy::{Policy, PolicyError};
 use crate::supervise::Tasks;
 
 pub(crate) use limits::Limits;
@@ -171,7 +171,15 @@ impl State {
     /// force. Audited either way. Returns whether it loaded, and what happened.
     pub(crate) async fn reload_policy(&self, path: &Path) -> (bool, String) {
         let mut rec = AuditRecord::new(Event::PolicyReload);
-        let (ok, message) = match Policy::load_for(path, self.kube.is_some()) {
+        // Read and parsed on a blocking thread: a large policy takes a while, and the
+        // runtime's workers go on serving meanwhile (the file itself must be a regular file
+        // of bounded size: `trust::read_regular`).
+        let (file, kube) = (path.to_owned(), self.kube.is_some());
+        let loaded =
+            tokio::task::spawn_blocking(move || Policy::load_for(&file, kube)).await.unwrap_or_else(|e| {
+                Err(PolicyError::Read { path: path.to_owned(), source: std::io::Error::other(e.to_string()) })
+            });
+        let (ok, message) = match loaded {
             Ok(p) => {
                 let m = format!("{} rule(s) in force", p.len());
                 rec.policy_sha256 = Some(p.sha256().to_owned());

@@ -174,6 +174,10 @@ impl LocalBackend {
     }
 }
 
+/// The largest local vault file read: ten thousand secrets of 25 KiB (Key Vault's largest)
+/// fit.
+const MAX_VAULT_FILE_BYTES: u64 = 256 << 20;
+
 /// Reads and checks the file: its secrets and its stamp. `before`: the secrets it held, whose
 /// versions are kept for values that did not change.
 #[expect(
@@ -188,7 +192,8 @@ fn read_file(path: &Path, before: Option<&HashSet<Shared>>) -> Result<(HashSet<S
     if mode & 0o077 != 0 {
         return Err(LocalError::Permissions { path: path.to_owned(), mode });
     }
-    let mut text = zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(read_err)?);
+    let mut text =
+        zeroize::Zeroizing::new(crate::trust::read_regular(path, MAX_VAULT_FILE_BYTES).map_err(read_err)?);
     let parsed: Result<toml::Table, _> = toml::from_str(&text);
     let mut table = parsed.map_err(|e| {
         let line = e.span().map_or(0, |s| crate::config::line_at(&text, s.start));

@@ -887,6 +887,34 @@ fn reload_refuses_a_policy_a_non_root_user_owns() {
     agent.assert_no_canary(&[&value], &[]);
 }
 
+/// A reload of a policy path that is now a FIFO (or a device) fails at once and the agent
+/// goes on serving: it waited for a writer on the FIFO before, and reads, health and even
+/// SIGTERM waited with it (found by an attack review).
+#[test]
+fn reload_of_a_policy_that_is_a_fifo_fails_at_once() {
+    let value = canary("fifo");
+    let agent = Agent::builder("attest-fifo").secret("s", &value).allow_uid(0).start();
+    std::fs::remove_file(&agent.policy).unwrap();
+    assert!(Command::new("mkfifo").args(["-m", "644"]).arg(&agent.policy).status().unwrap().success());
+    agent.proc.signal(libc::SIGHUP);
+    let mut failed = None;
+    for _ in 0..250 {
+        failed = agent.audit_records().into_iter().find(|r| r["event"] == "policy.reload");
+        if failed.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let failed = failed.expect("no policy.reload record: the reload is stuck on the FIFO");
+    assert_eq!(failed["outcome"], "failed", "{failed}");
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(reason.contains("a FIFO, socket or device, not a regular file"), "{reason}");
+    assert!(reason.ends_with("the previous policy stays in force"), "{reason}");
+    assert_eq!(run(kvb(&agent.socket, None).args(["get", "s"])).0, 0, "the old policy still serves");
+    let _ = std::fs::remove_file(&agent.policy);
+    agent.assert_no_canary(&[&value], &[]);
+}
+
 /// Python: connects, reads `s` twice on one connection (printing the status lines), then
 /// `execve`s into `sh`, which at once sends a third request on the inherited connection and
 /// prints that answer's status line. Never prints a 200's body.
