@@ -19,6 +19,11 @@ pub enum CtlError {
     RootOnly { path: PathBuf },
     #[error("{action} failed: {message}")]
     Refused { action: String, message: String },
+    #[error(
+        "{path} answered as the agent socket (HTTP {status} {code}), not the admin socket: give \
+         --socket the [agent] admin_socket path (default /run/kvbroker/admin.sock)"
+    )]
+    NotAdmin { path: PathBuf, status: u16, code: String },
 }
 
 /// One request to the admin socket: (status, JSON body).
@@ -46,7 +51,12 @@ pub(crate) async fn call(
     let resp = sender.send_request(req).await.map_err(|e| proto(e.to_string()))?;
     let status = resp.status().as_u16();
     let body = resp.into_body().collect().await.map_err(|e| proto(e.to_string()))?.to_bytes();
-    let json = serde_json::from_slice(&body).map_err(|e| proto(format!("not JSON: {e}")))?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| proto(format!("not JSON: {e}")))?;
+    // The agent socket's errors are `{"error":{"code":…}}`; the admin socket's never are.
+    if let Some(code) = json["error"]["code"].as_str() {
+        return Err(CtlError::NotAdmin { path: socket.to_owned(), status, code: code.to_owned() });
+    }
     if status == 403 {
         return Err(CtlError::RootOnly { path: socket.to_owned() });
     }

@@ -42,7 +42,11 @@ pub(crate) fn ctl(target: Target, command: CtlCommand) -> Result<ExitCode, Error
     super::runtime()?.block_on(async {
         match command {
             CtlCommand::Status { json } => {
-                let (_, v) = client::call(&socket, Method::GET, "/v1/status").await?;
+                let (status, v) = client::call(&socket, Method::GET, "/v1/status").await?;
+                if status != 200 {
+                    let message = v["error"].as_str().unwrap_or("no reason given").to_owned();
+                    return Err(CtlError::Refused { action: "status".into(), message }.into());
+                }
                 if json {
                     println!("{v}");
                 } else {

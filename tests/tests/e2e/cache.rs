@@ -270,6 +270,16 @@ fn ctl_status_refresh_and_reload() {
     let (code, out, err) = ctl(&["status"]);
     assert_eq!((code, err.as_str()), (0, ""));
     assert!(out.contains("db-password") && out.contains("fresh"), "{out}");
+    // The agent socket given for the admin socket: said so, not a status of question marks.
+    for what in ["status", "reload"] {
+        let (code, out, err) =
+            run(Command::new(bin("kvbroker")).args(["ctl", "--socket"]).arg(&agent.socket).arg(what));
+        assert_eq!((code, out.as_str()), (1, ""), "{what}: {err}");
+        assert!(
+            err.contains("answered as the agent socket (HTTP 404 NotFound), not the admin socket"),
+            "{what}: {err}"
+        );
+    }
     let (code, json_out, _) = ctl(&["status", "--json"]);
     assert_eq!(code, 0);
     let st: Value = serde_json::from_str(&json_out).unwrap();
