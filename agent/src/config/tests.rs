@@ -344,3 +344,16 @@ fn log_settings_read_only_the_log_section() {
     assert_eq!(Config::log_settings(&f).format, LogFormat::Text, "a bad [log] gives the defaults");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A `checkpoint_interval` of `0s` wrote a checkpoint record (and a log line) as fast as
+/// the writer could, filling the disk: under a second is refused, a second is taken.
+#[test]
+fn checkpoint_interval_under_a_second_is_refused() {
+    for short in ["0s", "1ms", "999ms"] {
+        let text = GOOD.replace("[audit]\n", &format!("[audit]\ncheckpoint_interval = \"{short}\"\n"));
+        let e = load(&text).unwrap_err().to_string();
+        assert!(e.contains("checkpoint_interval must be at least 1s"), "{short}: {e}");
+    }
+    let text = GOOD.replace("[audit]\n", "[audit]\ncheckpoint_interval = \"1s\"\n");
+    assert_eq!(load(&text).unwrap().audit.checkpoint_interval, Duration::from_secs(1));
+}
