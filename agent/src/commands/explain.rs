@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::kube::{KubeletClient, PodLookup, Pods};
 use crate::peer::{self, PeerFacts};
 use crate::policy::{Decision, Policy};
+use crate::terminal::escape;
 
 /// Why `kvbroker policy explain` could not judge the request.
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +73,11 @@ pub(crate) fn render(
         "{}:",
         if facts.pid == 0 { "facts (given)".to_owned() } else { format!("facts (pid {})", facts.pid) }
     );
+    // Facts come from the caller (its exe path, its cgroup names): escaped, so a process
+    // named with a newline or a terminal escape cannot add lines to, or recolour, root's
+    // screen (as `audit query` escapes the same facts).
     let row = |out: &mut String, k: &str, v: &str| {
-        let _ = writeln!(out, "  {k:<13} {v}");
+        let _ = writeln!(out, "  {k:<13} {}", escape(v));
     };
     row(&mut out, "uid", &facts.uid.to_string());
     row(&mut out, "gid", &facts.gid.to_string());
@@ -129,14 +133,16 @@ pub(crate) fn render(
     for v in &verdicts {
         let _ = writeln!(out, "rule {:?}: {}", v.rule, if v.allows() { "allows" } else { "does not allow" });
         for (key, ok, why) in &v.checks {
-            let _ = writeln!(out, "  {key:<13} {:<4} {why}", if *ok { "yes" } else { "no" });
+            let _ = writeln!(out, "  {key:<13} {:<4} {}", if *ok { "yes" } else { "no" }, escape(why));
         }
     }
     let allowed = matches!(decision, Decision::Allow { .. });
     let _ = match decision {
         Decision::Allow { rule } => writeln!(out, "\ndecision: allowed by rule {rule:?}"),
-        Decision::Deny { reason } => writeln!(out, "\ndecision: denied ({reason})"),
-        Decision::KubeletUnavailable { reason } => writeln!(out, "\ndecision: 502, fails closed ({reason})"),
+        Decision::Deny { reason } => writeln!(out, "\ndecision: denied ({})", escape(&reason)),
+        Decision::KubeletUnavailable { reason } => {
+            writeln!(out, "\ndecision: 502, fails closed ({})", escape(&reason))
+        }
         Decision::NeedPod => {
             writeln!(
                 out,
@@ -145,4 +151,29 @@ pub(crate) fn render(
         }
     };
     (out, allowed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A process's exe path is the caller's to choose: one named with newlines and a terminal
+    /// escape added fake lines ("decision: allowed …") and colours to root's output.
+    #[test]
+    fn facts_from_the_caller_cannot_add_lines_or_escapes() {
+        let evil = "/tmp/evil\n  uids          yes\n\ndecision: allowed by rule \u{1b}[32m\"x\"";
+        let policy = Policy::from_toml(
+            std::path::Path::new("policy.toml"),
+            "[[rule]]\nname = \"py\"\nexe = [\"/usr/bin/python3\"]\nsecrets = [\"default/*\"]\n",
+        )
+        .unwrap();
+        let facts = PeerFacts::given(1000, 1000, vec![], Some(evil.into()), Some("/a\nb".into()));
+        let (text, allowed) = render(&policy, &facts, &PodLookup::NotAsked, "default", "db");
+        assert!(!allowed);
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert_eq!(text.lines().filter(|l| l.starts_with("decision:")).count(), 1, "{text}");
+        assert!(text.trim_end().ends_with("decision: denied (no rule matches)"), "{text}");
+        let exe_rows: Vec<&str> = text.lines().filter(|l| l.contains("/tmp/evil")).collect();
+        assert!(!exe_rows.is_empty() && exe_rows.iter().all(|l| l.contains("decision: allowed")), "{text}");
+    }
 }
