@@ -23,9 +23,19 @@ static CACHE: LazyLock<Mutex<HashMap<FileId, String>>> = LazyLock::new(|| Mutex:
 
 /// The hex SHA-256 of the file at `path` (typically `/proc/PID/exe`), or why not.
 pub(crate) fn sha256_of(path: &str) -> Result<String, String> {
-    let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open {path}: {e}"))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Opened without blocking: `policy explain --exe` may name a FIFO, whose open would wait.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot open {path}: {e}"))?;
     // fstat of the opened file: the identity and the bytes are the same file's.
     let m = f.metadata().map_err(|e| format!("cannot stat {path}: {e}"))?;
+    // A device (`/dev/zero` never ends) or a FIFO is no executable to hash.
+    if !m.is_file() {
+        return Err(format!("{path} is not a regular file"));
+    }
     if m.len() > MAX_HASH_BYTES {
         return Err(format!("executable is {} bytes, over the {MAX_HASH_BYTES}-byte hashing limit", m.len()));
     }
@@ -36,6 +46,8 @@ pub(crate) fn sha256_of(path: &str) -> Result<String, String> {
     }
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
+    // Never past the limit, even if the file grows while it is read.
+    let mut f = f.take(MAX_HASH_BYTES + 1);
     loop {
         let n = f.read(&mut buf).map_err(|e| format!("cannot read {path}: {e}"))?;
         if n == 0 {
@@ -68,5 +80,21 @@ mod tests {
         std::fs::write(&p, b"abcd").unwrap();
         assert_ne!(sha256_of(path).unwrap(), want);
         std::fs::remove_file(&p).unwrap();
+    }
+
+    /// `policy explain --exe /dev/zero` (or a FIFO) with an `exe_sha256` rule hashed forever.
+    #[test]
+    fn only_a_regular_file_is_hashed() {
+        let e = sha256_of("/dev/zero").unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        let fifo = std::env::temp_dir().join(format!("kvb-hash-fifo-{}", fastrand::u64(..)));
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let path = fifo.to_str().unwrap().to_owned();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(sha256_of(&path)));
+        let e =
+            rx.recv_timeout(std::time::Duration::from_secs(5)).expect("opening a FIFO blocked").unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_file(&fifo).unwrap();
     }
 }
