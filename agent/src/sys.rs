@@ -4,6 +4,8 @@
 //!   Unix stream socket (`SCM_CREDENTIALS`, and `SCM_PIDFD` on Linux 6.5+).
 //! - `fstat` of a pidfd: its pidfs inode, unique per process for the whole boot (Linux 6.9+).
 //! - `pidfd_send_signal(fd, 0)`: is the process behind a pidfd still alive?
+//! - `fcntl(F_SETFL)`: a file opened without blocking (a FIFO's open would wait) read with
+//!   blocking reads once it is known to be a regular file.
 //! - `getgrnam_r`: a group name to its gid (through NSS, so LDAP groups work too).
 //! - `inotify_init1`, `inotify_add_watch`, `poll` and `read` of the inotify descriptor: the
 //!   audit log's directory tells us when the log's name is removed, renamed or replaced.
@@ -40,7 +42,7 @@ pub(crate) use memory::{forbid_dumps, limit_malloc_arenas, lock_and_hide, trim_h
 pub(crate) use netlink::{netlink_port, netlink_send};
 pub(crate) use netlink::{netlink_recv, netlink_send_to_kernel, proc_connector_socket, wait_readable};
 pub(crate) use process::{
-    effective_uid, group_id, ignore_sigpipe, pidfd_alive, raise_nofile_limit, send_signal,
+    effective_uid, group_id, ignore_sigpipe, pidfd_alive, raise_nofile_limit, send_signal, set_blocking,
 };
 
 #[cfg(test)]

@@ -4,6 +4,9 @@
 //! by the agent's own user, and writable by no one else. Checked at startup, by
 //! `check-config`, and at every policy reload.
 //!
+//! Those files are read only if they are regular files of bounded size ([`read_regular`]):
+//! a FIFO or a device named there would block or never end.
+//!
 //! One exception, for directories *above* the socket's own: a sticky directory such as
 //! `/tmp` (mode 1777, owned by root) may be writable by all, because the sticky bit stops
 //! anyone but an entry's owner from renaming or removing it.
@@ -35,16 +38,7 @@ pub enum Untrusted {
 /// (a vault file's text holds values).
 pub(crate) fn read_regular_bytes(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
-    let m = f.metadata()?;
-    if !m.is_file() {
-        let kind = if m.is_dir() { "a directory" } else { "a FIFO, socket or device" };
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            format!("it is {kind}, not a regular file: give the path of a file"),
-        ));
-    }
+    let (f, m) = open_regular(path)?;
     let too_large = |size: u64| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -62,6 +56,25 @@ pub(crate) fn read_regular_bytes(path: &Path, max: u64) -> std::io::Result<Vec<u
         return Err(read.err().unwrap_or_else(|| too_large(size)));
     }
     Ok(bytes)
+}
+
+/// Opens the regular file at `path` (after symlinks) for reading, with its metadata, or says
+/// why not: a FIFO, socket, device or directory is refused before anything is read. The open
+/// itself does not block (opening a FIFO waits for a writer otherwise); the reads then do,
+/// as for any file (some filesystems would answer a non-blocking read with `EAGAIN`).
+pub(crate) fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, std::fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let m = f.metadata()?;
+    if !m.is_file() {
+        let kind = if m.is_dir() { "a directory" } else { "a FIFO, socket or device" };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("it is {kind}, not a regular file: give the path of a file"),
+        ));
+    }
+    crate::sys::set_blocking(std::os::fd::AsFd::as_fd(&f))?;
+    Ok((f, m))
 }
 
 /// [`read_regular_bytes`], as UTF-8 text.

@@ -55,7 +55,9 @@ pub(crate) async fn call(
         serde_json::from_slice(&body).map_err(|e| proto(format!("not JSON: {e}")))?;
     // The agent socket's errors are `{"error":{"code":…}}`; the admin socket's never are.
     if let Some(code) = json["error"]["code"].as_str() {
-        return Err(CtlError::NotAdmin { path: socket.to_owned(), status, code: code.to_owned() });
+        // Whatever answered chose the code: escaped before it reaches a terminal.
+        let code = crate::terminal::escape(code);
+        return Err(CtlError::NotAdmin { path: socket.to_owned(), status, code });
     }
     if status == 403 {
         return Err(CtlError::RootOnly { path: socket.to_owned() });

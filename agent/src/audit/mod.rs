@@ -364,7 +364,8 @@ fn after_rotation(path: &Path, key: Option<&[u8]>, resumed: &mut Resumed) -> (u6
     let mut rotated = path.as_os_str().to_owned();
     rotated.push(".1");
     let rotated = PathBuf::from(rotated);
-    match File::open(&rotated).and_then(|mut f| read_tail(&mut f, key)) {
+    // Only a regular file: a FIFO put there would hold the start forever.
+    match crate::trust::open_regular(&rotated).and_then(|(mut f, _)| read_tail(&mut f, key)) {
         Ok(Tail::Record { seq, hash, .. } | Tail::Partial { seq, hash, .. }) if seq > 0 => {
             resumed.note = Some(format!(
                 "the audit log was empty, as a rotation leaves it when the agent stops or the disk \

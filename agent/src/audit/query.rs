@@ -279,20 +279,28 @@ pub fn tail(
         std::thread::sleep(Duration::from_millis(200));
         // Rotated or replaced: finish the old file, then the files rotated after it, then
         // the new one from its top.
+        // Opened first: between a rotation's rename and the new file's creation there is no
+        // file yet (look again next time), and the inode kept is the opened file's own.
         if let Ok(m) = std::fs::metadata(path)
             && m.ino() != ino
+            && let Ok(new) = std::fs::File::open(path)
+            && let Ok(new_ino) = new.metadata().map(|m| m.ino())
         {
             if !drain(&mut file, &mut pos, json, &mut emit) {
                 return Ok(());
             }
             for newer in rotated_since(path, ino) {
                 let Ok(mut f) = std::fs::File::open(&newer) else { continue };
+                // Rotated again since it was opened: it is shown as the live file next.
+                if f.metadata().is_ok_and(|m| m.ino() == new_ino) {
+                    continue;
+                }
                 if !drain(&mut f, &mut 0, json, &mut emit) {
                     return Ok(());
                 }
             }
-            file = std::fs::File::open(path).map_err(read_err)?;
-            ino = m.ino();
+            file = new;
+            ino = new_ino;
             pos = 0;
         }
         if !drain(&mut file, &mut pos, json, &mut emit) {
@@ -330,17 +338,32 @@ fn drain(file: &mut std::fs::File, pos: &mut u64, json: bool, emit: &mut impl Fn
             return false;
         }
     }
+    // Read from the newline before `pos`: if it is not there, the file was cut back below
+    // `pos` and grew past it again between two looks, and `pos` is inside a line: go on
+    // from that line's end.
+    let from = pos.saturating_sub(1);
     let mut buf = Vec::new();
-    if file.seek(SeekFrom::Start(*pos)).is_err() || file.read_to_end(&mut buf).is_err() {
+    if file.seek(SeekFrom::Start(from)).is_err() || file.read_to_end(&mut buf).is_err() {
         return true;
     }
-    let whole = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-    for line in String::from_utf8_lossy(&buf[..whole]).lines() {
+    let skip = if *pos == 0 {
+        0
+    } else if buf.first() == Some(&b'\n') {
+        1
+    } else {
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => i + 1,
+            None => return true,
+        }
+    };
+    let rest = &buf[skip..];
+    let whole = rest.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    for line in String::from_utf8_lossy(&rest[..whole]).lines() {
         if !emit_line(line, json, emit) {
             return false;
         }
     }
-    *pos += whole as u64;
+    *pos = from + (skip + whole) as u64;
     true
 }
 
@@ -448,6 +471,15 @@ mod tests {
         };
         append(&path, &line(3));
         assert_eq!(seqs(&rx, 1), [3], "the record after the cut, whole");
+        // Cut back below what was shown and grown past it again between two looks, with
+        // longer lines: what was shown is not shown again, and no fragment of a line is.
+        let shown = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(line(1).len() as u64).unwrap();
+        drop(f);
+        append(&path, &(line(44) + &line(55) + &line(66)));
+        assert!(std::fs::metadata(&path).unwrap().len() > shown);
+        assert_eq!(seqs(&rx, 1), [66], "from the first whole line past what was shown");
         // Two rotations between two looks (200 ms apart).
         let sibling = |n: u32| dir.join(format!("audit.jsonl.{n}"));
         append(&path, &line(4));

@@ -44,7 +44,7 @@ pub(crate) fn ctl(target: Target, command: CtlCommand) -> Result<ExitCode, Error
             CtlCommand::Status { json } => {
                 let (status, v) = client::call(&socket, Method::GET, "/v1/status").await?;
                 if status != 200 {
-                    let message = v["error"].as_str().unwrap_or("no reason given").to_owned();
+                    let message = escape(v["error"].as_str().unwrap_or("no reason given"));
                     return Err(CtlError::Refused { action: "status".into(), message }.into());
                 }
                 if json {

@@ -23,19 +23,11 @@ static CACHE: LazyLock<Mutex<HashMap<FileId, String>>> = LazyLock::new(|| Mutex:
 
 /// The hex SHA-256 of the file at `path` (typically `/proc/PID/exe`), or why not.
 pub(crate) fn sha256_of(path: &str) -> Result<String, String> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // Opened without blocking: `policy explain --exe` may name a FIFO, whose open would wait.
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| format!("cannot open {path}: {e}"))?;
-    // fstat of the opened file: the identity and the bytes are the same file's.
-    let m = f.metadata().map_err(|e| format!("cannot stat {path}: {e}"))?;
-    // A device (`/dev/zero` never ends) or a FIFO is no executable to hash.
-    if !m.is_file() {
-        return Err(format!("{path} is not a regular file"));
-    }
+    // A device (`/dev/zero` never ends) or a FIFO (`policy explain --exe` may name one, and
+    // its open would wait) is no executable to hash. The metadata is the opened file's own:
+    // the identity and the bytes are the same file's.
+    let (f, m) = crate::trust::open_regular(std::path::Path::new(path))
+        .map_err(|e| format!("cannot hash {path}: {e}"))?;
     if m.len() > MAX_HASH_BYTES {
         return Err(format!("executable is {} bytes, over the {MAX_HASH_BYTES}-byte hashing limit", m.len()));
     }
@@ -46,14 +38,22 @@ pub(crate) fn sha256_of(path: &str) -> Result<String, String> {
     }
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
-    // Never past the limit, even if the file grows while it is read.
+    // Never past the limit, even if the file grows while it is read (then it is not hashed:
+    // a prefix's hash would be cached as the file's).
     let mut f = f.take(MAX_HASH_BYTES + 1);
+    let mut total = 0u64;
     loop {
         let n = f.read(&mut buf).map_err(|e| format!("cannot read {path}: {e}"))?;
         if n == 0 {
             break;
         }
+        total += n as u64;
         hasher.update(&buf[..n]);
+    }
+    if total > MAX_HASH_BYTES {
+        return Err(format!(
+            "executable grew past the {MAX_HASH_BYTES}-byte hashing limit while it was read"
+        ));
     }
     let hex = hex::encode(hasher.finalize());
     let mut c = cache();
@@ -86,7 +86,7 @@ mod tests {
     #[test]
     fn only_a_regular_file_is_hashed() {
         let e = sha256_of("/dev/zero").unwrap_err();
-        assert!(e.contains("not a regular file"), "{e}");
+        assert!(e.contains("not a regular file") && e.contains("give the path of a file"), "{e}");
         let fifo = std::env::temp_dir().join(format!("kvb-hash-fifo-{}", fastrand::u64(..)));
         assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
         let path = fifo.to_str().unwrap().to_owned();

@@ -44,6 +44,9 @@ pub(crate) struct State {
     pub(crate) cache: Cache,
     pub(crate) limits: Arc<Limits>,
     policy: RwLock<Arc<Policy>>,
+    /// One reload at a time, from reading the file to its audit record: two reloads (a
+    /// SIGHUP and `ctl reload`) never install their policies out of order.
+    reloading: tokio::sync::Mutex<()>,
     pub(crate) auditor: Arc<Auditor>,
     /// Refused reads: individual records within a per-uid budget, summaries past it.
     pub(crate) refusals: Arc<Refusals>,
@@ -73,6 +76,7 @@ impl State {
             cache,
             limits,
             policy: RwLock::new(Arc::new(policy)),
+            reloading: tokio::sync::Mutex::new(()),
             refusals: Refusals::new(Arc::clone(&auditor)),
             auditor,
             tasks: Arc::new(Tasks::default()),
@@ -170,6 +174,7 @@ impl State {
     /// Loads the policy again (SIGHUP, `kvbroker ctl reload`); on failure the old one stays in
     /// force. Audited either way. Returns whether it loaded, and what happened.
     pub(crate) async fn reload_policy(&self, path: &Path) -> (bool, String) {
+        let _one_at_a_time = self.reloading.lock().await;
         let mut rec = AuditRecord::new(Event::PolicyReload);
         // Read and parsed on a blocking thread: a large policy takes a while, and the
         // runtime's workers go on serving meanwhile (the file itself must be a regular file
@@ -177,7 +182,8 @@ impl State {
         let (file, kube) = (path.to_owned(), self.kube.is_some());
         let loaded =
             tokio::task::spawn_blocking(move || Policy::load_for(&file, kube)).await.unwrap_or_else(|e| {
-                Err(PolicyError::Read { path: path.to_owned(), source: std::io::Error::other(e.to_string()) })
+                let stopped = format!("the policy loader stopped before it finished ({e})");
+                Err(PolicyError::Read { path: path.to_owned(), source: std::io::Error::other(stopped) })
             });
         let (ok, message) = match loaded {
             Ok(p) => {

@@ -104,3 +104,16 @@ pub(crate) fn effective_uid() -> u32 {
     // SAFETY: geteuid takes no arguments, cannot fail and touches no memory of ours.
     unsafe { libc::geteuid() }
 }
+
+/// Clears `O_NONBLOCK` on `fd`: a file opened without blocking (so that opening a FIFO does
+/// not wait for a writer) is read with blocking reads once it is known to be a regular file.
+pub(crate) fn set_blocking(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: `fd` is a valid descriptor for the call; F_GETFL takes no argument.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above; F_SETFL takes an int of flags.
+    let rc = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}

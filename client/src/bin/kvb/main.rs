@@ -87,6 +87,10 @@ fn run(client: &Client, command: Command) -> Result<(), Failure> {
                 let sink = follow::Sink { path: path.clone(), action };
                 return Err(follow::get(client.socket_path(), &name, &opts, sink));
             }
+            if let Some(path) = &output {
+                replaceable(path)
+                    .map_err(|e| Failure::Other(format!("cannot write {}: {e}", path.display())))?;
+            }
             let secret = get_retrying(client, &name, &opts)?;
             match output {
                 Some(path) => write_private(&path, secret.expose_secret())
@@ -173,26 +177,7 @@ pub(crate) fn retry_wait(retry_after: Option<Duration>) -> Duration {
 /// ever replaced: a device (`/dev/null`, `/dev/stdout`), a FIFO, a socket, a directory or a
 /// symlink at `path` is refused, never swapped for a file holding the value.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_file() => {
-            let what = if m.file_type().is_symlink() {
-                "a symlink (give the path of the file it names)"
-            } else if m.is_dir() {
-                "a directory"
-            } else {
-                "a device, FIFO or socket"
-            };
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "it is {what}, and kvb replaces only regular files: choose a file path, or omit -o for standard output"
-                ),
-            ));
-        }
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    replaceable(path)?;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().ok_or_else(|| std::io::Error::other("not a file path"))?;
     // An unpredictable temporary name, created with O_EXCL (never through a file or symlink
@@ -217,6 +202,33 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     written?;
     // The rename itself survives a crash only once the directory is synced.
     std::fs::File::open(dir).and_then(|d| d.sync_all())
+}
+
+/// Whether `path` may be replaced by a file holding a value: nothing there, or a regular
+/// file. A device (`/dev/null`, `/dev/stdout`), a FIFO, a socket, a directory or a symlink
+/// is refused — checked before the value is even asked for, and again before writing.
+pub(crate) fn replaceable(path: &Path) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => {
+            let what = if m.file_type().is_symlink() {
+                "a symlink (give the path of the file it names)"
+            } else if m.is_dir() {
+                "a directory"
+            } else {
+                "a device, FIFO or socket"
+            };
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "it is {what}, and kvb replaces only regular files: choose a file path, or omit -o for standard output"
+                ),
+            ));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(())
 }
 
 /// Gives the new file `f` the owner and group of the file at `path`, if there is one and
@@ -307,9 +319,13 @@ mod tests {
             let e = write_private(path, b"value").unwrap_err();
             assert!(e.to_string().contains(said), "{}: {e}", path.display());
         }
-        let e = write_private(Path::new("/dev/null"), b"value").unwrap_err();
-        assert!(e.to_string().contains("a device"), "{e}");
-        assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+        // A socket stands for a device here: were the check to regress, a test run as root
+        // must not replace a real `/dev` entry.
+        let sock = dir.join("sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let e = write_private(&sock, b"value").unwrap_err();
+        assert!(e.to_string().contains("a device, FIFO or socket"), "{e}");
+        assert!(std::fs::metadata(&sock).unwrap().file_type().is_socket());
         assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
         assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
         assert_eq!(std::fs::read(&target).unwrap(), b"kept");
@@ -317,7 +333,7 @@ mod tests {
         write_private(&target, b"value").unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"value");
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(left.len(), 4, "no temporary file left behind: {left:?}");
+        assert_eq!(left.len(), 5, "no temporary file left behind: {left:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
