@@ -361,9 +361,7 @@ enum Tail {
 /// empty — starting a new chain then would read, to `audit verify`, as a chain inserted into
 /// the log. Without a readable `.1` (a new log) it starts at genesis.
 fn after_rotation(path: &Path, key: Option<&[u8]>, resumed: &mut Resumed) -> (u64, String, u64) {
-    let mut rotated = path.as_os_str().to_owned();
-    rotated.push(".1");
-    let rotated = PathBuf::from(rotated);
+    let rotated = verify::rotated(path, 1);
     // Only a regular file: a FIFO put there would hold the start forever.
     match crate::trust::open_regular(&rotated).and_then(|(mut f, _)| read_tail(&mut f, key)) {
         Ok(Tail::Record { seq, hash, .. } | Tail::Partial { seq, hash, .. }) if seq > 0 => {

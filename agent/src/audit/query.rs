@@ -313,11 +313,7 @@ pub fn tail(
 /// `path.K`, then `path.K-1` … `path.1`, oldest first. None if it is not a sibling (it was
 /// replaced, or rotated out of the kept files).
 fn rotated_since(path: &Path, old: u64) -> Vec<PathBuf> {
-    let sibling = |n: usize| {
-        let mut p = path.as_os_str().to_owned();
-        p.push(format!(".{n}"));
-        PathBuf::from(p)
-    };
+    let sibling = |n: u32| super::verify::rotated(path, n);
     let mut n = 1;
     loop {
         match std::fs::metadata(sibling(n)) {

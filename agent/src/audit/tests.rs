@@ -3,7 +3,7 @@ use std::time::Duration;
 
 use kvbroker_proto::{Event, Outcome};
 
-use super::verify::{verify, with_rotated};
+use super::verify::{rotated, verify, with_rotated};
 use super::*;
 use crate::config::Durability;
 
@@ -500,8 +500,7 @@ async fn an_empty_log_after_a_rotation_goes_on_from_the_rotated_file() {
     let (a, _) = Auditor::open(&c).unwrap();
     write_n(&a, 3).await;
     drop(a);
-    let mut rotated = c.path.clone().into_os_string();
-    rotated.push(".1");
+    let rotated = rotated(&c.path, 1);
     std::fs::rename(&c.path, &rotated).unwrap();
     std::fs::write(&c.path, b"").unwrap();
     let (a, resumed) = Auditor::open(&c).unwrap();
@@ -537,9 +536,7 @@ async fn a_file_put_in_place_just_before_a_rotation_is_not_rotated_as_ours() {
         a.append(read(n)).await.unwrap();
         n += 1;
     }
-    let mut rotated = c.path.clone().into_os_string();
-    rotated.push(".1");
-    let rotated = PathBuf::from(rotated);
+    let rotated = rotated(&c.path, 1);
     assert!(!rotated.exists());
     let impostor = d.0.join("impostor.jsonl");
     std::fs::write(&impostor, b"{\"not\":\"ours\"}\n").unwrap();

@@ -116,14 +116,19 @@ fn check_link(pseq: u64, phash: &str, rec: &AuditRecord) -> Result<(), (&'static
     })
 }
 
+/// The `n`th rotated sibling of the log at `base`: `base.n` (`audit.jsonl.1` is the newest).
+pub(crate) fn rotated(base: &Path, n: u32) -> PathBuf {
+    let mut name = base.as_os_str().to_owned();
+    name.push(format!(".{n}"));
+    PathBuf::from(name)
+}
+
 /// Lists `base` and its rotated siblings (`base.1`, `base.2`, …) oldest first.
 pub fn with_rotated(base: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut n = 1;
     loop {
-        let mut name = base.as_os_str().to_owned();
-        name.push(format!(".{n}"));
-        let p = PathBuf::from(name);
+        let p = rotated(base, n);
         if !p.exists() {
             break;
         }

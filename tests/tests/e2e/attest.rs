@@ -897,15 +897,12 @@ fn reload_of_a_policy_that_is_a_fifo_fails_at_once() {
     std::fs::remove_file(&agent.policy).unwrap();
     assert!(Command::new("mkfifo").args(["-m", "644"]).arg(&agent.policy).status().unwrap().success());
     agent.proc.signal(libc::SIGHUP);
-    let mut failed = None;
-    for _ in 0..250 {
-        failed = agent.audit_records().into_iter().find(|r| r["event"] == "policy.reload");
-        if failed.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let failed = failed.expect("no policy.reload record: the reload is stuck on the FIFO");
+    let is_reload = |r: &Value| r["event"] == "policy.reload";
+    let failed = agent
+        .audit_records_once(|recs| recs.iter().any(is_reload))
+        .into_iter()
+        .find(is_reload)
+        .expect("no policy.reload record: the reload is stuck on the FIFO");
     assert_eq!(failed["outcome"], "failed", "{failed}");
     let reason = failed["reason"].as_str().unwrap();
     assert!(reason.contains("a FIFO, socket or device, not a regular file"), "{reason}");

@@ -224,11 +224,7 @@ impl State {
             self.reopen = true;
             return Err(AuditError::Replaced { path: self.path.clone() });
         }
-        let name = |n: u32| {
-            let mut p = self.path.clone().into_os_string();
-            p.push(format!(".{n}"));
-            PathBuf::from(p)
-        };
+        let name = |n: u32| super::super::verify::rotated(&self.path, n);
         let oldest = name(self.rotate_keep);
         // The oldest kept file is about to go: say which records leave the node with it.
         let dropped = std::fs::metadata(&oldest).ok().map(|_| seq_range(&oldest));
